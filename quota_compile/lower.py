@@ -1,0 +1,122 @@
+"""Lower a traced, pass-processed program to ONNX (portable flavour).
+
+``torch.onnx.export`` (the dynamo exporter) translates the graph, with the ``quota::`` ops
+lowered by :mod:`quota_compile.quant.onnx_translation`; then INT4 weight markers become INT4
+initializers, the graph is checked with ``onnx.checker`` (full check) and it must use standard
+ONNX ops only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+
+from .quant.onnx_translation import MARKER_DOMAIN, translation_table
+
+OPSET = 21
+# Graphs whose initializers exceed this are written with external data (the protobuf limit is 2 GB).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+class LoweringError(RuntimeError):
+    """The graph could not be lowered to a valid portable ONNX model (a bug, not bad input)."""
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    args: tuple,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_shapes: tuple,
+    opset: int = OPSET,
+) -> onnx.ModelProto:
+    """Export ``module`` (a ``torch.fx.GraphModule`` after the passes) to a checked ONNX model."""
+    # The exporter prints its progress and warnings; the CLI prints its own.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_shapes=dynamic_shapes,
+            custom_translation_table=translation_table(),
+            optimize=True,
+            verbose=False,
+        )
+    model = program.model_proto
+    materialize_int4_weights(model)
+    finalize(model, opset)
+    return model
+
+
+def materialize_int4_weights(model: onnx.ModelProto) -> int:
+    """Replace each ``Int4Weight(packed)`` marker by an INT4 initializer of the same bytes."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    kept, replaced = [], 0
+    for node in graph.node:
+        if node.domain != MARKER_DOMAIN:
+            kept.append(node)
+            continue
+        if node.op_type != "Int4Weight" or node.input[0] not in inits:
+            raise LoweringError(f"marker {node.op_type} on {node.input[0]!r} has no constant input")
+        packed = numpy_helper.to_array(inits[node.input[0]])
+        shape = list(next(a.ints for a in node.attribute if a.name == "shape"))
+        tensor = onnx.helper.make_tensor(node.output[0], TensorProto.INT4, shape, packed.tobytes(), raw=True)
+        graph.initializer.append(tensor)
+        if consumers[node.input[0]] == 1:
+            graph.initializer.remove(inits.pop(node.input[0]))
+        replaced += 1
+    del graph.node[:]
+    graph.node.extend(kept)
+    opsets = [o for o in model.opset_import if o.domain != MARKER_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
+    # Value infos recorded for marker outputs would now shadow initializers.
+    names = {t.name for t in graph.initializer}
+    infos = [v for v in graph.value_info if v.name not in names]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    return replaced
+
+
+def finalize(model: onnx.ModelProto, opset: int) -> None:
+    """Full ONNX check; refuse anything outside the standard domain (portable flavour)."""
+    domains = {n.domain for n in model.graph.node} - {"", "ai.onnx"}
+    if domains:
+        raise LoweringError(f"portable graph uses non-standard op domains {sorted(domains)}")
+    if not any(o.domain in ("", "ai.onnx") and o.version >= opset for o in model.opset_import):
+        raise LoweringError(f"graph opset is below {opset}")
+    # Drop exporter metadata that names source files or machine state: the bytes must only
+    # depend on the model, the config and the seed.
+    del model.metadata_props[:]
+    model.producer_name = "quota-compile"
+    from . import __version__
+
+    model.producer_version = __version__
+    onnx.checker.check_model(model, full_check=True)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Write ``model``; large initializers go to ``<name>.data`` beside it. Returns the files."""
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        data = path.with_suffix(".onnx.data")
+        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+        return [path, data]
+    onnx.save_model(model, path)
+    return [path]

@@ -1,0 +1,109 @@
+"""ONNX lowerings of the ``quota::`` custom ops (portable flavour: standard ONNX ops only).
+
+Each function mirrors its PyTorch definition in :mod:`quota_compile.quant.ops` operation for
+operation, so the integers agree bit for bit. They are given to
+``torch.onnx.export(..., custom_translation_table=TRANSLATIONS)``.
+
+INT4 weights are the one thing a translation cannot express directly: the packed ``uint8``
+buffer must become an ``INT4`` initializer (the same bytes, reinterpreted). The translation
+emits a marker node ``quota_compile.lowering::Int4Weight`` that
+:func:`quota_compile.lower.materialize_int4_weights` replaces by that initializer right after
+export; no marker survives into a written graph.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+from onnxscript import ir
+from onnxscript import opset21 as op
+
+from .ops import SCALE_EPS
+
+MARKER_DOMAIN = "quota_compile.lowering"
+_marker = onnxscript.values.Opset(MARKER_DOMAIN, 1)
+_int4_weight = onnxscript.values.Op(
+    _marker,
+    "Int4Weight",
+    onnx.defs.OpSchema(
+        "Int4Weight",
+        MARKER_DOMAIN,
+        1,
+        inputs=[onnx.defs.OpSchema.FormalParameter("packed", "tensor(uint8)")],
+        outputs=[onnx.defs.OpSchema.FormalParameter("codes", "tensor(int4)")],
+        attributes=[onnx.defs.OpSchema.Attribute("shape", onnx.defs.OpSchema.AttrType.INTS, "codes shape")],
+    ),
+)
+
+
+def _last_dim(x) -> int:
+    dim = x.shape[-1] if x.shape is not None else None
+    if not isinstance(dim, int):
+        raise ValueError("the quantized axis must have a static size in the traced graph")
+    return dim
+
+
+def qdq_per_token(x, bits: int, clip_ratio: float):
+    k = _last_dim(x)
+    qmax = float(2 ** (bits - 1) - 1)
+    amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+    if clip_ratio != 1.0:
+        amax = op.Mul(amax, op.Constant(value_float=clip_ratio))
+    scale = op.Max(op.Div(amax, op.Constant(value_float=qmax)), op.Constant(value_float=SCALE_EPS))
+    qtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
+    q = op.QuantizeLinear(x, scale, axis=-1, block_size=k, output_dtype=qtype)
+    return op.DequantizeLinear(q, scale, axis=-1, block_size=k)
+
+
+def dequantize_int4(packed, scale, k: int, n: int, group_size: int):
+    codes = _int4_weight(packed, shape=[k, n])
+    return op.DequantizeLinear(codes, scale, axis=0, block_size=group_size)
+
+
+def quantize_kv(x, bits: int):
+    d = _last_dim(x)
+    qmax = float(2**bits - 1)
+    axis = op.Constant(value_ints=[-1])
+    zero = op.Constant(value_float=0.0)
+    lo = op.Min(op.ReduceMin(x, axis, keepdims=1), zero)
+    hi = op.Max(op.ReduceMax(x, axis, keepdims=1), zero)
+    scale = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=qmax)), op.Constant(value_float=SCALE_EPS))
+    qtype = ir.DataType.UINT4 if bits == 4 else ir.DataType.UINT8
+    # round(-lo / scale) saturated to [0, qmax]: exactly a QuantizeLinear with zero point 0.
+    zero_point = op.QuantizeLinear(op.Neg(lo), scale, axis=-1, block_size=1, output_dtype=qtype)
+    q = op.QuantizeLinear(x, scale, zero_point, axis=-1, block_size=d)
+    if bits == 4:
+        q = op.Cast(q, to=ir.DataType.UINT8)
+        zero_point = op.Cast(zero_point, to=ir.DataType.UINT8)
+        pairs = op.Reshape(q, op.Constant(value_ints=[0, 0, 0, d // 2, 2]))
+        low, high = op.Split(pairs, axis=-1, num_outputs=2)
+        high = op.BitShift(high, op.Constant(value=ir.tensor([4], dtype=ir.DataType.UINT8)), direction="LEFT")
+        q = op.Squeeze(op.BitwiseOr(low, high), op.Constant(value_ints=[-1]))
+    return q, scale, zero_point
+
+
+def dequantize_kv(codes, scale, zero_point, bits: int):
+    if bits == 4:
+        packed_d = _last_dim(codes)
+        low = op.BitwiseAnd(codes, op.Constant(value=ir.tensor([15], dtype=ir.DataType.UINT8)))
+        high = op.BitShift(codes, op.Constant(value=ir.tensor([4], dtype=ir.DataType.UINT8)), direction="RIGHT")
+        last = op.Constant(value_ints=[-1])
+        pairs = op.Concat(op.Unsqueeze(low, last), op.Unsqueeze(high, last), axis=-1)
+        codes = op.Reshape(pairs, op.Constant(value_ints=[0, 0, 0, packed_d * 2]))
+        d = packed_d * 2
+    else:
+        d = _last_dim(codes)
+    return op.DequantizeLinear(codes, scale, zero_point, axis=-1, block_size=d)
+
+
+def translation_table() -> dict:
+    import torch
+
+    from . import ops  # noqa: F401  (registers the torch.ops.quota namespace)
+
+    return {
+        torch.ops.quota.qdq_per_token.default: qdq_per_token,
+        torch.ops.quota.dequantize_int4.default: dequantize_int4,
+        torch.ops.quota.quantize_kv.default: quantize_kv,
+        torch.ops.quota.dequantize_kv.default: dequantize_kv,
+    }

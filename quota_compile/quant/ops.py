@@ -1,0 +1,191 @@
+"""The quantizers of DESIGN §2, as PyTorch custom ops.
+
+One definition serves the eager simulation (calibration, the verification reference) and the
+exported graph: the pass ``insert_qdq`` puts these very ops into the traced program, and
+``quota_compile.quant.onnx_translation`` lowers each to standard ONNX QuantizeLinear /
+DequantizeLinear with the same arithmetic, in the same order of floating-point operations, so
+that PyTorch and onnxruntime produce the same integers (round half to even, saturation).
+
+Integer conventions
+- activations: signed, symmetric, per token: ``scale = max(clip_ratio * max|x| / qmax, eps)``;
+  ``q = clamp(round(x / scale), -qmax - 1, qmax)``.
+- weights: signed INT4, symmetric, per output channel in groups of ``group_size`` along the
+  input dimension; stored transposed ``[K, N]`` (the MatMul layout), two values per byte, the
+  even flat index in the low nibble (the ONNX INT4 layout).
+- KV cache: unsigned, asymmetric, per token and head (the group is ``head_dim``):
+  ``lo = min(min x, 0)``, ``hi = max(max x, 0)``, ``scale = max((hi - lo) / (2**bits - 1), eps)``,
+  ``zero_point = clamp(round(-lo / scale), 0, 2**bits - 1)``,
+  ``q = clamp(round(x / scale) + zero_point, 0, 2**bits - 1)``. INT4 codes are packed two per
+  byte along ``head_dim`` (even channel in the low nibble); scales are float32 and zero points
+  uint8, both ``[..., 1]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Floor for every scale: keeps all-zero rows finite (they quantize to 0 and dequantize to 0).
+SCALE_EPS = 1e-8
+
+
+def _signed_range(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+# ---------------------------------------------------------------- activations (per token)
+
+
+def per_token_scale(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
+    """Dynamic symmetric scale per row of the last dimension, float32, shape ``[..., 1]``."""
+    _, qmax = _signed_range(bits)
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    if clip_ratio != 1.0:
+        amax = amax * clip_ratio
+    return torch.clamp_min(amax / float(qmax), SCALE_EPS)
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes (int8 holding ``bits``-bit values) and scales of ``x``."""
+    qmin, qmax = _signed_range(bits)
+    scale = per_token_scale(x, bits, clip_ratio)
+    q = torch.clamp(torch.round(x / scale), qmin, qmax).to(torch.int8)
+    return q, scale
+
+
+@torch.library.custom_op("quota::qdq_per_token", mutates_args=())
+def qdq_per_token(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
+    """Quantize-dequantize of an activation, per token (row of the last dimension)."""
+    q, scale = quantize_per_token(x, bits, clip_ratio)
+    return q.to(x.dtype) * scale
+
+
+@qdq_per_token.register_fake
+def _(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+# ---------------------------------------------------------------- weights (group-wise INT4)
+
+
+def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest symmetric group-wise quantization of a Linear weight ``[N, K]``.
+
+    Returns the codes transposed to ``[K, N]`` (int8) and the scales ``[K // group_size, N]``
+    (float32): the layout of a blocked DequantizeLinear with ``axis=0``.
+    """
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"group size {group_size} does not divide the input dimension {k}")
+    qmin, qmax = _signed_range(bits)
+    w = weight.detach().to(torch.float32).t().reshape(k // group_size, group_size, n)
+    scale = torch.clamp_min(w.abs().amax(dim=1) / float(qmax), SCALE_EPS)  # [K/g, N]
+    q = torch.clamp(torch.round(w / scale[:, None, :]), qmin, qmax)
+    return q.reshape(k, n).to(torch.int8), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[K, N]`` float32 weight from codes ``[K, N]`` and scales ``[K // group_size, N]``."""
+    return q.to(torch.float32) * scale.repeat_interleave(group_size, dim=0)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Pack int8 codes in [-8, 7] two per byte along the flattened tensor (even index low)."""
+    flat = q.reshape(-1).to(torch.int16) & 0xF
+    if flat.numel() % 2:
+        raise ValueError("INT4 packing needs an even number of elements")
+    return (flat[0::2] | (flat[1::2] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: signed int8 codes of the given shape."""
+    p = packed.reshape(-1).to(torch.int16)
+    nibbles = torch.stack([p & 0xF, (p >> 4) & 0xF], dim=-1).reshape(-1)
+    signed = torch.where(nibbles >= 8, nibbles - 16, nibbles)
+    return signed.to(torch.int8).reshape(tuple(shape))
+
+
+@torch.library.custom_op("quota::qdq_weight", mutates_args=())
+def qdq_weight(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Fake-quantized Linear weight, returned in the MatMul layout ``[K, N]``."""
+    q, scale = quantize_weight_rtn(weight, bits, group_size)
+    return dequantize_weight(q, scale, group_size).to(weight.dtype)
+
+
+@qdq_weight.register_fake
+def _(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    return weight.new_empty((weight.shape[1], weight.shape[0]))
+
+
+@torch.library.custom_op("quota::dequantize_int4", mutates_args=())
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, k: int, n: int, group_size: int) -> torch.Tensor:
+    """``[K, N]`` float weight from packed INT4 codes (``uint8[K*N/2]``) and scales ``[K/g, N]``."""
+    return dequantize_weight(unpack_int4(packed, (k, n)), scale, group_size).to(scale.dtype)
+
+
+@dequantize_int4.register_fake
+def _(packed: torch.Tensor, scale: torch.Tensor, k: int, n: int, group_size: int) -> torch.Tensor:
+    return scale.new_empty((k, n))
+
+
+# ---------------------------------------------------------------- KV cache (per token and head)
+
+
+def kv_packed_dim(head_dim: int, bits: int) -> int:
+    """Last dimension of a stored KV tensor: INT4 codes are packed two per byte."""
+    return head_dim // 2 if bits == 4 else head_dim
+
+
+@torch.library.custom_op("quota::quantize_kv", mutates_args=())
+def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric per-token-per-head quantization of K or V ``[B, H, T, D]``.
+
+    Returns ``(codes uint8 [B, H, T, D or D/2], scale float32 [B, H, T, 1], zero_point uint8
+    [B, H, T, 1])``.
+    """
+    qmax = float(2**bits - 1)
+    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0.0)
+    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0.0)
+    scale = torch.clamp_min((hi - lo) / qmax, SCALE_EPS)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0.0, qmax)
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0.0, qmax).to(torch.uint8)
+    if bits == 4:
+        pairs = q.reshape(*q.shape[:-1], q.shape[-1] // 2, 2)
+        q = pairs[..., 0] | (pairs[..., 1] << 4)
+    return q, scale.to(torch.float32), zero_point.to(torch.uint8)
+
+
+@quantize_kv.register_fake
+def _(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    stat = (*x.shape[:-1], 1)
+    codes = (*x.shape[:-1], kv_packed_dim(x.shape[-1], bits))
+    return (
+        x.new_empty(codes, dtype=torch.uint8),
+        x.new_empty(stat, dtype=torch.float32),
+        x.new_empty(stat, dtype=torch.uint8),
+    )
+
+
+def unpack_kv_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes ``[..., D]`` from stored KV codes (unpacks INT4 nibbles)."""
+    if bits == 8:
+        return codes
+    return torch.stack([codes & 0xF, codes >> 4], dim=-1).reshape(*codes.shape[:-1], codes.shape[-1] * 2)
+
+
+@torch.library.custom_op("quota::dequantize_kv", mutates_args=())
+def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Float32 K or V ``[B, H, T, D]`` from the stored codes, scales and zero points."""
+    q = unpack_kv_codes(codes, bits).to(torch.float32)
+    return (q - zero_point.to(torch.float32)) * scale
+
+
+@dequantize_kv.register_fake
+def _(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    d = codes.shape[-1] * 2 if bits == 4 else codes.shape[-1]
+    return scale.new_empty((*codes.shape[:-1], d))
+
+
+def qdq_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """What attention reads back from a quantized cache entry."""
+    codes, scale, zp = torch.ops.quota.quantize_kv(x, bits)
+    return torch.ops.quota.dequantize_kv(codes, scale, zp, bits).to(x.dtype)
