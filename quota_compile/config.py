@@ -1,0 +1,198 @@
+"""``model.yaml``: the compile configuration (pydantic, versioned, unknown keys rejected).
+
+Every key, its default and its meaning is documented in README.md ("model.yaml reference").
+Paths in ``model.source`` are relative to the YAML file; ``output.dir`` is relative to the
+working directory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+
+CONFIG_VERSION = 1
+DEFAULT_PROMPT = "USER: <image>\n{question} ASSISTANT:"
+DEFAULT_IGNORE = ["re:.*vision_tower.*", "lm_head"]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    source: str = Field(description="builtin:NAME or a local Hugging Face folder")
+    family: Literal["llava"] = "llava"
+    seed: int = Field(0, ge=0, description="seed of a builtin model's random initialisation")
+    prompt_template: str = DEFAULT_PROMPT
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if v.count("<image>") != 1 or "{question}" not in v:
+            raise ValueError("must contain '<image>' once and '{question}'")
+        return v
+
+
+class WeightQuant(_Section):
+    bits: Literal[4] = 4
+    group_size: int = Field(128, gt=0)
+    method: Literal["rtn"] = "rtn"
+
+
+class ActivationQuant(_Section):
+    bits: Literal[4, 8] = 4
+    granularity: Literal["per_token"] = "per_token"
+    clip_ratio: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class KVCacheQuant(_Section):
+    bits: Literal[4, 8] = 4
+    granularity: Literal["per_token"] = "per_token"
+
+
+class QuantizationSection(_Section):
+    weights: WeightQuant = WeightQuant()
+    activations: ActivationQuant = ActivationQuant()
+    kv_cache: KVCacheQuant = KVCacheQuant()
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+
+    @field_validator("ignore")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise ValueError(f"invalid regular expression {p[3:]!r} ({e})") from None
+        return v
+
+
+class PruningSection(_Section):
+    method: Literal["none"] = "none"
+
+
+class CalibrationSection(_Section):
+    dataset: Literal["synthetic"] = "synthetic"
+    num_samples: int = Field(16, gt=0)
+    seed: int = Field(0, ge=0)
+
+
+class ExportSection(_Section):
+    opset: int = Field(21, ge=21, le=23)
+    targets: list[Literal["portable"]] = Field(default_factory=lambda: ["portable"], min_length=1)
+
+
+class VerifySection(_Section):
+    samples: int = Field(4, ge=1)
+    new_tokens: int = Field(16, ge=1)
+    seed: int = Field(1234, ge=0)
+    max_logits_rel_error: float = Field(0.02, gt=0.0)
+    min_greedy_agreement: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class OutputSection(_Section):
+    dir: str = "exported"
+    name: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _NAME.match(v):
+            raise ValueError("must be a plain folder name (letters, digits, '.', '_', '-')")
+        return v
+
+
+class CompileConfig(_Section):
+    version: Literal[1]
+    model: ModelSection
+    quantization: QuantizationSection = QuantizationSection()
+    pruning: PruningSection = PruningSection()
+    calibration: CalibrationSection = CalibrationSection()
+    export: ExportSection = ExportSection()
+    verify: VerifySection = VerifySection()
+    output: OutputSection = OutputSection()
+
+
+def _describe(err: dict[str, Any]) -> str:
+    kind, ctx, got = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "extra_forbidden":
+        return "is not a known key"
+    if kind == "missing":
+        return "is required but missing"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {got!r}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"must be an integer, got {got!r}"
+    if kind in ("float_parsing", "float_type"):
+        return f"must be a number, got {got!r}"
+    if kind in ("string_type",):
+        return f"must be a string, got {got!r}"
+    if kind in ("list_type",):
+        return f"must be a list, got {got!r}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping of keys, got {got!r}"
+    if kind == "greater_than":
+        return f"must be greater than {ctx.get('gt')}, got {got!r}"
+    if kind == "greater_than_equal":
+        return f"must be at least {ctx.get('ge')}, got {got!r}"
+    if kind == "less_than_equal":
+        return f"must be at most {ctx.get('le')}, got {got!r}"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    return err["msg"][0].lower() + err["msg"][1:]
+
+
+def _key(loc: tuple) -> str:
+    return ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[")
+
+
+def parse_config(data: Any, path: Path) -> CompileConfig:
+    """Validate a parsed YAML document; raise :class:`UserError` naming the first bad key."""
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}.")
+    if "version" in data and data["version"] != CONFIG_VERSION:
+        raise UserError(f"{path}: key 'version' must be {CONFIG_VERSION}, got {data['version']!r}.")
+    try:
+        return CompileConfig.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"{path}: key '{_key(err['loc'])}' {_describe(err)}.") from None
+
+
+def load_config(path: str | Path) -> CompileConfig:
+    """Read and validate ``model.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (expected a model.yaml).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"{path}: malformed YAML{where} ({getattr(e, 'problem', None) or e}).") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file.") from None
+    return parse_config(data, path)
+
+
+def resolve_source(cfg: CompileConfig, config_path: Path) -> str | Path:
+    """``builtin:NAME`` stays a string; a folder path is resolved against the YAML's folder."""
+    src = cfg.model.source
+    if src.startswith("builtin:"):
+        return src
+    p = Path(src).expanduser()
+    return p if p.is_absolute() else (config_path.parent / p).resolve()
+
+
+def bundle_name(cfg: CompileConfig, config_path: Path) -> str:
+    return cfg.output.name or config_path.stem

@@ -1,0 +1,31 @@
+"""Model loading: ``builtin:NAME`` or a local Hugging Face folder, through one code path."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from ..config import CompileConfig, resolve_source
+from ..errors import UserError
+from .builtin import BUILTINS, materialize_builtin
+from .llava import VLM, load_llava
+
+__all__ = ["VLM", "load_model", "BUILTINS"]
+
+
+def load_model(cfg: CompileConfig, config_file: Path, stack: contextlib.ExitStack) -> VLM:
+    """Load the model named by ``cfg.model``. A builtin is first written to a temporary HF
+    folder (kept alive by ``stack``) so it loads exactly as a user's checkpoint does."""
+    src = resolve_source(cfg, config_file)
+    if isinstance(src, str):
+        name = src.removeprefix("builtin:")
+        if name not in BUILTINS:
+            raise UserError(
+                f"{config_file}: key 'model.source' names unknown builtin {name!r} "
+                f"(expected one of {', '.join('builtin:' + b for b in sorted(BUILTINS))})."
+            )
+        tmp = stack.enter_context(materialize_builtin(name, cfg.model.seed))
+        path = Path(tmp)
+    else:
+        path = src
+    return load_llava(path, cfg.model.source, cfg.model.prompt_template, config_file)

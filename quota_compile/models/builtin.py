@@ -1,0 +1,144 @@
+"""Builtin models, built offline from a config and a seed, written as normal HF folders.
+
+``builtin:tiny-llava`` is a random-init LLaVA (CLIP vision tower, Llama decoder with GQA) for
+tests and the quick demo. It is written to a folder exactly like a Hugging Face checkpoint
+(config.json, model.safetensors, tokenizer and processor files) and loaded back through the
+same code path as a user's checkpoint.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+# A small fixed corpus: the byte-level BPE tokenizer trained on it is deterministic and covers
+# any input (bytes are its base alphabet).
+_CORPUS = [
+    "USER: What is in the image? ASSISTANT: There is a red circle on the left.",
+    "Is there a blue square in the image? Answer yes or no. yes no",
+    "How many triangles are there? one two three four five six seven eight nine ten zero",
+    "What colour is the small shape at the top? red green blue yellow purple orange white black grey",
+    "Which shape is to the right of the circle? A. square B. triangle C. star D. circle",
+    "Describe the picture in one sentence. The picture shows shapes of several colours and sizes.",
+    "left right top bottom above below next to between large small big tiny middle centre corner",
+    "0 1 2 3 4 5 6 7 8 9 . , ? ! : ; ' \" ( ) - + = / A B C D E",
+]
+
+
+def build_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer (``PreTrainedTokenizerFast``), trained offline on a fixed corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="right",
+    )
+    return fast
+
+
+def build_tiny_llava(seed: int = 0):
+    """Random-init tiny LLaVA: 32x32 images, patch 4 (64 visual tokens), 2+2 layers, GQA 4/2."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = build_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=4,
+        projection_dim=48,
+    )
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        # Larger than HF's 0.02 so that random logits are peaked and greedy decoding is stable.
+        initializer_range=0.2,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 32},
+        crop_size={"height": 32, "width": 32},
+        do_center_crop=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    return model, processor
+
+
+BUILTINS: dict[str, Callable] = {"tiny-llava": build_tiny_llava}
+
+
+def write_builtin(name: str, folder: str | Path, seed: int = 0) -> Path:
+    """Write ``builtin:NAME`` to ``folder`` as a Hugging Face checkpoint folder."""
+    if name not in BUILTINS:
+        raise UserError(f"unknown builtin model {name!r}; available: {', '.join(sorted(BUILTINS))}.")
+    folder = Path(folder)
+    model, processor = BUILTINS[name](seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def materialize_builtin(name: str, seed: int) -> tempfile.TemporaryDirectory:
+    """Write a builtin into a fresh temporary folder (removed when the returned object is)."""
+    tmp = tempfile.TemporaryDirectory(prefix=f"quota-{name}-")
+    write_builtin(name, tmp.name, seed)
+    return tmp

@@ -1,0 +1,157 @@
+"""LLaVA-family adapter over transformers' ``LlavaForConditionalGeneration``.
+
+Supported: a CLIP or SigLIP vision tower; a Llama, Mistral or Qwen2 text model (GQA included);
+``vision_feature_select_strategy`` ``default`` (drop CLS) or ``full``; an integer or a list of
+``vision_feature_layer``. Mistral's sliding window is not applied: contexts are assumed to be
+shorter than the window (true of every LLaVA prompt at 4096 positions and more).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+TEXT_MODELS = ("llama", "mistral", "qwen2")
+VISION_MODELS = ("clip_vision_model", "siglip_vision_model")
+_REQUIRED = ("config.json",)
+
+
+@dataclass
+class VLM:
+    """A loaded LLaVA model with the facts the compiler needs about it."""
+
+    model: torch.nn.Module  # LlavaForConditionalGeneration, eval mode, float32, eager attention
+    processor: object  # LlavaProcessor (tokenizer + image processor)
+    path: Path
+    source: str
+    prompt_template: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def num_layers(self) -> int:
+        return self.text_config.num_hidden_layers
+
+    @property
+    def num_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.text_config.num_key_value_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.text_config, "head_dim", None) or self.text_config.hidden_size // self.num_heads
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_index
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision_config.image_size
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    def prompt(self, question: str) -> str:
+        return self.prompt_template.replace("{question}", question)
+
+    def visual_span(self) -> tuple[int, int]:
+        """``(start, count)`` of the image tokens in a tokenized prompt (same for every prompt)."""
+        ids = self.processor(text=[self.prompt("?")], images=[_blank(self.image_size)], return_tensors="pt")["input_ids"][0]
+        pos = (ids == self.image_token_id).nonzero().flatten().tolist()
+        if not pos or pos != list(range(pos[0], pos[0] + len(pos))):
+            raise UserError(f"{self.source}: the prompt template does not give one contiguous span of image tokens.")
+        return pos[0], len(pos)
+
+    def weights_sha256(self) -> str:
+        """Hash of the state dict (names, dtypes, shapes, bytes) in name order."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+
+def _blank(size: int):
+    from PIL import Image
+
+    return Image.new("RGB", (size, size), (127, 127, 127))
+
+
+def check_folder(path: Path, config_file: Path) -> dict:
+    """Validate a checkpoint folder; return its config.json."""
+    where = f"{config_file}: key 'model.source'"
+    if not path.exists():
+        raise UserError(f"{where}: checkpoint folder {path} does not exist.")
+    if not path.is_dir():
+        raise UserError(f"{where}: {path} is not a folder (expected a Hugging Face checkpoint folder).")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{where}: {path} has no config.json (expected a Hugging Face checkpoint folder).")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{cfg_path}: not valid JSON ({e}).") from None
+    if cfg.get("model_type") != "llava":
+        raise UserError(f"{where}: {path} holds a {cfg.get('model_type')!r} model; family 'llava' needs model_type 'llava'.")
+    text_type = (cfg.get("text_config") or {}).get("model_type", "llama")
+    vision_type = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
+    if text_type not in TEXT_MODELS:
+        raise UserError(f"{where}: text model {text_type!r} is not supported (expected one of {', '.join(TEXT_MODELS)}).")
+    if vision_type not in VISION_MODELS:
+        raise UserError(f"{where}: vision tower {vision_type!r} is not supported (expected one of {', '.join(VISION_MODELS)}).")
+    if not any(path.glob("*.safetensors")):
+        raise UserError(f"{where}: {path} has no *.safetensors weights.")
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+        raise UserError(f"{where}: {path} has no tokenizer files (tokenizer.json or tokenizer.model).")
+    return cfg
+
+
+def load_llava(path: Path, source: str, prompt_template: str, config_file: Path) -> VLM:
+    """Load a LLaVA checkpoint folder (float32, eager attention, eval mode) and its processor."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    check_folder(path, config_file)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_file}: key 'model.source': could not load {path} ({str(e).splitlines()[0]}).") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
+        raise UserError(f"{config_file}: key 'model.source': {path} has no LLaVA processor (tokenizer + image processor).")
+    processor.tokenizer.padding_side = "right"
+    return VLM(model=model, processor=processor, path=path, source=source, prompt_template=prompt_template)

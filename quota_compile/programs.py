@@ -1,0 +1,179 @@
+"""The three programs that make a deployed VLM: vision, prefill and one decode step.
+
+They are written once over the Hugging Face modules and run in two modes:
+- simulation (``QuantizedModel.fake_quant(True)``, the default): the deployed W4A4 operators
+  and the quantized KV cache; the KV tensors they take and return are the stored integer
+  codes, scales and zero points. This is the PyTorch reference that verification uses.
+- full precision (``fake_quant(False)``): the same function without quantizers; KV tensors are
+  float. This is what :mod:`quota_compile.trace` exports; the passes then insert the
+  quantizers and turn the KV inputs/outputs into the stored form, giving the simulation's
+  signature back.
+
+Layouts (B batch, T prompt length, S past length, V visual tokens, Hkv KV heads, D head dim):
+- vision: ``pixel_values [B, 3, H, W] -> image_features [B, V, hidden]``.
+- prefill: ``input_ids [B, T]`` (right-padded; the image tokens at the fixed span
+  ``[visual_start, visual_start + V)``), ``attention_mask [B, T]``, ``image_features`` ->
+  ``logits [B, vocab]`` of each sample's last real token, then per layer ``key, value``
+  ``[B, Hkv, T, D]`` (float) or ``key, key_scale, key_zero_point, value, ...`` (simulation).
+- decode: ``input_ids [B, 1]``, ``position_ids [B, 1]``, ``attention_mask [B, S + 1]``, then the
+  per-layer past in the same layout with length S -> ``logits [B, vocab]`` and the new
+  token's per-layer KV entries (length 1). The runtime appends them to the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .models.llava import VLM
+from .quant import ops
+from .quant.simulate import QuantizedModel
+
+KV_FLOAT = ("key", "value")
+KV_STORED = ("key", "key_scale", "key_zero_point", "value", "value_scale", "value_zero_point")
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class _Program(torch.nn.Module):
+    def __init__(self, vlm: VLM, qm: QuantizedModel):
+        super().__init__()
+        self.hf = vlm.model
+        self._qm = qm
+        self.kv_bits = qm.kv_bits
+        self.num_layers = vlm.num_layers
+        self.num_heads = vlm.num_heads
+        self.num_kv_heads = vlm.num_kv_heads
+        self.head_dim = vlm.head_dim
+
+    @property
+    def simulate(self) -> bool:
+        return self._qm._state.enabled
+
+    @property
+    def kv_names(self) -> tuple[str, ...]:
+        return KV_STORED if self.simulate else KV_FLOAT
+
+    # ------------------------------------------------------------------ decoder pieces
+    @property
+    def lm(self):
+        return self.hf.model.language_model
+
+    def _store(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """KV entry as attention reads it back, and as it is stored."""
+        if not self.simulate:
+            return x, (x,)
+        codes, scale, zp = torch.ops.quota.quantize_kv(x, self.kv_bits)
+        return torch.ops.quota.dequantize_kv(codes, scale, zp, self.kv_bits), (codes, scale, zp)
+
+    def _load(self, stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if not self.simulate:
+            return stored[0]
+        return torch.ops.quota.dequantize_kv(stored[0], stored[1], stored[2], self.kv_bits)
+
+    def _layer(self, i: int, h, cos, sin, bias, past: tuple[torch.Tensor, ...] | None):
+        layer = self.lm.layers[i]
+        attn = layer.self_attn
+        b, t, _ = h.shape
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        k_read, k_out = self._store(k)
+        v_read, v_out = self._store(v)
+        if past is not None:
+            n = len(past) // 2
+            k_read = torch.cat([self._load(past[:n]), k_read], dim=2)
+            v_read = torch.cat([self._load(past[n:]), v_read], dim=2)
+        rep = self.num_heads // self.num_kv_heads
+        s = k_read.shape[2]
+        k_read = k_read[:, :, None].expand(b, self.num_kv_heads, rep, s, self.head_dim).reshape(b, self.num_heads, s, self.head_dim)
+        v_read = v_read[:, :, None].expand(b, self.num_kv_heads, rep, s, self.head_dim).reshape(b, self.num_heads, s, self.head_dim)
+        scores = torch.matmul(q, k_read.transpose(2, 3)) * attn.scaling + bias
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        o = torch.matmul(probs, v_read).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        h = h + attn.o_proj(o)
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, k_out + v_out
+
+    def _rope(self, h: torch.Tensor, position_ids: torch.Tensor):
+        cos, sin = self.lm.rotary_emb(h, position_ids)
+        return cos[:, None].to(h.dtype), sin[:, None].to(h.dtype)
+
+    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        return self.hf.lm_head(self.lm.norm(h_last))
+
+
+class VisionProgram(_Program):
+    """pixel_values -> projected visual embeddings (vision tower + multi-modal projector)."""
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        cfg = self.hf.config
+        out = self.hf.model.vision_tower(pixel_values, output_hidden_states=True)
+        layers = cfg.vision_feature_layer
+        if isinstance(layers, int):
+            feats = out.hidden_states[layers]
+        else:
+            feats = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        return self.hf.model.multi_modal_projector(feats)
+
+
+class PrefillProgram(_Program):
+    """Prompt (text + image features) -> last-token logits and the per-layer KV cache."""
+
+    def __init__(self, vlm: VLM, qm: QuantizedModel, visual_start: int, visual_count: int):
+        super().__init__(vlm, qm)
+        self.visual_start = visual_start
+        self.visual_count = visual_count
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor):
+        a, v = self.visual_start, self.visual_count
+        text = self.lm.embed_tokens(input_ids)
+        h = torch.cat([text[:, :a], image_features.to(text.dtype), text[:, a + v :]], dim=1)
+        b, t, _ = h.shape
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        cos, sin = self._rope(h, position_ids)
+        idx = torch.arange(t, device=h.device)
+        allowed = (idx[None, :] <= idx[:, None])[None, None] & attention_mask[:, None, None, :].bool()
+        bias = torch.where(allowed, 0.0, torch.finfo(h.dtype).min).to(h.dtype)
+        kv: list[torch.Tensor] = []
+        for i in range(self.num_layers):
+            h, entries = self._layer(i, h, cos, sin, bias, None)
+            kv.extend(entries)
+        last = (attention_mask.sum(-1) - 1).clamp_min(0)
+        h_last = torch.gather(h, 1, last[:, None, None].expand(b, 1, h.shape[-1])).squeeze(1)
+        return (self._logits(h_last), *kv)
+
+
+class DecodeProgram(_Program):
+    """One new token + the per-layer past KV -> logits and the new KV entries."""
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+        h = self.lm.embed_tokens(input_ids)
+        cos, sin = self._rope(h, position_ids)
+        bias = torch.where(attention_mask[:, None, None, :].bool(), 0.0, torch.finfo(h.dtype).min).to(h.dtype)
+        per = len(self.kv_names)
+        kv: list[torch.Tensor] = []
+        for i in range(self.num_layers):
+            h, entries = self._layer(i, h, cos, sin, bias, tuple(past[i * per : (i + 1) * per]))
+            kv.extend(entries)
+        return (self._logits(h[:, -1]), *kv)
+
+
+def kv_io_names(prefix: str, num_layers: int, names: tuple[str, ...] = KV_STORED) -> list[str]:
+    """``present.0.key``, ``present.0.key_scale``, ... in the programs' order."""
+    return [f"{prefix}.{i}.{n}" for i in range(num_layers) for n in names]
+
+
+def empty_past(batch: int, vlm: VLM, kv_bits: int) -> list[torch.Tensor]:
+    """A zero-length stored KV cache, as the decode program takes it."""
+    d = ops.kv_packed_dim(vlm.head_dim, kv_bits)
+    shape = (batch, vlm.num_kv_heads, 0)
+    one = (torch.zeros(*shape, d, dtype=torch.uint8), torch.zeros(*shape, 1), torch.zeros(*shape, 1, dtype=torch.uint8))
+    return [t for _ in range(vlm.num_layers) for t in one + one]

@@ -1,0 +1,115 @@
+"""The quantized simulation: the model running the deployed low-bit operators in PyTorch.
+
+``quantize(vlm, spec)`` swaps every ``nn.Linear`` that no ``ignore`` pattern matches for a
+:class:`QuantLinear`: its input is quantized per token (INT4/INT8), its weight is the
+dequantized INT4 group-wise weight. The codes are computed once, here, and are the very codes
+the ``pack_int4_weights`` pass writes into the graph. The KV-cache quantizer is applied by
+the programs (:mod:`quota_compile.programs`), which read ``kv_bits`` from the result.
+
+``QuantizedModel.fake_quant(False)`` turns the simulation off (the module then computes the
+full-precision function with the same parameter names): that is what gets traced, and the
+passes put the quantizers back into the graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..config import QuantizationSection
+from . import ops
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """INT4 codes ``[K, N]`` (int8) and scales ``[K/g, N]`` of one Linear."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    group_size: int
+
+
+@dataclass
+class _State:
+    enabled: bool = True
+
+
+class QuantLinear(torch.nn.Linear):
+    """``nn.Linear`` with W4 group-wise weights and per-token A4/A8 activations."""
+
+    def __init__(self, linear: torch.nn.Linear, qweight: QuantizedWeight, act_bits: int, clip_ratio: float, state: _State):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.qweight = qweight
+        self.act_bits = act_bits
+        self.clip_ratio = clip_ratio
+        self._state = state
+        self._w = ops.dequantize_weight(qweight.codes, qweight.scale, qweight.group_size).to(linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._state.enabled:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.quota.qdq_per_token(x, self.act_bits, self.clip_ratio) @ self._w
+        return y if self.bias is None else y + self.bias
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    """``re:REGEX`` matches a module name by ``re.fullmatch``; a plain string matches the module
+    of that exact name and everything inside it."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif name == p or name.startswith(p + "."):
+            return True
+    return False
+
+
+@dataclass
+class QuantizedModel:
+    """The model with quantized Linears swapped in, plus the quantization facts."""
+
+    model: torch.nn.Module
+    spec: QuantizationSection
+    weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # module name -> codes
+    _state: _State = field(default_factory=_State)
+
+    @property
+    def kv_bits(self) -> int:
+        return self.spec.kv_cache.bits
+
+    @contextlib.contextmanager
+    def fake_quant(self, enabled: bool) -> Iterator[None]:
+        old, self._state.enabled = self._state.enabled, enabled
+        try:
+            yield
+        finally:
+            self._state.enabled = old
+
+
+def quantizable_linears(model: torch.nn.Module, ignore: list[str]) -> dict[str, torch.nn.Linear]:
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not isinstance(m, QuantLinear) and not matches(name, ignore)
+    }
+
+
+def quantize(model: torch.nn.Module, spec: QuantizationSection) -> QuantizedModel:
+    """Swap the quantized Linears in place (RTN weights) and return the simulation handle."""
+    qm = QuantizedModel(model=model, spec=spec)
+    g = spec.weights.group_size
+    for name, lin in quantizable_linears(model, spec.ignore).items():
+        codes, scale = ops.quantize_weight_rtn(lin.weight, spec.weights.bits, g)
+        qw = QuantizedWeight(codes=codes, scale=scale, group_size=g)
+        qm.weights[name] = qw
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear(lin, qw, spec.activations.bits, spec.activations.clip_ratio, qm._state))
+    return qm

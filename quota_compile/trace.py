@@ -1,0 +1,161 @@
+"""Trace the three programs with ``torch.export`` and run the graph passes on them.
+
+The programs are traced in full precision (``fake_quant(False)``); the passes then insert the
+deployed quantizers, so the result computes what the simulation computes. The returned
+:class:`TracedProgram` holds the pass-processed graph module with example inputs in their
+deployed form, the I/O names and the dynamic shapes that lowering needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.export import Dim
+
+from passes import plain_signature, remove_unused_attributes
+from passes.insert_qdq import InsertQDQ, LinearQuantSpec
+from passes.pack_int4_weights import PackInt4Weights
+from passes.quantize_kv_io import QuantizeKVIO
+from passes.strip_runtime_asserts import StripRuntimeAsserts
+
+from .models.llava import VLM
+from .programs import DecodeProgram, PrefillProgram, VisionProgram, kv_io_names
+from .quant import ops  # noqa: F401  (registers torch.ops.quota)
+from .quant.simulate import QuantizedModel
+
+# Example sizes used for tracing; batch 2 so that the batch dimension is not specialised.
+_BATCH = 2
+_PAST = 5
+_EXTRA_TEXT = 8
+
+
+@dataclass
+class TracedProgram:
+    name: str
+    module: fx.GraphModule
+    args: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: tuple
+    passes: list[tuple[str, bool]] = field(default_factory=list)
+
+
+@dataclass
+class Programs:
+    """The eager programs (simulation reference) for one quantized model."""
+
+    vision: VisionProgram
+    prefill: PrefillProgram
+    decode: DecodeProgram
+
+
+def build_programs(vlm: VLM, qm: QuantizedModel) -> Programs:
+    start, count = vlm.visual_span()
+    return Programs(VisionProgram(vlm, qm), PrefillProgram(vlm, qm, start, count), DecodeProgram(vlm, qm))
+
+
+def _linear_targets(gm: fx.GraphModule, qm: QuantizedModel) -> dict[str, LinearQuantSpec]:
+    """Annotation: which weights in this graph get quantized, with which spec."""
+    spec = qm.spec
+    read = {
+        n.args[1].target
+        for n in gm.graph.nodes
+        if n.op == "call_function" and n.target == torch.ops.aten.linear.default and n.args[1].op == "get_attr"
+    }
+    lin = LinearQuantSpec(spec.weights.bits, spec.weights.group_size, spec.activations.bits, spec.activations.clip_ratio)
+    return {t: lin for t in (f"hf.{name}.weight" for name in qm.weights) if t in read}
+
+
+def _run_passes(gm: fx.GraphModule, qm: QuantizedModel, kv_inputs=(), kv_outputs=()) -> list[tuple[str, bool]]:
+    targets = _linear_targets(gm, qm)
+    pipeline = [
+        StripRuntimeAsserts(),
+        InsertQDQ(targets),
+        QuantizeKVIO(qm.kv_bits, kv_inputs, kv_outputs),
+        PackInt4Weights({t: qm.weights[t[3:-7]] for t in targets}),
+    ]
+    log = []
+    plain_signature(gm)
+    for p in pipeline:
+        log.append((p.name, p(gm).modified))
+    remove_unused_attributes(gm)
+    return log
+
+
+def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple) -> fx.GraphModule:
+    with torch.no_grad():
+        ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+    return ep.module()
+
+
+def _stored(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.ops.quota.quantize_kv(x, bits))
+
+
+def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs) -> dict[str, TracedProgram]:
+    """Export vision, prefill and decode in full precision, then apply the passes."""
+    gen = torch.Generator().manual_seed(0)
+    n_layers, bits = vlm.num_layers, qm.kv_bits
+    start, count = programs.prefill.visual_start, programs.prefill.visual_count
+    max_pos = int(getattr(vlm.text_config, "max_position_embeddings", 4096))
+    batch = Dim("batch", min=1, max=4096)
+    # The text after the image is at least 2 tokens (a size-1 slice would be specialised).
+    seq = Dim("seq", min=start + count + 2, max=max_pos)
+    # The past length is left to the exporter (Dim.DYNAMIC): with a named range it fails to
+    # prove a guard the GQA reshape produces, min(16 + 16p, 32 + 32p) == 16 + 16p.
+    past = Dim.DYNAMIC
+    size = vlm.image_size
+    out: dict[str, TracedProgram] = {}
+
+    with qm.fake_quant(False):
+        # vision
+        pixels = torch.randn(_BATCH, 3, size, size, generator=gen)
+        gm = _export(programs.vision, (pixels,), ({0: batch},))
+        log = _run_passes(gm, qm)
+        out["vision"] = TracedProgram("vision", gm, (pixels,), ["pixel_values"], ["image_features"], ({0: batch},), log)
+
+        # prefill
+        t = start + count + _EXTRA_TEXT
+        ids = torch.randint(0, vlm.vocab_size, (_BATCH, t), generator=gen)
+        ids[:, start : start + count] = vlm.image_token_id
+        mask = torch.ones(_BATCH, t, dtype=torch.long)
+        mask[1, -3:] = 0
+        feats = torch.randn(_BATCH, count, vlm.hidden_size, generator=gen)
+        shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch})
+        gm = _export(programs.prefill, (ids, mask, feats), shapes)
+        kv_out = list(range(1, 1 + 2 * n_layers))
+        log = _run_passes(gm, qm, kv_outputs=kv_out)
+        out["prefill"] = TracedProgram(
+            "prefill",
+            gm,
+            (ids, mask, feats),
+            ["input_ids", "attention_mask", "image_features"],
+            ["logits", *kv_io_names("present", n_layers)],
+            shapes,
+            log,
+        )
+
+        # decode
+        step = torch.randint(0, vlm.vocab_size, (_BATCH, 1), generator=gen)
+        pos = torch.full((_BATCH, 1), _PAST, dtype=torch.long)
+        dmask = torch.ones(_BATCH, _PAST + 1, dtype=torch.long)
+        floats = [torch.randn(_BATCH, vlm.num_kv_heads, _PAST, vlm.head_dim, generator=gen) for _ in range(2 * n_layers)]
+        head = ({0: batch}, {0: batch}, {0: batch, 1: past})
+        # ``*past`` is one pytree input (a tuple) to torch.export.
+        gm = _export(programs.decode, (step, pos, dmask, *floats), head + (tuple({0: batch, 2: past} for _ in floats),))
+        kv_in = list(range(3, 3 + 2 * n_layers))
+        log = _run_passes(gm, qm, kv_inputs=kv_in, kv_outputs=list(range(1, 1 + 2 * n_layers)))
+        stored = [s for f in floats for s in _stored(f, bits)]
+        out["decode"] = TracedProgram(
+            "decode",
+            gm,
+            (step, pos, dmask, *stored),
+            ["input_ids", "position_ids", "attention_mask", *kv_io_names("past", n_layers)],
+            ["logits", *kv_io_names("present", n_layers)],
+            head + tuple({0: batch, 2: past} for _ in stored),
+            log,
+        )
+    return out
+
