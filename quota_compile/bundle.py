@@ -1,0 +1,162 @@
+"""The bundle folder (DESIGN §5): atomic writing, manifest.json and report.md."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+
+from . import __version__
+from .errors import UserError
+
+_DTYPES = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_destination(final: Path, force: bool, config_file: Path) -> None:
+    """Refuse to replace an existing bundle without ``--force`` (before any work is done)."""
+    if final.exists() and not force:
+        raise UserError(f"{config_file}: key 'output': {final} already exists; pass --force to replace it.")
+    if final.exists() and not final.is_dir():
+        raise UserError(f"{config_file}: key 'output': {final} exists and is not a folder.")
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; on success it replaces ``final``, on any
+    error it is removed and ``final`` is left as it was."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            if not force:
+                raise UserError(f"{final} appeared while compiling; pass --force to replace it.")
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _shape(t: onnx.TypeProto) -> list[int | str]:
+    return [d.dim_param if d.dim_param else d.dim_value for d in t.tensor_type.shape.dim]
+
+
+def graph_io(model: onnx.ModelProto) -> dict:
+    def describe(values):
+        return [{"name": v.name, "dtype": _DTYPES[v.type.tensor_type.elem_type], "shape": _shape(v.type)} for v in values]
+
+    ops: dict[str, int] = {}
+    for n in model.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {
+        "inputs": describe(model.graph.input),
+        "outputs": describe(model.graph.output),
+        "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "nodes": len(model.graph.node),
+        "quantize_linear": ops.get("QuantizeLinear", 0),
+        "dequantize_linear": ops.get("DequantizeLinear", 0),
+        "int4_initializers": sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT4),
+    }
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "quota-compile": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def file_hashes(folder: Path, exclude: tuple[str, ...] = ("manifest.json",)) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() not in exclude
+    }
+
+
+def write_json(path: Path, doc: dict) -> Path:
+    path.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    return path
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def report_markdown(name: str, manifest: dict, verify: dict, passes: dict[str, list]) -> str:
+    m, q = manifest["model"], manifest["quantization"]
+    lines = [
+        f"# quota-compile bundle `{name}`",
+        "",
+        f"- model: `{m['source']}` (sha256 `{m['sha256'][:16]}…`), {m['num_layers']} decoder layers, "
+        f"{m['visual_tokens']} visual tokens at position {m['visual_start']}",
+        f"- weights: INT{q['weights']['bits']} symmetric, group {q['weights']['group_size']}, {q['weights']['method'].upper()}; "
+        f"activations: INT{q['activations']['bits']} per token (clip {q['activations']['clip_ratio']}); "
+        f"KV cache: INT{q['kv_cache']['bits']} asymmetric {q['kv_cache']['granularity']}",
+        f"- kept in full precision: {', '.join(f'`{p}`' for p in q['ignore']) or 'nothing'}",
+        "- token pruning: none",
+        "",
+        "## Graphs",
+        "",
+        "| graph | size | nodes | QuantizeLinear | DequantizeLinear | INT4 weights | passes that changed it |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for g, info in manifest["graphs"].items():
+        changed = ", ".join(n for n, mod in passes[g] if mod) or "none"
+        lines.append(
+            f"| {g} | {human_size(info['bytes'])} | {info['nodes']} | {info['quantize_linear']} | "
+            f"{info['dequantize_linear']} | {info['int4_initializers']} | {changed} |"
+        )
+    lines += [
+        "",
+        "## Verification (onnxruntime vs the PyTorch simulation)",
+        "",
+        f"- held-out samples: {verify['samples']}, greedy tokens each: {verify['new_tokens']} (seed {verify['seed']})",
+        f"- worst relative logits error: {verify['max_logits_rel_error']:.3g} (limit {verify['thresholds']['max_logits_rel_error']:g})",
+        f"- worst relative error of the visual embeddings: {verify['max_vision_rel_error']:.3g}",
+        f"- samples with identical greedy tokens: {verify['greedy_agreement']:.0%} (required {verify['thresholds']['min_greedy_agreement']:.0%}); "
+        f"tokens agreeing: {verify['token_agreement']:.1%}",
+        f"- result: {'passed' if verify['passed'] else 'FAILED: ' + '; '.join(verify['failures'])}",
+        "",
+        "## Not verified here",
+        "",
+        "TensorRT engines and GPU execution are not part of this bundle. Accuracy on a benchmark is",
+        "not measured by `quota-compile` compile; verification compares the deployed graphs with the",
+        "simulation of the same low-bit arithmetic, not with the full-precision model.",
+        "",
+    ]
+    return "\n".join(lines)

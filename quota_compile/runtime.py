@@ -1,0 +1,153 @@
+"""Run a bundle with onnxruntime: vision -> prefill -> greedy decode with the quantized KV cache.
+
+The generation loop is written once over a small backend interface (:class:`Backend`) so the
+onnxruntime bundle and the PyTorch simulation (:mod:`quota_compile.verify`) decode the same way.
+A batch holds several images and prompts of different lengths: prompts are right-padded, the
+image tokens sit at the same span in every row, each row has its own positions and its own
+KV-cache mask, and a finished row (EOS) keeps decoding harmlessly until all are done.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import UserError
+
+GRAPHS = ("vision", "prefill", "decode")
+
+
+class Backend(Protocol):
+    def vision(self, pixel_values: np.ndarray) -> np.ndarray: ...
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_features: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]: ...
+
+    def decode(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]: ...
+
+
+@dataclass
+class Batch:
+    """Processor output for a batch of (image, question) pairs."""
+
+    input_ids: np.ndarray  # int64 [B, T], right-padded
+    attention_mask: np.ndarray  # int64 [B, T]
+    pixel_values: np.ndarray  # float32 [B, 3, H, W]
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # per sample, generated token ids (up to and including EOS)
+    step_logits: list[np.ndarray] = field(default_factory=list)  # per step, [B, vocab]
+    image_features: np.ndarray | None = None
+
+
+def make_batch(
+    processor, prompt_template: str, images: list, questions: list[str], visual_span: tuple[int, int], image_token_id: int
+) -> Batch:
+    """Tokenize and preprocess; check that every row has its image tokens at ``visual_span``."""
+    if len(images) != len(questions):
+        raise UserError(f"got {len(images)} images but {len(questions)} prompts; give one prompt per image.")
+    prompts = [prompt_template.replace("{question}", q) for q in questions]
+    enc = processor(images=images, text=prompts, padding=True, return_tensors="np")
+    ids = enc["input_ids"].astype(np.int64)
+    start, count = visual_span
+    for row in ids:
+        span = np.flatnonzero(row == image_token_id)
+        if len(span) != count or span[0] != start:
+            raise UserError(f"a prompt does not put its {count} image tokens at position {start}; use the bundle's prompt template.")
+    return Batch(ids, enc["attention_mask"].astype(np.int64), enc["pixel_values"].astype(np.float32))
+
+
+def greedy_generate(backend: Backend, batch: Batch, max_new_tokens: int, eos_token_id: int | None, keep_logits: bool = False) -> Generation:
+    """Greedy decoding. With ``eos_token_id=None`` exactly ``max_new_tokens`` are generated."""
+    feats = backend.vision(batch.pixel_values)
+    logits, cache = backend.prefill(batch.input_ids, batch.attention_mask, feats)
+    lengths = batch.attention_mask.sum(axis=1)
+    b = len(lengths)
+    out = Generation(tokens=[[] for _ in range(b)], image_features=feats)
+    mask = batch.attention_mask
+    done = np.zeros(b, dtype=bool)
+    for step in range(max_new_tokens):
+        if keep_logits:
+            out.step_logits.append(logits)
+        nxt = logits.argmax(axis=-1)
+        for i in range(b):
+            if not done[i]:
+                out.tokens[i].append(int(nxt[i]))
+                done[i] = eos_token_id is not None and nxt[i] == eos_token_id
+        if done.all() or step == max_new_tokens - 1:
+            break
+        mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
+        positions = (lengths + step)[:, None].astype(np.int64)
+        logits, new = backend.decode(nxt[:, None].astype(np.int64), positions, mask, cache)
+        cache = [np.concatenate([old, n], axis=2) for old, n in zip(cache, new)]
+    return out
+
+
+class OrtBackend:
+    """The bundle's three graphs in onnxruntime sessions."""
+
+    def __init__(self, bundle: Path, providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Keep fp32 arithmetic if DQ(INT4)+MatMul is fused into MatMulNBits (the default
+        # accuracy level 4 would quantize activations to int8, which is not the deployed W4A4).
+        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        self.sessions = {g: ort.InferenceSession(str(bundle / f"{g}.onnx"), opts, providers=providers) for g in GRAPHS}
+        self._inputs = {g: [i.name for i in s.get_inputs()] for g, s in self.sessions.items()}
+
+    def _run(self, graph: str, values: list[np.ndarray]) -> list[np.ndarray]:
+        return self.sessions[graph].run(None, dict(zip(self._inputs[graph], values)))
+
+    def vision(self, pixel_values):
+        return self._run("vision", [pixel_values])[0]
+
+    def prefill(self, input_ids, attention_mask, image_features):
+        out = self._run("prefill", [input_ids, attention_mask, image_features])
+        return out[0], out[1:]
+
+    def decode(self, input_ids, position_ids, attention_mask, past):
+        out = self._run("decode", [input_ids, position_ids, attention_mask, *past])
+        return out[0], out[1:]
+
+
+class BundleRunner:
+    """Answer questions about images with a compiled bundle."""
+
+    def __init__(self, bundle: str | Path, providers: list[str] | None = None):
+        from transformers import AutoProcessor
+        from transformers.utils import logging as hf_logging
+
+        bundle = Path(bundle)
+        manifest_path = bundle / "manifest.json"
+        if not manifest_path.is_file():
+            raise UserError(f"{bundle}: not a quota-compile bundle (no manifest.json).")
+        self.manifest = json.loads(manifest_path.read_text())
+        hf_logging.set_verbosity_error()
+        self.processor = AutoProcessor.from_pretrained(bundle / "tokenizer")
+        self.processor.tokenizer.padding_side = "right"
+        self.backend = OrtBackend(bundle, providers)
+        model = self.manifest["model"]
+        self.prompt_template = model["prompt_template"]
+        self.visual_span = (model["visual_start"], model["visual_tokens"])
+        self.eos_token_id = model["eos_token_id"]
+        self.image_token_id = model["image_token_id"]
+
+    def answer(self, images: list, questions: list[str], max_new_tokens: int = 32) -> list[str]:
+        from PIL import Image
+
+        pics = [Image.open(i).convert("RGB") if isinstance(i, (str, Path)) else i for i in images]
+        batch = make_batch(self.processor, self.prompt_template, pics, questions, self.visual_span, self.image_token_id)
+        gen = greedy_generate(self.backend, batch, max_new_tokens, self.eos_token_id)
+        return [self.processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.tokens]
