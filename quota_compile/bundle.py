@@ -16,7 +16,7 @@ import onnx
 from . import __version__
 from .errors import UserError
 
-_DTYPES = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()}
+_DTYPES = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()} | {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64"}
 
 
 def sha256_file(path: Path) -> str:

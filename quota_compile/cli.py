@@ -11,6 +11,7 @@ Exit codes: 0 success; 1 verification failure or internal error (no bundle is wr
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -94,11 +95,23 @@ def _write_builtin(args) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Progress bars and advice from transformers and the ONNX exporter (e.g. that torchvision
+    ops are skipped) would interleave with the stage lines."""
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "compile")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
     try:
         args = _parser().parse_args(argv)
         return {"compile": _compile, "run": _run, "write-builtin": _write_builtin}[args.command](args)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
-from collections.abc import Sequence
+import warnings
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import onnx
@@ -36,11 +37,20 @@ def export_onnx(
     output_names: Sequence[str],
     dynamic_shapes: tuple,
     opset: int = OPSET,
+    axis_names: Mapping[str, Mapping[int, str]] | None = None,
 ) -> onnx.ModelProto:
-    """Export ``module`` (a ``torch.fx.GraphModule`` after the passes) to a checked ONNX model."""
-    # The exporter prints its progress and warnings; the CLI prints its own.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    """Export ``module`` (a ``torch.fx.GraphModule`` after the passes) to a checked ONNX model.
+
+    ``axis_names`` (I/O name -> axis -> name) renames the exporter's symbolic dimensions
+    (``s15``) everywhere in the graph, so that e.g. every past KV tensor says ``past``.
+    """
+    # The programs were traced in eval mode; the unlifted module refuses .eval(), so set the flag.
+    for m in module.modules():
+        m.training = False
+    # The exporter prints its progress and advisory warnings (axis renaming, deprecations);
+    # the CLI reports progress itself. Errors still raise.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
             args,
@@ -54,9 +64,28 @@ def export_onnx(
             verbose=False,
         )
     model = program.model_proto
+    if axis_names:
+        rename_dims(model, axis_names)
     materialize_int4_weights(model)
     finalize(model, opset)
     return model
+
+
+def rename_dims(model: onnx.ModelProto, axis_names: Mapping[str, Mapping[int, str]]) -> None:
+    graph = model.graph
+    mapping: dict[str, str] = {}
+    for v in list(graph.input) + list(graph.output):
+        dims = v.type.tensor_type.shape.dim
+        for axis, name in axis_names.get(v.name, {}).items():
+            old = dims[axis].dim_param
+            if not re.fullmatch(r"[A-Za-z_]\w*", old or ""):
+                raise LoweringError(f"axis {axis} of {v.name} is not a plain symbolic dimension ({old!r})")
+            mapping[old] = name
+    symbol = re.compile(r"\b[A-Za-z_]\w*\b")
+    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = symbol.sub(lambda m: mapping.get(m.group(0), m.group(0)), d.dim_param)
 
 
 def materialize_int4_weights(model: onnx.ModelProto) -> int:

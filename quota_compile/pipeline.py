@@ -99,7 +99,7 @@ def compile_model(config_path: str | Path, force: bool = False, console: Console
 
         with progress.stage("lower", f"ONNX opset {cfg.export.opset} (portable)"):
             models = {
-                g: export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset)
+                g: export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
                 for g, t in traced.items()
             }
 

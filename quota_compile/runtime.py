@@ -127,14 +127,12 @@ class BundleRunner:
 
     def __init__(self, bundle: str | Path, providers: list[str] | None = None):
         from transformers import AutoProcessor
-        from transformers.utils import logging as hf_logging
 
         bundle = Path(bundle)
         manifest_path = bundle / "manifest.json"
         if not manifest_path.is_file():
             raise UserError(f"{bundle}: not a quota-compile bundle (no manifest.json).")
         self.manifest = json.loads(manifest_path.read_text())
-        hf_logging.set_verbosity_error()
         self.processor = AutoProcessor.from_pretrained(bundle / "tokenizer")
         self.processor.tokenizer.padding_side = "right"
         self.backend = OrtBackend(bundle, providers)

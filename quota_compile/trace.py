@@ -40,6 +40,7 @@ class TracedProgram:
     output_names: list[str]
     dynamic_shapes: tuple
     passes: list[tuple[str, bool]] = field(default_factory=list)
+    axis_names: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -156,6 +157,7 @@ def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs) -> dict[str
             ["logits", *kv_io_names("present", n_layers)],
             head + tuple({0: batch, 2: past} for _ in stored),
             log,
+            axis_names={n: {2: "past"} for n in kv_io_names("past", n_layers)},
         )
     return out
 

@@ -138,11 +138,8 @@ def check_folder(path: Path, config_file: Path) -> dict:
 def load_llava(path: Path, source: str, prompt_template: str, config_file: Path) -> VLM:
     """Load a LLaVA checkpoint folder (float32, eager attention, eval mode) and its processor."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
-    from transformers.utils import logging as hf_logging
 
     check_folder(path, config_file)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     try:
         processor = AutoProcessor.from_pretrained(path)
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
