@@ -11,7 +11,6 @@ Exit codes: 0 success; 1 verification failure or internal error (no bundle is wr
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import traceback
@@ -96,11 +95,8 @@ def _write_builtin(args) -> int:
 
 
 def _quiet_libraries() -> None:
-    """Progress bars and advice from transformers and the ONNX exporter (e.g. that torchvision
-    ops are skipped) would interleave with the stage lines."""
+    """Progress bars and advice from transformers would interleave with the stage lines."""
     from transformers.utils import logging as hf_logging
-
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

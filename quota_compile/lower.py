@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import warnings
 import re
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,7 @@ def export_onnx(
         m.training = False
     # The exporter prints its progress and advisory warnings (axis renaming, deprecations);
     # the CLI reports progress itself. Errors still raise.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
