@@ -71,7 +71,7 @@ class QuantizationSection(_Section):
                 try:
                     re.compile(p[3:])
                 except re.error as e:
-                    raise ValueError(f"invalid regular expression {p[3:]!r} ({e})") from None
+                    raise ValueError(f"{p[3:]!r} is not a valid regular expression ({e})") from None
         return v
 
 
@@ -148,7 +148,7 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "too_short":
         return "must not be empty"
     if kind == "value_error":
-        return str(ctx.get("error", err["msg"]))
+        return f"is invalid: {ctx.get('error', err['msg'])}"
     return err["msg"][0].lower() + err["msg"][1:]
 
 

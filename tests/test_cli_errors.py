@@ -1,0 +1,121 @@
+"""Bad input: exit code 2, one sentence naming the file and the key, no traceback, no output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from quota_compile.cli import main
+
+GOOD = """\
+version: 1
+model:
+  source: {source}
+quantization:
+  weights:
+    group_size: 16
+output:
+  dir: {out}
+"""
+
+# (case id, YAML text (or None: see the test), words the message must contain)
+CASES = [
+    ("malformed-yaml", "version: 1\nmodel: [source: x\n", ["malformed YAML", "line"]),
+    ("not-a-mapping", "- version\n- 1\n", ["expected a mapping"]),
+    ("unknown-top-key", GOOD + "pruning_typo: {}\n", ["'pruning_typo'", "not a known key"]),
+    ("unknown-nested-key", GOOD.replace("group_size: 16", "gruop_size: 16"), ["'quantization.weights.gruop_size'", "not a known key"]),
+    ("wrong-type", GOOD.replace("group_size: 16", "group_size: sixteen"), ["'quantization.weights.group_size'", "integer", "'sixteen'"]),
+    ("negative-group", GOOD.replace("group_size: 16", "group_size: -4"), ["'quantization.weights.group_size'", "greater than 0"]),
+    ("weight-bits", GOOD.replace("group_size: 16", "group_size: 16\n    bits: 3"), ["'quantization.weights.bits'", "4", "3"]),
+    ("kv-bits", GOOD.replace("  weights:", "  kv_cache:\n    bits: 2\n  weights:"), ["'quantization.kv_cache.bits'", "4", "8", "2"]),
+    ("activation-bits", GOOD.replace("  weights:", "  activations:\n    bits: 16\n  weights:"), ["'quantization.activations.bits'", "16"]),
+    ("clip-ratio", GOOD.replace("  weights:", "  activations:\n    clip_ratio: 1.5\n  weights:"), ["'quantization.activations.clip_ratio'", "at most 1"]),
+    ("bad-regex", GOOD.replace("  weights:", "  ignore: ['re:(unclosed']\n  weights:"), ["'quantization.ignore'", "'(unclosed'", "regular expression"]),
+    ("version", GOOD.replace("version: 1", "version: 2"), ["'version'", "1", "2"]),
+    ("missing-model", "version: 1\noutput:\n  dir: {out}\n", ["'model'", "required"]),
+    ("missing-version", GOOD.replace("version: 1\n", ""), ["'version'", "required"]),
+    ("pruning-method", GOOD + "pruning:\n  method: quota\n", ["'pruning.method'", "none"]),
+    ("opset", GOOD + "export:\n  opset: 17\n", ["'export.opset'", "21"]),
+    ("output-name", GOOD.replace("output:", "output:\n  name: ../escape"), ["'output.name'", "folder name"]),
+    ("unknown-builtin", GOOD.replace("{source}", "builtin:no-such-model"), ["'model.source'", "no-such-model", "builtin:tiny-llava"]),
+    ("missing-checkpoint", GOOD.replace("{source}", "./no/such/folder"), ["'model.source'", "does not exist"]),
+    ("prompt-template", GOOD.replace("  source: {source}", "  source: {source}\n  prompt_template: 'no image here {question}'"), ["'model.prompt_template'", "<image>"]),
+]
+
+
+def _run(tmp_path: Path, text: str, source: str, capsys) -> tuple[int, str, Path]:
+    out = tmp_path / "out"
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text(text.replace("{source}", source).replace("{out}", str(out)))
+    rc = main([str(cfg)])
+    return rc, capsys.readouterr().err, out
+
+
+def _assert_clean_error(rc: int, err: str, out: Path, words: list[str], cfg_name: str = "model.yaml"):
+    assert rc == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("quota-compile: error: "), last
+    assert cfg_name in last, last
+    for w in words:
+        assert w in last, f"{w!r} not in {last!r}"
+    assert not out.exists(), "no output folder may be created for bad input"
+
+
+@pytest.mark.parametrize("case,text,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_config(tmp_path, capsys, tiny_folder, case, text, words):
+    rc, err, out = _run(tmp_path, text, str(tiny_folder), capsys)
+    _assert_clean_error(rc, err, out, words)
+
+
+def test_missing_yaml_file(tmp_path, capsys):
+    rc = main([str(tmp_path / "absent.yaml")])
+    err = capsys.readouterr().err
+    _assert_clean_error(rc, err, tmp_path / "out", ["no such file"], "absent.yaml")
+
+
+def test_folder_without_config_json(tmp_path, capsys):
+    empty = tmp_path / "empty-ckpt"
+    empty.mkdir()
+    rc, err, out = _run(tmp_path, GOOD, str(empty), capsys)
+    _assert_clean_error(rc, err, out, ["'model.source'", "config.json"])
+
+
+def test_checkpoint_of_another_family(tmp_path, capsys):
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    rc, err, out = _run(tmp_path, GOOD, str(other), capsys)
+    _assert_clean_error(rc, err, out, ["'model.source'", "'bert'", "llava"])
+
+
+def test_group_size_that_does_not_divide_the_hidden_size(tmp_path, capsys, tiny_folder):
+    rc, err, out = _run(tmp_path, GOOD.replace("group_size: 16", "group_size: 48"), str(tiny_folder), capsys)
+    _assert_clean_error(rc, err, out, ["'quantization.weights.group_size'", "48", "does not divide", "64"])
+
+
+def test_unknown_command_line_option(tmp_path, capsys):
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text(GOOD)
+    rc = main([str(cfg), "--frobnicate"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "--frobnicate" in err.strip().splitlines()[-1]
+
+
+def test_run_on_a_folder_that_is_not_a_bundle(tmp_path, capsys):
+    img = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(img)
+    rc = main(["run", str(tmp_path), "--image", str(img), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a quota-compile bundle" in err and "Traceback" not in err
+
+
+def test_run_with_a_missing_image(tiny_bundle, tmp_path, capsys):
+    rc = main(["run", str(tiny_bundle), "--image", str(tmp_path / "nope.png"), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.png" in err and "--image" in err

@@ -1,0 +1,676 @@
+"""The graph passes on tiny exported programs: exact node counts, I/O signatures, dtypes and
+shapes before and after each pass, and bit-exact agreement with an eager reference built from
+the same ``quota::`` ops (in the style of torchao's PT2E quantization tests).
+
+Two programs stand in for the compiler's:
+- ``Prefill``: one transformer block (q/k/v share an input, o, gate/up share an input, down)
+  plus an unquantized ``head`` Linear; returns ``(logits, k, v)`` with ``k, v`` ``[B, H, T, D]``
+  that attention also reads.
+- ``Decode``: q/k/v/o plus ``head``; takes ``past_k, past_v [B, H, S, D]``, concatenates the new
+  entry, returns ``(logits, k_new, v_new)``.
+Both are exported with a dynamic batch (and past length), as ``quota_compile.trace`` does.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto
+from torch import nn
+from torch.export import Dim
+
+from passes import PassError, count_calls, outputs, placeholders, plain_signature, remove_unused_attributes
+from passes.insert_qdq import InsertQDQ, LinearQuantSpec
+from passes.pack_int4_weights import PackInt4Weights
+from passes.quantize_kv_io import QuantizeKVIO
+from passes.strip_runtime_asserts import StripRuntimeAsserts
+from quota_compile.lower import export_onnx
+from quota_compile.quant import ops
+from quota_compile.quant.simulate import QuantizedWeight
+
+QDQ_ACT = torch.ops.quota.qdq_per_token.default
+QDQ_W = torch.ops.quota.qdq_weight.default
+DQ_INT4 = torch.ops.quota.dequantize_int4.default
+Q_KV = torch.ops.quota.quantize_kv.default
+DQ_KV = torch.ops.quota.dequantize_kv.default
+LINEAR = torch.ops.aten.linear.default
+MATMUL = torch.ops.aten.matmul.default
+ADD = torch.ops.aten.add.Tensor
+ASSERT_META = torch.ops.aten._assert_tensor_metadata.default
+
+D_MODEL, HEADS, HEAD_DIM, FFN, VOCAB, GROUP = 32, 2, 16, 48, 11, 16
+T_PREFILL, S_PAST = 5, 3
+SPEC = LinearQuantSpec(weight_bits=4, group_size=GROUP, act_bits=4, clip_ratio=1.0)
+PREFILL_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")  # "head" stays float
+DECODE_LINEARS = ("q", "k", "v", "o")
+# (K, N) of each Linear's weight in the MatMul layout
+SHAPES = {"q": (32, 32), "k": (32, 32), "v": (32, 32), "o": (32, 32), "gate": (32, 48), "up": (32, 48), "down": (48, 32)}
+
+
+# ---------------------------------------------------------------------------- programs
+
+
+class _Sim:
+    """What the passes are meant to produce, applied eagerly with the same ops."""
+
+    def __init__(self, specs: dict[str, LinearQuantSpec], kv_bits: int | None):
+        self.specs, self.kv_bits = specs, kv_bits
+
+
+class _Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.sim: _Sim | None = None
+
+    def lin(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        layer = getattr(self, name)
+        spec = self.sim.specs.get(f"{name}.weight") if self.sim else None
+        if spec is None:
+            return layer(x)
+        xq = torch.ops.quota.qdq_per_token(x, spec.act_bits, spec.clip_ratio)
+        y = xq @ torch.ops.quota.qdq_weight(layer.weight, spec.weight_bits, spec.group_size)
+        return y if layer.bias is None else y + layer.bias
+
+    def store(self, x: torch.Tensor):
+        """(what attention reads, what the program returns) for a new KV entry."""
+        if self.sim is None or self.sim.kv_bits is None:
+            return x, (x,)
+        stored = torch.ops.quota.quantize_kv(x, self.sim.kv_bits)
+        return torch.ops.quota.dequantize_kv(*stored, self.sim.kv_bits), tuple(stored)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, HEADS, HEAD_DIM).transpose(1, 2)
+
+    def attend(self, q, k, v, b, t):
+        a = torch.softmax(q @ k.transpose(-1, -2) * HEAD_DIM**-0.5, dim=-1) @ v
+        return a.transpose(1, 2).reshape(b, t, D_MODEL)
+
+
+class Prefill(_Base):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(D_MODEL, D_MODEL, bias=True)
+        self.k = nn.Linear(D_MODEL, D_MODEL, bias=False)
+        self.v = nn.Linear(D_MODEL, D_MODEL, bias=False)
+        self.o = nn.Linear(D_MODEL, D_MODEL, bias=False)
+        self.gate = nn.Linear(D_MODEL, FFN, bias=False)
+        self.up = nn.Linear(D_MODEL, FFN, bias=False)
+        self.down = nn.Linear(FFN, D_MODEL, bias=False)
+        self.head = nn.Linear(D_MODEL, VOCAB, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.heads(self.lin("q", x)), self.heads(self.lin("k", x)), self.heads(self.lin("v", x))
+        k_read, k_out = self.store(k)
+        v_read, v_out = self.store(v)
+        h = x + self.lin("o", self.attend(q, k_read, v_read, b, t))
+        h = h + self.lin("down", F.silu(self.lin("gate", h)) * self.lin("up", h))
+        return (self.lin("head", h), *k_out, *v_out)
+
+
+class Decode(_Base):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(D_MODEL, D_MODEL, bias=True)
+        self.k = nn.Linear(D_MODEL, D_MODEL, bias=False)
+        self.v = nn.Linear(D_MODEL, D_MODEL, bias=False)
+        self.o = nn.Linear(D_MODEL, D_MODEL, bias=False)
+        self.head = nn.Linear(D_MODEL, VOCAB, bias=False)
+
+    def forward(self, x, *past):
+        x = x.to(torch.float32)  # leaves an _assert_tensor_metadata in the exported graph
+        b, t, _ = x.shape
+        if self.sim is not None and self.sim.kv_bits is not None:
+            bits = self.sim.kv_bits
+            past_k, past_v = (torch.ops.quota.dequantize_kv(*past[i : i + 3], bits) for i in (0, 3))
+        else:
+            past_k, past_v = past
+        q, k, v = self.heads(self.lin("q", x)), self.heads(self.lin("k", x)), self.heads(self.lin("v", x))
+        k_read, k_out = self.store(k)
+        v_read, v_out = self.store(v)
+        kk = torch.cat([past_k, k_read], dim=2)
+        vv = torch.cat([past_v, v_read], dim=2)
+        h = x + self.lin("o", self.attend(q, kk, vv, b, t))
+        return (self.lin("head", h), *k_out, *v_out)
+
+
+def _make(cls, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    m = cls().eval()
+    with torch.no_grad():  # weights at a scale where 4-bit codes are spread out
+        for p in m.parameters():
+            p.mul_(2.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def prefill_model() -> nn.Module:
+    return _make(Prefill, 0)
+
+
+@pytest.fixture(scope="module")
+def decode_model() -> nn.Module:
+    return _make(Decode, 1)
+
+
+def _x(batch: int, t: int, seed: int) -> torch.Tensor:
+    return torch.randn(batch, t, D_MODEL, generator=torch.Generator().manual_seed(seed))
+
+
+def _past(batch: int, s: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, HEADS, s, HEAD_DIM, generator=g) for _ in range(2))
+
+
+PREFILL_DYN = ({0: Dim("batch")},)
+_BATCH = Dim("batch")
+_PAST = Dim("past")
+DECODE_DYN = ({0: _BATCH}, ({0: _BATCH, 2: _PAST}, {0: _BATCH, 2: _PAST}))
+
+
+@pytest.fixture(scope="module")
+def prefill_ep(prefill_model):
+    with torch.no_grad():
+        return torch.export.export(prefill_model, (_x(2, T_PREFILL, 0),), dynamic_shapes=PREFILL_DYN, strict=False)
+
+
+@pytest.fixture(scope="module")
+def decode_ep(decode_model):
+    args = (_x(2, 1, 0), *_past(2, S_PAST, 0))
+    with torch.no_grad():
+        return torch.export.export(decode_model, args, dynamic_shapes=DECODE_DYN, strict=False)
+
+
+def _fresh(ep) -> torch.fx.GraphModule:
+    """A new unlifted module with the compiler's plain positional signature (the passes edit
+    the graph in place; the parameter tensors are shared but never written)."""
+    gm = ep.module()
+    plain_signature(gm)
+    return gm
+
+
+def _targets(names, spec=SPEC) -> dict[str, LinearQuantSpec]:
+    return {f"{n}.weight": spec for n in names}
+
+
+def _call_modules(gm, target: str) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+
+
+def _n_asserts(gm) -> tuple[int, int]:
+    """(_guards_fn call_module nodes, aten assert call_function nodes)."""
+    from passes.strip_runtime_asserts import ASSERT_TARGETS
+
+    calls = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in ASSERT_TARGETS)
+    return _call_modules(gm, "_guards_fn"), calls
+
+
+def _run(gm, *args):
+    with torch.no_grad():
+        return tuple(gm(*args))
+
+
+def _assert_same(got, want):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and a.shape == b.shape, (i, a.dtype, b.dtype, a.shape, b.shape)
+        assert torch.equal(a, b), f"output {i} differs: max abs diff {(a.double() - b.double()).abs().max().item()}"
+
+
+# ---------------------------------------------------------------------------- StripRuntimeAsserts
+
+
+def test_strip_runtime_asserts_prefill(prefill_ep, prefill_model):
+    gm = _fresh(prefill_ep)
+    # this program carries only the input-guard module (no aten assert calls)
+    assert _n_asserts(gm) == (1, 0)
+    assert hasattr(gm, "_guards_fn")
+    n_nodes = len(gm.graph.nodes)
+    result = StripRuntimeAsserts()(gm)
+    assert result.modified is True and result.graph_module is gm
+    assert _n_asserts(gm) == (0, 0)
+    assert not hasattr(gm, "_guards_fn")
+    assert len(gm.graph.nodes) == n_nodes - 1
+    x = _x(3, T_PREFILL, 5)
+    _assert_same(_run(gm, x), _run(prefill_model, x))
+    # idempotent: nothing left to strip
+    again = StripRuntimeAsserts()(gm)
+    assert again.modified is False and len(gm.graph.nodes) == n_nodes - 1
+
+
+def test_strip_runtime_asserts_decode(decode_ep, decode_model):
+    gm = _fresh(decode_ep)
+    # the guard module plus the dtype check that ``x.to(torch.float32)`` leaves behind
+    assert _n_asserts(gm) == (1, 1)
+    assert count_calls(gm, ASSERT_META) == 1
+    n_nodes = len(gm.graph.nodes)
+    assert StripRuntimeAsserts()(gm).modified is True
+    assert _n_asserts(gm) == (0, 0)
+    assert len(gm.graph.nodes) == n_nodes - 2
+    assert count_calls(gm, torch.ops.aten.to.dtype) == 1  # the conversion itself stays
+    x, pk, pv = _x(3, 1, 6), *_past(3, S_PAST + 2, 6)
+    _assert_same(_run(gm, x, pk, pv), _run(decode_model, x, pk, pv))
+
+
+# ---------------------------------------------------------------------------- InsertQDQ
+
+
+def _act_qdq_inputs(gm) -> list[str]:
+    return [n.args[0].name for n in gm.graph.nodes if n.op == "call_function" and n.target == QDQ_ACT]
+
+
+def test_insert_qdq_counts(prefill_ep):
+    gm = _fresh(prefill_ep)
+    StripRuntimeAsserts()(gm)
+    before = {t: count_calls(gm, t) for t in (LINEAR, MATMUL, ADD, QDQ_ACT, QDQ_W)}
+    assert before == {LINEAR: 8, MATMUL: 2, ADD: 2, QDQ_ACT: 0, QDQ_W: 0}
+    result = InsertQDQ(_targets(PREFILL_LINEARS))(gm)
+    assert result.modified is True
+    assert count_calls(gm, QDQ_W) == 7  # one per listed Linear
+    # distinct inputs: x (q, k, v), attention output (o), h (gate, up), silu * up (down)
+    assert count_calls(gm, QDQ_ACT) == 4
+    assert count_calls(gm, MATMUL) == 2 + 7
+    assert count_calls(gm, ADD) == 2 + 1  # q's bias
+    # only the unlisted head is still an aten.linear, on its float weight
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == LINEAR]
+    assert [n.args[1].target for n in linears] == ["head.weight"]
+    # the q/k/v (and gate/up) matmuls read one shared activation quantizer
+    act = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QDQ_ACT]
+    assert [len(n.users) for n in act] == [3, 1, 2, 1]
+    assert act[0].args == (placeholders(gm)[0], 4, 1.0)
+    for n in act:
+        assert all(u.target == MATMUL and u.args[0] is n for u in n.users)
+    # every weight quantizer reads its float weight and feeds a matmul's right operand
+    wq = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QDQ_W]
+    assert sorted(n.args[0].target for n in wq) == sorted(f"{n}.weight" for n in PREFILL_LINEARS)
+    for n in wq:
+        assert n.args[1:] == (4, GROUP)
+        (user,) = n.users
+        assert user.target == MATMUL and user.args[1] is n
+        k, n_out = SHAPES[n.args[0].target.split(".")[0]]
+        assert tuple(gm.get_parameter(n.args[0].target).shape) == (n_out, k)
+
+
+def test_insert_qdq_one_quantizer_per_input_and_spec(prefill_ep):
+    """Linears that read the same input share a quantizer only if their activation spec
+    (bits, clip ratio) is the same."""
+    gm = _fresh(prefill_ep)
+    StripRuntimeAsserts()(gm)
+    targets = _targets(PREFILL_LINEARS)
+    targets["up.weight"] = LinearQuantSpec(4, GROUP, 4, 0.9)  # gate keeps clip 1.0
+    targets["down.weight"] = LinearQuantSpec(4, 16, 8, 1.0)  # 8-bit activations
+    targets["v.weight"] = LinearQuantSpec(4, 32, 4, 1.0)  # other group size, same act spec as q/k
+    InsertQDQ(targets)(gm)
+    assert count_calls(gm, QDQ_W) == 7
+    assert count_calls(gm, QDQ_ACT) == 5
+    act_args = sorted((n.args[1], n.args[2]) for n in gm.graph.nodes if n.op == "call_function" and n.target == QDQ_ACT)
+    assert act_args == [(4, 0.9), (4, 1.0), (4, 1.0), (4, 1.0), (8, 1.0)]
+    groups = sorted(n.args[2] for n in gm.graph.nodes if n.op == "call_function" and n.target == QDQ_W)
+    assert groups == [16] * 6 + [32]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_insert_qdq_matches_eager_reference(prefill_ep, prefill_model, batch):
+    gm = _fresh(prefill_ep)
+    StripRuntimeAsserts()(gm)
+    targets = _targets(PREFILL_LINEARS)
+    targets["up.weight"] = LinearQuantSpec(4, GROUP, 8, 0.9)
+    InsertQDQ(targets)(gm)
+    x = _x(batch, T_PREFILL, 10 + batch)
+    got = _run(gm, x)
+    prefill_model.sim = _Sim(targets, kv_bits=None)
+    try:
+        want = _run(prefill_model, x)
+    finally:
+        prefill_model.sim = None
+    _assert_same(got, want)
+    # and the quantizers do change the function (the test would not be vacuous)
+    assert not torch.equal(got[0], _run(prefill_model, x)[0])
+
+
+def test_insert_qdq_requires_listed_weights(prefill_ep):
+    gm = _fresh(prefill_ep)
+    n_nodes = len(gm.graph.nodes)
+    with pytest.raises(PassError, match="not read by a linear"):
+        InsertQDQ({**_targets(PREFILL_LINEARS), "missing.weight": SPEC})(gm)
+    # a get_attr that exists but is not a Linear weight
+    with pytest.raises(PassError, match="not read by a linear"):
+        InsertQDQ({"q.bias": SPEC})(gm)
+    assert len(gm.graph.nodes) == n_nodes and count_calls(gm, QDQ_ACT) == count_calls(gm, QDQ_W) == 0
+
+
+def test_insert_qdq_rejects_quantized_graph(prefill_ep):
+    gm = _fresh(prefill_ep)
+    InsertQDQ(_targets(PREFILL_LINEARS))(gm)
+    # the head is still a float Linear, so only the "already quantized" rule can refuse this
+    with pytest.raises(PassError, match="already quantized"):
+        InsertQDQ({"head.weight": SPEC})(gm)
+    assert count_calls(gm, LINEAR) == 1
+    # listing the same weights again: they are no longer read by a linear
+    with pytest.raises(PassError):
+        InsertQDQ(_targets(PREFILL_LINEARS))(gm)
+
+
+def test_insert_qdq_nothing_listed_is_a_noop(prefill_ep):
+    gm = _fresh(prefill_ep)
+    code = gm.code
+    result = InsertQDQ({})(gm)
+    assert result.modified is False
+    assert count_calls(gm, LINEAR) == 8 and count_calls(gm, QDQ_ACT) == count_calls(gm, QDQ_W) == 0
+    assert gm.code == code
+
+
+# ---------------------------------------------------------------------------- QuantizeKVIO
+
+
+def _kv_sources(gm) -> list[torch.fx.Node]:
+    return outputs(gm)[1:3]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_kv_io_prefill(prefill_ep, prefill_model, bits):
+    gm = _fresh(prefill_ep)
+    StripRuntimeAsserts()(gm)
+    assert (len(placeholders(gm)), len(outputs(gm))) == (1, 3)
+    k_src, v_src = _kv_sources(gm)
+    # before: each KV tensor is returned and read by attention
+    assert all(len(n.users) == 2 for n in (k_src, v_src))
+    result = QuantizeKVIO(bits, kv_inputs=(), kv_outputs=(1, 2))(gm)
+    assert result.modified is True
+    assert (len(placeholders(gm)), len(outputs(gm))) == (1, 3 + 2 * 2)
+    assert count_calls(gm, Q_KV) == 2 and count_calls(gm, DQ_KV) == 2
+    outs = outputs(gm)
+    assert outs[0].target == LINEAR  # logits untouched
+    for src, stored in ((k_src, outs[1:4]), (v_src, outs[4:7])):
+        (q,) = src.users  # the only reader left is the quantizer
+        assert q.target == Q_KV and q.args == (src, bits)
+        assert [(s.target, s.args) for s in stored] == [(operator.getitem, (q, i)) for i in range(3)]
+        (dq,) = [u for u in stored[0].users if u.target == DQ_KV]
+        assert dq.args == (*stored, bits)
+        # attention (the non-output reader) now reads what the cache holds
+        assert dq.users and all(u.op == "call_function" and u.target != Q_KV for u in dq.users)
+    k_dq = next(u for u in outs[1].users if u.target == DQ_KV)
+    assert [u.target for u in k_dq.users] == [torch.ops.aten.transpose.int]
+    v_dq = next(u for u in outs[4].users if u.target == DQ_KV)
+    assert [u.target for u in v_dq.users] == [MATMUL]
+
+    batch = 3
+    x = _x(batch, T_PREFILL, 20 + bits)
+    got = _run(gm, x)
+    d = HEAD_DIM // 2 if bits == 4 else HEAD_DIM
+    stat = (batch, HEADS, T_PREFILL, 1)
+    assert [(t.dtype, tuple(t.shape)) for t in got] == [
+        (torch.float32, (batch, T_PREFILL, VOCAB)),
+        (torch.uint8, (batch, HEADS, T_PREFILL, d)),
+        (torch.float32, stat),
+        (torch.uint8, stat),
+        (torch.uint8, (batch, HEADS, T_PREFILL, d)),
+        (torch.float32, stat),
+        (torch.uint8, stat),
+    ]
+    prefill_model.sim = _Sim({}, kv_bits=bits)
+    try:
+        want = _run(prefill_model, x)
+    finally:
+        prefill_model.sim = None
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_kv_io_decode(decode_ep, decode_model, bits):
+    gm = _fresh(decode_ep)
+    StripRuntimeAsserts()(gm)
+    # ``*past`` is one pytree input: its leaves are named past_0, past_1
+    assert [p.target for p in placeholders(gm)] == ["x", "past_0", "past_1"]
+    assert len(outputs(gm)) == 3
+    QuantizeKVIO(bits, kv_inputs=(1, 2), kv_outputs=(1, 2))(gm)
+    names = [p.target for p in placeholders(gm)]
+    assert names == [
+        "x",
+        "past_0_codes",
+        "past_0_scale",
+        "past_0_zero_point",
+        "past_1_codes",
+        "past_1_scale",
+        "past_1_zero_point",
+    ]
+    assert len(outputs(gm)) == 3 + 2 * 2
+    assert count_calls(gm, Q_KV) == 2
+    assert count_calls(gm, DQ_KV) == 2 + 2  # new entries (attention reads them) + past inputs
+    # each past input is read through one dequantize_kv, which feeds the concatenation
+    ph = placeholders(gm)
+    for i in (1, 4):
+        (dq,) = ph[i].users
+        assert dq.target == DQ_KV and dq.args == (*ph[i : i + 3], bits)
+        assert all(len(p.users) == 1 and next(iter(p.users)) is dq for p in ph[i : i + 3])
+        assert torch.ops.aten.cat.default in {u.target for u in dq.users}
+    cats = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.cat.default]
+    assert len(cats) == 2
+    for cat in cats:
+        assert [a.target for a in cat.args[0]] == [DQ_KV, DQ_KV]  # past and new entry
+
+    batch, past = 3, S_PAST + 4
+    x, pk, pv = _x(batch, 1, 30 + bits), *_past(batch, past, 30 + bits)
+    stored = [*ops.quantize_kv(pk, bits), *ops.quantize_kv(pv, bits)]
+    got = _run(gm, x, *stored)
+    d = HEAD_DIM // 2 if bits == 4 else HEAD_DIM
+    stat = (batch, HEADS, 1, 1)
+    assert [(t.dtype, tuple(t.shape)) for t in got] == [
+        (torch.float32, (batch, 1, VOCAB)),
+        (torch.uint8, (batch, HEADS, 1, d)),
+        (torch.float32, stat),
+        (torch.uint8, stat),
+        (torch.uint8, (batch, HEADS, 1, d)),
+        (torch.float32, stat),
+        (torch.uint8, stat),
+    ]
+    decode_model.sim = _Sim({}, kv_bits=bits)
+    try:
+        want = _run(decode_model, x, *stored)
+    finally:
+        decode_model.sim = None
+    _assert_same(got, want)
+
+
+def test_quantize_kv_io_requires(prefill_ep, decode_ep):
+    gm = _fresh(prefill_ep)
+    with pytest.raises(PassError, match="outside"):
+        QuantizeKVIO(4, kv_outputs=(1, 3))(gm)
+    with pytest.raises(PassError, match="outside"):
+        QuantizeKVIO(4, kv_inputs=(1,))(gm)
+    assert count_calls(gm, Q_KV) == 0 and len(outputs(gm)) == 3
+    QuantizeKVIO(4, kv_outputs=(1, 2))(gm)
+    with pytest.raises(PassError, match="already quantized"):
+        QuantizeKVIO(4, kv_outputs=(0,))(gm)
+    # nothing listed: a no-op that says so
+    gm = _fresh(decode_ep)
+    assert QuantizeKVIO(8)(gm).modified is False
+    assert (len(placeholders(gm)), len(outputs(gm))) == (3, 3)
+
+
+# ---------------------------------------------------------------------------- PackInt4Weights
+
+
+def test_pack_int4_weights(prefill_ep):
+    gm = _fresh(prefill_ep)
+    StripRuntimeAsserts()(gm)
+    InsertQDQ(_targets(PREFILL_LINEARS))(gm)
+    x = _x(3, T_PREFILL, 40)
+    before = _run(gm, x)
+    n_qdq_w = count_calls(gm, QDQ_W)
+    assert n_qdq_w == 7 and count_calls(gm, DQ_INT4) == 0
+    float_w = {f"{n}.weight": gm.get_parameter(f"{n}.weight").detach().clone() for n in PREFILL_LINEARS}
+    assert {name for name, _ in gm.named_parameters()} == {*float_w, "q.bias", "head.weight"}
+    assert not list(gm.named_buffers())
+
+    result = PackInt4Weights()(gm)
+    assert result.modified is True
+    assert count_calls(gm, QDQ_W) == 0
+    assert count_calls(gm, DQ_INT4) == n_qdq_w
+    # the float weights of the packed Linears are gone; the head and the bias stay
+    assert {name for name, _ in gm.named_parameters()} == {"q.bias", "head.weight"}
+    buffers = dict(gm.named_buffers())
+    assert set(buffers) == {f"{n}_weight_{s}" for n in PREFILL_LINEARS for s in ("int4", "scale")}
+    for node in (n for n in gm.graph.nodes if n.op == "call_function" and n.target == DQ_INT4):
+        packed_node, scale_node, k, n, group = node.args
+        name = packed_node.target.removesuffix("_weight_int4")
+        assert (k, n, group) == (*SHAPES[name], GROUP)
+        assert scale_node.target == f"{name}_weight_scale"
+        packed, scale = buffers[packed_node.target], buffers[scale_node.target]
+        assert packed.dtype == torch.uint8 and packed.shape == (k * n // 2,)
+        assert scale.dtype == torch.float32 and tuple(scale.shape) == (k // GROUP, n)
+        codes, ref_scale = ops.quantize_weight_rtn(float_w[f"{name}.weight"], 4, GROUP)
+        assert torch.equal(ops.unpack_int4(packed, (k, n)), codes)
+        assert torch.equal(scale, ref_scale)
+        assert [u.target for u in node.users] == [MATMUL]
+    _assert_same(_run(gm, x), before)
+
+
+def test_pack_int4_weights_uses_given_codes(prefill_ep):
+    gm = _fresh(prefill_ep)
+    InsertQDQ(_targets(("q", "k")))(gm)
+    codes, scale = ops.quantize_weight_rtn(gm.get_parameter("k.weight"), 4, GROUP)
+    given = QuantizedWeight(codes=-codes.clamp(min=-7), scale=scale * 2, group_size=GROUP)
+    PackInt4Weights({"k.weight": given})(gm)
+    assert torch.equal(ops.unpack_int4(gm.get_buffer("k_weight_int4"), (32, 32)), given.codes)
+    assert torch.equal(gm.get_buffer("k_weight_scale"), given.scale)
+    # q had no codes given: RTN
+    q_codes, _ = ops.quantize_weight_rtn(prefill_ep.module().get_parameter("q.weight"), 4, GROUP)
+    assert torch.equal(ops.unpack_int4(gm.get_buffer("q_weight_int4"), (32, 32)), q_codes)
+
+    gm = _fresh(prefill_ep)
+    InsertQDQ(_targets(("k",)))(gm)
+    wrong = QuantizedWeight(codes=codes, scale=scale[:1], group_size=32)
+    with pytest.raises(PassError, match="group"):
+        PackInt4Weights({"k.weight": wrong})(gm)
+
+
+class _WeightFromInput(nn.Module):
+    def forward(self, x, w):
+        return x @ torch.ops.quota.qdq_weight(w, 4, GROUP)
+
+
+def test_pack_int4_weights_requires_stored_weight():
+    args = (torch.randn(2, 32), torch.randn(8, 32))
+    gm = torch.export.export(_WeightFromInput(), args, strict=False).module()
+    plain_signature(gm)
+    assert count_calls(gm, QDQ_W) == 1
+    with pytest.raises(PassError, match="does not read a stored weight"):
+        PackInt4Weights()(gm)
+    assert count_calls(gm, QDQ_W) == 1 and count_calls(gm, DQ_INT4) == 0
+
+
+# ---------------------------------------------------------------------------- lowering
+
+
+def _pipeline(gm, targets, kv_bits, kv_inputs=(), kv_outputs=()) -> list[tuple[str, bool]]:
+    """The compiler's order (``quota_compile.trace._run_passes``)."""
+    log = []
+    for p in (StripRuntimeAsserts(), InsertQDQ(targets), QuantizeKVIO(kv_bits, kv_inputs, kv_outputs), PackInt4Weights()):
+        log.append((p.name, p(gm).modified))
+    remove_unused_attributes(gm)
+    return log
+
+
+def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def _check_lowered(model: onnx.ModelProto, n_q: int, n_dq: int, int4_shapes: list[tuple[int, int]]) -> None:
+    counts = _op_counts(model)
+    assert (counts.get("QuantizeLinear", 0), counts.get("DequantizeLinear", 0)) == (n_q, n_dq)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    assert {o.domain for o in model.opset_import} <= {"", "ai.onnx"}
+    int4 = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.INT4}
+    assert sorted(tuple(t.dims) for t in int4.values()) == sorted(int4_shapes)
+    for t in int4.values():
+        assert len(t.raw_data) == t.dims[0] * t.dims[1] // 2
+    # every INT4 initializer is read by exactly one DequantizeLinear (blocked along K)
+    for name in int4:
+        readers = [n for n in model.graph.node if name in n.input]
+        assert [n.op_type for n in readers] == ["DequantizeLinear"]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in readers[0].attribute}
+        assert attrs["axis"] == 0 and attrs["block_size"] == GROUP
+    # no float copy of a quantized weight survived (only the head's [32, 11] / [11, 32] may)
+    float_2d = [tuple(t.dims) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2]
+    assert sorted(float_2d) == sorted([(k // GROUP, n) for k, n in int4_shapes] + [_head_shape(model)])
+    # no uint8 packed buffer left beside its INT4 initializer
+    assert not [t for t in model.graph.initializer if t.data_type == TensorProto.UINT8 and len(t.dims) == 1 and t.dims[0] > 1]
+    onnx.checker.check_model(model, full_check=True)
+
+
+def _head_shape(model) -> tuple[int, int]:
+    shapes = [tuple(t.dims) for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and VOCAB in t.dims]
+    assert len(shapes) == 1 and sorted(shapes[0]) == sorted((D_MODEL, VOCAB))
+    return shapes[0]
+
+
+def _session(model):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def test_lowered_prefill_graph(prefill_ep):
+    gm = _fresh(prefill_ep)
+    log = _pipeline(gm, _targets(PREFILL_LINEARS), 4, kv_outputs=(1, 2))
+    assert log == [("strip_runtime_asserts", True), ("insert_qdq", True), ("quantize_kv_io", True), ("pack_int4_weights", True)]
+    counts = {t: count_calls(gm, t) for t in (QDQ_ACT, DQ_INT4, Q_KV, DQ_KV, QDQ_W, LINEAR)}
+    assert counts == {QDQ_ACT: 4, DQ_INT4: 7, Q_KV: 2, DQ_KV: 2, QDQ_W: 0, LINEAR: 1}
+    x = _x(2, T_PREFILL, 50)
+    names = ["logits", "k", "k_scale", "k_zero_point", "v", "v_scale", "v_zero_point"]
+    model = export_onnx(gm, (x,), ["x"], names, PREFILL_DYN)
+    # qdq_per_token -> 1 Q + 1 DQ; dequantize_int4 -> 1 DQ; quantize_kv -> 2 Q (zero point,
+    # codes); dequantize_kv -> 1 DQ. The optimizer's CSE could only merge identical
+    # subexpressions: every Q/DQ here has a different input, so none merges:
+    # Q = 4 + 2 * 2 = 8, DQ = 4 + 7 + 2 = 13.
+    _check_lowered(model, n_q=8, n_dq=13, int4_shapes=[SHAPES[n] for n in PREFILL_LINEARS])
+    assert [o.name for o in model.graph.output] == names
+    elem = [o.type.tensor_type.elem_type for o in model.graph.output]
+    assert elem == [TensorProto.FLOAT] + [TensorProto.UINT8, TensorProto.FLOAT, TensorProto.UINT8] * 2
+    # runs in onnxruntime at another batch size with the stored dtypes and shapes
+    got = _session(model).run(None, {"x": _x(3, T_PREFILL, 51).numpy()})
+    ref = _run(gm, _x(3, T_PREFILL, 51))
+    assert [(g.dtype, g.shape) for g in got] == [(r.numpy().dtype, tuple(r.shape)) for r in ref]
+    assert got[1].shape == (3, HEADS, T_PREFILL, HEAD_DIM // 2)
+
+
+def test_lowered_decode_graph(decode_ep):
+    gm = _fresh(decode_ep)
+    _pipeline(gm, _targets(DECODE_LINEARS), 8, kv_inputs=(1, 2), kv_outputs=(1, 2))
+    counts = {t: count_calls(gm, t) for t in (QDQ_ACT, DQ_INT4, Q_KV, DQ_KV, ASSERT_META)}
+    assert counts == {QDQ_ACT: 2, DQ_INT4: 4, Q_KV: 2, DQ_KV: 4, ASSERT_META: 0}
+    x, pk, pv = _x(2, 1, 60), *_past(2, S_PAST, 60)
+    args = (x, *ops.quantize_kv(pk, 8), *ops.quantize_kv(pv, 8))
+    in_names = ["x"] + [f"past_{kv}{s}" for kv in "kv" for s in ("", "_scale", "_zero_point")]
+    out_names = ["logits"] + [f"present_{kv}{s}" for kv in "kv" for s in ("", "_scale", "_zero_point")]
+    stored_dyn = {0: _BATCH, 2: _PAST}
+    model = export_onnx(gm, args, in_names, out_names, ({0: _BATCH},) + (stored_dyn,) * 6)
+    # Q = 2 (activations) + 2 * 2 (new KV entries); DQ = 2 + 4 (weights) + 2 + 2 (KV read back)
+    _check_lowered(model, n_q=6, n_dq=10, int4_shapes=[SHAPES[n] for n in DECODE_LINEARS])
+    elem = [i.type.tensor_type.elem_type for i in model.graph.input]
+    assert elem == [TensorProto.FLOAT] + [TensorProto.UINT8, TensorProto.FLOAT, TensorProto.UINT8] * 2
+    batch, past = 3, S_PAST + 3
+    x, pk, pv = _x(batch, 1, 61), *_past(batch, past, 61)
+    feed = dict(zip(in_names, (t.numpy() for t in (x, *ops.quantize_kv(pk, 8), *ops.quantize_kv(pv, 8)))))
+    got = _session(model).run(None, feed)
+    stat = (batch, HEADS, 1, 1)
+    assert [(g.dtype, g.shape) for g in got] == [
+        (np.float32, (batch, 1, VOCAB)),
+        (np.uint8, (batch, HEADS, 1, HEAD_DIM)),
+        (np.float32, stat),
+        (np.uint8, stat),
+        (np.uint8, (batch, HEADS, 1, HEAD_DIM)),
+        (np.float32, stat),
+        (np.uint8, stat),
+    ]
