@@ -21,8 +21,14 @@ from quota_compile.quant.simulate import QuantizedWeight
 from . import GraphPass, PassError, PassResult, remove_unused_attributes
 
 
-def _buffer_name(target: str, suffix: str) -> str:
-    return target.replace(".", "_") + suffix
+def _free_name(gm: fx.GraphModule, target: str, suffix: str) -> str:
+    """A top-level attribute name for a new buffer; distinct targets such as ``a.b_c`` and
+    ``a_b.c`` flatten to the same string, so a counter keeps them apart."""
+    base = target.replace(".", "_") + suffix
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
 
 
 class PackInt4Weights(GraphPass):
@@ -40,6 +46,8 @@ class PackInt4Weights(GraphPass):
         for n in self._nodes(gm):
             if n.args[0].op != "get_attr":
                 raise PassError(f"{self.name}: {n.name} does not read a stored weight")
+            if n.args[1] != 4:
+                raise PassError(f"{self.name}: {n.name} quantizes to {n.args[1]} bits; only INT4 weights can be packed")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
@@ -54,7 +62,7 @@ class PackInt4Weights(GraphPass):
             if qw.group_size != group:
                 raise PassError(f"{self.name}: codes for {w_node.target} use group {qw.group_size}, graph says {group}")
             k, n = qw.codes.shape
-            packed_name, scale_name = _buffer_name(w_node.target, "_int4"), _buffer_name(w_node.target, "_scale")
+            packed_name, scale_name = _free_name(gm, w_node.target, "_int4"), _free_name(gm, w_node.target, "_scale")
             gm.register_buffer(packed_name, ops.pack_int4(qw.codes))
             gm.register_buffer(scale_name, qw.scale.to(torch.float32).contiguous())
             with graph.inserting_before(node):

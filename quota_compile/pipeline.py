@@ -32,7 +32,7 @@ from .quant.simulate import quantizable_linears, quantize
 from .recipe import ModelIdentity, Recipe
 from .runtime import OrtBackend
 from .trace import build_programs, trace_programs
-from .verify import TorchBackend, held_out_samples, verify
+from .verify import TorchBackend, held_out_samples, polygraphy_compare, verify
 
 STAGES = ("config", "load", "quantize", "trace", "lower", "verify", "bundle")
 
@@ -110,7 +110,10 @@ def compile_model(config_path: str | Path, force: bool = False, console: Console
 
             with progress.stage("verify", f"onnxruntime vs PyTorch on {cfg.verify.samples} held-out samples"):
                 span = (programs.prefill.visual_start, programs.prefill.visual_count)
-                report = verify(TorchBackend(programs), OrtBackend(tmp), held_out_samples(vlm, cfg.verify, span), cfg.verify)
+                reference = TorchBackend(programs)
+                samples = held_out_samples(vlm, cfg.verify, span)
+                graphs = polygraphy_compare(programs, tmp, samples[0], reference)
+                report = verify(reference, OrtBackend(tmp), samples, cfg.verify, graphs)
                 if not report["passed"]:
                     raise VerificationFailed("; ".join(report["failures"]))
                 write_json(tmp / "verify.json", report)
