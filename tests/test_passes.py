@@ -567,6 +567,85 @@ def test_pack_int4_weights_requires_stored_weight():
     assert count_calls(gm, QDQ_W) == 1 and count_calls(gm, DQ_INT4) == 0
 
 
+def test_pack_int4_weights_refuses_other_bit_widths(prefill_ep):
+    """Regression: an 8-bit ``qdq_weight`` used to be packed as INT4 (its codes masked to a
+    nibble), silently changing the weights."""
+    gm = _fresh(prefill_ep)
+    InsertQDQ(_targets(("q",), LinearQuantSpec(8, GROUP, 4, 1.0)))(gm)
+    x = _x(2, T_PREFILL, 41)
+    before = _run(gm, x)
+    (qdq,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QDQ_W]
+    assert qdq.args[0].target == "q.weight" and qdq.args[1:] == (8, GROUP)
+
+    with pytest.raises(PassError, match="8 bits"):
+        PackInt4Weights()(gm)
+    assert count_calls(gm, QDQ_W) == 1 and count_calls(gm, DQ_INT4) == 0
+    assert qdq in gm.graph.nodes and qdq.args[0].target == "q.weight" and qdq.args[1:] == (8, GROUP)
+    assert "q.weight" in dict(gm.named_parameters()) and not list(gm.named_buffers())
+    _assert_same(_run(gm, x), before)
+
+
+class _Inner(nn.Module):
+    def __init__(self, name: str):
+        super().__init__()
+        self.add_module(name, nn.Linear(D_MODEL, D_MODEL, bias=False))
+
+
+class _CollidingNames(nn.Module):
+    """``a.b_c.weight`` and ``a_b.c.weight`` both flatten to ``a_b_c_weight``; same shapes,
+    so a shared buffer would pass the shape check in ``ensures``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.a_b = _Inner("b_c"), _Inner("c")
+
+    def forward(self, x):
+        return self.a.b_c(x), self.a_b.c(x)
+
+
+def test_pack_int4_weights_distinct_buffers_for_colliding_names():
+    """Regression: the second weight's buffers used to overwrite the first's, so both
+    ``dequantize_int4`` nodes read the same codes."""
+    model = _make(_CollidingNames, 7)
+    x = _x(2, T_PREFILL, 42)
+    with torch.no_grad():
+        ep = torch.export.export(model, (x,), dynamic_shapes=PREFILL_DYN, strict=False)
+    gm = _fresh(ep)
+    targets = _targets(("a.b_c", "a_b.c"))
+    InsertQDQ(targets)(gm)
+    assert count_calls(gm, QDQ_W) == 2
+    before = _run(gm, x)
+    assert not torch.equal(before[0], before[1])
+    float_w = {t: gm.get_parameter(t).detach().clone() for t in targets}
+
+    PackInt4Weights()(gm)
+    assert count_calls(gm, QDQ_W) == 0
+    dqs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == DQ_INT4]
+    assert len(dqs) == 2
+    packed_names = {n.args[0].target for n in dqs}
+    scale_names = {n.args[1].target for n in dqs}
+    assert len(packed_names) == 2 and len(scale_names) == 2 and not packed_names & scale_names
+    assert set(dict(gm.named_buffers())) == packed_names | scale_names
+    # each node reads the codes of its own weight (outputs are in forward order: a.b_c, a_b.c)
+    out_nodes = outputs(gm)
+    for target, out in zip(targets, out_nodes):
+        (dq,) = [n for n in dqs if n in _ancestors(out)]
+        codes, scale = ops.quantize_weight_rtn(float_w[target], 4, GROUP)
+        assert torch.equal(ops.unpack_int4(gm.get_buffer(dq.args[0].target), (D_MODEL, D_MODEL)), codes)
+        assert torch.equal(gm.get_buffer(dq.args[1].target), scale)
+    _assert_same(_run(gm, x), before)
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        for m in todo.pop().all_input_nodes:
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
+
+
 # ---------------------------------------------------------------------------- lowering
 
 
