@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         args = _parser().parse_args(argv)
-        return {"compile": _compile, "run": _run, "write-builtin": _write_builtin}[args.command](args)
+        handlers = {"compile": _compile, "run": _run, "write-builtin": _write_builtin}
+        return handlers[args.command](args)
     except UserError as e:
         print(f"quota-compile: error: {e}", file=sys.stderr)
         return 2

@@ -25,7 +25,6 @@ from __future__ import annotations
 import torch
 
 from .models.llava import VLM
-from .quant import ops
 from .quant.simulate import QuantizedModel
 
 KV_FLOAT = ("key", "value")
@@ -50,7 +49,7 @@ class _Program(torch.nn.Module):
 
     @property
     def simulate(self) -> bool:
-        return self._qm._state.enabled
+        return self._qm.simulating
 
     @property
     def kv_names(self) -> tuple[str, ...]:
@@ -169,11 +168,3 @@ class DecodeProgram(_Program):
 def kv_io_names(prefix: str, num_layers: int, names: tuple[str, ...] = KV_STORED) -> list[str]:
     """``present.0.key``, ``present.0.key_scale``, ... in the programs' order."""
     return [f"{prefix}.{i}.{n}" for i in range(num_layers) for n in names]
-
-
-def empty_past(batch: int, vlm: VLM, kv_bits: int) -> list[torch.Tensor]:
-    """A zero-length stored KV cache, as the decode program takes it."""
-    d = ops.kv_packed_dim(vlm.head_dim, kv_bits)
-    shape = (batch, vlm.num_kv_heads, 0)
-    one = (torch.zeros(*shape, d, dtype=torch.uint8), torch.zeros(*shape, 1), torch.zeros(*shape, 1, dtype=torch.uint8))
-    return [t for _ in range(vlm.num_layers) for t in one + one]

@@ -57,25 +57,25 @@ def build_programs(vlm: VLM, qm: QuantizedModel) -> Programs:
     return Programs(VisionProgram(vlm, qm), PrefillProgram(vlm, qm, start, count), DecodeProgram(vlm, qm))
 
 
-def _linear_targets(gm: fx.GraphModule, qm: QuantizedModel) -> dict[str, LinearQuantSpec]:
-    """Annotation: which weights in this graph get quantized, with which spec."""
-    spec = qm.spec
+def _annotate(gm: fx.GraphModule, qm: QuantizedModel) -> dict[str, str]:
+    """Which weights of this graph get quantized: ``get_attr`` target -> module name."""
     read = {
         n.args[1].target
         for n in gm.graph.nodes
         if n.op == "call_function" and n.target == torch.ops.aten.linear.default and n.args[1].op == "get_attr"
     }
-    lin = LinearQuantSpec(spec.weights.bits, spec.weights.group_size, spec.activations.bits, spec.activations.clip_ratio)
-    return {t: lin for t in (f"hf.{name}.weight" for name in qm.weights) if t in read}
+    return {f"hf.{name}.weight": name for name in qm.weights if f"hf.{name}.weight" in read}
 
 
 def _run_passes(gm: fx.GraphModule, qm: QuantizedModel, kv_inputs=(), kv_outputs=()) -> list[tuple[str, bool]]:
-    targets = _linear_targets(gm, qm)
+    spec = qm.spec
+    lin = LinearQuantSpec(spec.weights.bits, spec.weights.group_size, spec.activations.bits, spec.activations.clip_ratio)
+    targets = _annotate(gm, qm)
     pipeline = [
         StripRuntimeAsserts(),
-        InsertQDQ(targets),
+        InsertQDQ(dict.fromkeys(targets, lin)),
         QuantizeKVIO(qm.kv_bits, kv_inputs, kv_outputs),
-        PackInt4Weights({t: qm.weights[t[3:-7]] for t in targets}),
+        PackInt4Weights({t: qm.weights[name] for t, name in targets.items()}),
     ]
     log = []
     plain_signature(gm)

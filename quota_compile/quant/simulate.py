@@ -84,6 +84,11 @@ class QuantizedModel:
     def kv_bits(self) -> int:
         return self.spec.kv_cache.bits
 
+    @property
+    def simulating(self) -> bool:
+        """True while the quantizers are on (the default); see :meth:`fake_quant`."""
+        return self._state.enabled
+
     @contextlib.contextmanager
     def fake_quant(self, enabled: bool) -> Iterator[None]:
         old, self._state.enabled = self._state.enabled, enabled
