@@ -10,21 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-    MistralConfig,
-    Qwen2Config,
-    SiglipVisionConfig,
-)
 
 from quota_compile.cli import main
 from quota_compile.config import DEFAULT_PROMPT, QuantizationSection, WeightQuant
-from quota_compile.models.builtin import build_tokenizer
+from quota_compile.models.builtin import build_tiny_llava
 from quota_compile.models.llava import load_llava
 from quota_compile.quant.simulate import quantize
 from quota_compile.trace import build_programs
@@ -32,7 +21,6 @@ from quota_compile.verify import synthetic_images
 
 from .conftest import write_config
 
-TEXT = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 VARIANTS = {
     # id: (vision tower, text model, select strategy, feature layer)
     "clip-llama-default": ("clip", "llama", "default", -2),
@@ -41,38 +29,8 @@ VARIANTS = {
 }
 
 
-def write_variant(folder: Path, vision: str, text: str, strategy: str, layer, seed: int = 0) -> Path:
-    tok = build_tokenizer()
-    vkw = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4)
-    vcfg = CLIPVisionConfig(**vkw) if vision == "clip" else SiglipVisionConfig(**vkw)
-    tcfg = TEXT[text](
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tok),
-        max_position_embeddings=512,
-        eos_token_id=tok.eos_token_id,
-        initializer_range=0.2,
-    )
-    cfg = LlavaConfig(
-        vision_config=vcfg,
-        text_config=tcfg,
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=layer,
-        vision_feature_select_strategy=strategy,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=tok,
-        patch_size=4,
-        vision_feature_select_strategy=strategy,
-        num_additional_image_tokens=1 if vision == "clip" else 0,
-        image_token="<image>",
-    )
+def write_variant(folder: Path, vision: str, text: str, strategy: str, layer) -> Path:
+    model, processor = build_tiny_llava(0, vision=vision, text=text, strategy=strategy, feature_layer=layer)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

@@ -60,8 +60,19 @@ def build_tokenizer(vocab_size: int = 384):
     return fast
 
 
-def build_tiny_llava(seed: int = 0):
-    """Random-init tiny LLaVA: 32x32 images, patch 4 (64 visual tokens), 2+2 layers, GQA 4/2."""
+def build_tiny_llava(
+    seed: int = 0,
+    vision: str = "clip",
+    text: str = "llama",
+    strategy: str = "default",
+    feature_layer: int | list[int] = -2,
+):
+    """Random-init tiny LLaVA: 32x32 images, patch 4 (64 visual tokens), 2+2 layers, GQA 4/2.
+
+    ``vision`` (``clip`` | ``siglip``), ``text`` (``llama`` | ``mistral`` | ``qwen2``),
+    ``strategy`` and ``feature_layer`` select the architecture variant; ``builtin:tiny-llava``
+    is the default CLIP + Llama one.
+    """
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -69,20 +80,18 @@ def build_tiny_llava(seed: int = 0):
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
+        MistralConfig,
+        Qwen2Config,
+        SiglipVisionConfig,
     )
 
     tokenizer = build_tokenizer()
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=4,
-        projection_dim=48,
+    vision_cls = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[vision]
+    text_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[text]
+    vision_cfg = vision_cls(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=4
     )
-    text = LlamaConfig(
+    text_cfg = text_cls(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -97,26 +106,22 @@ def build_tiny_llava(seed: int = 0):
         initializer_range=0.2,
     )
     config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_config=vision_cfg,
+        text_config=text_cfg,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
         projector_hidden_act="gelu",
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": 32},
-        crop_size={"height": 32, "width": 32},
-        do_center_crop=True,
-    )
     processor = LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
         tokenizer=tokenizer,
         patch_size=4,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+        vision_feature_select_strategy=strategy,
+        # CLIP prepends a CLS embedding to the patches; SigLIP does not.
+        num_additional_image_tokens=1 if vision == "clip" else 0,
         image_token="<image>",
     )
     return model, processor
