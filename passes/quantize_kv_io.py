@@ -83,7 +83,6 @@ class QuantizeKVIO(GraphPass):
         q, dq = count_calls(gm, torch.ops.quota.quantize_kv.default), count_calls(gm, torch.ops.quota.dequantize_kv.default)
         if (q, dq) != (len(self.kv_outputs), len(self.kv_outputs) + len(self.kv_inputs)):
             raise PassError(f"{self.name}: unexpected quantize_kv / dequantize_kv counts {q} / {dq}")
-        for node in outputs(gm):
-            if node.op == "call_function" and node.target == operator.getitem:
-                if node.args[0].target != torch.ops.quota.quantize_kv.default:
-                    raise PassError(f"{self.name}: output {node.name} is not a stored KV tensor")
+        stored = {id(n) for n in outputs(gm) if n.op == "call_function" and n.target == operator.getitem and n.args[0].target == torch.ops.quota.quantize_kv.default}
+        if len(stored) != 3 * len(self.kv_outputs):
+            raise PassError(f"{self.name}: expected {3 * len(self.kv_outputs)} stored KV outputs, found {len(stored)}")

@@ -43,7 +43,8 @@ def export_onnx(
     """Export ``module`` (a ``torch.fx.GraphModule`` after the passes) to a checked ONNX model.
 
     ``axis_names`` (I/O name -> axis -> name) renames the exporter's symbolic dimensions
-    (``s15``) everywhere in the graph, so that e.g. every past KV tensor says ``past``.
+    (``s15``) everywhere in the graph, so that e.g. every past KV tensor says ``past``; axes
+    the exporter derived from another (``s15 + 44``) follow that one's name.
     """
     # The programs were traced in eval mode; the unlifted module refuses .eval(), so set the flag.
     for m in module.modules():
@@ -80,9 +81,10 @@ def rename_dims(model: onnx.ModelProto, axis_names: Mapping[str, Mapping[int, st
         dims = v.type.tensor_type.shape.dim
         for axis, name in axis_names.get(v.name, {}).items():
             old = dims[axis].dim_param
-            if not re.fullmatch(r"[A-Za-z_]\w*", old or ""):
-                raise LoweringError(f"axis {axis} of {v.name} is not a plain symbolic dimension ({old!r})")
-            mapping[old] = name
+            # An axis the exporter expressed through another one (``s15 + 44``) is renamed
+            # through that symbol.
+            if re.fullmatch(r"[A-Za-z_]\w*", old or ""):
+                mapping.setdefault(old, name)
     symbol = re.compile(r"\b[A-Za-z_]\w*\b")
     for v in list(graph.input) + list(graph.output) + list(graph.value_info):
         for d in v.type.tensor_type.shape.dim:

@@ -22,9 +22,12 @@ Layouts (B batch, T prompt length, S past length, V visual tokens, Hkv KV heads,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .models.llava import VLM
+from .pruning import ScoreWeights, token_score, visual_signals
 from .quant.simulate import QuantizedModel
 
 KV_FLOAT = ("key", "value")
@@ -97,7 +100,7 @@ class _Program(torch.nn.Module):
         o = torch.matmul(probs, v_read).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         h = h + attn.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return h, k_out + v_out
+        return h, k_out + v_out, probs
 
     def _rope(self, h: torch.Tensor, position_ids: torch.Tensor):
         cos, sin = self.lm.rotary_emb(h, position_ids)
@@ -123,44 +126,109 @@ class VisionProgram(_Program):
         return self.hf.model.multi_modal_projector(feats)
 
 
-class PrefillProgram(_Program):
-    """Prompt (text + image features) -> last-token logits and the per-layer KV cache."""
+@dataclass(frozen=True)
+class PruneSpec:
+    """How the prefill drops visual tokens: ``keep[l]`` visual tokens enter decoder layer l."""
 
-    def __init__(self, vlm: VLM, qm: QuantizedModel, visual_start: int, visual_count: int):
+    keep: tuple[int, ...]
+    weights: ScoreWeights = ScoreWeights()
+    query_tokens: int = 32
+    act_bits: int = 4
+    # ``random`` pruning: a fixed seeded score per original visual token instead of signals.
+    random_scores: tuple[float, ...] | None = None
+
+    @property
+    def pruning_layers(self) -> list[int]:
+        """Layers whose input is shortened (never layer 0: its cue is the previous layer's
+        attention)."""
+        return [i for i in range(1, len(self.keep)) if self.keep[i] < self.keep[i - 1]]
+
+
+def _causal_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = mask.shape[1]
+    idx = torch.arange(t, device=mask.device)
+    allowed = (idx[None, :] <= idx[:, None])[None, None] & mask[:, None, None, :].bool()
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
+
+
+class PrefillProgram(_Program):
+    """Prompt (text + image features) -> last-token logits, the per-layer KV cache and, at
+    each pruning layer, the original indices of the visual tokens it keeps."""
+
+    def __init__(self, vlm: VLM, qm: QuantizedModel, visual_start: int, visual_count: int, prune: PruneSpec | None = None):
         super().__init__(vlm, qm)
         self.visual_start = visual_start
         self.visual_count = visual_count
+        self.prune = prune
+        if prune is not None and prune.random_scores is not None:
+            self.register_buffer("random_scores", torch.tensor(prune.random_scores, dtype=torch.float32), persistent=False)
+
+    @property
+    def pruning_layers(self) -> list[int]:
+        return self.prune.pruning_layers if self.prune else []
+
+    def _score(self, h, probs, mask, visual_index) -> torch.Tensor:
+        p = self.prune
+        if p.random_scores is not None:
+            return self.random_scores[visual_index]
+        att, mag, risk = visual_signals(h, probs, mask, self.visual_start, visual_index.shape[1], p.query_tokens, p.act_bits)
+        return token_score(att, mag, risk, p.weights)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor):
         a, v = self.visual_start, self.visual_count
         text = self.lm.embed_tokens(input_ids)
         h = torch.cat([text[:, :a], image_features.to(text.dtype), text[:, a + v :]], dim=1)
-        b, t, _ = h.shape
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+        b = h.shape[0]
+        mask = attention_mask
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        visual_index = torch.arange(v, device=h.device)[None].expand(b, v)
         cos, sin = self._rope(h, position_ids)
-        idx = torch.arange(t, device=h.device)
-        allowed = (idx[None, :] <= idx[:, None])[None, None] & attention_mask[:, None, None, :].bool()
-        bias = torch.where(allowed, 0.0, torch.finfo(h.dtype).min).to(h.dtype)
+        bias = _causal_bias(mask, h.dtype)
         kv: list[torch.Tensor] = []
+        kept: list[torch.Tensor] = []
+        probs = None
         for i in range(self.num_layers):
-            h, entries = self._layer(i, h, cos, sin, bias, None)
+            if i in self.pruning_layers:
+                score = self._score(h, probs, mask, visual_index)
+                h, position_ids, mask, visual_index = torch.ops.quota.prune_point(
+                    h, position_ids, mask, visual_index, score, self.prune.keep[i], a
+                )
+                kept.append(visual_index)
+                cos, sin = self._rope(h, position_ids)
+                bias = _causal_bias(mask, h.dtype)
+            h, entries, probs = self._layer(i, h, cos, sin, bias, None)
             kv.extend(entries)
-        last = (attention_mask.sum(-1) - 1).clamp_min(0)
+        last = (mask.sum(-1) - 1).clamp_min(0)
         h_last = torch.gather(h, 1, last[:, None, None].expand(b, 1, h.shape[-1])).squeeze(1)
-        return (self._logits(h_last), *kv)
+        return (self._logits(h_last), *kv, *kept)
 
 
 class DecodeProgram(_Program):
-    """One new token + the per-layer past KV -> logits and the new KV entries."""
+    """One new token + the per-layer past KV -> logits and the new KV entries. With pruning,
+    layer l's past holds ``keep[l]`` of the ``visual_count`` visual tokens; the attention mask
+    input covers the unpruned prompt and each layer uses its slice of the visual part."""
+
+    def __init__(self, vlm: VLM, qm: QuantizedModel, visual_start: int, visual_count: int, prune: PruneSpec | None = None):
+        super().__init__(vlm, qm)
+        self.visual_start = visual_start
+        self.visual_count = visual_count
+        self.keep = prune.keep if prune else (visual_count,) * vlm.num_layers
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
+        a, v = self.visual_start, self.visual_count
         h = self.lm.embed_tokens(input_ids)
         cos, sin = self._rope(h, position_ids)
-        bias = torch.where(attention_mask[:, None, None, :].bool(), 0.0, torch.finfo(h.dtype).min).to(h.dtype)
         per = len(self.kv_names)
         kv: list[torch.Tensor] = []
+        bias, current = None, None
         for i in range(self.num_layers):
-            h, entries = self._layer(i, h, cos, sin, bias, tuple(past[i * per : (i + 1) * per]))
+            if self.keep[i] != current:
+                current = self.keep[i]
+                mask = attention_mask if current == v else torch.cat(
+                    [attention_mask[:, : a + current], attention_mask[:, a + v :]], dim=1
+                )
+                bias = torch.where(mask[:, None, None, :].bool(), 0.0, torch.finfo(h.dtype).min).to(h.dtype)
+            h, entries, _ = self._layer(i, h, cos, sin, bias, tuple(past[i * per : (i + 1) * per]))
             kv.extend(entries)
         return (self._logits(h[:, -1]), *kv)
 

@@ -15,19 +15,19 @@ from torch import fx
 from torch.export import Dim
 
 from passes import plain_signature, remove_unused_attributes
+from passes.fold_topk_gather import FoldTopKGather
 from passes.insert_qdq import InsertQDQ, LinearQuantSpec
 from passes.pack_int4_weights import PackInt4Weights
 from passes.quantize_kv_io import QuantizeKVIO
 from passes.strip_runtime_asserts import StripRuntimeAsserts
 
 from .models.llava import VLM
-from .programs import DecodeProgram, PrefillProgram, VisionProgram, kv_io_names
+from .programs import KV_STORED, DecodeProgram, PrefillProgram, PruneSpec, VisionProgram, kv_io_names
 from .quant import ops  # noqa: F401  (registers torch.ops.quota)
 from .quant.simulate import QuantizedModel
 
 # Example sizes used for tracing; batch 2 so that the batch dimension is not specialised.
 _BATCH = 2
-_PAST = 5
 _EXTRA_TEXT = 8
 
 
@@ -52,9 +52,13 @@ class Programs:
     decode: DecodeProgram
 
 
-def build_programs(vlm: VLM, qm: QuantizedModel) -> Programs:
+def build_programs(vlm: VLM, qm: QuantizedModel, prune: PruneSpec | None = None) -> Programs:
     start, count = vlm.visual_span()
-    return Programs(VisionProgram(vlm, qm), PrefillProgram(vlm, qm, start, count), DecodeProgram(vlm, qm))
+    return Programs(
+        VisionProgram(vlm, qm),
+        PrefillProgram(vlm, qm, start, count, prune),
+        DecodeProgram(vlm, qm, start, count, prune),
+    )
 
 
 def _annotate(gm: fx.GraphModule, qm: QuantizedModel) -> dict[str, str]:
@@ -73,6 +77,7 @@ def _run_passes(gm: fx.GraphModule, qm: QuantizedModel, kv_inputs=(), kv_outputs
     targets = _annotate(gm, qm)
     pipeline = [
         StripRuntimeAsserts(),
+        FoldTopKGather(),
         InsertQDQ(dict.fromkeys(targets, lin)),
         QuantizeKVIO(qm.kv_bits, kv_inputs, kv_outputs),
         PackInt4Weights({t: qm.weights[name] for t, name in targets.items()}),
@@ -128,27 +133,34 @@ def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs) -> dict[str
         gm = _export(programs.prefill, (ids, mask, feats), shapes)
         kv_out = list(range(1, 1 + 2 * n_layers))
         log = _run_passes(gm, qm, kv_outputs=kv_out)
+        kept_names = [f"kept.{i}" for i in programs.prefill.pruning_layers]
         out["prefill"] = TracedProgram(
             "prefill",
             gm,
             (ids, mask, feats),
             ["input_ids", "attention_mask", "image_features"],
-            ["logits", *kv_io_names("present", n_layers)],
+            ["logits", *kv_io_names("present", n_layers), *kept_names],
             shapes,
             log,
         )
 
-        # decode
+        # decode: the past of layer l holds keep[l] of the visual tokens
+        s_full = start + count + _EXTRA_TEXT
+        keep = programs.decode.keep
         step = torch.randint(0, vlm.vocab_size, (_BATCH, 1), generator=gen)
-        pos = torch.full((_BATCH, 1), _PAST, dtype=torch.long)
-        dmask = torch.ones(_BATCH, _PAST + 1, dtype=torch.long)
-        floats = [torch.randn(_BATCH, vlm.num_kv_heads, _PAST, vlm.head_dim, generator=gen) for _ in range(2 * n_layers)]
+        pos = torch.full((_BATCH, 1), s_full, dtype=torch.long)
+        dmask = torch.ones(_BATCH, s_full + 1, dtype=torch.long)
+        lengths = [s_full - count + keep[i] for i in range(n_layers) for _ in range(2)]
+        floats = [torch.randn(_BATCH, vlm.num_kv_heads, n, vlm.head_dim, generator=gen) for n in lengths]
         head = ({0: batch}, {0: batch}, {0: batch, 1: past})
         # ``*past`` is one pytree input (a tuple) to torch.export.
         gm = _export(programs.decode, (step, pos, dmask, *floats), head + (tuple({0: batch, 2: past} for _ in floats),))
         kv_in = list(range(3, 3 + 2 * n_layers))
         log = _run_passes(gm, qm, kv_inputs=kv_in, kv_outputs=list(range(1, 1 + 2 * n_layers)))
         stored = [s for f in floats for s in _stored(f, bits)]
+        past_axes = {
+            f"past.{i}.{n}": {2: "past" if keep[i] == count else f"past_{i}"} for i in range(n_layers) for n in KV_STORED
+        }
         out["decode"] = TracedProgram(
             "decode",
             gm,
@@ -157,7 +169,7 @@ def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs) -> dict[str
             ["logits", *kv_io_names("present", n_layers)],
             head + tuple({0: batch, 2: past} for _ in stored),
             log,
-            axis_names={n: {2: "past"} for n in kv_io_names("past", n_layers)},
+            axis_names=past_axes,
         )
     return out
 

@@ -96,12 +96,23 @@ def dequantize_kv(codes, scale, zero_point, bits: int):
     return op.DequantizeLinear(codes, scale, zero_point, axis=-1, block_size=d)
 
 
+def select_topk(score, k: int):
+    # TopK returns the k largest, the lower index first among equal values (ONNX spec);
+    # a second TopK (smallest first) puts the kept indices in ascending order.
+    kk = op.Constant(value_ints=[k])
+    _, keep = op.TopK(score, kk, axis=-1, largest=1, sorted=1)
+    ordered, _ = op.TopK(keep, kk, axis=-1, largest=0, sorted=1)
+    return ordered
+
+
 def translation_table() -> dict:
     import torch
 
+    from .. import pruning  # noqa: F401  (registers torch.ops.quota.select_topk)
     from . import ops  # noqa: F401  (registers the torch.ops.quota namespace)
 
     return {
+        torch.ops.quota.select_topk.default: select_topk,
         torch.ops.quota.qdq_per_token.default: qdq_per_token,
         torch.ops.quota.dequantize_int4.default: dequantize_int4,
         torch.ops.quota.quantize_kv.default: quantize_kv,

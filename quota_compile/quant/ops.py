@@ -181,6 +181,11 @@ def dequantize_kv(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 
 @dequantize_kv.register_fake
 def _(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    # Codes, scales and zero points describe the same tokens: tell the tracer, so their
+    # dynamic lengths are one symbol.
+    for i in range(codes.dim() - 1):
+        torch._check(scale.shape[i] == codes.shape[i])
+        torch._check(zero_point.shape[i] == codes.shape[i])
     d = codes.shape[-1] * 2 if bits == 4 else codes.shape[-1]
     return scale.new_empty((*codes.shape[:-1], d))
 
