@@ -117,7 +117,44 @@ def human_size(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
-def report_markdown(name: str, manifest: dict, verify: dict, passes: dict[str, list]) -> str:
+def _pruning_lines(manifest: dict, verify: dict, recipe, figures: list[str]) -> list[str]:
+    p, v = manifest["pruning"], manifest["model"]["visual_tokens"]
+    kv = manifest["kv_cache_bytes_per_sequence"]
+    lines = [
+        "## Token pruning",
+        "",
+        f"- method: {p['method']} ({p['signals']} signals), budget keep_ratio {p['keep_ratio']}: "
+        f"realised average {p['average_fraction']:.4f} of {v} visual tokens per layer",
+        f"- pruning layers: {', '.join(map(str, p['pruning_layers'])) or 'none'}",
+    ]
+    w = recipe.pruning.weights
+    if recipe.pruning.method == "random":
+        lines.append(f"- selection: a fixed random score per visual token (seed {recipe.pruning.random_seed})")
+    elif w is not None:
+        lines.append(f"- score: {w.att:g}·att + {w.mag:g}·mag − {w.risk:g}·risk (signals normalised per sample and layer)")
+    lines += [
+        f"- KV cache per sequence ({kv['prompt_length']} prompt + {kv['generated']} generated tokens): "
+        f"{human_size(kv['bundle'])} vs {human_size(kv['fp16_unpruned'])} for an unpruned FP16 cache ({kv['ratio']:.2f}× smaller)",
+        f"- kept-index agreement, PyTorch vs onnxruntime, every pruning layer and sample: "
+        + (f"{verify['kept_index_agreement']:.0%}" if verify.get("kept_index_agreement") is not None else "n/a"),
+        "",
+        "| layer | visual tokens | KV length |",
+        "|---:|---:|---|",
+    ]
+    lines += [f"| {c['layer']} | {c['visual_tokens']} | {c['length']} |" for c in manifest["kv_cache"]]
+    if recipe.pruning.weight_search:
+        lines += ["", "Score-weight search (held-out KL of the final-token distribution, pruned vs unpruned):", "",
+                  "| w_att | w_mag | w_risk | KL | schedule |", "|---:|---:|---:|---:|---|"]
+        best = min(recipe.pruning.weight_search, key=lambda pt: pt.kl)
+        for pt in recipe.pruning.weight_search:
+            mark = " **chosen**" if pt is best else ""
+            lines.append(f"| {pt.weights.att:g} | {pt.weights.mag:g} | {pt.weights.risk:g} | {pt.kl:.4g}{mark} | {pt.keep} |")
+    if figures:
+        lines += ["", *[f"![{f}]({f})" for f in figures]]
+    return lines + [""]
+
+
+def report_markdown(name: str, manifest: dict, verify: dict, passes: dict[str, list], recipe, figures: list[str]) -> str:
     m, q = manifest["model"], manifest["quantization"]
     lines = [
         f"# quota-compile bundle `{name}`",
@@ -128,8 +165,8 @@ def report_markdown(name: str, manifest: dict, verify: dict, passes: dict[str, l
         f"activations: INT{q['activations']['bits']} per token (clip {q['activations']['clip_ratio']}); "
         f"KV cache: INT{q['kv_cache']['bits']} asymmetric {q['kv_cache']['granularity']}",
         f"- kept in full precision: {', '.join(f'`{p}`' for p in q['ignore']) or 'nothing'}",
-        "- token pruning: none",
         "",
+        *_pruning_lines(manifest, verify, recipe, figures),
         "## Graphs",
         "",
         "| graph | size | nodes | QuantizeLinear | DequantizeLinear | INT4 weights | passes that changed it |",

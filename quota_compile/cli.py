@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model.yaml into exported/<name>/")
     c.add_argument("config", type=Path, help="the model.yaml to compile")
     c.add_argument("--force", action="store_true", help="replace an existing bundle of the same name")
+    c.add_argument("--recipe", type=Path, help="export from this recipe.yaml instead of calibrating")
     r = sub.add_parser("run", help="answer questions about images with a compiled bundle (onnxruntime)")
     r.add_argument("bundle", type=Path)
     r.add_argument("--image", action="append", required=True, type=Path, help="an image file; repeat for a batch")
@@ -53,7 +54,7 @@ def _compile(args) -> int:
     from .pipeline import compile_model
 
     console = Console(stderr=True)
-    result = compile_model(args.config, force=args.force, console=console)
+    result = compile_model(args.config, force=args.force, console=console, recipe_path=args.recipe)
     table = Table(title=f"bundle {result.bundle}")
     for col in ("graph", "size", "nodes", "Q", "DQ", "INT4 weights"):
         table.add_column(col, justify="left" if col == "graph" else "right")

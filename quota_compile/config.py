@@ -75,14 +75,29 @@ class QuantizationSection(_Section):
         return v
 
 
+class ScoreWeightsSection(_Section):
+    att: float = Field(1.0, ge=0.0)
+    mag: float = Field(0.0, ge=0.0)
+    risk: float = Field(0.0, ge=0.0)
+
+
 class PruningSection(_Section):
-    method: Literal["none"] = "none"
+    method: Literal["none", "quota", "fastv", "pdrop", "random"] = "none"
+    signals: Literal["lowbit", "fp"] = "lowbit"
+    keep_ratio: float = Field(0.3, gt=0.0, le=1.0)
+    first_full_layers: int = Field(2, ge=1)
+    query_tokens: int = Field(32, ge=1)
+    weights: Literal["auto"] | ScoreWeightsSection = "auto"
+    fastv_layer: int = Field(2, ge=1)
+    stages: int = Field(4, ge=1)
+    seed: int = Field(0, ge=0)
 
 
 class CalibrationSection(_Section):
     dataset: Literal["synthetic"] = "synthetic"
-    num_samples: int = Field(16, gt=0)
+    num_samples: int = Field(16, ge=2)
     seed: int = Field(0, ge=0)
+    holdout: float = Field(0.25, gt=0.0, lt=1.0)
 
 
 class ExportSection(_Section):

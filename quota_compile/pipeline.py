@@ -29,12 +29,13 @@ from .models import load_model
 from .programs import KV_STORED
 from .quant.ops import kv_packed_dim
 from .quant.simulate import quantizable_linears, quantize
-from .recipe import ModelIdentity, Recipe
+from .calibrate import calibrate, prune_spec_from_recipe
+from .recipe import CalibrationProvenance, ModelIdentity, PruningRecipe, Recipe
 from .runtime import OrtBackend
 from .trace import build_programs, trace_programs
 from .verify import TorchBackend, held_out_samples, polygraphy_compare, verify
 
-STAGES = ("config", "load", "quantize", "trace", "lower", "verify", "bundle")
+STAGES = ("config", "load", "quantize", "calibrate", "trace", "lower", "verify", "bundle")
 
 
 @dataclass
@@ -71,7 +72,33 @@ def check_group_size(model, cfg, config_file: Path) -> None:
             )
 
 
-def compile_model(config_path: str | Path, force: bool = False, console: Console | None = None) -> CompileResult:
+def load_recipe(path: Path, cfg, vlm, span: tuple[int, int], config_file: Path) -> Recipe:
+    """A recipe given with ``--recipe``: it must describe this model and this quantization."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such recipe file (option --recipe).")
+    try:
+        recipe = Recipe.load(path)
+    except (ValueError, OSError) as e:  # pydantic's ValidationError and YAML errors are ValueErrors
+        first = str(e).splitlines()[0]
+        raise UserError(f"{path}: not a valid quota-compile recipe ({first}).") from None
+    if recipe.model.num_layers != vlm.num_layers or len(recipe.pruning.keep) != vlm.num_layers:
+        raise UserError(
+            f"{path}: key 'pruning.keep': the recipe is for {len(recipe.pruning.keep)} decoder layers, "
+            f"the model in {config_file} has {vlm.num_layers}."
+        )
+    if recipe.model.visual_tokens != span[1] or max(recipe.pruning.keep) > span[1]:
+        raise UserError(
+            f"{path}: key 'model.visual_tokens': the recipe is for {recipe.model.visual_tokens} visual tokens, "
+            f"the model in {config_file} gives {span[1]}."
+        )
+    if recipe.quantization != cfg.quantization:
+        raise UserError(f"{path}: key 'quantization' differs from the quantization section of {config_file}.")
+    return recipe
+
+
+def compile_model(
+    config_path: str | Path, force: bool = False, console: Console | None = None, recipe_path: str | Path | None = None
+) -> CompileResult:
     console = console or Console(stderr=True)
     progress = Progress(console)
     config_file = Path(config_path)
@@ -89,12 +116,19 @@ def compile_model(config_path: str | Path, force: bool = False, console: Console
             if cfg.quantization.kv_cache.bits == 4 and vlm.head_dim % 2:
                 raise UserError(f"{config_file}: key 'quantization.kv_cache.bits': INT4 packing needs an even head size, the model has {vlm.head_dim}.")
             model_hash = vlm.weights_sha256()
+            span = vlm.visual_span()
+            given = load_recipe(Path(recipe_path), cfg, vlm, span, config_file) if recipe_path else None
 
         with progress.stage("quantize", "W4A4 RTN weights, per-token activations, quantized KV cache"):
             qm = quantize(vlm.model, cfg.quantization)
 
+        method = given.pruning.method if given else cfg.pruning.method
+        what = f"from {recipe_path}" if given else f"{method}, keep_ratio {cfg.pruning.keep_ratio}, {cfg.pruning.signals} signals"
+        with progress.stage("calibrate", "no token pruning" if method == "none" else what):
+            pruning, provenance, prune_spec = decide_pruning(cfg, vlm, qm, span, given, config_file)
+
         with progress.stage("trace", "torch.export of vision, prefill, decode + passes"):
-            programs = build_programs(vlm, qm)
+            programs = build_programs(vlm, qm, prune_spec)
             traced = trace_programs(vlm, qm, programs)
 
         with progress.stage("lower", f"ONNX opset {cfg.export.opset} (portable)"):
@@ -109,7 +143,6 @@ def compile_model(config_path: str | Path, force: bool = False, console: Console
             vlm.processor.save_pretrained(tmp / "tokenizer")
 
             with progress.stage("verify", f"onnxruntime vs PyTorch on {cfg.verify.samples} held-out samples"):
-                span = (programs.prefill.visual_start, programs.prefill.visual_count)
                 reference = TorchBackend(programs)
                 samples = held_out_samples(vlm, cfg.verify, span)
                 graphs = polygraphy_compare(programs, tmp, samples[0], reference)
@@ -123,25 +156,53 @@ def compile_model(config_path: str | Path, force: bool = False, console: Console
                     tool_version=__version__,
                     model=ModelIdentity(source=cfg.model.source, sha256=model_hash, num_layers=vlm.num_layers, visual_tokens=span[1]),
                     quantization=cfg.quantization,
-                    pruning=cfg.pruning,
-                    calibration=cfg.calibration,
+                    pruning=pruning,
+                    calibration=provenance,
                 )
                 recipe.dump(tmp / "recipe.yaml")
-                manifest = build_manifest(cfg, vlm, model_hash, span, models, tmp)
+                manifest = build_manifest(cfg, vlm, model_hash, span, models, tmp, pruning, report)
+                figures = draw_figures(tmp, vlm, span, pruning, samples, reference)
                 passes = {g: t.passes for g, t in traced.items()}
-                (tmp / "report.md").write_text(report_markdown(name, manifest, report, passes), encoding="utf-8")
+                (tmp / "report.md").write_text(report_markdown(name, manifest, report, passes, recipe, figures), encoding="utf-8")
                 manifest["files"] = file_hashes(tmp)
                 write_json(tmp / "manifest.json", manifest)
 
     return CompileResult(final, manifest, report, time.perf_counter() - progress.start)
 
 
-def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dict, folder: Path) -> dict:
+def decide_pruning(cfg, vlm, qm, span, given: Recipe | None, config_file: Path):
+    """``(PruningRecipe, CalibrationProvenance, PruneSpec | None)`` from a given recipe, from
+    calibration, or for no pruning."""
+    if given is not None:
+        return given.pruning, given.calibration, prune_spec_from_recipe(given.pruning, qm.spec.activations.bits)
+    if cfg.pruning.method == "none":
+        provenance = CalibrationProvenance(
+            dataset=cfg.calibration.dataset, num_samples=cfg.calibration.num_samples, seed=cfg.calibration.seed, holdout=cfg.calibration.holdout
+        )
+        return PruningRecipe(method="none", keep=[span[1]] * vlm.num_layers), provenance, None
+    vision = build_programs(vlm, qm).vision
+    result = calibrate(vlm, qm, vision, span, cfg.pruning, cfg.calibration, config_file)
+    return result.recipe, result.provenance, result.spec
+
+
+def kv_cache_bytes(vlm, bits: int, keep: list[int], prompt_len: int, generated: int) -> dict:
+    """Bytes of one sequence's KV cache: this bundle's (codes + scales + zero points, pruned)
+    against an FP16 cache of the unpruned model, at the given prompt and generated lengths."""
+    v = keep[0]
+    per_token = vlm.num_kv_heads * (kv_packed_dim(vlm.head_dim, bits) + 4 + 1)  # codes, fp32 scale, u8 zero point
+    lengths = [prompt_len - (v - k) + generated for k in keep]
+    ours = sum(2 * per_token * n for n in lengths)
+    fp16 = vlm.num_layers * 2 * vlm.num_kv_heads * vlm.head_dim * 2 * (prompt_len + generated)
+    return {"prompt_length": prompt_len, "generated": generated, "bundle": ours, "fp16_unpruned": fp16, "ratio": fp16 / ours}
+
+
+def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dict, folder: Path, pruning, report: dict) -> dict:
     bits = cfg.quantization.kv_cache.bits
     graphs = {}
     for g, m in models.items():
         files = sorted(p.name for p in folder.glob(f"{g}.onnx*"))
         graphs[g] = {"file": f"{g}.onnx", "files": files, "bytes": sum((folder / f).stat().st_size for f in files), **graph_io(m)}
+    v = span[1]
     kv_layer = {
         "num_kv_heads": vlm.num_kv_heads,
         "head_dim": vlm.head_dim,
@@ -153,8 +214,17 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
         "scale": {"dtype": "float32", "shape": ["batch", vlm.num_kv_heads, "length", 1]},
         "zero_point": {"dtype": "uint8", "shape": ["batch", vlm.num_kv_heads, "length", 1]},
         "dequantize": "(code - zero_point) * scale",
-        "length": "prompt length (padded) + generated tokens",
     }
+    layers = [
+        {
+            "layer": i,
+            "visual_tokens": k,
+            "length": "prompt length (padded) + generated tokens" if k == v else f"prompt length (padded) - {v - k} + generated tokens",
+            **kv_layer,
+        }
+        for i, k in enumerate(pruning.keep)
+    ]
+    prompt_len = int(report["per_sample"][0]["prompt_length"])
     return {
         "format": "quota-compile bundle",
         "format_version": 1,
@@ -167,15 +237,51 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
             "vocab_size": vlm.vocab_size,
             "image_size": vlm.image_size,
             "visual_start": span[0],
-            "visual_tokens": span[1],
+            "visual_tokens": v,
             "image_token_id": vlm.image_token_id,
             "eos_token_id": vlm.eos_token_id,
             "prompt_template": vlm.prompt_template,
             "padding_side": "right",
         },
         "quantization": cfg.quantization.model_dump(mode="json"),
-        "pruning": cfg.pruning.model_dump(mode="json"),
+        "pruning": {
+            "method": pruning.method,
+            "signals": pruning.signals,
+            "keep_ratio": pruning.keep_ratio,
+            "visual_tokens_per_layer": list(pruning.keep),
+            "pruning_layers": list(pruning.pruning_layers),
+            "average_fraction": sum(pruning.keep) / (len(pruning.keep) * v),
+        },
         "graphs": graphs,
-        "kv_cache": [{"layer": i, **kv_layer} for i in range(vlm.num_layers)],
+        "kv_cache": layers,
+        "kv_cache_bytes_per_sequence": kv_cache_bytes(vlm, bits, list(pruning.keep), prompt_len, report["new_tokens"]),
         "versions": versions(),
     }
+
+
+def draw_figures(folder: Path, vlm, span: tuple[int, int], pruning, samples, reference, count: int = 2) -> list[str]:
+    """schedule.png and, for ``count`` verification samples, the kept patches per pruning layer."""
+    from .allocate import fastv_schedule, pdrop_schedule
+    from .figures import kept_patches_overlay, schedule_chart
+
+    if pruning.method == "none":
+        return []
+    v, layers = span[1], vlm.num_layers
+    others = {}
+    for label, make in (("fastv (cut at 2)", lambda: fastv_schedule(layers, v, pruning.keep_ratio, min(2, layers - 1))),
+                        ("pdrop (4 stages)", lambda: pdrop_schedule(layers, v, pruning.keep_ratio, min(4, max(1, layers - 2)), min(2, layers - 1)))):
+        try:
+            others[label] = list(make().keep)
+        except UserError:
+            pass  # that baseline cannot meet this budget on this depth
+    others = {label: keep for label, keep in others.items() if keep != list(pruning.keep)}
+    made = [schedule_chart(list(pruning.keep), v, folder / "schedule.png", f"visual tokens per layer ({pruning.method})", pruning.keep_ratio, others or None)]
+    cfg = vlm.config.vision_config
+    side = cfg.image_size // cfg.patch_size
+    offset = v - side * side  # a CLS token kept by the 'full' strategy has no patch
+    for i, s in enumerate(samples[:count]):
+        _, _, kept = reference.prefill(s.batch.input_ids, s.batch.attention_mask, reference.vision(s.batch.pixel_values))
+        panels = {layer: [int(j) - offset for j in k[0] if j >= offset] for layer, k in zip(pruning.pruning_layers, kept)}
+        image = s.image.resize((cfg.image_size, cfg.image_size))
+        made.append(kept_patches_overlay(image, (side, side), panels, folder / f"kept_patches_{i}.png", f"sample {i}: {s.question}"))
+    return [p.name for p in made]

@@ -22,6 +22,7 @@ Layouts (B batch, T prompt length, S past length, V visual tokens, Hkv KV heads,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +176,11 @@ class PrefillProgram(_Program):
         return token_score(att, mag, risk, p.weights)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor):
+        return self.run(input_ids, attention_mask, image_features)
+
+    def run(self, input_ids, attention_mask, image_features, observe: Callable | None = None):
+        """The prefill; ``observe(layer, h, probs, mask, visual_index)`` is called at the input of
+        every layer after the first (before any pruning there), for calibration."""
         a, v = self.visual_start, self.visual_count
         text = self.lm.embed_tokens(input_ids)
         h = torch.cat([text[:, :a], image_features.to(text.dtype), text[:, a + v :]], dim=1)
@@ -188,6 +194,8 @@ class PrefillProgram(_Program):
         kept: list[torch.Tensor] = []
         probs = None
         for i in range(self.num_layers):
+            if observe is not None and i > 0:
+                observe(i, h, probs, mask, visual_index)
             if i in self.pruning_layers:
                 score = self._score(h, probs, mask, visual_index)
                 h, position_ids, mask, visual_index = torch.ops.quota.prune_point(

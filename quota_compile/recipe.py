@@ -1,7 +1,9 @@
 """``recipe.yaml``: what was decided for one model, saved next to every bundle.
 
-This version records the model identity and the quantization spec (token pruning is added by
-the QUOTA release). A recipe round-trips exactly: ``Recipe.load(r.dump(path)) == r``.
+Model identity and hash, the quantization spec, the pruning decision (method, score weights,
+per-layer keep counts, pruning layers, the weight search), calibration provenance and the tool
+version. A recipe round-trips exactly (``Recipe.load(r.dump(path)) == r``) and can be given
+back to ``quota-compile CONFIG --recipe recipe.yaml`` to export without recalibrating.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from .config import CalibrationSection, PruningSection, QuantizationSection
+from .config import QuantizationSection
 
 RECIPE_VERSION = 1
 
@@ -27,15 +29,51 @@ class ModelIdentity(BaseModel):
     visual_tokens: int
 
 
-class Recipe(BaseModel):
+class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class Weights(_Frozen):
+    att: float
+    mag: float
+    risk: float
+
+
+class SearchPoint(_Frozen):
+    """One candidate of the ``weights: auto`` search: its schedule and held-out KL."""
+
+    weights: Weights
+    keep: list[int]
+    kl: float
+
+
+class PruningRecipe(_Frozen):
+    method: Literal["none", "quota", "fastv", "pdrop", "random"]
+    signals: Literal["lowbit", "fp"] = "lowbit"
+    keep_ratio: float = 1.0
+    query_tokens: int = 32
+    weights: Weights | None = None
+    keep: list[int] = Field(description="visual tokens processed by each decoder layer")
+    pruning_layers: list[int] = Field(default_factory=list)
+    random_seed: int | None = None
+    weight_search: list[SearchPoint] = Field(default_factory=list)
+
+
+class CalibrationProvenance(_Frozen):
+    dataset: str
+    num_samples: int
+    seed: int
+    holdout: float
+    sha256: str | None = Field(None, description="hash of the calibration inputs; null when none were run")
+
+
+class Recipe(_Frozen):
     version: Literal[1] = RECIPE_VERSION
     tool_version: str
     model: ModelIdentity
     quantization: QuantizationSection
-    pruning: PruningSection
-    calibration: CalibrationSection
+    pruning: PruningRecipe
+    calibration: CalibrationProvenance
 
     def dump(self, path: Path) -> Path:
         path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -24,7 +24,11 @@ GRAPHS = ("vision", "prefill", "decode")
 class Backend(Protocol):
     def vision(self, pixel_values: np.ndarray) -> np.ndarray: ...
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray, image_features: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]: ...
+    def prefill(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, image_features: np.ndarray
+    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """``(logits, per-layer KV cache tensors, kept visual indices per pruning layer)``."""
+        ...
 
     def decode(
         self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]
@@ -45,6 +49,7 @@ class Generation:
     tokens: list[list[int]]  # per sample, generated token ids (up to and including EOS)
     step_logits: list[np.ndarray] = field(default_factory=list)  # per step, [B, vocab]
     image_features: np.ndarray | None = None
+    kept: list[np.ndarray] = field(default_factory=list)  # per pruning layer, [B, k] original visual indices
 
 
 def make_batch(
@@ -67,10 +72,10 @@ def make_batch(
 def greedy_generate(backend: Backend, batch: Batch, max_new_tokens: int, eos_token_id: int | None, keep_logits: bool = False) -> Generation:
     """Greedy decoding. With ``eos_token_id=None`` exactly ``max_new_tokens`` are generated."""
     feats = backend.vision(batch.pixel_values)
-    logits, cache = backend.prefill(batch.input_ids, batch.attention_mask, feats)
+    logits, cache, kept = backend.prefill(batch.input_ids, batch.attention_mask, feats)
     lengths = batch.attention_mask.sum(axis=1)
     b = len(lengths)
-    out = Generation(tokens=[[] for _ in range(b)], image_features=feats)
+    out = Generation(tokens=[[] for _ in range(b)], image_features=feats, kept=kept)
     mask = batch.attention_mask
     done = np.zeros(b, dtype=bool)
     for step in range(max_new_tokens):
@@ -115,7 +120,8 @@ class OrtBackend:
 
     def prefill(self, input_ids, attention_mask, image_features):
         out = self._run("prefill", [input_ids, attention_mask, image_features])
-        return out[0], out[1:]
+        n_kept = sum(1 for o in self.sessions["prefill"].get_outputs() if o.name.startswith("kept."))
+        return out[0], out[1 : len(out) - n_kept], out[len(out) - n_kept :]
 
     def decode(self, input_ids, position_ids, attention_mask, past):
         out = self._run("decode", [input_ids, position_ids, attention_mask, *past])

@@ -31,11 +31,15 @@ QUESTIONS = [
 ]
 
 
-def synthetic_images(n: int, size: int, seed: int) -> list:
+# Independent random streams, so calibration and verification never share an image.
+CALIBRATION_STREAM, VERIFICATION_STREAM = 1, 2
+
+
+def synthetic_images(n: int, size: int, seed: int, stream: int = VERIFICATION_STREAM) -> list:
     """``n`` seeded RGB images: a flat background with a few coloured rectangles and discs."""
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([stream, seed])
     images = []
     yy, xx = np.mgrid[0:size, 0:size]
     for _ in range(n):
@@ -68,7 +72,8 @@ class TorchBackend:
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask, image_features):
         out = self.p.prefill(torch.from_numpy(input_ids), torch.from_numpy(attention_mask), torch.from_numpy(image_features))
-        return out[0].numpy(), self._np(out[1:])
+        n_kv = 1 + len(self.p.prefill.kv_names) * self.p.prefill.num_layers
+        return out[0].numpy(), self._np(out[1:n_kv]), self._np(out[n_kv:])
 
     @torch.no_grad()
     def decode(self, input_ids, position_ids, attention_mask, past):
@@ -86,13 +91,14 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 class Sample:
     question: str
     batch: Batch
+    image: object  # the PIL image
 
 
 def held_out_samples(vlm, cfg: VerifySection, visual_span: tuple[int, int]) -> list[Sample]:
     images = synthetic_images(cfg.samples, vlm.image_size, cfg.seed)
     qs = [QUESTIONS[(cfg.seed + i) % len(QUESTIONS)] for i in range(cfg.samples)]
     return [
-        Sample(q, make_batch(vlm.processor, vlm.prompt_template, [img], [q], visual_span, vlm.image_token_id))
+        Sample(q, make_batch(vlm.processor, vlm.prompt_template, [img], [q], visual_span, vlm.image_token_id), img)
         for img, q in zip(images, qs)
     ]
 
@@ -103,7 +109,9 @@ def compare(ref: Generation, got: Generation) -> dict:
     same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
     steps = min(same + 1, len(ref.step_logits))
     errors = [_rel(got.step_logits[i], ref.step_logits[i]) for i in range(steps)]
+    kept_same = [bool(np.array_equal(r, g)) for r, g in zip(ref.kept, got.kept)]
     return {
+        "kept_index_agreement": kept_same,
         "vision_rel_error": _rel(got.image_features, ref.image_features),
         "prefill_logits_rel_error": errors[0],
         "max_logits_rel_error": max(errors),
@@ -155,7 +163,7 @@ def polygraphy_compare(programs: Programs, bundle, sample: Sample, torch_backend
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     feats = torch_backend.vision(sample.batch.pixel_values)
-    _, cache = torch_backend.prefill(sample.batch.input_ids, sample.batch.attention_mask, feats)
+    _, cache, _ = torch_backend.prefill(sample.batch.input_ids, sample.batch.attention_mask, feats)
     length = sample.batch.attention_mask.sum(axis=1)
     step = [np.array([[1]], dtype=np.int64), length[:, None].astype(np.int64), np.ones((1, cache[0].shape[2] + 1), dtype=np.int64)]
     feeds = {
@@ -172,7 +180,7 @@ def polygraphy_compare(programs: Programs, bundle, sample: Sample, torch_backend
             names_out = [o.name for o in ort_runner.sess.get_outputs()]
         feed = {n: np.ascontiguousarray(v) for n, v in zip(names_in, values)}
         sim = _SimulationRunner(getattr(programs, graph), feed, names_out, name=f"simulation-{graph}")
-        atol = {n: (1.0 if n.endswith((".key", ".value", "zero_point")) else 1e-4) for n in names_out}
+        atol = {n: (1.0 if n.endswith((".key", ".value", "zero_point")) else 0.0 if n.startswith("kept.") else 1e-4) for n in names_out}
         run = Comparator.run([sim, ort_runner], data_loader=[feed])
         with np.errstate(divide="ignore", invalid="ignore"):  # relative error of exact zeros
             acc = Comparator.compare_accuracy(run, compare_func=CompareFunc.simple(rtol={"": 1e-3}, atol=atol))
@@ -187,11 +195,15 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
     for s in samples:
         ref = greedy_generate(torch_backend, s.batch, cfg.new_tokens, eos_token_id=None, keep_logits=True)
         got = greedy_generate(ort_backend, s.batch, cfg.new_tokens, eos_token_id=None, keep_logits=True)
-        rows.append({"question": s.question, **compare(ref, got)})
+        rows.append({"question": s.question, "prompt_length": int(s.batch.attention_mask.sum()), **compare(ref, got)})
     worst = max(r["max_logits_rel_error"] for r in rows)
     agreement = sum(r["identical"] for r in rows) / len(rows)
     tokens = sum(r["matching_prefix"] for r in rows) / (len(rows) * cfg.new_tokens)
+    pairs = [same for r in rows for same in r["kept_index_agreement"]]
+    kept = sum(pairs) / len(pairs) if pairs else None
     failures = []
+    if kept is not None and kept < 1.0:
+        failures.append(f"kept-index agreement {kept:.1%} at the pruning layers (must be 100%)")
     if worst > cfg.max_logits_rel_error:
         failures.append(f"logits relative error {worst:.3g} exceeds verify.max_logits_rel_error {cfg.max_logits_rel_error:g}")
     if agreement < cfg.min_greedy_agreement:
@@ -209,6 +221,7 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
         "max_vision_rel_error": max(r["vision_rel_error"] for r in rows),
         "greedy_agreement": agreement,
         "token_agreement": tokens,
+        "kept_index_agreement": kept,
         "thresholds": {"max_logits_rel_error": cfg.max_logits_rel_error, "min_greedy_agreement": cfg.min_greedy_agreement},
         "polygraphy": graphs or {},
         "passed": not failures,

@@ -1,0 +1,215 @@
+"""QUOTA calibration (DESIGN §3): signals under the deployed operators -> score weights ->
+layer-wise keep schedule.
+
+The calibration samples run through the quantized simulation (W4A4 + quantized KV cache; with
+``pruning.signals: fp`` through the full-precision model instead, which is the stage-wise
+combination). At the input of every decoder layer after the first we record, per visual token,
+the three signals of :func:`quota_compile.pruning.visual_signals`, and per layer the share of
+the query tokens' attention that goes to visual tokens (the layer's measured sensitivity).
+
+- ``weights: auto`` tries the score weights on a simplex grid (step 1/4). For each it
+  allocates a schedule on the fitting part of the calibration set and measures, on the
+  held-out part, the KL divergence of the final-token distribution of the pruned model from
+  the unpruned one (both in the same precision). The smallest KL wins; ties go to the earlier
+  grid point. Every point is recorded in the recipe.
+- The allocator (:func:`quota_compile.allocate.allocate`) maximises the retained score mass
+  weighted by each layer's sensitivity under the ``keep_ratio`` budget.
+- Baselines: ``fastv`` (one cut at ``fastv_layer``, attention cue), ``pdrop`` (geometric
+  stages, attention cue), ``random`` (one cut after the full layers, a fixed seeded score per
+  visual token). Their schedules do not depend on calibration data.
+
+Calibration signals are measured on the unpruned model; a layer after a pruning layer sees
+the kept tokens only, whose signals are assumed to keep their calibrated distribution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .allocate import KeepSchedule, allocate, fastv_schedule, pdrop_schedule, retained_mass_curves
+from .config import CalibrationSection, PruningSection
+from .errors import UserError
+from .models.llava import VLM
+from .programs import PrefillProgram, PruneSpec
+from .pruning import ScoreWeights, token_score, visual_signals
+from .quant.simulate import QuantizedModel
+from .recipe import CalibrationProvenance, PruningRecipe, SearchPoint, Weights
+from .runtime import Batch, make_batch
+from .verify import CALIBRATION_STREAM, QUESTIONS, synthetic_images
+
+GRID_STEP = 4  # weights on the simplex in quarters
+
+
+@dataclass
+class Signals:
+    att: np.ndarray  # [N, L, V] raw attention cue (layer 0: zeros, it never prunes)
+    mag: np.ndarray  # [N, L, V]
+    risk: np.ndarray  # [N, L, V]
+    visual_share: np.ndarray  # [N, L] attention share of the query tokens on visual tokens
+
+
+def calibration_batches(vlm: VLM, cfg: CalibrationSection, span: tuple[int, int]) -> list[Batch]:
+    images = synthetic_images(cfg.num_samples, vlm.image_size, cfg.seed, stream=CALIBRATION_STREAM)
+    questions = [QUESTIONS[(cfg.seed + 3 * i + 1) % len(QUESTIONS)] for i in range(cfg.num_samples)]
+    return [make_batch(vlm.processor, vlm.prompt_template, [img], [q], span, vlm.image_token_id) for img, q in zip(images, questions)]
+
+
+def batches_sha256(batches: list[Batch]) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        for a in (b.input_ids, b.attention_mask, b.pixel_values):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def _features(vision, batch: Batch) -> torch.Tensor:
+    return vision(torch.from_numpy(batch.pixel_values))
+
+
+@torch.no_grad()
+def collect_signals(vision, prefill: PrefillProgram, batches: list[Batch], query_tokens: int, act_bits: int) -> Signals:
+    n, layers, v = len(batches), prefill.num_layers, prefill.visual_count
+    att, mag, risk = (np.zeros((n, layers, v)) for _ in range(3))
+    share = np.zeros((n, layers))
+    for s, batch in enumerate(batches):
+
+        def observe(i, h, probs, mask, visual_index):
+            a_, m_, r_ = visual_signals(h, probs, mask, prefill.visual_start, v, query_tokens, act_bits)
+            att[s, i], mag[s, i], risk[s, i] = a_[0].double().numpy(), m_[0].double().numpy(), r_[0].double().numpy()
+            share[s, i] = float(a_[0].sum())
+
+        prefill.run(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), _features(vision, batch), observe)
+    return Signals(att, mag, risk, share)
+
+
+def scores(signals: Signals, w: ScoreWeights) -> np.ndarray:
+    t = [torch.from_numpy(x) for x in (signals.att, signals.mag, signals.risk)]
+    return token_score(*t, w).numpy()
+
+
+def quota_schedule(signals: Signals, w: ScoreWeights, keep_ratio: float, first_full: int) -> KeepSchedule:
+    mass = retained_mass_curves(scores(signals, w))
+    sensitivity = signals.visual_share.mean(axis=0)
+    return allocate(mass, sensitivity, keep_ratio, first_full=first_full)
+
+
+@torch.no_grad()
+def _final_log_probs(vision, prefill: PrefillProgram, batches: list[Batch]) -> np.ndarray:
+    out = []
+    for b in batches:
+        logits = prefill(torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask), _features(vision, b))[0]
+        out.append(torch.log_softmax(logits.double(), dim=-1)[0].numpy())
+    return np.stack(out)
+
+
+def kl_divergence(ref_log_probs: np.ndarray, log_probs: np.ndarray) -> float:
+    """Mean over samples of KL(reference || pruned) of the final-token distributions."""
+    return float(np.mean(np.sum(np.exp(ref_log_probs) * (ref_log_probs - log_probs), axis=-1)))
+
+
+def weight_grid() -> list[ScoreWeights]:
+    pts = [(a, m, GRID_STEP - a - m) for a, m in itertools.product(range(GRID_STEP + 1), repeat=2) if a + m <= GRID_STEP]
+    return [ScoreWeights(a / GRID_STEP, m / GRID_STEP, r / GRID_STEP) for a, m, r in sorted(pts, reverse=True)]
+
+
+@dataclass
+class Calibrated:
+    spec: PruneSpec
+    recipe: PruningRecipe
+    provenance: CalibrationProvenance
+    schedule: KeepSchedule
+
+
+def _weights(w: ScoreWeights) -> Weights:
+    return Weights(att=w.att, mag=w.mag, risk=w.risk)
+
+
+def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruning: PruningSection, calibration: CalibrationSection, config_file) -> Calibrated:
+    """Decide the pruning for ``pruning.method`` (anything but ``none``)."""
+    start, v = span
+    layers = vlm.num_layers
+    act_bits = qm.spec.activations.bits
+    provenance = CalibrationProvenance(
+        dataset=calibration.dataset, num_samples=calibration.num_samples, seed=calibration.seed, holdout=calibration.holdout
+    )
+    try:
+        if pruning.method in ("fastv", "pdrop", "random"):
+            if pruning.method == "fastv":
+                schedule = fastv_schedule(layers, v, pruning.keep_ratio, pruning.fastv_layer)
+            elif pruning.method == "pdrop":
+                schedule = pdrop_schedule(layers, v, pruning.keep_ratio, pruning.stages, pruning.first_full_layers)
+            else:
+                schedule = fastv_schedule(layers, v, pruning.keep_ratio, pruning.first_full_layers)
+            w = ScoreWeights(1.0, 0.0, 0.0)
+            rand = None
+            if pruning.method == "random":
+                gen = torch.Generator().manual_seed(pruning.seed)
+                rand = tuple(torch.rand(v, generator=gen).tolist())
+            spec = PruneSpec(tuple(schedule.keep), w, pruning.query_tokens, act_bits, rand)
+            recipe = PruningRecipe(
+                method=pruning.method,
+                signals=pruning.signals,
+                keep_ratio=pruning.keep_ratio,
+                query_tokens=pruning.query_tokens,
+                weights=None if rand else _weights(w),
+                keep=list(schedule.keep),
+                pruning_layers=spec.pruning_layers,
+                random_seed=pruning.seed if rand else None,
+            )
+            return Calibrated(spec, recipe, provenance, schedule)
+
+        batches = calibration_batches(vlm, calibration, span)
+        provenance = provenance.model_copy(update={"sha256": batches_sha256(batches)})
+        holdout = max(1, round(len(batches) * calibration.holdout))
+        fit, held = batches[:-holdout], batches[-holdout:]
+        with qm.fake_quant(pruning.signals == "lowbit"):
+            unpruned = PrefillProgram(vlm, qm, start, v)
+            signals = collect_signals(vision, unpruned, fit, pruning.query_tokens, act_bits)
+            candidates = weight_grid() if pruning.weights == "auto" else [ScoreWeights(**pruning.weights.model_dump())]
+            search: list[SearchPoint] = []
+            best: tuple[float, ScoreWeights, KeepSchedule] | None = None
+            if len(candidates) > 1:
+                ref = _final_log_probs(vision, unpruned, held)
+            for w in candidates:
+                schedule = quota_schedule(signals, w, pruning.keep_ratio, pruning.first_full_layers)
+                if len(candidates) == 1:
+                    best = (0.0, w, schedule)
+                    break
+                spec = PruneSpec(tuple(schedule.keep), w, pruning.query_tokens, act_bits)
+                kl = kl_divergence(ref, _final_log_probs(vision, PrefillProgram(vlm, qm, start, v, spec), held))
+                search.append(SearchPoint(weights=_weights(w), keep=list(schedule.keep), kl=kl))
+                if best is None or kl < best[0]:
+                    best = (kl, w, schedule)
+    except UserError as e:
+        raise UserError(f"{config_file}: {e}") from None
+    _, w, schedule = best
+    spec = PruneSpec(tuple(schedule.keep), w, pruning.query_tokens, act_bits)
+    recipe = PruningRecipe(
+        method="quota",
+        signals=pruning.signals,
+        keep_ratio=pruning.keep_ratio,
+        query_tokens=pruning.query_tokens,
+        weights=_weights(w),
+        keep=list(schedule.keep),
+        pruning_layers=spec.pruning_layers,
+        weight_search=search,
+    )
+    return Calibrated(spec, recipe, provenance, schedule)
+
+
+def prune_spec_from_recipe(pruning: PruningRecipe, act_bits: int) -> PruneSpec | None:
+    """The selection a recipe describes (``None`` for ``method: none``)."""
+    if pruning.method == "none":
+        return None
+    rand = None
+    if pruning.method == "random":
+        gen = torch.Generator().manual_seed(pruning.random_seed)
+        rand = tuple(torch.rand(max(pruning.keep), generator=gen).tolist())
+    w = pruning.weights or Weights(att=1.0, mag=0.0, risk=0.0)
+    return PruneSpec(tuple(pruning.keep), ScoreWeights(w.att, w.mag, w.risk), pruning.query_tokens, act_bits, rand)
