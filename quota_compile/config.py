@@ -109,7 +109,10 @@ class VerifySection(_Section):
     samples: int = Field(4, ge=1)
     new_tokens: int = Field(16, ge=1)
     seed: int = Field(1234, ge=0)
-    max_logits_rel_error: float = Field(0.02, gt=0.0)
+    # Float reassociation between PyTorch and onnxruntime moves a few values across INT4/INT8
+    # rounding boundaries; measured on the tiny random models: up to 3.1e-2 (SigLIP + Qwen2
+    # variant), 3e-7 (builtin:tiny-llava). Greedy agreement is the decisive check.
+    max_logits_rel_error: float = Field(0.05, gt=0.0)
     min_greedy_agreement: float = Field(1.0, ge=0.0, le=1.0)
 
 
