@@ -183,8 +183,24 @@ def parse_config(data: Any, path: Path) -> CompileConfig:
     try:
         return CompileConfig.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
+        err = _most_specific(e.errors())
         raise UserError(f"{path}: key '{_key(err['loc'])}' {_describe(err)}.") from None
+
+
+def _is_branch(part) -> bool:
+    """Pydantic names the alternatives of a union in the error location (``literal['auto']``,
+    ``ScoreWeightsSection``); they are not keys of the file."""
+    return isinstance(part, str) and (part.startswith(("literal[", "function-")) or part[:1].isupper())
+
+
+def _most_specific(errors: list[dict]) -> dict:
+    """For a union (``weights: auto | {att, mag, risk}``) given a mapping, report the mapping's
+    own error rather than "must be 'auto'"."""
+    first = errors[0]
+    if isinstance(first.get("input"), dict):
+        nested = [e for e in errors if any(_is_branch(p) and p[:1].isupper() for p in e["loc"])]
+        first = nested[0] if nested else first
+    return {**first, "loc": tuple(p for p in first["loc"] if not _is_branch(p))}
 
 
 def load_config(path: str | Path) -> CompileConfig:

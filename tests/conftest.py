@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from quota_compile.cli import main
-from quota_compile.models.builtin import write_builtin
+from quota_compile.models.builtin import build_tiny_llava, write_builtin
 
 
 def write_config(path: Path, source: str, out_dir: Path, **sections) -> Path:
@@ -29,6 +29,16 @@ def write_config(path: Path, source: str, out_dir: Path, **sections) -> Path:
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     return write_builtin("tiny-llava", tmp_path_factory.mktemp("hf") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def small_folder(tmp_path_factory) -> Path:
+    """A 2-layer variant of the tiny model: for tests about the pipeline, not about depth."""
+    folder = tmp_path_factory.mktemp("hf") / "tiny-llava-2"
+    model, processor = build_tiny_llava(0, num_layers=2)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

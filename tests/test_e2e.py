@@ -77,7 +77,8 @@ def test_recipe_round_trips_exactly(tiny_bundle: Path, tmp_path: Path):
     again = Recipe.load(recipe.dump(tmp_path / "r.yaml"))
     assert again == recipe
     assert (tmp_path / "r.yaml").read_text() == (tiny_bundle / "recipe.yaml").read_text()
-    assert recipe.quantization.weights.group_size == 16 and recipe.model.num_layers == 2
+    assert recipe.quantization.weights.group_size == 16 and recipe.model.num_layers == 8
+    assert recipe.pruning.method == "none" and recipe.pruning.keep == [64] * 8
 
 
 def test_runner_answers_and_a_batch_of_three_matches_one_at_a_time(tiny_bundle: Path):
@@ -97,6 +98,7 @@ def test_runner_answers_and_a_batch_of_three_matches_one_at_a_time(tiny_bundle: 
 
 
 def test_two_compiles_give_byte_identical_graphs(tiny_bundle: Path, tiny_folder: Path, tmp_path: Path):
+    # Same YAML content and checkpoint as the session bundle, another output folder.
     cfg = write_config(tmp_path / "tiny.yaml", str(tiny_folder), tmp_path / "again")
     assert main([str(cfg)]) == 0
     second = tmp_path / "again" / "tiny"
@@ -107,12 +109,12 @@ def test_two_compiles_give_byte_identical_graphs(tiny_bundle: Path, tiny_folder:
     assert first_files == second_files
 
 
-def test_existing_bundle_is_kept_without_force_and_replaced_with_it(tiny_bundle: Path, tiny_folder: Path, tmp_path: Path, capsys):
+def test_existing_bundle_is_kept_without_force_and_replaced_with_it(small_folder: Path, tmp_path: Path, capsys):
     out = tmp_path / "exported"
     (out / "tiny").mkdir(parents=True)
     marker = out / "tiny" / "keep.txt"
     marker.write_text("user data")
-    cfg = write_config(tmp_path / "tiny.yaml", str(tiny_folder), out, verify={"samples": 1, "new_tokens": 2})
+    cfg = write_config(tmp_path / "tiny.yaml", str(small_folder), out, verify={"samples": 1, "new_tokens": 2})
     assert main([str(cfg)]) == 2
     assert "--force" in capsys.readouterr().err
     assert marker.read_text() == "user data"
@@ -121,9 +123,9 @@ def test_existing_bundle_is_kept_without_force_and_replaced_with_it(tiny_bundle:
     assert sorted(p.name for p in out.iterdir()) == ["tiny"]
 
 
-def test_failed_verification_exits_1_and_leaves_no_bundle(tiny_folder: Path, tmp_path: Path, capsys):
+def test_failed_verification_exits_1_and_leaves_no_bundle(small_folder: Path, tmp_path: Path, capsys):
     cfg = write_config(
-        tmp_path / "strict.yaml", str(tiny_folder), tmp_path / "out", verify={"samples": 1, "new_tokens": 2, "max_logits_rel_error": 1e-30}
+        tmp_path / "strict.yaml", str(small_folder), tmp_path / "out", verify={"samples": 1, "new_tokens": 2, "max_logits_rel_error": 1e-30}
     )
     assert main([str(cfg)]) == 1
     err = capsys.readouterr().err
@@ -132,10 +134,10 @@ def test_failed_verification_exits_1_and_leaves_no_bundle(tiny_folder: Path, tmp
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
-def test_int8_kv_cache_and_activations_compile_and_verify(tiny_folder: Path, tmp_path: Path):
+def test_int8_kv_cache_and_activations_compile_and_verify(small_folder: Path, tmp_path: Path):
     cfg = write_config(
         tmp_path / "kv8.yaml",
-        str(tiny_folder),
+        str(small_folder),
         tmp_path / "out",
         quantization={"weights": {"group_size": 16}, "activations": {"bits": 8}, "kv_cache": {"bits": 8}},
         verify={"samples": 4, "new_tokens": 16},

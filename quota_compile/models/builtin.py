@@ -67,13 +67,14 @@ def build_tiny_llava(
     text: str = "llama",
     strategy: str = "default",
     feature_layer: int | list[int] = -2,
+    num_layers: int = 8,
 ):
     """Random-init tiny LLaVA: 32x32 images, patch 4 (64 visual tokens), a 2-layer vision
     tower, an 8-layer decoder with GQA 4/2.
 
     ``vision`` (``clip`` | ``siglip``), ``text`` (``llama`` | ``mistral`` | ``qwen2``),
-    ``strategy`` and ``feature_layer`` select the architecture variant; ``builtin:tiny-llava``
-    is the default CLIP + Llama one.
+    ``strategy``, ``feature_layer`` and ``num_layers`` (decoder depth) select the architecture
+    variant; ``builtin:tiny-llava`` is the default CLIP + Llama one.
     """
     from transformers import (
         CLIPImageProcessor,
@@ -96,8 +97,8 @@ def build_tiny_llava(
     text_cfg = text_cls(
         hidden_size=64,
         intermediate_size=128,
-        # Deep enough that a 30% visual-token budget is reachable with 2 full layers.
-        num_hidden_layers=8,
+        # 8 by default: deep enough that a 30% visual-token budget is reachable with 2 full layers.
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=len(tokenizer),
