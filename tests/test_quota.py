@@ -1,0 +1,282 @@
+"""QUOTA: calibration, selection, the fold_topk_gather pass, per-layer KV, recipes, end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+from onnx import numpy_helper
+
+from passes import count_calls
+from passes.fold_topk_gather import FoldTopKGather
+from passes.strip_runtime_asserts import StripRuntimeAsserts
+from quota_compile.calibrate import calibrate, calibration_batches, collect_signals
+from quota_compile.cli import main
+from quota_compile.config import CalibrationSection, PruningSection, parse_config
+from quota_compile.lower import export_onnx
+from quota_compile.models import load_model
+from quota_compile.programs import PrefillProgram, PruneSpec
+from quota_compile.pruning import ScoreWeights, gather_visual
+from quota_compile.quant.simulate import quantize
+from quota_compile.recipe import Recipe
+from quota_compile.runtime import BundleRunner, make_batch
+from quota_compile.trace import build_programs
+from quota_compile.verify import synthetic_images
+
+from .conftest import write_config
+
+QUOTA = {"method": "quota", "keep_ratio": 0.3}
+
+
+@pytest.fixture(scope="module")
+def quota_bundle(tmp_path_factory, tiny_folder) -> Path:
+    work = tmp_path_factory.mktemp("quota")
+    cfg = write_config(work / "q.yaml", str(tiny_folder), work / "out", pruning=QUOTA, calibration={"num_samples": 8})
+    assert main([str(cfg)]) == 0
+    return work / "out" / "q"
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    """The 8-layer tiny model, quantized, for program-level tests."""
+    cfg = parse_config({"version": 1, "model": {"source": str(tiny_folder)}, "quantization": {"weights": {"group_size": 16}}}, Path("t.yaml"))
+    with contextlib.ExitStack() as stack:
+        vlm = load_model(cfg, Path("t.yaml"), stack)
+        yield vlm, quantize(vlm.model, cfg.quantization)
+
+
+# ------------------------------------------------------------------ selection
+
+
+def test_select_topk_ties_go_to_the_lower_index_in_torch_and_onnxruntime():
+    class Select(torch.nn.Module):
+        def forward(self, score):
+            return torch.ops.quota.select_topk(score, 3)
+
+    score = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    ours = torch.ops.quota.select_topk(score, 3)
+    assert ours.tolist() == [[1, 2, 4], [0, 1, 2]]  # among equal 3.0s the lower indices; ascending
+    model = export_onnx(Select(), (score,), ["score"], ["keep"], ({0: torch.export.Dim("b")},))
+    assert [n.op_type for n in model.graph.node].count("TopK") == 2
+    sess = ort.InferenceSession(model.SerializeToString())
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        s = torch.randint(0, 4, (5, 6), generator=gen).float()  # many ties
+        got = sess.run(None, {"score": s.numpy()})[0]
+        assert np.array_equal(got, torch.ops.quota.select_topk(s, 3).numpy()), trial
+
+
+def test_gather_visual_keeps_text_and_original_positions():
+    b, t, d, start, v = 2, 9, 3, 2, 4
+    h = torch.arange(b * t * d, dtype=torch.float32).reshape(b, t, d)
+    pos = torch.arange(t).expand(b, t)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, -1] = 0
+    index = torch.arange(v).expand(b, v)
+    score = torch.tensor([[0.1, 0.9, 0.2, 0.8], [0.7, 0.1, 0.6, 0.0]])
+    h2, pos2, mask2, kept = gather_visual(h, pos, mask, index, score, 2, start)
+    assert kept.tolist() == [[1, 3], [0, 2]]
+    assert pos2.tolist() == [[0, 1, 3, 5, 6, 7, 8], [0, 1, 2, 4, 6, 7, 8]]
+    assert mask2[1].tolist() == [1, 1, 1, 1, 1, 1, 0]
+    assert torch.equal(h2[0, :2], h[0, :2]) and torch.equal(h2[0, 4:], h[0, 6:])
+    assert torch.equal(h2[0, 2], h[0, start + 1]) and torch.equal(h2[1, 3], h[1, start + 2])
+
+
+# ------------------------------------------------------------------ the pass
+
+
+def test_fold_topk_gather_replaces_each_marker_by_a_static_k_gather(tiny):
+    vlm, qm = tiny
+    spec = PruneSpec(keep=(64, 64, 20, 20, 9, 9, 9, 3), weights=ScoreWeights(0.5, 0.25, 0.25))
+    programs = build_programs(vlm, qm, spec)
+    t = programs.prefill.visual_start + 64 + 6
+    ids = torch.randint(0, vlm.vocab_size, (2, t), generator=torch.Generator().manual_seed(1))
+    ids[:, programs.prefill.visual_start : programs.prefill.visual_start + 64] = vlm.image_token_id
+    mask = torch.ones(2, t, dtype=torch.long)
+    mask[0, -2:] = 0
+    feats = torch.randn(2, 64, vlm.hidden_size, generator=torch.Generator().manual_seed(2))
+    seq = torch.export.Dim("seq", min=programs.prefill.visual_start + 66, max=512)
+    with qm.fake_quant(False):
+        gm = torch.export.export(programs.prefill, (ids, mask, feats), dynamic_shapes=({1: seq}, {1: seq}, None), strict=False).module()
+        StripRuntimeAsserts()(gm)
+        assert count_calls(gm, torch.ops.quota.prune_point.default) == 3
+        before = gm(ids, mask, feats)
+        fold = FoldTopKGather()
+        assert fold(gm).modified
+        after = gm(ids, mask, feats)
+    assert count_calls(gm, torch.ops.quota.prune_point.default) == 0
+    assert fold.folded == [20, 9, 3]
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+    # static shapes after each pruning layer: KV of layer l has t - 64 + keep[l] tokens
+    kv = after[1 : 1 + 2 * 8]
+    assert [x.shape[2] for x in kv[::2]] == [t - 64 + k for k in spec.keep]
+    assert [x.shape[1] for x in after[1 + 16 :]] == [20, 9, 3]  # kept indices per pruning layer
+
+
+def test_batched_pruned_prefill_equals_one_sample_at_a_time(tiny):
+    vlm, qm = tiny
+    spec = PruneSpec(keep=(64, 64, 16, 16, 8, 8, 8, 8), weights=ScoreWeights(0.5, 0.25, 0.25))
+    programs = build_programs(vlm, qm, spec)
+    span = (programs.prefill.visual_start, 64)
+    images = synthetic_images(3, 32, seed=11)
+    questions = ["Hi", "What is in the image on the left?", "How many shapes of each colour are there in the picture?"]
+    batch = make_batch(vlm.processor, vlm.prompt_template, images, questions, span, vlm.image_token_id)
+    with torch.no_grad():
+        feats = programs.vision(torch.from_numpy(batch.pixel_values))
+        out = programs.prefill(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), feats)
+        for i in range(3):
+            one = make_batch(vlm.processor, vlm.prompt_template, [images[i]], [questions[i]], span, vlm.image_token_id)
+            single = programs.prefill(torch.from_numpy(one.input_ids), torch.from_numpy(one.attention_mask), feats[i : i + 1])
+            torch.testing.assert_close(single[0][0], out[0][i], rtol=1e-4, atol=1e-4)
+            for j in (-2, -1):  # kept indices at both pruning layers
+                assert torch.equal(single[j][0], out[j][i])
+
+
+# ------------------------------------------------------------------ calibration and baselines
+
+
+def test_lowbit_and_fp_signals_differ_and_calibration_is_deterministic(tiny):
+    vlm, qm = tiny
+    prefill = PrefillProgram(vlm, qm, *vlm.visual_span())
+    vision = build_programs(vlm, qm).vision
+    batches = calibration_batches(vlm, CalibrationSection(num_samples=3), vlm.visual_span())
+    low = collect_signals(vision, prefill, batches, 32, 4)
+    with qm.fake_quant(False):
+        fp = collect_signals(vision, prefill, batches, 32, 4)
+    assert low.att.shape == (3, 8, 64) and np.all(low.att[:, 0] == 0)
+    assert not np.allclose(low.att[:, 1:], fp.att[:, 1:])
+    assert not np.allclose(low.risk[:, 1:], fp.risk[:, 1:])
+    pr = PruningSection(method="quota", keep_ratio=0.4)
+    cal = CalibrationSection(num_samples=6)
+    a = calibrate(vlm, qm, vision, vlm.visual_span(), pr, cal, "t.yaml")
+    b = calibrate(vlm, qm, vision, vlm.visual_span(), pr, cal, "t.yaml")
+    assert a.recipe == b.recipe and a.provenance.sha256 == b.provenance.sha256
+    assert len(a.recipe.weight_search) == 15
+    assert a.recipe.weights == min(a.recipe.weight_search, key=lambda p: p.kl).weights
+    keep = a.recipe.keep
+    assert keep[:2] == [64, 64] and all(x >= y for x, y in zip(keep, keep[1:]))
+    assert abs(sum(keep) - round(0.4 * 8 * 64)) <= 8
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "random"])
+def test_baseline_schedules_meet_the_budget(tiny, method):
+    vlm, qm = tiny
+    vision = build_programs(vlm, qm).vision
+    res = calibrate(vlm, qm, vision, vlm.visual_span(), PruningSection(method=method, keep_ratio=0.5, fastv_layer=3), CalibrationSection(), "t.yaml")
+    keep = res.recipe.keep
+    assert sum(keep) == round(0.5 * 8 * 64)
+    if method == "fastv":
+        assert keep[:3] == [64] * 3 and max(keep[3:]) - min(keep[3:]) <= 1
+    if method == "pdrop":
+        assert len(set(keep[2:])) >= 3
+    if method == "random":
+        assert res.spec.random_scores is not None and res.recipe.random_seed == 0
+        again = calibrate(vlm, qm, vision, vlm.visual_span(), PruningSection(method="random", keep_ratio=0.5), CalibrationSection(), "t.yaml")
+        assert again.spec.random_scores == res.spec.random_scores
+
+
+def test_budget_below_the_minimum_is_a_clear_error(tiny_folder, tmp_path, capsys):
+    cfg = write_config(tmp_path / "low.yaml", str(tiny_folder), tmp_path / "out", pruning={"method": "quota", "keep_ratio": 0.1})
+    assert main([str(cfg)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "low.yaml" in last and "pruning.keep_ratio" in last and "minimum" in last
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_quota_bundle_is_verified_with_full_index_agreement(quota_bundle: Path):
+    v = json.loads((quota_bundle / "verify.json").read_text())
+    assert v["passed"] and v["greedy_agreement"] == 1.0 and v["kept_index_agreement"] == 1.0
+    assert all(all(s["kept_index_agreement"]) and len(s["kept_index_agreement"]) >= 1 for s in v["per_sample"])
+
+
+def _topk_ks(model: onnx.ModelProto, largest: int) -> list[int]:
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    ks = []
+    for n in model.graph.node:
+        if n.op_type == "TopK" and next(a.i for a in n.attribute if a.name == "largest") == largest:
+            ks.append(int(consts[n.input[1]].reshape(-1)[0]))
+    return ks
+
+
+def test_prefill_has_one_topk_per_pruning_layer_with_the_recipe_k(quota_bundle: Path):
+    recipe = Recipe.load(quota_bundle / "recipe.yaml")
+    assert recipe.pruning.method == "quota" and recipe.pruning.pruning_layers
+    prefill = onnx.load(quota_bundle / "prefill.onnx")
+    expected = [recipe.pruning.keep[layer] for layer in recipe.pruning.pruning_layers]
+    assert _topk_ks(prefill, largest=1) == expected  # the selection
+    assert _topk_ks(prefill, largest=0) == expected  # ascending order of the kept indices
+    assert [o.name for o in prefill.graph.output if o.name.startswith("kept.")] == [f"kept.{layer}" for layer in recipe.pruning.pruning_layers]
+    assert not [n for n in onnx.load(quota_bundle / "decode.onnx").graph.node if n.op_type == "TopK"]
+
+
+def test_kv_cache_has_the_per_layer_lengths(quota_bundle: Path):
+    recipe = Recipe.load(quota_bundle / "recipe.yaml")
+    keep, v = recipe.pruning.keep, recipe.model.visual_tokens
+    runner = BundleRunner(quota_bundle)
+    batch = make_batch(runner.processor, runner.prompt_template, synthetic_images(1, 32, 5), ["What is it?"], runner.visual_span, runner.image_token_id)
+    feats = runner.backend.vision(batch.pixel_values)
+    _, cache, kept = runner.backend.prefill(batch.input_ids, batch.attention_mask, feats)
+    t = batch.input_ids.shape[1]
+    assert [cache[6 * i].shape[2] for i in range(len(keep))] == [t - v + k for k in keep]
+    assert [k.shape[1] for k in kept] == [keep[layer] for layer in recipe.pruning.pruning_layers]
+    # The decode graph declares those lengths: layers with the same keep share a symbol, and
+    # the declared differences between layers are the differences of their keep counts.
+    dec = onnx.load(quota_bundle / "decode.onnx")
+    dims = {i.name: i.type.tensor_type.shape.dim[2].dim_param for i in dec.graph.input if i.name.endswith(".key")}
+    for i in range(len(keep)):
+        for j in range(len(keep)):
+            same = dims[f"past.{i}.key"] == dims[f"past.{j}.key"]
+            assert same == (keep[i] == keep[j]), (i, j, dims)
+    m = json.loads((quota_bundle / "manifest.json").read_text())
+    assert [layer["visual_tokens"] for layer in m["kv_cache"]] == keep
+    kv = m["kv_cache_bytes_per_sequence"]
+    assert kv["ratio"] > 1 and kv["bundle"] < kv["fp16_unpruned"]
+
+
+def test_report_shows_the_schedule_and_kept_patch_overlays(quota_bundle: Path):
+    report = (quota_bundle / "report.md").read_text()
+    for png in ("schedule.png", "kept_patches_0.png", "kept_patches_1.png"):
+        assert f"]({png})" in report
+        assert (quota_bundle / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Score-weight search" in report and "**chosen**" in report
+
+
+def test_exporting_again_from_the_recipe_gives_the_same_bytes(quota_bundle: Path, tiny_folder: Path, tmp_path: Path):
+    cfg = write_config(tmp_path / "q.yaml", str(tiny_folder), tmp_path / "again", pruning=QUOTA, calibration={"num_samples": 8})
+    assert main([str(cfg), "--recipe", str(quota_bundle / "recipe.yaml")]) == 0
+    again = tmp_path / "again" / "q"
+    for g in ("vision", "prefill", "decode"):
+        assert (again / f"{g}.onnx").read_bytes() == (quota_bundle / f"{g}.onnx").read_bytes(), g
+    assert (again / "recipe.yaml").read_text() == (quota_bundle / "recipe.yaml").read_text()
+
+
+def test_recipe_that_does_not_fit_the_model_is_exit_2(quota_bundle: Path, small_folder: Path, tiny_folder: Path, tmp_path: Path, capsys):
+    cfg = write_config(tmp_path / "small.yaml", str(small_folder), tmp_path / "out")
+    assert main([str(cfg), "--recipe", str(quota_bundle / "recipe.yaml")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "recipe.yaml" in last and "8 decoder layers" in last and "2" in last
+    doc = yaml.safe_load((quota_bundle / "recipe.yaml").read_text())
+    doc["model"]["visual_tokens"] = 100
+    bad = tmp_path / "bad-recipe.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    cfg = write_config(tmp_path / "tiny.yaml", str(tiny_folder), tmp_path / "out")
+    assert main([str(cfg), "--recipe", str(bad)]) == 2
+    assert "100 visual tokens" in capsys.readouterr().err
+    (tmp_path / "junk.yaml").write_text("version: 1\nmodel: nope\n")
+    assert main([str(cfg), "--recipe", str(tmp_path / "junk.yaml")]) == 2
+    assert "not a valid quota-compile recipe" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
