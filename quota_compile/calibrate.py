@@ -130,6 +130,11 @@ def _weights(w: ScoreWeights) -> Weights:
     return Weights(att=w.att, mag=w.mag, risk=w.risk)
 
 
+def _pruning_layers(schedule: KeepSchedule) -> list[int]:
+    # Layer 0 never prunes (its cue would be the previous layer's attention).
+    return [layer for layer in schedule.pruning_layers if layer > 0]
+
+
 def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruning: PruningSection, calibration: CalibrationSection, config_file) -> Calibrated:
     """Decide the pruning for ``pruning.method`` (anything but ``none``)."""
     start, v = span
@@ -146,22 +151,18 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
                 schedule = pdrop_schedule(layers, v, pruning.keep_ratio, pruning.stages, pruning.first_full_layers)
             else:
                 schedule = fastv_schedule(layers, v, pruning.keep_ratio, pruning.first_full_layers)
-            w = ScoreWeights(1.0, 0.0, 0.0)
-            rand = None
-            if pruning.method == "random":
-                gen = torch.Generator().manual_seed(pruning.seed)
-                rand = tuple(torch.rand(v, generator=gen).tolist())
-            spec = PruneSpec(tuple(schedule.keep), w, pruning.query_tokens, act_bits, rand)
+            random = pruning.method == "random"
             recipe = PruningRecipe(
                 method=pruning.method,
                 signals=pruning.signals,
                 keep_ratio=pruning.keep_ratio,
                 query_tokens=pruning.query_tokens,
-                weights=None if rand else _weights(w),
+                weights=None if random else Weights(att=1.0, mag=0.0, risk=0.0),
                 keep=list(schedule.keep),
-                pruning_layers=spec.pruning_layers,
-                random_seed=pruning.seed if rand else None,
+                pruning_layers=_pruning_layers(schedule),
+                random_seed=pruning.seed if random else None,
             )
+            spec = prune_spec_from_recipe(recipe, act_bits)
             return Calibrated(spec, recipe, provenance, schedule)
 
         batches = calibration_batches(vlm, calibration, span)
@@ -189,7 +190,6 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
     except UserError as e:
         raise UserError(f"{config_file}: {e}") from None
     _, w, schedule = best
-    spec = PruneSpec(tuple(schedule.keep), w, pruning.query_tokens, act_bits)
     recipe = PruningRecipe(
         method="quota",
         signals=pruning.signals,
@@ -197,9 +197,10 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
         query_tokens=pruning.query_tokens,
         weights=_weights(w),
         keep=list(schedule.keep),
-        pruning_layers=spec.pruning_layers,
+        pruning_layers=_pruning_layers(schedule),
         weight_search=search,
     )
+    spec = prune_spec_from_recipe(recipe, act_bits)
     return Calibrated(spec, recipe, provenance, schedule)
 
 
@@ -210,6 +211,6 @@ def prune_spec_from_recipe(pruning: PruningRecipe, act_bits: int) -> PruneSpec |
     rand = None
     if pruning.method == "random":
         gen = torch.Generator().manual_seed(pruning.random_seed)
-        rand = tuple(torch.rand(max(pruning.keep), generator=gen).tolist())
+        rand = tuple(torch.rand(pruning.keep[0], generator=gen).tolist())
     w = pruning.weights or Weights(att=1.0, mag=0.0, risk=0.0)
     return PruneSpec(tuple(pruning.keep), ScoreWeights(w.att, w.mag, w.risk), pruning.query_tokens, act_bits, rand)

@@ -280,3 +280,19 @@ def test_recipe_that_does_not_fit_the_model_is_exit_2(quota_bundle: Path, small_
     assert main([str(cfg), "--recipe", str(tmp_path / "junk.yaml")]) == 2
     assert "not a valid quota-compile recipe" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_onnxruntime_batch_of_three_matches_one_at_a_time_with_pruning(quota_bundle: Path):
+    from quota_compile.runtime import greedy_generate
+
+    runner = BundleRunner(quota_bundle)
+    images = synthetic_images(3, 32, seed=21)
+    questions = ["Hi", "What colour is the square?", "How many circles are there on the left and on the right?"]
+    batch = make_batch(runner.processor, runner.prompt_template, images, questions, runner.visual_span, runner.image_token_id)
+    together = greedy_generate(runner.backend, batch, 10, eos_token_id=None)
+    for i in range(3):
+        one = make_batch(runner.processor, runner.prompt_template, [images[i]], [questions[i]], runner.visual_span, runner.image_token_id)
+        alone = greedy_generate(runner.backend, one, 10, eos_token_id=None)
+        assert alone.tokens[0] == together.tokens[i]
+        for a, b in zip(alone.kept, together.kept):
+            assert np.array_equal(a[0], b[i])
