@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -79,6 +79,12 @@ class ScoreWeightsSection(_Section):
     att: float = Field(1.0, ge=0.0)
     mag: float = Field(0.0, ge=0.0)
     risk: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> ScoreWeightsSection:
+        if self.att == self.mag == self.risk == 0.0:
+            raise ValueError("at least one of att, mag, risk must be positive (all zero would keep the first tokens)")
+        return self
 
 
 class PruningSection(_Section):
@@ -198,7 +204,7 @@ def _most_specific(errors: list[dict]) -> dict:
     own error rather than "must be 'auto'"."""
     first = errors[0]
     if isinstance(first.get("input"), dict):
-        nested = [e for e in errors if any(_is_branch(p) and p[:1].isupper() for p in e["loc"])]
+        nested = [e for e in errors if any(_is_branch(p) and not p.startswith("literal[") for p in e["loc"])]
         first = nested[0] if nested else first
     return {**first, "loc": tuple(p for p in first["loc"] if not _is_branch(p))}
 

@@ -124,6 +124,13 @@ def compile_model(
 
         method = given.pruning.method if given else cfg.pruning.method
         what = f"from {recipe_path}" if given else f"{method}, keep_ratio {cfg.pruning.keep_ratio}, {cfg.pruning.signals} signals"
+        if given is not None and given.model.sha256 != model_hash:
+            console.print(
+                f"note: {recipe_path} was made for a checkpoint with another hash; its layer and token counts fit, so it is used.",
+                highlight=False,
+            )
+        if given is not None and cfg.pruning.method != "none" and cfg.pruning.method != given.pruning.method:
+            console.print(f"note: the recipe's pruning ({given.pruning.method}) replaces the pruning section of {config_file}.", highlight=False)
         with progress.stage("calibrate", "no token pruning" if method == "none" else what):
             pruning, provenance, prune_spec = decide_pruning(cfg, vlm, qm, span, given, config_file)
 

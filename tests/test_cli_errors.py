@@ -39,6 +39,7 @@ CASES = [
     ("pruning-method", GOOD + "pruning:\n  method: magic\n", ["'pruning.method'", "'quota'", "'magic'"]),
     ("keep-ratio", GOOD + "pruning:\n  method: quota\n  keep_ratio: 0\n", ["'pruning.keep_ratio'", "greater than 0"]),
     ("keep-ratio-above-one", GOOD + "pruning:\n  method: quota\n  keep_ratio: 1.5\n", ["'pruning.keep_ratio'", "at most 1"]),
+    ("score-weights-all-zero", GOOD + "pruning:\n  method: quota\n  weights: {att: 0}\n", ["'pruning.weights'", "at least one"]),
     ("score-weights", GOOD + "pruning:\n  method: quota\n  weights: {att: 1, magnitude: 2}\n", ["'pruning.weights.magnitude'", "not a known key"]),
     ("opset", GOOD + "export:\n  opset: 17\n", ["'export.opset'", "21"]),
     ("output-name", GOOD.replace("output:", "output:\n  name: ../escape"), ["'output.name'", "folder name"]),
