@@ -14,10 +14,14 @@ Layouts (B batch, T prompt length, S past length, V visual tokens, Hkv KV heads,
 - prefill: ``input_ids [B, T]`` (right-padded; the image tokens at the fixed span
   ``[visual_start, visual_start + V)``), ``attention_mask [B, T]``, ``image_features`` ->
   ``logits [B, vocab]`` of each sample's last real token, then per layer ``key, value``
-  ``[B, Hkv, T, D]`` (float) or ``key, key_scale, key_zero_point, value, ...`` (simulation).
-- decode: ``input_ids [B, 1]``, ``position_ids [B, 1]``, ``attention_mask [B, S + 1]``, then the
-  per-layer past in the same layout with length S -> ``logits [B, vocab]`` and the new
-  token's per-layer KV entries (length 1). The runtime appends them to the cache.
+  ``[B, Hkv, T_l, D]`` (float) or ``key, key_scale, key_zero_point, value, ...`` (simulation),
+  then, per pruning layer l, ``kept [B, k_l]``: the original indices of the visual tokens it
+  keeps. With a :class:`PruneSpec`, layer l processes ``k_l`` visual tokens, so
+  ``T_l = T - V + k_l``.
+- decode: ``input_ids [B, 1]``, ``position_ids [B, 1]``, ``attention_mask [B, S + 1]`` (the
+  unpruned prompt plus generated tokens), then the per-layer past in the same layout with
+  length ``S - V + k_l`` -> ``logits [B, vocab]`` and the new token's per-layer KV entries
+  (length 1). The runtime appends them to the cache.
 """
 
 from __future__ import annotations
