@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .allocate import KeepSchedule, allocate, fastv_schedule, pdrop_schedule, retained_mass_curves
-from .config import CalibrationSection, PruningSection
+from .config import ActivationQuant, CalibrationSection, PruningSection
 from .errors import UserError
 from .models.llava import VLM
 from .programs import PrefillProgram, PruneSpec
@@ -73,14 +73,18 @@ def _features(vision, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def collect_signals(vision, prefill: PrefillProgram, batches: list[Batch], query_tokens: int, act_bits: int) -> Signals:
+def collect_signals(
+    vision, prefill: PrefillProgram, batches: list[Batch], query_tokens: int, activations: ActivationQuant
+) -> Signals:
     n, layers, v = len(batches), prefill.num_layers, prefill.visual_count
     att, mag, risk = (np.zeros((n, layers, v)) for _ in range(3))
     share = np.zeros((n, layers))
     for s, batch in enumerate(batches):
 
         def observe(i, h, probs, mask, visual_index):
-            a_, m_, r_ = visual_signals(h, probs, mask, prefill.visual_start, v, query_tokens, act_bits)
+            a_, m_, r_ = visual_signals(
+                h, probs, mask, prefill.visual_start, v, query_tokens, activations.bits, activations.clip_ratio
+            )
             att[s, i], mag[s, i], risk[s, i] = a_[0].double().numpy(), m_[0].double().numpy(), r_[0].double().numpy()
             share[s, i] = float(a_[0].sum())
 
@@ -139,7 +143,7 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
     """Decide the pruning for ``pruning.method`` (anything but ``none``)."""
     start, v = span
     layers = vlm.num_layers
-    act_bits = qm.spec.activations.bits
+    act = qm.spec.activations
     provenance = CalibrationProvenance(
         dataset=calibration.dataset, num_samples=calibration.num_samples, seed=calibration.seed, holdout=calibration.holdout
     )
@@ -162,7 +166,7 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
                 pruning_layers=_pruning_layers(schedule),
                 random_seed=pruning.seed if random else None,
             )
-            spec = prune_spec_from_recipe(recipe, act_bits)
+            spec = prune_spec_from_recipe(recipe, act)
             return Calibrated(spec, recipe, provenance, schedule)
 
         batches = calibration_batches(vlm, calibration, span)
@@ -171,7 +175,7 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
         fit, held = batches[:-holdout], batches[-holdout:]
         with qm.fake_quant(pruning.signals == "lowbit"):
             unpruned = PrefillProgram(vlm, qm, start, v)
-            signals = collect_signals(vision, unpruned, fit, pruning.query_tokens, act_bits)
+            signals = collect_signals(vision, unpruned, fit, pruning.query_tokens, act)
             candidates = weight_grid() if pruning.weights == "auto" else [ScoreWeights(**pruning.weights.model_dump())]
             search: list[SearchPoint] = []
             best: tuple[float, ScoreWeights, KeepSchedule] | None = None
@@ -182,7 +186,7 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
                 if len(candidates) == 1:
                     best = (0.0, w, schedule)
                     break
-                spec = PruneSpec(tuple(schedule.keep), w, pruning.query_tokens, act_bits)
+                spec = PruneSpec(tuple(schedule.keep), w, pruning.query_tokens, act.bits, act.clip_ratio)
                 kl = kl_divergence(ref, _final_log_probs(vision, PrefillProgram(vlm, qm, start, v, spec), held))
                 search.append(SearchPoint(weights=_weights(w), keep=list(schedule.keep), kl=kl))
                 if best is None or kl < best[0]:
@@ -200,11 +204,11 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
         pruning_layers=_pruning_layers(schedule),
         weight_search=search,
     )
-    spec = prune_spec_from_recipe(recipe, act_bits)
+    spec = prune_spec_from_recipe(recipe, act)
     return Calibrated(spec, recipe, provenance, schedule)
 
 
-def prune_spec_from_recipe(pruning: PruningRecipe, act_bits: int) -> PruneSpec | None:
+def prune_spec_from_recipe(pruning: PruningRecipe, activations: ActivationQuant) -> PruneSpec | None:
     """The selection a recipe describes (``None`` for ``method: none``)."""
     if pruning.method == "none":
         return None
@@ -213,4 +217,5 @@ def prune_spec_from_recipe(pruning: PruningRecipe, act_bits: int) -> PruneSpec |
         gen = torch.Generator().manual_seed(pruning.random_seed)
         rand = tuple(torch.rand(pruning.keep[0], generator=gen).tolist())
     w = pruning.weights or Weights(att=1.0, mag=0.0, risk=0.0)
-    return PruneSpec(tuple(pruning.keep), ScoreWeights(w.att, w.mag, w.risk), pruning.query_tokens, act_bits, rand)
+    weights = ScoreWeights(w.att, w.mag, w.risk)
+    return PruneSpec(tuple(pruning.keep), weights, pruning.query_tokens, activations.bits, activations.clip_ratio, rand)

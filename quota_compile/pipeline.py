@@ -168,7 +168,7 @@ def compile_model(
                 )
                 recipe.dump(tmp / "recipe.yaml")
                 manifest = build_manifest(cfg, vlm, model_hash, span, models, tmp, pruning, report)
-                figures = draw_figures(tmp, vlm, span, pruning, samples, reference)
+                figures = draw_figures(tmp, vlm, span, pruning, cfg.pruning, samples, reference)
                 passes = {g: t.passes for g, t in traced.items()}
                 (tmp / "report.md").write_text(report_markdown(name, manifest, report, passes, recipe, figures), encoding="utf-8")
                 manifest["files"] = file_hashes(tmp)
@@ -181,7 +181,7 @@ def decide_pruning(cfg, vlm, qm, span, given: Recipe | None, config_file: Path):
     """``(PruningRecipe, CalibrationProvenance, PruneSpec | None)`` from a given recipe, from
     calibration, or for no pruning."""
     if given is not None:
-        return given.pruning, given.calibration, prune_spec_from_recipe(given.pruning, qm.spec.activations.bits)
+        return given.pruning, given.calibration, prune_spec_from_recipe(given.pruning, qm.spec.activations)
     if cfg.pruning.method == "none":
         provenance = CalibrationProvenance(
             dataset=cfg.calibration.dataset, num_samples=cfg.calibration.num_samples, seed=cfg.calibration.seed, holdout=cfg.calibration.holdout
@@ -266,7 +266,7 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
     }
 
 
-def draw_figures(folder: Path, vlm, span: tuple[int, int], pruning, samples, reference, count: int = 2) -> list[str]:
+def draw_figures(folder: Path, vlm, span: tuple[int, int], pruning, options, samples, reference, count: int = 2) -> list[str]:
     """schedule.png and, for ``count`` verification samples, the kept patches per pruning layer."""
     from .allocate import fastv_schedule, pdrop_schedule
     from .figures import kept_patches_overlay, schedule_chart
@@ -275,8 +275,12 @@ def draw_figures(folder: Path, vlm, span: tuple[int, int], pruning, samples, ref
         return []
     v, layers = span[1], vlm.num_layers
     others = {}
-    for label, make in (("fastv (cut at 2)", lambda: fastv_schedule(layers, v, pruning.keep_ratio, min(2, layers - 1))),
-                        ("pdrop (4 stages)", lambda: pdrop_schedule(layers, v, pruning.keep_ratio, min(4, max(1, layers - 2)), min(2, layers - 1)))):
+    # The baselines at the same budget, with the config's fastv_layer / stages / first layers.
+    cut, stages, first = options.fastv_layer, options.stages, options.first_full_layers
+    for label, make in (
+        (f"fastv (cut at {cut})", lambda: fastv_schedule(layers, v, pruning.keep_ratio, cut)),
+        (f"pdrop ({stages} stages)", lambda: pdrop_schedule(layers, v, pruning.keep_ratio, stages, first)),
+    ):
         try:
             others[label] = list(make().keep)
         except UserError:

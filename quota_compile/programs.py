@@ -139,6 +139,7 @@ class PruneSpec:
     weights: ScoreWeights = ScoreWeights()
     query_tokens: int = 32
     act_bits: int = 4
+    act_clip: float = 1.0
     # ``random`` pruning: a fixed seeded score per original visual token instead of signals.
     random_scores: tuple[float, ...] | None = None
 
@@ -176,7 +177,9 @@ class PrefillProgram(_Program):
         p = self.prune
         if p.random_scores is not None:
             return self.random_scores[visual_index]
-        att, mag, risk = visual_signals(h, probs, mask, self.visual_start, visual_index.shape[1], p.query_tokens, p.act_bits)
+        att, mag, risk = visual_signals(
+            h, probs, mask, self.visual_start, visual_index.shape[1], p.query_tokens, p.act_bits, p.act_clip
+        )
         return token_score(att, mag, risk, p.weights)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor):

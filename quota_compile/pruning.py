@@ -46,11 +46,13 @@ def visual_signals(
     visual_count: int,
     query_tokens: int,
     act_bits: int,
+    clip_ratio: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw ``(att, mag, risk)``, each ``[B, visual_count]``.
 
     ``h``: layer input ``[B, T, D]``; ``probs``: the previous layer's attention ``[B, H, T, T]``;
-    ``attention_mask``: ``[B, T]`` in the current (possibly pruned) index space.
+    ``attention_mask``: ``[B, T]`` in the current (possibly pruned) index space;
+    ``act_bits`` / ``clip_ratio``: the deployed per-token activation quantizer (for the risk).
     """
     a, v = visual_start, visual_count
     t = h.shape[1]
@@ -64,7 +66,7 @@ def visual_signals(
     att = torch.einsum("bt,btv->bv", w, to_visual)
     hv = h[:, a : a + v]
     norm = hv.norm(dim=-1)
-    q, scale = ops.quantize_per_token(hv, act_bits, 1.0)
+    q, scale = ops.quantize_per_token(hv, act_bits, clip_ratio)
     err = (q.to(hv.dtype) * scale - hv).norm(dim=-1)
     risk = err / norm.clamp_min(SIGNAL_EPS)
     return att, norm, risk

@@ -148,9 +148,9 @@ def test_lowbit_and_fp_signals_differ_and_calibration_is_deterministic(tiny):
     prefill = PrefillProgram(vlm, qm, *vlm.visual_span())
     vision = build_programs(vlm, qm).vision
     batches = calibration_batches(vlm, CalibrationSection(num_samples=3), vlm.visual_span())
-    low = collect_signals(vision, prefill, batches, 32, 4)
+    low = collect_signals(vision, prefill, batches, 32, qm.spec.activations)
     with qm.fake_quant(False):
-        fp = collect_signals(vision, prefill, batches, 32, 4)
+        fp = collect_signals(vision, prefill, batches, 32, qm.spec.activations)
     assert low.att.shape == (3, 8, 64) and np.all(low.att[:, 0] == 0)
     assert not np.allclose(low.att[:, 1:], fp.att[:, 1:])
     assert not np.allclose(low.risk[:, 1:], fp.risk[:, 1:])
