@@ -319,13 +319,17 @@ class Encoder:
                 "row": index // g * 8 // g, "col": index % g * 8 // g}
 
     def object_patches(self, shape) -> np.ndarray:
-        """Boolean [V]: the patches holding at least 1/8 patch of ``shape``."""
+        """Boolean [V]: the patches holding at least 1/8 patch of ``shape``, or, for a thin small
+        shape spread thinner than that, the patch holding most of it."""
         size, p, g = self.cfg.image_size, self.cfg.patch_size, self.cfg.grid
         canvas = np.zeros((size, size), dtype=bool)
         x0, y0, x1, y1 = shape.box
         canvas[y0:y1, x0:x1] = shape_mask(shape.kind, shape.size)
         counts = canvas.reshape(g, p, g, p).sum(axis=(1, 3)).reshape(-1)
-        return counts >= p * p / 8
+        mask = counts >= p * p / 8
+        if not mask.any():
+            mask[counts.argmax()] = True
+        return mask
 
     def centre_patch(self, shape) -> int:
         g, p = self.cfg.grid, self.cfg.patch_size
@@ -858,6 +862,9 @@ def train(args) -> int:
                         t_loss = t_loss + o_loss
                         loss = loss + args.option_weight * o_loss
             opt.zero_grad(set_to_none=True)
+            if not math.isfinite(float(loss.detach())):  # before the update: the checkpoint stays clean
+                log(fh, {"event": "error", "step": step, "message": "non-finite loss; last checkpoint kept"})
+                return 1
             loss.backward()
             torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], 1.0)
             opt.step()
@@ -870,9 +877,6 @@ def train(args) -> int:
             window["attn"] += float(t_loss.detach())
             for k, v in a_parts.items():
                 window["parts"][k] = window["parts"].get(k, 0.0) + v
-            if not math.isfinite(float(loss.detach())):
-                log(fh, {"event": "error", "step": step, "message": "non-finite loss"})
-                return 1
             if step % args.log_every == 0 or step == args.steps:
                 n, dt = window["steps"], time.time() - window["t"]
                 log(fh, {"step": step, "loss": window["loss"] / n, "vqa_loss": window["vqa"] / n,

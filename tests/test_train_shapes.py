@@ -227,6 +227,7 @@ def test_attention_targets(tok):
             assert tok.convert_ids_to_tokens(prompt[letter_pos]) == f"{q.answer}."
         else:
             assert pos == -1
+        assert np.isfinite(target).all()
         seen.add(mode)
     assert seen == {"find", "exists", "count", "relation", "none"}
 
