@@ -27,7 +27,7 @@ def _load_script():
 
 T = _load_script()
 TINY = ["--tiny", "--batch", "4", "--eval-samples", "0", "--log-every", "1", "--threads", "1",
-        "--vision-steps", "2", "--curriculum-steps", "4", "--warmup", "2", "--lr", "3e-3"]
+        "--vision-steps", "2", "--curriculum-steps", "4", "--warmup", "2", "--lr", "3e-3", "--parse-weight", "1.0"]
 
 
 def _run(out: Path, *extra: str) -> list[dict]:
@@ -42,7 +42,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """An uninterrupted tiny run of 8 steps (4 of them resumed in ``test_resume_equals_uninterrupted``)."""
+    """An uninterrupted tiny run of 8 steps (checkpoint and evaluation every 4)."""
     out = tmp_path_factory.mktemp("run") / "full"
     records = _run(out, "--steps", "8", "--eval-every", "4")
     return out, records
@@ -68,12 +68,13 @@ def test_tiny_trains_with_finite_decreasing_loss(tmp_path):
     assert (out / "checkpoint.pt").is_file() and (out / "hf" / "model.safetensors").is_file()
 
 
-def test_resume_equals_uninterrupted(tmp_path, trained):
+@pytest.mark.parametrize("stop", [["--stop-after", "4"], ["--minutes", "0"]], ids=["after-4-of-8", "minutes-after-1"])
+def test_resume_equals_uninterrupted(tmp_path, trained, stop):
     full_dir, _ = trained
     out = tmp_path / "resumed"
-    _run(out, "--steps", "8", "--eval-every", "4", "--minutes", "0")  # stops after its first step
+    records = _run(out, "--steps", "8", "--eval-every", "4", *stop)
     first = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert first["step"] == 1
+    assert first["step"] == records[-1]["step"] == (4 if stop[0] == "--stop-after" else 1)
     _run(out, "--steps", "8", "--eval-every", "4", "--resume")
     a = torch.load(full_dir / "checkpoint.pt", weights_only=False)
     b = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -81,6 +82,8 @@ def test_resume_equals_uninterrupted(tmp_path, trained):
     for key in ("model", "aux_heads"):
         for name, t in a[key].items():
             torch.testing.assert_close(b[key][name], t, rtol=1e-5, atol=1e-6, msg=name)
+    for group_a, group_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        torch.testing.assert_close(group_b["exp_avg"], group_a["exp_avg"], rtol=1e-5, atol=1e-7)
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
 
 
@@ -252,3 +255,26 @@ def test_sigterm_checkpoints_and_exports(tmp_path):
     assert stop["event"] == "stop" and stop["reason"] == "SIGTERM"
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == stop["step"] > 0
     assert (out / "hf" / "model.safetensors").is_file()
+
+
+def test_parse_targets_point_at_the_stem_colour_and_kind_words(tok):
+    cfg = T.ModelConfig.full()
+    enc = T.Encoder(tok, cfg)
+    colours, kinds = set(T.COLOUR_NAMES), set(T.KINDS) | set(T.PLURALS.values())
+    for i in range(200):
+        s = make_sample("train", 0, i)
+        q = s.question
+        prompt = enc.prompt_ids(to_chat(q))
+        target = enc.parse_targets(s, prompt, len(prompt) + 3)
+        words = [tok.convert_ids_to_tokens(t).rstrip("?.,") for t in prompt]
+        stem = [w.rstrip("?.,") for w in q.text.split()]
+        for row, vocab in enumerate((colours, kinds)):
+            named = [w for w in stem if w in vocab]
+            hit = np.flatnonzero(target[row])
+            assert [words[j] for j in hit] == named  # exactly the stem's words, in order
+            if named:
+                np.testing.assert_allclose(target[row, hit], 1 / len(named), rtol=1e-6)
+                # never an option or the instruction: every hit lies inside the stem's span
+                assert hit.max() < len(prompt) - 1 - (len(to_chat(q).split()) - len(stem))
+            else:
+                assert target[row].sum() == 0
