@@ -54,8 +54,14 @@ class Signals:
 
 
 def calibration_batches(vlm: VLM, cfg: CalibrationSection, span: tuple[int, int]) -> list[Batch]:
-    images = synthetic_images(cfg.num_samples, vlm.image_size, cfg.seed, stream=CALIBRATION_STREAM)
-    questions = [QUESTIONS[(cfg.seed + 3 * i + 1) % len(QUESTIONS)] for i in range(cfg.num_samples)]
+    if cfg.dataset == "shapesvqa":
+        from .shapes import vqa_items
+
+        items = vqa_items("calibration", cfg.seed, cfg.num_samples, vlm.image_size, vlm.patch_size)
+        images, questions = [i.image for i in items], [i.text for i in items]
+    else:
+        images = synthetic_images(cfg.num_samples, vlm.image_size, cfg.seed, stream=CALIBRATION_STREAM)
+        questions = [QUESTIONS[(cfg.seed + 3 * i + 1) % len(QUESTIONS)] for i in range(cfg.num_samples)]
     return [make_batch(vlm.processor, vlm.prompt_template, [img], [q], span, vlm.image_token_id) for img, q in zip(images, questions)]
 
 

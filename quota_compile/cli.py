@@ -1,6 +1,7 @@
 """The ``quota-compile`` command.
 
     quota-compile CONFIG.yaml [--force]          compile (same as ``compile CONFIG.yaml``)
+    quota-compile eval CONFIG.yaml [--force]     accuracy retention of every variant (ShapesVQA)
     quota-compile run BUNDLE --image I --prompt P [--image I --prompt P ...]
     quota-compile write-builtin NAME DIR [--seed N]
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from .errors import UserError, VerificationFailed
 
-COMMANDS = ("compile", "run", "write-builtin")
+COMMANDS = ("compile", "eval", "run", "write-builtin")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("config", type=Path, help="the model.yaml to compile")
     c.add_argument("--force", action="store_true", help="replace an existing bundle of the same name")
     c.add_argument("--recipe", type=Path, help="export from this recipe.yaml instead of calibrating")
+    e = sub.add_parser("eval", help="accuracy and retention of FP, quantized and pruned variants through their ONNX graphs")
+    e.add_argument("config", type=Path, help="the model.yaml (its eval section sets questions, keep ratios, methods)")
+    e.add_argument("--force", action="store_true", help="replace an existing <name>-eval folder")
     r = sub.add_parser("run", help="answer questions about images with a compiled bundle (onnxruntime)")
     r.add_argument("bundle", type=Path)
     r.add_argument("--image", action="append", required=True, type=Path, help="an image file; repeat for a batch")
@@ -68,6 +72,25 @@ def _compile(args) -> int:
         f"total {result.seconds:.1f} s",
         highlight=False,
     )
+    return 0
+
+
+def _eval(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import retention_table, run_eval
+
+    console = Console(stderr=True)
+    folder, doc = run_eval(args.config, force=args.force, console=console)
+    ds = doc["dataset"]
+    table = Table(title=f"ShapesVQA {ds['split']} ({ds['questions']} questions): accuracy and retention vs FP32")
+    for col in ("variant", "avg keep", "accuracy %", "retention %", "weakest family %"):
+        table.add_column(col, justify="left" if col in ("variant", "weakest family %") else "right")
+    for row in retention_table(doc):
+        table.add_row(*row)
+    Console().print(table)
+    console.print(f"results: {folder / 'eval.json'}, {folder / 'eval.md'}, {folder / 'retention.png'} ({doc['seconds']:.0f} s)", highlight=False)
     return 0
 
 
@@ -111,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         args = _parser().parse_args(argv)
-        handlers = {"compile": _compile, "run": _run, "write-builtin": _write_builtin}
+        handlers = {"compile": _compile, "eval": _eval, "run": _run, "write-builtin": _write_builtin}
         return handlers[args.command](args)
     except UserError as e:
         print(f"quota-compile: error: {e}", file=sys.stderr)

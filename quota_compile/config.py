@@ -100,7 +100,9 @@ class PruningSection(_Section):
 
 
 class CalibrationSection(_Section):
-    dataset: Literal["synthetic"] = "synthetic"
+    # synthetic: generated images with generic questions; shapesvqa: the ShapesVQA calibration
+    # split (the data builtin:shapes-llava was trained for).
+    dataset: Literal["synthetic", "shapesvqa"] = "synthetic"
     num_samples: int = Field(16, ge=2)
     seed: int = Field(0, ge=0)
     holdout: float = Field(0.25, gt=0.0, lt=1.0)
@@ -120,6 +122,44 @@ class VerifySection(_Section):
     # variant), 3e-7 (builtin:tiny-llava). Greedy agreement is the decisive check.
     max_logits_rel_error: float = Field(0.05, gt=0.0)
     min_greedy_agreement: float = Field(1.0, ge=0.0, le=1.0)
+
+
+EVAL_METHODS = ("fastv", "pdrop", "quota", "random")
+BENCHMARK_NAMES = ("pope", "mme", "gqa", "scienceqa_img", "mmbench", "seed_bench_img")
+
+
+class BenchmarksSection(_Section):
+    """Folders holding local copies of public benchmarks in their official formats."""
+
+    pope: str | None = None
+    mme: str | None = None
+    gqa: str | None = None
+    scienceqa_img: str | None = None
+    mmbench: str | None = None
+    seed_bench_img: str | None = None
+    limit: int | None = Field(None, ge=1)
+
+
+class EvalSection(_Section):
+    """``quota-compile eval``: accuracy and retention of every variant through its ONNX graphs."""
+
+    split: Literal["test", "calibration"] = "test"
+    questions: int = Field(1000, ge=1)
+    seed: int = Field(0, ge=0)
+    keep_ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3, 0.2], min_length=1)
+    methods: list[Literal["fastv", "pdrop", "quota", "random"]] = Field(default_factory=lambda: list(EVAL_METHODS))
+    batch_size: int = Field(100, ge=1)
+    max_new_tokens: int = Field(4, ge=1)
+    simulation_check: int = Field(32, ge=0)
+    benchmarks: BenchmarksSection = BenchmarksSection()
+
+    @field_validator("keep_ratios")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        for r in v:
+            if not 0.0 < r < 1.0:
+                raise ValueError(f"every keep ratio must be between 0 and 1 (exclusive), got {r}")
+        return v
 
 
 class OutputSection(_Section):
@@ -142,6 +182,7 @@ class CompileConfig(_Section):
     calibration: CalibrationSection = CalibrationSection()
     export: ExportSection = ExportSection()
     verify: VerifySection = VerifySection()
+    eval: EvalSection = EvalSection()
     output: OutputSection = OutputSection()
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "dim_unkept",
     "kept_patches_overlay",
     "patch_box",
+    "retention_chart",
     "schedule_chart",
 ]
 
@@ -339,4 +340,34 @@ def kept_patches_overlay(
     the tower's patch grid, token ``i`` at row ``i // cols``, column ``i % cols``. With an empty
     ``kept`` only the input is shown, noted "no pruning". Written as PNG; returns ``path``."""
     fig, _ = build_overlay_figure(image, grid, kept, title)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- retention chart
+
+
+def retention_chart(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+    """Line chart of ``quota-compile eval`` results: x the average keep ratio, y the retention in
+    percent (accuracy / full-precision accuracy), one line per pruning method; the unpruned
+    variants are horizontal reference lines. ``rows``: eval.json's ``variants`` (keys
+    ``method``, ``keep_ratio``, ``retention``, ``label``). Written as a 600x320 PNG."""
+    fig = _new_figure(_SCHEDULE_SIZE_IN)
+    ax = fig.add_subplot(1, 1, 1)
+    palette = {"quota": "#C44E52", "fastv": "#DD8452", "pdrop": "#55A868", "random": "#8C8C8C"}
+    methods = sorted({r["method"] for r in rows if r["method"] != "none"}, key=lambda m: list(palette).index(m) if m in palette else 99)
+    for r in rows:
+        if r["method"] == "none" and r.get("retention") is not None:
+            style = ":" if r["quantized"] else "-"
+            ax.axhline(100 * r["retention"], color="#4C72B0", linestyle=style, linewidth=1.1, label=r["label"])
+    for m in methods:
+        pts = sorted((r["keep_ratio"], 100 * r["retention"]) for r in rows if r["method"] == m and r.get("retention") is not None)
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", color=palette.get(m, "#937860"), linewidth=1.5, label=m)
+    ax.set_xlabel("average share of visual tokens kept")
+    ax.set_ylabel("retention (% of FP32 accuracy)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(linewidth=0.4, alpha=0.5)
+    ax.legend(loc="lower right", fontsize=7, framealpha=0.85)
+    fig.tight_layout()
     return _save(fig, path)

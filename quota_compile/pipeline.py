@@ -151,7 +151,7 @@ def compile_model(
 
             with progress.stage("verify", f"onnxruntime vs PyTorch on {cfg.verify.samples} held-out samples"):
                 reference = TorchBackend(programs)
-                samples = held_out_samples(vlm, cfg.verify, span)
+                samples = held_out_samples(vlm, cfg.verify, span, cfg.calibration.dataset)
                 graphs = polygraphy_compare(programs, tmp, samples[0], reference)
                 report = verify(reference, OrtBackend(tmp), samples, cfg.verify, graphs)
                 if not report["passed"]:

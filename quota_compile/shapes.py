@@ -627,3 +627,22 @@ _BUILDERS = {
     "position": _build_position,
     "choice": _build_choice,
 }
+
+
+@dataclass(frozen=True)
+class VQAItem:
+    """One ShapesVQA question ready for a prompt template."""
+
+    index: int
+    image: Image.Image
+    text: str  # :func:`to_chat` of the question (what replaces ``{question}``)
+    question: Question
+
+
+def vqa_items(split: str, seed: int, n: int, image_size: int = 64, patch: int = 8, difficulty: float = 1.0) -> list[VQAItem]:
+    """The first ``n`` samples of ``(split, seed)`` as rendered images and prompt texts."""
+    out = []
+    for i in range(n):
+        s = make_sample(split, seed, i, image_size, patch, difficulty)
+        out.append(VQAItem(i, render(s.scene), to_chat(s.question), s.question))
+    return out

@@ -22,7 +22,7 @@ from passes.quantize_kv_io import QuantizeKVIO
 from passes.strip_runtime_asserts import StripRuntimeAsserts
 
 from .models.llava import VLM
-from .programs import KV_STORED, DecodeProgram, PrefillProgram, PruneSpec, VisionProgram, kv_io_names
+from .programs import KV_FLOAT, KV_STORED, DecodeProgram, PrefillProgram, PruneSpec, VisionProgram, kv_io_names
 from .quant import ops  # noqa: F401  (registers torch.ops.quota)
 from .quant.simulate import QuantizedModel
 
@@ -71,17 +71,17 @@ def _annotate(gm: fx.GraphModule, qm: QuantizedModel) -> dict[str, str]:
     return {f"hf.{name}.weight": name for name in qm.weights if f"hf.{name}.weight" in read}
 
 
-def _run_passes(gm: fx.GraphModule, qm: QuantizedModel, kv_inputs=(), kv_outputs=()) -> list[tuple[str, bool]]:
+def _run_passes(gm: fx.GraphModule, qm: QuantizedModel, kv_inputs=(), kv_outputs=(), quantized: bool = True) -> list[tuple[str, bool]]:
     spec = qm.spec
     lin = LinearQuantSpec(spec.weights.bits, spec.weights.group_size, spec.activations.bits, spec.activations.clip_ratio)
     targets = _annotate(gm, qm)
-    pipeline = [
-        StripRuntimeAsserts(),
-        FoldTopKGather(),
-        InsertQDQ(dict.fromkeys(targets, lin)),
-        QuantizeKVIO(qm.kv_bits, kv_inputs, kv_outputs),
-        PackInt4Weights({t: qm.weights[name] for t, name in targets.items()}),
-    ]
+    pipeline = [StripRuntimeAsserts(), FoldTopKGather()]
+    if quantized:
+        pipeline += [
+            InsertQDQ(dict.fromkeys(targets, lin)),
+            QuantizeKVIO(qm.kv_bits, kv_inputs, kv_outputs),
+            PackInt4Weights({t: qm.weights[name] for t, name in targets.items()}),
+        ]
     log = []
     plain_signature(gm)
     for p in pipeline:
@@ -100,8 +100,11 @@ def _stored(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.ops.quota.quantize_kv(x, bits))
 
 
-def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs) -> dict[str, TracedProgram]:
-    """Export vision, prefill and decode in full precision, then apply the passes."""
+def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs, quantized: bool = True) -> dict[str, TracedProgram]:
+    """Export vision, prefill and decode in full precision, then apply the passes.
+    ``quantized=False`` leaves out the quantization passes: full-precision graphs with a float
+    KV cache (``past.{i}.key`` / ``.value``), the reference of ``quota-compile eval``."""
+    kv_names = KV_STORED if quantized else KV_FLOAT
     gen = torch.Generator().manual_seed(0)
     n_layers, bits = vlm.num_layers, qm.kv_bits
     start, count = programs.prefill.visual_start, programs.prefill.visual_count
@@ -119,7 +122,7 @@ def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs) -> dict[str
         # vision
         pixels = torch.randn(_BATCH, 3, size, size, generator=gen)
         gm = _export(programs.vision, (pixels,), ({0: batch},))
-        log = _run_passes(gm, qm)
+        log = _run_passes(gm, qm, quantized=quantized)
         out["vision"] = TracedProgram("vision", gm, (pixels,), ["pixel_values"], ["image_features"], ({0: batch},), log)
 
         # prefill
@@ -132,14 +135,14 @@ def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs) -> dict[str
         shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch})
         gm = _export(programs.prefill, (ids, mask, feats), shapes)
         kv_out = list(range(1, 1 + 2 * n_layers))
-        log = _run_passes(gm, qm, kv_outputs=kv_out)
+        log = _run_passes(gm, qm, kv_outputs=kv_out, quantized=quantized)
         kept_names = [f"kept.{i}" for i in programs.prefill.pruning_layers]
         out["prefill"] = TracedProgram(
             "prefill",
             gm,
             (ids, mask, feats),
             ["input_ids", "attention_mask", "image_features"],
-            ["logits", *kv_io_names("present", n_layers), *kept_names],
+            ["logits", *kv_io_names("present", n_layers, kv_names), *kept_names],
             shapes,
             log,
         )
@@ -156,17 +159,17 @@ def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs) -> dict[str
         # ``*past`` is one pytree input (a tuple) to torch.export.
         gm = _export(programs.decode, (step, pos, dmask, *floats), head + (tuple({0: batch, 2: past} for _ in floats),))
         kv_in = list(range(3, 3 + 2 * n_layers))
-        log = _run_passes(gm, qm, kv_inputs=kv_in, kv_outputs=list(range(1, 1 + 2 * n_layers)))
-        stored = [s for f in floats for s in _stored(f, bits)]
+        log = _run_passes(gm, qm, kv_inputs=kv_in, kv_outputs=list(range(1, 1 + 2 * n_layers)), quantized=quantized)
+        stored = [s for f in floats for s in _stored(f, bits)] if quantized else floats
         past_axes = {
-            f"past.{i}.{n}": {2: "past" if keep[i] == count else f"past_{i}"} for i in range(n_layers) for n in KV_STORED
+            f"past.{i}.{n}": {2: "past" if keep[i] == count else f"past_{i}"} for i in range(n_layers) for n in kv_names
         }
         out["decode"] = TracedProgram(
             "decode",
             gm,
             (step, pos, dmask, *stored),
-            ["input_ids", "position_ids", "attention_mask", *kv_io_names("past", n_layers)],
-            ["logits", *kv_io_names("present", n_layers)],
+            ["input_ids", "position_ids", "attention_mask", *kv_io_names("past", n_layers, kv_names)],
+            ["logits", *kv_io_names("present", n_layers, kv_names)],
             head + tuple({0: batch, 2: past} for _ in stored),
             log,
             axis_names=past_axes,

@@ -94,9 +94,18 @@ class Sample:
     image: object  # the PIL image
 
 
-def held_out_samples(vlm, cfg: VerifySection, visual_span: tuple[int, int]) -> list[Sample]:
-    images = synthetic_images(cfg.samples, vlm.image_size, cfg.seed)
-    qs = [QUESTIONS[(cfg.seed + i) % len(QUESTIONS)] for i in range(cfg.samples)]
+def held_out_samples(vlm, cfg: VerifySection, visual_span: tuple[int, int], dataset: str = "synthetic") -> list[Sample]:
+    """Verification inputs: generated images with generic questions, or (``dataset:
+    shapesvqa``) ShapesVQA test-split samples drawn with ``verify.seed`` (a stream apart from
+    the evaluation's)."""
+    if dataset == "shapesvqa":
+        from .shapes import vqa_items
+
+        items = vqa_items("test", cfg.seed, cfg.samples, vlm.image_size, vlm.patch_size)
+        images, qs = [i.image for i in items], [i.text for i in items]
+    else:
+        images = synthetic_images(cfg.samples, vlm.image_size, cfg.seed)
+        qs = [QUESTIONS[(cfg.seed + i) % len(QUESTIONS)] for i in range(cfg.samples)]
     return [
         Sample(q, make_batch(vlm.processor, vlm.prompt_template, [img], [q], visual_span, vlm.image_token_id), img)
         for img, q in zip(images, qs)

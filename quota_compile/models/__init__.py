@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import CompileConfig, resolve_source
 from ..errors import UserError
-from .builtin import BUILTINS, materialize_builtin
+from .builtin import BUILTINS, TRAINED, materialize_builtin
 from .llava import VLM, load_llava
 
 __all__ = ["VLM", "load_model", "BUILTINS"]
@@ -24,8 +24,10 @@ def load_model(cfg: CompileConfig, config_file: Path, stack: contextlib.ExitStac
                 f"{config_file}: key 'model.source' names unknown builtin {name!r} "
                 f"(expected one of {', '.join('builtin:' + b for b in sorted(BUILTINS))})."
             )
-        tmp = stack.enter_context(materialize_builtin(name, cfg.model.seed))
-        path = Path(tmp)
+        if name in TRAINED:  # a committed checkpoint folder: loaded in place, never written to
+            path = TRAINED[name]
+        else:
+            path = Path(stack.enter_context(materialize_builtin(name, cfg.model.seed)))
     else:
         path = src
     return load_llava(path, cfg.model.source, cfg.model.prompt_template, config_file)

@@ -1,13 +1,15 @@
 """Builtin models, built offline from a config and a seed, written as normal HF folders.
 
 ``builtin:tiny-llava`` is a random-init LLaVA (CLIP vision tower, Llama decoder with GQA) for
-tests and the quick demo. It is written to a folder exactly like a Hugging Face checkpoint
+tests. ``builtin:shapes-llava`` is a small LLaVA trained on ShapesVQA by
+``scripts/train_shapes_llava.py``; its checkpoint is committed in ``models/shapes_llava/``. It is written to a folder exactly like a Hugging Face checkpoint
 (config.json, model.safetensors, tokenizer and processor files) and loaded back through the
 same code path as a user's checkpoint.
 """
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -136,7 +138,10 @@ def build_tiny_llava(
     return model, processor
 
 
-BUILTINS: dict[str, Callable] = {"tiny-llava": build_tiny_llava}
+# Trained builtins ship as committed checkpoint folders inside the package.
+TRAINED: dict[str, Path] = {"shapes-llava": Path(__file__).resolve().parent / "shapes_llava"}
+
+BUILTINS: dict[str, Callable | Path] = {"tiny-llava": build_tiny_llava, **TRAINED}
 
 
 def write_builtin(name: str, folder: str | Path, seed: int = 0) -> Path:
@@ -144,8 +149,16 @@ def write_builtin(name: str, folder: str | Path, seed: int = 0) -> Path:
     if name not in BUILTINS:
         raise UserError(f"unknown builtin model {name!r}; available: {', '.join(sorted(BUILTINS))}.")
     folder = Path(folder)
-    model, processor = BUILTINS[name](seed)
     folder.mkdir(parents=True, exist_ok=True)
+    if name in TRAINED:  # a copy of the committed checkpoint (the seed does not apply)
+        source = TRAINED[name]
+        if not (source / "model.safetensors").is_file():
+            raise UserError(f"builtin:{name}: its checkpoint is missing from {source} (a broken installation).")
+        for f in sorted(source.iterdir()):
+            if f.is_file() and f.name != "README.md":
+                shutil.copyfile(f, folder / f.name)
+        return folder
+    model, processor = BUILTINS[name](seed)
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
     return folder

@@ -73,6 +73,10 @@ class VLM:
         return self.config.vision_config.image_size
 
     @property
+    def patch_size(self) -> int:
+        return self.config.vision_config.patch_size
+
+    @property
     def tokenizer(self):
         return self.processor.tokenizer
 

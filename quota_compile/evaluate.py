@@ -1,0 +1,337 @@
+"""``quota-compile eval model.yaml``: accuracy and accuracy retention of every deployment variant,
+measured through the exported onnxruntime graphs (what is deployed), side by side.
+
+Variants (in this order):
+
+- ``fp``: full precision, all visual tokens (fp32 graphs, float KV cache): the reference;
+- ``w4a4kv4``: the config's quantization (W4A4 + quantized KV cache), all visual tokens;
+- for every ``eval.keep_ratios`` r and every ``eval.methods`` m, the quantized model pruned by m
+  at average keep ratio r:
+
+  - ``fastv`` and ``pdrop``: the stage-wise combinations. Their schedules are fixed by their
+    own rules (one cut at ``pruning.fastv_layer``; ``pruning.stages`` geometric stages), i.e.
+    designed on the full-precision model (``signals: fp``) and then quantized; at run time they
+    rank tokens by the attention cue computed in the deployed (quantized) graph, as a stage-wise
+    deployment would;
+  - ``quota``: the QUOTA recipe calibrated under the deployed operators (``signals: lowbit``,
+    the config's ``pruning.weights`` / ``query_tokens`` / ``first_full_layers``);
+  - ``random``: a fixed seeded random subset, one cut after the full layers.
+
+Every variant is calibrated (where it calibrates), traced, lowered to ONNX and run with
+onnxruntime on the same questions: the ShapesVQA ``eval.split`` with ``eval.seed``, the first
+``eval.questions`` of it, greedy decoding of up to ``eval.max_new_tokens`` tokens. An answer is
+right when the generated text, lowercased and stripped of surrounding punctuation, equals the
+gold answer (the models answer with one word). Retention is a variant's accuracy divided by the
+``fp`` accuracy. As a guard on the graphs, the first ``eval.simulation_check`` questions are
+also answered by the eager PyTorch simulation of the same variant; the share of identical
+answers is reported (``simulation_agreement``).
+
+Results go to ``OUTPUT_DIR/<name>-eval/``: ``eval.json`` (every number, the settings, versions,
+per-question answers), ``eval.md`` (the table) and ``retention.png`` (the chart). The same YAML
+and checkpoint give the same numbers: data, calibration and the random baseline are seeded,
+and onnxruntime's CPU kernels are deterministic for a fixed thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from .bundle import atomic_folder, check_destination, versions, write_json
+from .calibrate import calibrate
+from .config import bundle_name, load_config
+from .errors import UserError
+from .lower import export_onnx, save_onnx
+from .models import load_model
+from .quant.simulate import quantize
+from .runtime import OrtBackend, greedy_generate, make_batch
+from .trace import build_programs, trace_programs
+from .verify import TorchBackend
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    method: str  # none | fastv | pdrop | quota | random
+    keep_ratio: float | None
+    quantized: bool
+
+    @property
+    def label(self) -> str:
+        if self.method == "none":
+            return "FP32, all tokens" if not self.quantized else f"{self.name.upper()}, all tokens"
+        return f"{self.method} @ {self.keep_ratio:g}"
+
+
+def variants(cfg) -> list[Variant]:
+    ev = cfg.eval
+    out = [Variant("fp", "none", None, False), Variant(_quant_name(cfg), "none", None, True)]
+    for r in ev.keep_ratios:
+        for m in ev.methods:
+            out.append(Variant(f"{m}@{r:g}", m, r, True))
+    return out
+
+
+def _quant_name(cfg) -> str:
+    q = cfg.quantization
+    return f"w{q.weights.bits}a{q.activations.bits}kv{q.kv_cache.bits}"
+
+
+def normalise(text: str) -> str:
+    """Lowercase, surrounding whitespace and punctuation removed."""
+    return text.strip().strip(".,;:!?\"'()").strip().lower()
+
+
+def is_correct(generated: str, answer: str) -> bool:
+    return normalise(generated) == normalise(answer)
+
+
+@dataclass
+class Questions:
+    items: list  # shapes.VQAItem
+    batches: list  # runtime.Batch, in order
+
+
+def shapes_questions(vlm, ev, span) -> Questions:
+    from .shapes import vqa_items
+
+    items = vqa_items(ev.split, ev.seed, ev.questions, vlm.image_size, vlm.patch_size)
+    batches = []
+    for lo in range(0, len(items), ev.batch_size):
+        chunk = items[lo : lo + ev.batch_size]
+        batches.append(make_batch(vlm.processor, vlm.prompt_template, [i.image for i in chunk], [i.text for i in chunk], span, vlm.image_token_id))
+    return Questions(items, batches)
+
+
+def answer_all(backend, batches, max_new_tokens: int, eos: int, tokenizer) -> list[str]:
+    out = []
+    for b in batches:
+        gen = greedy_generate(backend, b, max_new_tokens, eos)
+        out += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.tokens]
+    return out
+
+
+def score(items, answers: list[str]) -> dict:
+    """Accuracy overall, per family and per (family, subtype)."""
+    right: dict[str, list[bool]] = {}
+    sub: dict[str, list[bool]] = {}
+    for item, a in zip(items, answers):
+        q = item.question
+        ok = is_correct(a, q.answer)
+        right.setdefault(q.family, []).append(ok)
+        sub.setdefault(f"{q.family}/{q.subtype}", []).append(ok)
+    total = [x for v in right.values() for x in v]
+    return {
+        "accuracy": sum(total) / len(total),
+        "per_family": {f: sum(v) / len(v) for f, v in sorted(right.items())},
+        "per_subtype": {f: sum(v) / len(v) for f, v in sorted(sub.items())},
+        "counts": {f: len(v) for f, v in sorted(right.items())},
+    }
+
+
+def _prune(cfg, vlm, qm, span, v: Variant, config_file: Path):
+    """``(PruneSpec | None, keep schedule, recipe dict | None)`` for a variant."""
+    if v.method == "none":
+        return None, [span[1]] * vlm.num_layers, None
+    signals = "lowbit" if v.method == "quota" else "fp"
+    section = cfg.pruning.model_copy(update={"method": v.method, "keep_ratio": v.keep_ratio, "signals": signals})
+    vision = build_programs(vlm, qm).vision
+    result = calibrate(vlm, qm, vision, span, section, cfg.calibration, config_file)
+    return result.spec, list(result.recipe.keep), result.recipe.model_dump(mode="json")
+
+
+def evaluate_variant(cfg, vlm, qm, span, v: Variant, questions: Questions, work: Path, config_file: Path) -> dict:
+    t0 = time.perf_counter()
+    spec, keep, recipe = _prune(cfg, vlm, qm, span, v, config_file)
+    t_cal = time.perf_counter() - t0
+    programs = build_programs(vlm, qm, spec)
+    traced = trace_programs(vlm, qm, programs, quantized=v.quantized)
+    folder = work / v.name.replace("@", "_")
+    folder.mkdir(parents=True, exist_ok=True)
+    for g, t in traced.items():
+        save_onnx(export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names), folder / f"{g}.onnx")
+    t_build = time.perf_counter() - t0 - t_cal
+    ev, tok = cfg.eval, vlm.tokenizer
+    answers = answer_all(OrtBackend(folder), questions.batches, ev.max_new_tokens, vlm.eos_token_id, tok)
+    t_run = time.perf_counter() - t0 - t_cal - t_build
+    check = None
+    n = min(ev.simulation_check, len(questions.items))
+    if n:
+        first = _first_batches(questions.batches, n)
+        with qm.fake_quant(v.quantized):
+            sim = answer_all(TorchBackend(programs), first, ev.max_new_tokens, vlm.eos_token_id, tok)
+        check = sum(a == b for a, b in zip(sim[:n], answers[:n])) / n
+    v_count = span[1]
+    return {
+        "name": v.name,
+        "label": v.label,
+        "method": v.method,
+        "keep_ratio": v.keep_ratio,
+        "quantized": v.quantized,
+        "visual_tokens_per_layer": keep,
+        "average_keep": sum(keep) / (len(keep) * v_count),
+        "recipe": recipe,
+        **score(questions.items, answers),
+        "simulation_agreement": check,
+        "seconds": {"calibrate": round(t_cal, 1), "trace_and_lower": round(t_build, 1), "run": round(t_run, 1)},
+        "answers": answers,
+    }
+
+
+def _first_batches(batches, n: int) -> list:
+    out, seen = [], 0
+    for b in batches:
+        if seen >= n:
+            break
+        out.append(b)
+        seen += len(b.input_ids)
+    return out
+
+
+def run_eval(config_path: str | Path, force: bool = False, console: Console | None = None) -> tuple[Path, dict]:
+    console = console or Console(stderr=True)
+    config_file = Path(config_path)
+    cfg = load_config(config_file)
+    name = f"{bundle_name(cfg, config_file)}-eval"
+    final = Path(cfg.output.dir) / name
+    check_destination(final, force, config_file)
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        vlm = load_model(cfg, config_file, stack)
+        span = vlm.visual_span()
+        side = vlm.image_size // vlm.patch_size
+        if span[1] != side * side:
+            raise UserError(f"{config_file}: key 'model.source': ShapesVQA evaluation needs one visual token per patch ({side * side}); the model gives {span[1]}.")
+        benchmarks = load_benchmarks(cfg, config_file)  # bad benchmark files fail before any work
+        questions = shapes_questions(vlm, cfg.eval, span)
+        qm = quantize(vlm.model, cfg.quantization)
+        todo = variants(cfg)
+        console.print(f"evaluating {len(todo)} variants on {len(questions.items)} ShapesVQA {cfg.eval.split} questions (seed {cfg.eval.seed})", highlight=False)
+        rows = []
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-eval-")))
+        for i, v in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            console.print(f"[{i}/{len(todo)}] {v.label} ...", highlight=False)
+            row = evaluate_variant(cfg, vlm, qm, span, v, questions, work, config_file)
+            rows.append(row)
+            console.print(f"      accuracy {row['accuracy']:.1%} ({time.perf_counter() - t0:.0f} s)", style="dim", highlight=False)
+        bench = run_benchmarks(cfg, vlm, qm, span, benchmarks, console)
+    fp = rows[0]["accuracy"]
+    for r in rows:
+        r["retention"] = r["accuracy"] / fp if fp > 0 else None
+        r["retention_per_family"] = {f: (a / rows[0]["per_family"][f] if rows[0]["per_family"][f] > 0 else None) for f, a in r["per_family"].items()}
+    doc = {
+        "format": "quota-compile eval",
+        "config": str(config_file),
+        "model": cfg.model.source,
+        "dataset": {"name": "ShapesVQA", "split": cfg.eval.split, "seed": cfg.eval.seed, "questions": len(questions.items)},
+        "quantization": cfg.quantization.model_dump(mode="json"),
+        "pruning_settings": {k: v for k, v in cfg.pruning.model_dump(mode="json").items() if k not in ("method", "keep_ratio", "signals")},
+        "calibration": cfg.calibration.model_dump(mode="json"),
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "gold": [i.question.answer for i in questions.items],
+        "variants": rows,
+        "benchmarks": bench,
+        "seconds": round(time.perf_counter() - start, 1),
+        "versions": versions(),
+    }
+    from .figures import retention_chart
+
+    with atomic_folder(final, force) as tmp:
+        write_json(tmp / "eval.json", doc)
+        chart = retention_chart(rows, tmp / "retention.png", f"{cfg.model.source}: ShapesVQA retention")
+        (tmp / "eval.md").write_text(eval_markdown(doc, chart.name), encoding="utf-8")
+    return final, doc
+
+
+def load_benchmarks(cfg, config_file: Path) -> dict:
+    """The local benchmark copies named in ``eval.benchmarks`` (paths relative to the YAML)."""
+    from .benchmarks import BENCHMARKS, load_benchmark
+
+    b = cfg.eval.benchmarks
+    out = {}
+    for key in BENCHMARKS:
+        path = getattr(b, key)
+        if not path:
+            continue
+        p = Path(path).expanduser()
+        p = p if p.is_absolute() else (config_file.parent / p).resolve()
+        out[key] = load_benchmark(key, p, limit=b.limit, config_file=config_file)
+    return out
+
+
+def run_benchmarks(cfg, vlm, qm, span, benchmarks: dict, console) -> dict:
+    """Local copies of public benchmarks (``eval.benchmarks``), answered by the eager PyTorch
+    simulation (not the ONNX graphs) of the FP model and of the quantized unpruned model, one
+    item at a time, and scored with each benchmark's own metric."""
+    if not benchmarks:
+        return {}
+    out = {}
+    programs = build_programs(vlm, qm)
+    backend = TorchBackend(programs)
+    for key, bench in benchmarks.items():
+        console.print(f"benchmark {key}: {len(bench.items)} items", highlight=False)
+        out[key] = {}
+        for label, quantized in (("fp", False), (_quant_name(cfg), True)):
+            preds = {}
+            with qm.fake_quant(quantized):
+                for item in bench.items:  # one at a time: the prompts differ in length a lot
+                    batch = make_batch(vlm.processor, vlm.prompt_template, [item.image()], [item.question], span, vlm.image_token_id)
+                    gen = greedy_generate(backend, batch, cfg.eval.max_new_tokens, vlm.eos_token_id)
+                    preds[item.id] = vlm.tokenizer.decode(gen.tokens[0], skip_special_tokens=True).strip()
+            out[key][label] = bench.score(preds)
+    return out
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def eval_markdown(doc: dict, chart: str) -> str:
+    rows = doc["variants"]
+    fams = list(rows[0]["per_family"])
+    ds = doc["dataset"]
+    lines = [
+        f"# Accuracy retention: {doc['model']}",
+        "",
+        f"ShapesVQA {ds['split']} split, seed {ds['seed']}, {ds['questions']} questions; every variant runs "
+        "through its exported ONNX graphs in onnxruntime (greedy). Accuracy in %; retention = accuracy / FP32 accuracy.",
+        "",
+        "| variant | avg. keep | accuracy | retention | " + " | ".join(fams) + " | sim. agreement |",
+        "|---|---|---|---|" + "---|" * len(fams) + "---|",
+    ]
+    for r in rows:
+        fam = " | ".join(_pct(r["per_family"][f]) for f in fams)
+        agree = "n/a" if r["simulation_agreement"] is None else f"{r['simulation_agreement']:.0%}"
+        lines.append(f"| {r['label']} | {r['average_keep']:.3f} | {_pct(r['accuracy'])} | {_pct(r['retention'])} | {fam} | {agree} |")
+    lines += ["", f"![retention]({chart})", ""]
+    lines += [
+        "Per-layer visual tokens of the pruned variants:",
+        "",
+        *[f"- {r['label']}: {r['visual_tokens_per_layer']}" for r in rows if r["method"] != "none"],
+        "",
+    ]
+    if doc["benchmarks"]:
+        lines += ["## Local benchmarks (eager simulation, unpruned)", "", "| benchmark | variant | metric | value |", "|---|---|---|---|"]
+        for name, res in doc["benchmarks"].items():
+            for label, s in res.items():
+                lines.append(f"| {name} | {label} | {s['main_metric']} | {s['main']:.4g} |")
+        lines.append("")
+    lines.append(f"Total time {doc['seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def retention_table(doc: dict) -> list[list[str]]:
+    """Rows for the terminal table: variant, avg keep, accuracy, retention, worst family."""
+    out = []
+    for r in doc["variants"]:
+        worst = min(r["per_family"].items(), key=lambda kv: kv[1])
+        out.append([r["label"], f"{r['average_keep']:.3f}", _pct(r["accuracy"]), _pct(r["retention"]), f"{worst[0]} {_pct(worst[1])}"])
+    return out
+
+
