@@ -183,3 +183,35 @@ def test_shapes_llava_builtin_answers_shapesvqa():
 
 # Set from the committed checkpoint's measured test accuracy (docs/benchmark.md), with margin.
 SHAPES_LLAVA_MIN_ACCURACY = 0.5
+
+
+def test_shapesvqa_calibration_and_verification_use_shapesvqa_questions():
+    import contextlib
+
+    from quota_compile.calibrate import calibration_batches
+    from quota_compile.config import CalibrationSection, VerifySection
+    from quota_compile.models import load_model
+    from quota_compile.verify import held_out_samples
+
+    cfg = parse_config(_doc(Path("/nonexistent"), "x"), Path("m.yaml"))
+    with contextlib.ExitStack() as stack:
+        vlm = load_model(cfg, Path("m.yaml"), stack)
+        span = vlm.visual_span()
+        batches = calibration_batches(vlm, CalibrationSection(dataset="shapesvqa", num_samples=3, seed=4), span)
+        expected = vqa_items("calibration", 4, 3, vlm.image_size, vlm.patch_size)
+        tok = vlm.tokenizer
+        unk = tok.unk_token_id
+        for b, item in zip(batches, expected):
+            ids = b.input_ids[0][b.attention_mask[0] == 1]
+            assert item.text.split()[0] in tok.decode(ids) and unk not in ids  # every word is in the vocabulary
+        samples = held_out_samples(vlm, VerifySection(samples=2, seed=9), span, "shapesvqa")
+        assert [s.question for s in samples] == [i.text for i in vqa_items("test", 9, 2)]
+
+
+def test_write_builtin_copies_the_committed_checkpoint(tmp_path):
+    from quota_compile.models.builtin import TRAINED
+
+    assert main(["write-builtin", "shapes-llava", str(tmp_path / "hf")]) == 0
+    for f in TRAINED["shapes-llava"].iterdir():
+        assert (tmp_path / "hf" / f.name).read_bytes() == f.read_bytes()
+    assert TRAINED["shapes-llava"].joinpath("model.safetensors").stat().st_size <= 20 * 2**20
