@@ -183,6 +183,26 @@ def evaluate_variant(cfg, vlm, qm, span, v: Variant, questions: Questions, work:
     }
 
 
+def check_budgets(cfg, todo: list[Variant], layers: int, v: int, config_file: Path) -> None:
+    """Every (method, keep ratio) must be reachable on this depth; say which is not, up front."""
+    from .allocate import _check_reachable, fastv_schedule, pdrop_schedule
+
+    p = cfg.pruning
+    for var in todo:
+        r = var.keep_ratio
+        try:
+            if var.method == "fastv":
+                fastv_schedule(layers, v, r, p.fastv_layer)
+            elif var.method == "pdrop":
+                pdrop_schedule(layers, v, r, p.stages, p.first_full_layers)
+            elif var.method == "random":
+                fastv_schedule(layers, v, r, p.first_full_layers)
+            elif var.method == "quota":
+                _check_reachable(r, layers, v, p.first_full_layers, f"{p.first_full_layers} full layer(s) of {layers}")
+        except UserError as e:
+            raise UserError(f"{config_file}: key 'eval.keep_ratios': {var.method} at {r:g} cannot be evaluated: {e}") from None
+
+
 def _first_batches(batches, n: int) -> list:
     out, seen = [], 0
     for b in batches:
@@ -208,9 +228,10 @@ def run_eval(config_path: str | Path, force: bool = False, console: Console | No
         if span[1] != side * side:
             raise UserError(f"{config_file}: key 'model.source': ShapesVQA evaluation needs one visual token per patch ({side * side}); the model gives {span[1]}.")
         benchmarks = load_benchmarks(cfg, config_file)  # bad benchmark files fail before any work
+        todo = variants(cfg)
+        check_budgets(cfg, todo, vlm.num_layers, span[1], config_file)  # before any long step
         questions = shapes_questions(vlm, cfg.eval, span)
         qm = quantize(vlm.model, cfg.quantization)
-        todo = variants(cfg)
         console.print(f"evaluating {len(todo)} variants on {len(questions.items)} ShapesVQA {cfg.eval.split} questions (seed {cfg.eval.seed})", highlight=False)
         rows = []
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-eval-")))

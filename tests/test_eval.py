@@ -215,3 +215,14 @@ def test_write_builtin_copies_the_committed_checkpoint(tmp_path):
     for f in TRAINED["shapes-llava"].iterdir():
         assert (tmp_path / "hf" / f.name).read_bytes() == f.read_bytes()
     assert TRAINED["shapes-llava"].joinpath("model.safetensors").stat().st_size <= 20 * 2**20
+
+
+def test_unreachable_budget_is_refused_before_any_work(tmp_path, capsys):
+    # 6 decoder layers with 2 full layers: an average of 0.2 is impossible (2/6 > 0.2)
+    doc = _doc(tmp_path / "out", "deep", keep_ratios=[0.5, 0.2], methods=["quota"])
+    doc["pruning"]["first_full_layers"] = 2
+    cfg = _write(tmp_path / "deep.yaml", doc)
+    assert main(["eval", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "eval.keep_ratios" in err and "quota at 0.2" in err
+    assert not (tmp_path / "out").exists()
