@@ -203,6 +203,11 @@ def check_budgets(cfg, todo: list[Variant], layers: int, v: int, config_file: Pa
             raise UserError(f"{config_file}: key 'eval.keep_ratios': {var.method} at {r:g} cannot be evaluated: {e}") from None
 
 
+def _visual_share(questions: Questions, v: int) -> float:
+    lengths = [int(n) for b in questions.batches for n in b.attention_mask.sum(axis=1)]
+    return sum(v / n for n in lengths) / len(lengths)
+
+
 def _first_batches(batches, n: int) -> list:
     out, seen = [], 0
     for b in batches:
@@ -250,7 +255,12 @@ def run_eval(config_path: str | Path, force: bool = False, console: Console | No
         "format": "quota-compile eval",
         "config": str(config_file),
         "model": cfg.model.source,
-        "dataset": {"name": "ShapesVQA", "split": cfg.eval.split, "seed": cfg.eval.seed, "questions": len(questions.items)},
+        "dataset": {
+            "name": "ShapesVQA", "split": cfg.eval.split, "seed": cfg.eval.seed, "questions": len(questions.items),
+            "visual_tokens": span[1],
+            # the visual tokens' share of each prompt (prefill) length, averaged over the questions
+            "visual_share_of_prefill": _visual_share(questions, span[1]),
+        },
         "quantization": cfg.quantization.model_dump(mode="json"),
         "pruning_settings": {k: v for k, v in cfg.pruning.model_dump(mode="json").items() if k not in ("method", "keep_ratio", "signals")},
         "calibration": cfg.calibration.model_dump(mode="json"),
@@ -321,7 +331,8 @@ def eval_markdown(doc: dict, chart: str) -> str:
         f"# Accuracy retention: {doc['model']}",
         "",
         f"ShapesVQA {ds['split']} split, seed {ds['seed']}, {ds['questions']} questions; every variant runs "
-        "through its exported ONNX graphs in onnxruntime (greedy). Accuracy in %; retention = accuracy / FP32 accuracy.",
+        "through its exported ONNX graphs in onnxruntime (greedy). Accuracy in %; retention = accuracy / FP32 accuracy. "
+        f"{ds['visual_tokens']} visual tokens per image, on average {ds['visual_share_of_prefill']:.0%} of the prefill length.",
         "",
         "| variant | avg. keep | accuracy | retention | " + " | ".join(fams) + " | sim. agreement |",
         "|---|---|---|---|" + "---|" * len(fams) + "---|",

@@ -122,6 +122,7 @@ def test_eval_runs_every_variant_and_scores_its_answers(two_runs):
     assert [r["name"] for r in rows] == ["fp", "w4a4kv4", "random@0.5"]
     gold = doc["gold"]
     assert len(gold) == doc["dataset"]["questions"] == 12
+    assert doc["dataset"]["visual_tokens"] == 64 and 0.6 < doc["dataset"]["visual_share_of_prefill"] < 0.9
     for r in rows:
         assert len(r["answers"]) == 12
         # accuracy is recomputed here from the recorded answers and gold answers
