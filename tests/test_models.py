@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from quota_compile.cli import main
 from quota_compile.config import DEFAULT_PROMPT, QuantizationSection, WeightQuant
@@ -82,3 +83,16 @@ def test_siglip_qwen2_full_strategy_compiles_and_verifies(tmp_path: Path):
     assert m["model"]["visual_start"] >= 1 and m["model"]["visual_tokens"] == 64
     # Qwen2's q/k/v biases survive quantization as float Adds after the INT4 MatMuls.
     assert np.isfinite(v["max_logits_rel_error"])
+
+
+def test_bench_llava_is_llava_1_5_shaped():
+    from quota_compile.models.builtin import build_bench_llava
+
+    model, processor = build_bench_llava()
+    cfg = model.config
+    assert (cfg.vision_config.image_size, cfg.vision_config.patch_size) == (336, 14)
+    text = processor(images=[Image.new("RGB", (336, 336))], text=["USER: <image>\nHi ASSISTANT:"], return_tensors="pt")
+    assert int((text["input_ids"] == cfg.image_token_index).sum()) == 576
+    decoder = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+    assert decoder >= 100e6 and cfg.text_config.vocab_size == 32000
+    assert cfg.text_config.num_key_value_heads < cfg.text_config.num_attention_heads  # GQA

@@ -138,10 +138,68 @@ def build_tiny_llava(
     return model, processor
 
 
+def build_bench_llava(seed: int = 0):
+    """Random-init LLaVA-1.5-shaped model for speed work (``builtin:bench-llava``): 336-px
+    images, patch 14 (576 visual tokens, CLS dropped by the ``default`` strategy), a 12-layer
+    CLIP tower of width 384, and a Llama decoder of 12 layers, width 768, 12 query / 4 KV
+    heads (GQA), SwiGLU 2048 and a 32,000-entry vocabulary (about 124 M decoder parameters
+    with the embeddings and the output head). The tokenizer is the small offline BPE one, so
+    only the first ids are ever produced by text; the embedding table and the output head have
+    LLaVA-1.5's vocabulary size, which is what matters for speed. Random weights: its answers
+    mean nothing, only its timings do."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = build_tokenizer()
+    vision_cfg = CLIPVisionConfig(
+        hidden_size=384, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=6, image_size=336, patch_size=14
+    )
+    text_cfg = LlamaConfig(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.02,
+    )
+    config = LlavaConfig(
+        vision_config=vision_cfg,
+        text_config=text_cfg,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LOGIT_GAIN)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    return model, processor
+
+
 # Trained builtins ship as committed checkpoint folders inside the package.
 TRAINED: dict[str, Path] = {"shapes-llava": Path(__file__).resolve().parent / "shapes_llava"}
 
-BUILTINS: dict[str, Callable | Path] = {"tiny-llava": build_tiny_llava, **TRAINED}
+BUILTINS: dict[str, Callable | Path] = {"tiny-llava": build_tiny_llava, "bench-llava": build_bench_llava, **TRAINED}
 
 
 def write_builtin(name: str, folder: str | Path, seed: int = 0) -> Path:
