@@ -284,6 +284,7 @@ class Batch:
     attn: torch.Tensor  # [B, 2, 1 + V] float: target attention over <s> and the visual tokens (zero rows: none)
     option: torch.Tensor  # [B] long: position of the correct choice option's last word, -1 if none
     parse: torch.Tensor  # [B, 2, T] float: target attention of layer 0 on the stem's colour / kind words
+    letters: torch.Tensor  # [B, 4, 2] long: (option's last word, its letter mark) prompt positions; -1: none
     families: list[str]
     answers: list[str]
     prompt_lengths: list[int]
@@ -294,7 +295,7 @@ class Batch:
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Batch(move(self.input_ids), move(self.attention_mask), move(self.pixel_values), move(self.targets),
                      {k: move(v) for k, v in self.aux.items()}, move(self.attn), move(self.option), move(self.parse),
-                     self.families, self.answers, self.prompt_lengths)
+                     move(self.letters), self.families, self.answers, self.prompt_lengths)
 
 
 class Encoder:
@@ -401,6 +402,21 @@ class Encoder:
         offset = len(prompt) - 1 - len(words)  # the chat words sit just before "ASSISTANT:"
         return offset + end - 1
 
+    def letter_targets(self, sample, prompt: list[int]) -> np.ndarray:
+        """``[4, 2]``: for each lettered option, the prompt position of its last word and of
+        its letter mark ("B."): the letter-binding supervision makes the last word's state
+        carry the letter, which the option pointer then copies. All -1 for other families."""
+        out = np.full((len(LETTERS), 2), -1, dtype=np.int64)
+        if sample.question.family != "choice":
+            return out
+        words = to_chat(sample.question).split()
+        marks = [i for i, w in enumerate(words) if w in {f"{x}." for x in LETTERS}][-len(LETTERS):]
+        offset = len(prompt) - 1 - len(words)
+        for k, start in enumerate(marks):
+            end = marks[k + 1] if k + 1 < len(marks) else words.index("Answer", start)
+            out[k] = (offset + end - 1, offset + start)
+        return out
+
     def parse_targets(self, sample, prompt: list[int], length: int) -> np.ndarray:
         """``[2, length]`` target attention of the answer position (layer 0) over the prompt: row
         0 uniform over the question stem's colour words, row 1 over its kind words (zero rows
@@ -443,6 +459,7 @@ class Encoder:
             attn=torch.from_numpy(np.stack([self.attention_targets(s) for s in samples])),
             option=torch.tensor([self.option_target(s, p) for s, p in zip(samples, prompts)], dtype=torch.long),
             parse=torch.from_numpy(np.stack([self.parse_targets(s, p, length) for s, p in zip(samples, prompts)])),
+            letters=torch.from_numpy(np.stack([self.letter_targets(s, p) for s, p in zip(samples, prompts)])),
             families=[s.question.family for s in samples],
             answers=[s.question.answer for s in samples],
             prompt_lengths=[len(p) for p in prompts],
@@ -630,6 +647,25 @@ def parse_loss(probe: AttentionProbe, batch: Batch, heads: tuple[int, int]) -> t
     return ce[has].mean()
 
 
+LETTER_HEAD = 1  # a layer-1 head not used by the object supervision (heads 0 and text_heads // 2)
+
+
+def letter_loss(probe: AttentionProbe, batch: Batch, head: int) -> torch.Tensor:
+    """Cross-entropy of one head's attention from each option's last word to that option's
+    letter mark, averaged over the options of the choice questions in the batch."""
+    rows = batch.letters[:, 0, 0] >= 0
+    if not rows.any():
+        return probe.captured["hidden"].sum() * 0.0
+    losses = []
+    for k in range(batch.letters.shape[1]):
+        query = batch.letters[:, k, 0].clamp_min(0)
+        probs = probe.probs(query, batch.attention_mask)[:, head]  # [B, T]
+        key = batch.letters[:, k, 1].clamp_min(0)
+        picked = probs[rows].gather(1, key[rows, None]).squeeze(1)
+        losses.append(-torch.log(picked.clamp_min(1e-9)))
+    return torch.cat(losses).mean()
+
+
 def vqa_loss(model, feats: torch.Tensor, batch: Batch) -> torch.Tensor:
     positions = batch.targets != -100
     logits = decoder_logits(model, feats, batch.input_ids, batch.attention_mask, positions)
@@ -721,7 +757,7 @@ def set_rng_state(state: dict) -> None:
 
 # Arguments that change the result; a resumed run must repeat them.
 _RUN_KEYS = ("steps", "batch", "seed", "tiny", "dims", "lr", "warmup", "min_lr_ratio", "weight_decay", "vision_steps",
-             "curriculum_steps", "aux_weight", "attn_weight", "attn_layer", "option_weight", "sink", "parse_weight",
+             "curriculum_steps", "aux_weight", "attn_weight", "attn_layer", "option_weight", "sink", "parse_weight", "letter_weight",
              "family_weights", "bf16")
 
 
@@ -803,6 +839,8 @@ def parse_args(argv=None):
                    help="weight of the choice-option pointer supervision (layer attn-layer + 2, head 0); 0 disables")
     p.add_argument("--parse-weight", type=float, default=0.0,
                    help="weight of the question-parse supervision (layer 0, heads 1 and 3 -> the stem's colour / kind words); 0 disables")
+    p.add_argument("--letter-weight", type=float, default=0.0,
+                   help="weight of the letter-binding supervision (a layer attn-layer head: option's last word -> its letter mark); 0 disables")
     p.add_argument("--aux-weight", type=float, default=0.5, help="auxiliary loss weight once VQA training starts")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast (measured slower than float32 for the full model on 2 cores)")
@@ -875,6 +913,9 @@ def train(args) -> int:
     option_layer = min(cfg.text_layers - 1, attn_layer + 2)
     option_probe = AttentionProbe(model, option_layer) if args.option_weight > 0 else None
     parse_probe = AttentionProbe(model, 0) if args.parse_weight > 0 else None
+    letter_head = LETTER_HEAD if cfg.text_heads > 2 else cfg.text_heads - 1
+    if args.letter_weight > 0 and probe is None:
+        probe = AttentionProbe(model, attn_layer)  # the letter loss reads the same layer's attention
     image_start = encoder.prompt_ids("").index(encoder.image)
     step = 0
     torch.manual_seed(args.seed)
@@ -921,9 +962,13 @@ def train(args) -> int:
                 else:
                     v_loss = vqa_loss(model, feats, batch)
                     loss = v_loss + args.aux_weight * a_loss
-                    if probe is not None:
+                    if probe is not None and args.attn_weight > 0:
                         t_loss = attention_loss(probe, batch, image_start, attention_heads(cfg))
                         loss = loss + args.attn_weight * t_loss
+                    if probe is not None and args.letter_weight > 0:
+                        l_loss = letter_loss(probe, batch, letter_head)
+                        t_loss = t_loss + l_loss
+                        loss = loss + args.letter_weight * l_loss
                     if option_probe is not None:
                         o_loss = option_loss(option_probe, batch)
                         t_loss = t_loss + o_loss

@@ -27,7 +27,7 @@ def _load_script():
 
 T = _load_script()
 TINY = ["--tiny", "--batch", "4", "--eval-samples", "0", "--log-every", "1", "--threads", "1",
-        "--vision-steps", "2", "--curriculum-steps", "4", "--warmup", "2", "--lr", "3e-3", "--parse-weight", "1.0"]
+        "--vision-steps", "2", "--curriculum-steps", "4", "--warmup", "2", "--lr", "3e-3", "--parse-weight", "1.0", "--letter-weight", "1.0"]
 
 
 def _run(out: Path, *extra: str) -> list[dict]:
@@ -278,3 +278,22 @@ def test_parse_targets_point_at_the_stem_colour_and_kind_words(tok):
                 assert hit.max() < len(prompt) - 1 - (len(to_chat(q).split()) - len(stem))
             else:
                 assert target[row].sum() == 0
+
+
+def test_letter_targets_pair_each_option_with_its_letter(tok):
+    enc = T.Encoder(tok, T.ModelConfig.full())
+    seen = 0
+    for i in range(200):
+        s = make_sample("train", 0, i)
+        prompt = enc.prompt_ids(to_chat(s.question))
+        pairs = enc.letter_targets(s, prompt)
+        if s.question.family != "choice":
+            assert (pairs == -1).all()
+            continue
+        seen += 1
+        for k, (last, mark) in enumerate(pairs):
+            option = s.question.options[k]
+            assert tok.convert_ids_to_tokens(prompt[mark]) == f"{T.LETTERS[k]}."
+            assert tok.convert_ids_to_tokens(prompt[last]) == option.split()[-1]
+            assert last - mark == len(option.split())
+    assert seen > 10
