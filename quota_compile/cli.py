@@ -2,6 +2,7 @@
 
     quota-compile CONFIG.yaml [--force]          compile (same as ``compile CONFIG.yaml``)
     quota-compile eval CONFIG.yaml [--force]     accuracy retention of every variant (ShapesVQA)
+    quota-compile bench CONFIG.yaml [--force]    speed of PyTorch eager, onnxruntime fp32 / quantized / bundle
     quota-compile run BUNDLE --image I --prompt P [--image I --prompt P ...]
     quota-compile write-builtin NAME DIR [--seed N]
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .errors import UserError, VerificationFailed
 
-COMMANDS = ("compile", "eval", "run", "write-builtin")
+COMMANDS = ("compile", "eval", "bench", "run", "write-builtin")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="accuracy and retention of FP, quantized and pruned variants through their ONNX graphs")
     e.add_argument("config", type=Path, help="the model.yaml (its eval section sets questions, keep ratios, methods)")
     e.add_argument("--force", action="store_true", help="replace an existing <name>-eval folder")
+    bb = sub.add_parser("bench", help="prefill latency, decode tokens/s, KV bytes and size of PyTorch eager, onnxruntime fp32, quantized and the bundle")
+    bb.add_argument("config", type=Path, help="the model.yaml (its bench section sets repeats, tokens, threads)")
+    bb.add_argument("--force", action="store_true", help="replace an existing <name>-bench folder")
     r = sub.add_parser("run", help="answer questions about images with a compiled bundle (onnxruntime)")
     r.add_argument("bundle", type=Path)
     r.add_argument("--image", action="append", required=True, type=Path, help="an image file; repeat for a batch")
@@ -94,6 +98,35 @@ def _eval(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .bench import run_bench
+    from .bundle import human_size
+
+    console = Console(stderr=True)
+    folder, doc = run_bench(args.config, force=args.force, console=console)
+    p = doc["prompt"]
+    rows = doc["variants"]
+    table = Table(title=f"{doc['model']}: {p['prompt_tokens']}-token prompt ({p['visual_tokens']} visual), {p['new_tokens']} new tokens, "
+                        f"{doc['threads']} threads, median of {doc['repeats']}")
+    for col in ("variant", "prefill ms", "decode tok/s", "KV / seq", "on disk", "prefill vs torch", "decode vs ort-fp32", "KV vs fp16"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in rows:
+        table.add_row(
+            r["name"], f"{1e3 * r['prefill_s']:.1f}", f"{r['decode_tokens_per_s']:.1f}", human_size(r["kv_bytes_per_sequence"]),
+            human_size(r["disk_bytes"]), f"{r['ratios']['pytorch-fp32']['prefill_speedup']:.2f}x",
+            f"{r['ratios']['ort-fp32']['decode_speedup']:.2f}x", f"{r['kv_fp16_unpruned_bytes'] / r['kv_bytes_per_sequence']:.2f}x",
+        )
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=160)
+    out.print(table)
+    console.print(f"results: {folder / 'bench.json'} ({doc['seconds']:.0f} s)", highlight=False)
+    return 0
+
+
 def _run(args) -> int:
     from .runtime import BundleRunner
 
@@ -134,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         args = _parser().parse_args(argv)
-        handlers = {"compile": _compile, "eval": _eval, "run": _run, "write-builtin": _write_builtin}
+        handlers = {"compile": _compile, "eval": _eval, "bench": _bench, "run": _run, "write-builtin": _write_builtin}
         return handlers[args.command](args)
     except UserError as e:
         print(f"quota-compile: error: {e}", file=sys.stderr)

@@ -162,6 +162,16 @@ class EvalSection(_Section):
         return v
 
 
+class BenchSection(_Section):
+    """``quota-compile bench``: speed of the deployment variants."""
+
+    repeats: int = Field(5, ge=1)
+    warmup: int = Field(1, ge=0)
+    new_tokens: int = Field(64, ge=1)
+    prompt_tokens: int = Field(64, ge=1)
+    threads: int | None = Field(None, ge=1)
+
+
 class OutputSection(_Section):
     dir: str = "exported"
     name: str | None = None
@@ -183,6 +193,7 @@ class CompileConfig(_Section):
     export: ExportSection = ExportSection()
     verify: VerifySection = VerifySection()
     eval: EvalSection = EvalSection()
+    bench: BenchSection = BenchSection()
     output: OutputSection = OutputSection()
 
 

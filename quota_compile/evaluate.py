@@ -145,7 +145,19 @@ def _prune(cfg, vlm, qm, span, v: Variant, config_file: Path):
     return result.spec, list(result.recipe.keep), result.recipe.model_dump(mode="json")
 
 
-def evaluate_variant(cfg, vlm, qm, span, v: Variant, questions: Questions, work: Path, config_file: Path) -> dict:
+@dataclass
+class BuiltVariant:
+    folder: Path  # vision.onnx, prefill.onnx, decode.onnx
+    programs: object  # trace.Programs: the eager reference of the same variant
+    keep: list[int]
+    recipe: dict | None
+    seconds_calibrate: float
+    seconds_build: float
+
+
+def build_variant(cfg, vlm, qm, span, v: Variant, work: Path, config_file: Path) -> BuiltVariant:
+    """Calibrate (where the method does), trace and lower one variant's graphs into a folder
+    under ``work``."""
     t0 = time.perf_counter()
     spec, keep, recipe = _prune(cfg, vlm, qm, span, v, config_file)
     t_cal = time.perf_counter() - t0
@@ -155,10 +167,17 @@ def evaluate_variant(cfg, vlm, qm, span, v: Variant, questions: Questions, work:
     folder.mkdir(parents=True, exist_ok=True)
     for g, t in traced.items():
         save_onnx(export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names), folder / f"{g}.onnx")
-    t_build = time.perf_counter() - t0 - t_cal
+    return BuiltVariant(folder, programs, keep, recipe, t_cal, time.perf_counter() - t0 - t_cal)
+
+
+def evaluate_variant(cfg, vlm, qm, span, v: Variant, questions: Questions, work: Path, config_file: Path) -> dict:
+    built = build_variant(cfg, vlm, qm, span, v, work, config_file)
+    folder, programs, keep, recipe = built.folder, built.programs, built.keep, built.recipe
+    t_cal, t_build = built.seconds_calibrate, built.seconds_build
+    t0 = time.perf_counter()
     ev, tok = cfg.eval, vlm.tokenizer
     answers = answer_all(OrtBackend(folder), questions.batches, ev.max_new_tokens, vlm.eos_token_id, tok)
-    t_run = time.perf_counter() - t0 - t_cal - t_build
+    t_run = time.perf_counter() - t0
     check = None
     n = min(ev.simulation_check, len(questions.items))
     if n:

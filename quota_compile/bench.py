@@ -1,0 +1,252 @@
+"""``quota-compile bench model.yaml``: speed of the deployment variants on the same prompts.
+
+Variants (all on the CPU, float32 arithmetic where not quantized):
+
+- ``pytorch-fp32``: the Hugging Face model in eager PyTorch with its own KV cache, what users
+  run today (timed before anything is quantized; the model object is the checkpoint's);
+- ``ort-fp32``: full-precision ONNX graphs of the same programs (float KV cache) in onnxruntime;
+- ``ort-<quant>`` (e.g. ``ort-w4a4kv4``): the configured quantization, all visual tokens;
+- ``<method>@<keep>`` (e.g. ``quota@0.3``): the bundle: the configured quantization plus the
+  configured pruning (``pruning.method``; ``quota`` when the YAML says ``none``) at
+  ``pruning.keep_ratio``.
+
+Not yet measured here (planned, issue 5): a weight-only INT4 variant (MatMulNBits, FP
+activations and KV cache) and the onnxruntime-specific flavour of the bundle.
+
+For every variant and repetition, on one prompt (the image plus about ``bench.prompt_tokens``
+text tokens): ``prefill_s`` is the time from pixels and token ids to the first logits (vision
+tower + prefill, KV cache built); ``decode_s`` the time of ``bench.new_tokens`` greedy decode
+steps after it (EOS ignored, the KV cache growing as the runtime grows it). After
+``bench.warmup`` untimed repetitions, ``bench.repeats`` timed ones; medians are reported, every
+repetition is kept in ``bench.json``. Ratios are between variants of the same run.
+
+Also reported per variant: KV-cache bytes of one sequence at the final length, against an
+FP16 cache of the unpruned model; graph / checkpoint bytes on disk; and the floor: the prefill
+FLOPs (2 per multiply-add of every decoder, projector and vision Linear on the tokens that
+reach it, plus attention scores and weighted sums) and the decode bytes per token (weights as
+stored plus the KV cache read once), with the rate the measured time implies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from .bundle import atomic_folder, check_destination, versions, write_json
+from .config import bundle_name, load_config
+from .evaluate import Variant, build_variant
+from .models import load_model
+from .pipeline import kv_cache_bytes
+from .quant.simulate import quantizable_linears, quantize
+from .runtime import OrtBackend, make_batch
+
+FILLER = "Describe the image in detail: the shapes, their colours, their sizes and where they are."
+
+
+def bench_prompt(vlm, span, tokens: int):
+    """One (image, question) batch whose text part has at least ``tokens`` tokens."""
+    from PIL import Image
+
+    words = FILLER.split()
+    text = FILLER
+    while len(vlm.tokenizer(text, add_special_tokens=False)["input_ids"]) < tokens:
+        text = f"{text} {words[len(text.split()) % len(words)]}"
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (vlm.image_size, vlm.image_size, 3), dtype=np.uint8))
+    return make_batch(vlm.processor, vlm.prompt_template, [image], [text], span, vlm.image_token_id)
+
+
+def _time_ort(backend: OrtBackend, batch, new_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    feats = backend.vision(batch.pixel_values)
+    logits, cache, _ = backend.prefill(batch.input_ids, batch.attention_mask, feats)
+    t1 = time.perf_counter()
+    mask, length = batch.attention_mask, int(batch.attention_mask.sum())
+    for step in range(new_tokens):
+        nxt = logits.argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+        logits, new = backend.decode(nxt, np.array([[length + step]], dtype=np.int64), mask, cache)
+        cache = [np.concatenate([old, n], axis=2) for old, n in zip(cache, new)]
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1}
+
+
+@torch.no_grad()
+def _time_torch(model, batch, new_tokens: int) -> dict:
+    ids, mask = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
+    pixels = torch.from_numpy(batch.pixel_values)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True, logits_to_keep=1)
+    t1 = time.perf_counter()
+    past = out.past_key_values
+    for _ in range(new_tokens):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+        out = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+    t2 = time.perf_counter()
+    return {"prefill_s": t1 - t0, "decode_s": t2 - t1}
+
+
+def _repeat(fn, warmup: int, repeats: int) -> list[dict]:
+    for _ in range(warmup):
+        fn()
+    return [fn() for _ in range(repeats)]
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, quantized: bool) -> dict:
+    """Prefill FLOPs and decode bytes per token that a variant must at least spend."""
+    model = vlm.model
+    v = keep[0]
+    vis_cfg = vlm.config.vision_config
+    patches = (vis_cfg.image_size // vis_cfg.patch_size) ** 2 + 1
+    flops = 0.0
+    for name, lin in ((n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)):
+        macs = lin.in_features * lin.out_features
+        if "vision_tower" in name:
+            flops += 2 * macs * patches
+        elif "multi_modal_projector" in name:
+            flops += 2 * macs * v
+        elif "layers." in name:
+            layer = int(name.split("layers.")[1].split(".")[0])
+            flops += 2 * macs * (prompt_len - v + keep[layer])
+        elif name.endswith("lm_head"):
+            flops += 2 * macs  # logits of the last position
+    hidden = vlm.head_dim * vlm.num_heads
+    for k in keep:  # QK^T and the weighted sum over the causal prefix, per layer
+        t = prompt_len - v + k
+        flops += 2 * 2 * hidden * t * (t + 1) / 2
+    if not quantized:
+        weight_bytes = 4 * sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n and "projector" not in n)
+    else:
+        quant = quantizable_linears(model, cfg.quantization.ignore)
+        g = cfg.quantization.weights.group_size
+        weight_bytes = 0
+        for n, p in model.named_parameters():
+            if "vision_tower" in n or "projector" in n:
+                continue
+            module = n.rsplit(".", 1)[0]
+            if module in quant and n.endswith("weight"):
+                weight_bytes += p.numel() // 2 + 4 * p.numel() // g
+            else:
+                weight_bytes += 4 * p.numel()
+    final = prompt_len + new_tokens
+    if quantized:
+        kv = kv_cache_bytes(vlm, cfg.quantization.kv_cache.bits, keep, prompt_len, new_tokens)["bundle"]
+    else:
+        kv = vlm.num_layers * 2 * vlm.num_kv_heads * vlm.head_dim * 4 * final
+    return {"prefill_flops": flops, "decode_bytes_per_token": weight_bytes + kv, "decode_weight_bytes": weight_bytes, "kv_bytes_at_end": kv}
+
+
+def run_bench(config_path, force: bool = False, console: Console | None = None) -> tuple[Path, dict]:
+    console = console or Console(stderr=True)
+    config_file = Path(config_path)
+    cfg = load_config(config_file)
+    b = cfg.bench
+    final = Path(cfg.output.dir) / f"{bundle_name(cfg, config_file)}-bench"
+    check_destination(final, force, config_file)
+    threads = b.threads or torch.get_num_threads()
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    rows = []
+    try:
+        with contextlib.ExitStack() as stack:
+            vlm = load_model(cfg, config_file, stack)
+            span = vlm.visual_span()
+            batch = bench_prompt(vlm, span, b.prompt_tokens)
+            prompt_len = int(batch.attention_mask.sum())
+            source_bytes = sum(p.stat().st_size for p in Path(vlm.path).glob("*.safetensors"))
+            console.print(f"prompt: {span[1]} visual + {prompt_len - span[1]} text tokens; {b.new_tokens} new tokens; {threads} threads", highlight=False)
+            all_tokens = [span[1]] * vlm.num_layers
+
+            console.print("[1/4] pytorch-fp32 (Hugging Face eager) ...", highlight=False)
+            reps = _repeat(lambda: _time_torch(vlm.model, batch, b.new_tokens), b.warmup, b.repeats)
+            rows.append(_row("pytorch-fp32", "Hugging Face model, eager PyTorch, fp32 KV cache", reps, b, vlm, cfg, all_tokens, prompt_len, False, source_bytes))
+
+            qm = quantize(vlm.model, cfg.quantization)
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-bench-")))
+            method = cfg.pruning.method if cfg.pruning.method != "none" else "quota"
+            qname = f"w{cfg.quantization.weights.bits}a{cfg.quantization.activations.bits}kv{cfg.quantization.kv_cache.bits}"
+            todo = [
+                (Variant("fp", "none", None, False), "ort-fp32", "onnxruntime, fp32 graphs, fp32 KV cache"),
+                (Variant(qname, "none", None, True), f"ort-{qname}", "onnxruntime, the configured quantization, all visual tokens"),
+                (Variant(f"{method}@{cfg.pruning.keep_ratio:g}", method, cfg.pruning.keep_ratio, True), f"{method}@{cfg.pruning.keep_ratio:g}",
+                 f"onnxruntime, the configured quantization + {method} at keep ratio {cfg.pruning.keep_ratio:g} (the bundle)"),
+            ]
+            for i, (v, name, what) in enumerate(todo, 2):
+                console.print(f"[{i}/4] {name}: building graphs ...", highlight=False)
+                built = build_variant(cfg, vlm, qm, span, v, work, config_file)
+                backend = OrtBackend(built.folder, threads=threads)
+                console.print("      timing ...", highlight=False)
+                reps = _repeat(lambda: _time_ort(backend, batch, b.new_tokens), b.warmup, b.repeats)
+                rows.append(_row(name, what, reps, b, vlm, cfg, built.keep, prompt_len, v.quantized, _folder_bytes(built.folder)))
+    finally:
+        torch.set_num_threads(old_threads)
+    for r in rows:
+        r["ratios"] = {
+            other["name"]: {
+                "prefill_speedup": other["prefill_s"] / r["prefill_s"],
+                "decode_speedup": r["decode_tokens_per_s"] / other["decode_tokens_per_s"],
+                "kv_bytes_reduction": other["kv_bytes_per_sequence"] / r["kv_bytes_per_sequence"],
+            }
+            for other in rows
+        }
+    doc = {
+        "format": "quota-compile bench",
+        "config": str(config_file),
+        "model": cfg.model.source,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": _cpus()},
+        "threads": threads,
+        "prompt": {"visual_tokens": span[1], "prompt_tokens": prompt_len, "new_tokens": b.new_tokens},
+        "repeats": b.repeats,
+        "warmup": b.warmup,
+        "variants": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+        "versions": versions(),
+    }
+    with atomic_folder(final, force) as tmp:
+        write_json(tmp / "bench.json", doc)
+    return final, doc
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
+
+
+def _row(name, what, reps, b, vlm, cfg, keep, prompt_len, quantized, disk_bytes) -> dict:
+    prefill = statistics.median(r["prefill_s"] for r in reps)
+    decode = statistics.median(r["decode_s"] for r in reps)
+    floor = floors(vlm, cfg, keep, prompt_len, b.new_tokens, quantized)
+    fp16 = vlm.num_layers * 2 * vlm.num_kv_heads * vlm.head_dim * 2 * (prompt_len + b.new_tokens)
+    tps = b.new_tokens / decode
+    return {
+        "name": name,
+        "what": what,
+        "visual_tokens_per_layer": keep,
+        "prefill_s": prefill,
+        "decode_tokens_per_s": tps,
+        "kv_bytes_per_sequence": floor["kv_bytes_at_end"],
+        "kv_fp16_unpruned_bytes": fp16,
+        "disk_bytes": disk_bytes,
+        "floor": {
+            **floor,
+            "prefill_gflops_per_s": floor["prefill_flops"] / prefill / 1e9,
+            "decode_gb_per_s": floor["decode_bytes_per_token"] * tps / 1e9,
+        },
+        "repetitions": reps,
+    }

@@ -1,0 +1,39 @@
+"""``quota-compile bench`` on the tiny model: structure of bench.json and that every variant ran
+(no timing assertions: timings belong to benchmarks, not tests)."""
+
+from __future__ import annotations
+
+import json
+
+from quota_compile.cli import main
+
+from .conftest import write_config
+
+
+def test_bench_runs_every_variant(tmp_path, capsys):
+    cfg = write_config(
+        tmp_path / "b.yaml", "builtin:tiny-llava", tmp_path / "out",
+        pruning={"method": "quota", "keep_ratio": 0.3, "weights": {"att": 1.0}},
+        bench={"repeats": 2, "warmup": 0, "new_tokens": 3, "prompt_tokens": 8, "threads": 1},
+    )
+    assert main(["bench", str(cfg)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((tmp_path / "out" / "b-bench" / "bench.json").read_text())
+    names = [r["name"] for r in doc["variants"]]
+    assert names == ["pytorch-fp32", "ort-fp32", "ort-w4a4kv4", "quota@0.3"]
+    assert all(n in printed for n in names)
+    assert doc["threads"] == 1 and doc["repeats"] == 2 and doc["prompt"]["new_tokens"] == 3
+    assert set(doc["versions"]) >= {"torch", "onnxruntime"}
+    by = {r["name"]: r for r in doc["variants"]}
+    for r in doc["variants"]:
+        assert len(r["repetitions"]) == 2 and all(x["prefill_s"] > 0 and x["decode_s"] > 0 for x in r["repetitions"])
+        assert r["ratios"][r["name"]]["prefill_speedup"] == 1.0
+        assert r["disk_bytes"] > 0 and r["floor"]["prefill_flops"] > 0
+    v = doc["prompt"]["visual_tokens"]
+    assert by["quota@0.3"]["visual_tokens_per_layer"][0] == v and min(by["quota@0.3"]["visual_tokens_per_layer"]) < v
+    # pruning and quantization shrink the cache and the prefill work, in that order
+    kv = [by[n]["kv_bytes_per_sequence"] for n in ("ort-fp32", "ort-w4a4kv4", "quota@0.3")]
+    assert kv[0] > kv[1] > kv[2]
+    assert by["quota@0.3"]["floor"]["prefill_flops"] < by["ort-w4a4kv4"]["floor"]["prefill_flops"] == by["ort-fp32"]["floor"]["prefill_flops"]
+    assert by["pytorch-fp32"]["kv_bytes_per_sequence"] == by["ort-fp32"]["kv_bytes_per_sequence"]
+    assert main(["bench", str(cfg)]) == 2  # never overwritten silently
