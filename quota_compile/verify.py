@@ -222,8 +222,10 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
     pairs = [same for r in rows for same in r["kept_index_agreement"]]
     kept = sum(pairs) / len(pairs) if pairs else None
     failures = []
-    if kept is not None and kept < 1.0:
-        failures.append(f"kept-index agreement {kept:.1%} at the pruning layers (must be 100%)")
+    if kept is not None and kept < cfg.min_kept_index_agreement:
+        failures.append(
+            f"kept-index agreement {kept:.1%} at the pruning layers is below verify.min_kept_index_agreement {cfg.min_kept_index_agreement:.0%}"
+        )
     if worst > cfg.max_logits_rel_error:
         failures.append(f"logits relative error {worst:.3g} exceeds verify.max_logits_rel_error {cfg.max_logits_rel_error:g}")
     if agreement < cfg.min_greedy_agreement:
@@ -239,7 +241,8 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
         "greedy_agreement": agreement,
         "token_agreement": tokens,
         "kept_index_agreement": kept,
-        "thresholds": {"max_logits_rel_error": cfg.max_logits_rel_error, "min_greedy_agreement": cfg.min_greedy_agreement},
+        "thresholds": {"max_logits_rel_error": cfg.max_logits_rel_error, "min_greedy_agreement": cfg.min_greedy_agreement,
+                       "min_kept_index_agreement": cfg.min_kept_index_agreement},
         "polygraphy": graphs or {},
         "passed": not failures,
         "failures": failures,
