@@ -42,11 +42,11 @@ from rich.console import Console
 
 from .bundle import atomic_folder, check_destination, versions, write_json
 from .config import bundle_name, load_config
-from .evaluate import Variant, build_variant
+from .evaluate import Variant, build_variant, quant_name
 from .models import load_model
 from .pipeline import kv_cache_bytes
 from .quant.simulate import quantizable_linears, quantize
-from .runtime import OrtBackend, make_batch
+from .runtime import OrtBackend, greedy_generate, make_batch
 
 FILLER = "Describe the image in detail: the shapes, their colours, their sizes and where they are."
 
@@ -64,19 +64,33 @@ def bench_prompt(vlm, span, tokens: int):
     return make_batch(vlm.processor, vlm.prompt_template, [image], [text], span, vlm.image_token_id)
 
 
+class _PrefillClock:
+    """A backend wrapper that notes when the prefill returns, so the runtime's own greedy loop
+    (:func:`quota_compile.runtime.greedy_generate`) is what gets timed."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.prefill_done = 0.0
+
+    def vision(self, pixel_values):
+        return self.backend.vision(pixel_values)
+
+    def prefill(self, input_ids, attention_mask, image_features):
+        out = self.backend.prefill(input_ids, attention_mask, image_features)
+        self.prefill_done = time.perf_counter()
+        return out
+
+    def decode(self, input_ids, position_ids, attention_mask, past):
+        return self.backend.decode(input_ids, position_ids, attention_mask, past)
+
+
 def _time_ort(backend: OrtBackend, batch, new_tokens: int) -> dict:
+    clock = _PrefillClock(backend)
     t0 = time.perf_counter()
-    feats = backend.vision(batch.pixel_values)
-    logits, cache, _ = backend.prefill(batch.input_ids, batch.attention_mask, feats)
-    t1 = time.perf_counter()
-    mask, length = batch.attention_mask, int(batch.attention_mask.sum())
-    for step in range(new_tokens):
-        nxt = logits.argmax(-1)[:, None].astype(np.int64)
-        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-        logits, new = backend.decode(nxt, np.array([[length + step]], dtype=np.int64), mask, cache)
-        cache = [np.concatenate([old, n], axis=2) for old, n in zip(cache, new)]
+    # new_tokens + 1 greedy steps: the first token comes from the prefill, then new_tokens decodes
+    greedy_generate(clock, batch, new_tokens + 1, eos_token_id=None)
     t2 = time.perf_counter()
-    return {"prefill_s": t1 - t0, "decode_s": t2 - t1}
+    return {"prefill_s": clock.prefill_done - t0, "decode_s": t2 - clock.prefill_done}
 
 
 @torch.no_grad()
@@ -179,7 +193,7 @@ def run_bench(config_path, force: bool = False, console: Console | None = None) 
             qm = quantize(vlm.model, cfg.quantization)
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-bench-")))
             method = cfg.pruning.method if cfg.pruning.method != "none" else "quota"
-            qname = f"w{cfg.quantization.weights.bits}a{cfg.quantization.activations.bits}kv{cfg.quantization.kv_cache.bits}"
+            qname = quant_name(cfg)
             todo = [
                 (Variant("fp", "none", None, False), "ort-fp32", "onnxruntime, fp32 graphs, fp32 KV cache"),
                 (Variant(qname, "none", None, True), f"ort-{qname}", "onnxruntime, the configured quantization, all visual tokens"),
@@ -232,7 +246,7 @@ def _row(name, what, reps, b, vlm, cfg, keep, prompt_len, quantized, disk_bytes)
     prefill = statistics.median(r["prefill_s"] for r in reps)
     decode = statistics.median(r["decode_s"] for r in reps)
     floor = floors(vlm, cfg, keep, prompt_len, b.new_tokens, quantized)
-    fp16 = vlm.num_layers * 2 * vlm.num_kv_heads * vlm.head_dim * 2 * (prompt_len + b.new_tokens)
+    fp16 = kv_cache_bytes(vlm, cfg.quantization.kv_cache.bits, keep, prompt_len, b.new_tokens)["fp16_unpruned"]
     tps = b.new_tokens / decode
     return {
         "name": name,

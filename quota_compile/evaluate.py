@@ -43,11 +43,11 @@ from pathlib import Path
 from rich.console import Console
 
 from .bundle import atomic_folder, check_destination, versions, write_json
-from .calibrate import calibrate
 from .config import bundle_name, load_config
 from .errors import UserError
 from .lower import export_onnx, save_onnx
 from .models import load_model
+from .pipeline import decide_pruning
 from .quant.simulate import quantize
 from .runtime import OrtBackend, greedy_generate, make_batch
 from .trace import build_programs, trace_programs
@@ -70,14 +70,15 @@ class Variant:
 
 def variants(cfg) -> list[Variant]:
     ev = cfg.eval
-    out = [Variant("fp", "none", None, False), Variant(_quant_name(cfg), "none", None, True)]
+    out = [Variant("fp", "none", None, False), Variant(quant_name(cfg), "none", None, True)]
     for r in ev.keep_ratios:
         for m in ev.methods:
             out.append(Variant(f"{m}@{r:g}", m, r, True))
     return out
 
 
-def _quant_name(cfg) -> str:
+def quant_name(cfg) -> str:
+    """``w4a4kv4`` and the like, from the quantization section."""
     q = cfg.quantization
     return f"w{q.weights.bits}a{q.activations.bits}kv{q.kv_cache.bits}"
 
@@ -135,14 +136,13 @@ def score(items, answers: list[str]) -> dict:
 
 
 def _prune(cfg, vlm, qm, span, v: Variant, config_file: Path):
-    """``(PruneSpec | None, keep schedule, recipe dict | None)`` for a variant."""
-    if v.method == "none":
-        return None, [span[1]] * vlm.num_layers, None
+    """``(PruneSpec | None, keep schedule, recipe dict | None)`` for a variant, decided as a
+    compile decides it, from the config with the variant's method and budget."""
     signals = "lowbit" if v.method == "quota" else "fp"
-    section = cfg.pruning.model_copy(update={"method": v.method, "keep_ratio": v.keep_ratio, "signals": signals})
-    vision = build_programs(vlm, qm).vision
-    result = calibrate(vlm, qm, vision, span, section, cfg.calibration, config_file)
-    return result.spec, list(result.recipe.keep), result.recipe.model_dump(mode="json")
+    update = {"method": v.method, "signals": signals} | ({"keep_ratio": v.keep_ratio} if v.keep_ratio is not None else {})
+    variant_cfg = cfg.model_copy(update={"pruning": cfg.pruning.model_copy(update=update)})
+    pruning, _, spec = decide_pruning(variant_cfg, vlm, qm, span, None, config_file)
+    return spec, list(pruning.keep), (pruning.model_dump(mode="json") if v.method != "none" else None)
 
 
 @dataclass
@@ -327,7 +327,7 @@ def run_benchmarks(cfg, vlm, qm, span, benchmarks: dict, console) -> dict:
     for key, bench in benchmarks.items():
         console.print(f"benchmark {key}: {len(bench.items)} items", highlight=False)
         out[key] = {}
-        for label, quantized in (("fp", False), (_quant_name(cfg), True)):
+        for label, quantized in (("fp", False), (quant_name(cfg), True)):
             preds = {}
             with qm.fake_quant(quantized):
                 for item in bench.items:  # one at a time: the prompts differ in length a lot

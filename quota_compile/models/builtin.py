@@ -79,12 +79,8 @@ def build_tiny_llava(
     variant; ``builtin:tiny-llava`` is the default CLIP + Llama one.
     """
     from transformers import (
-        CLIPImageProcessor,
         CLIPVisionConfig,
         LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
         MistralConfig,
         Qwen2Config,
         SiglipVisionConfig,
@@ -110,6 +106,14 @@ def build_tiny_llava(
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.02,
     )
+    # CLIP prepends a CLS embedding to the patches; SigLIP does not.
+    return _assemble(tokenizer, vision_cfg, text_cfg, seed, feature_layer, strategy, 1 if vision == "clip" else 0)
+
+
+def _assemble(tokenizer, vision_cfg, text_cfg, seed: int, feature_layer, strategy: str, extra_image_tokens: int):
+    """The random-init LLaVA model and its processor from a vision and a text config."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
     config = LlavaConfig(
         vision_config=vision_cfg,
         text_config=text_cfg,
@@ -126,13 +130,13 @@ def build_tiny_llava(
     # on ties. A larger output head makes the next-token distribution peaked.
     with torch.no_grad():
         model.lm_head.weight.mul_(LOGIT_GAIN)
+    size = vision_cfg.image_size
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
         tokenizer=tokenizer,
-        patch_size=4,
+        patch_size=vision_cfg.patch_size,
         vision_feature_select_strategy=strategy,
-        # CLIP prepends a CLS embedding to the patches; SigLIP does not.
-        num_additional_image_tokens=1 if vision == "clip" else 0,
+        num_additional_image_tokens=extra_image_tokens,
         image_token="<image>",
     )
     return model, processor
@@ -147,14 +151,7 @@ def build_bench_llava(seed: int = 0):
     only the first ids are ever produced by text; the embedding table and the output head have
     LLaVA-1.5's vocabulary size, which is what matters for speed. Random weights: its answers
     mean nothing, only its timings do."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     tokenizer = build_tokenizer()
     vision_cfg = CLIPVisionConfig(
@@ -173,27 +170,7 @@ def build_bench_llava(seed: int = 0):
         pad_token_id=tokenizer.pad_token_id,
         initializer_range=0.02,
     )
-    config = LlavaConfig(
-        vision_config=vision_cfg,
-        text_config=text_cfg,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(LOGIT_GAIN)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        image_token="<image>",
-    )
-    return model, processor
+    return _assemble(tokenizer, vision_cfg, text_cfg, seed, -2, "default", 1)
 
 
 # Trained builtins ship as committed checkpoint folders inside the package.
