@@ -5,7 +5,8 @@ Requires: the listed weights are read by ``get_attr`` nodes feeding ``aten.linea
 Ensures: each listed Linear becomes ``matmul(qdq_per_token(x), qdq_weight(weight)) [+ bias]``;
 one ``qdq_per_token`` serves all Linears that read the same input (Q/K/V, gate/up);
 Linears not listed are untouched. Counts: ``qdq_weight`` = listed Linears,
-``qdq_per_token`` = distinct inputs among them.
+``qdq_per_token`` = distinct inputs among them. A spec with ``act_bits=None`` quantizes the
+weight only (the INT4 weight-only baseline): no ``qdq_per_token`` for that Linear.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from . import GraphPass, PassError, PassResult, count_calls
 class LinearQuantSpec:
     weight_bits: int
     group_size: int
-    act_bits: int
+    act_bits: int | None
     clip_ratio: float
 
 
@@ -64,10 +65,14 @@ class InsertQDQ(GraphPass):
             bias = node.args[2] if len(node.args) > 2 else None
             key = (x, spec.act_bits, spec.clip_ratio)
             with graph.inserting_before(node):
-                if key not in act_qdq:
-                    act_qdq[key] = graph.call_function(torch.ops.quota.qdq_per_token.default, (x, spec.act_bits, spec.clip_ratio))
+                if spec.act_bits is None:
+                    xq = x
+                else:
+                    if key not in act_qdq:
+                        act_qdq[key] = graph.call_function(torch.ops.quota.qdq_per_token.default, (x, spec.act_bits, spec.clip_ratio))
+                    xq = act_qdq[key]
                 wq = graph.call_function(torch.ops.quota.qdq_weight.default, (w, spec.weight_bits, spec.group_size))
-                y = graph.call_function(torch.ops.aten.matmul.default, (act_qdq[key], wq))
+                y = graph.call_function(torch.ops.aten.matmul.default, (xq, wq))
                 if bias is not None:
                     y = graph.call_function(torch.ops.aten.add.Tensor, (y, bias))
             y.meta.update(node.meta)

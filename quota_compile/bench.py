@@ -42,10 +42,11 @@ from rich.console import Console
 
 from .bundle import atomic_folder, check_destination, versions, write_json
 from .config import bundle_name, load_config
-from .evaluate import Variant, build_variant, quant_name
+from .evaluate import Variant, build_variant, flavour_of, quant_name
 from .models import load_model
+from .calibrate import quantize_model
 from .pipeline import kv_cache_bytes
-from .quant.simulate import quantizable_linears, quantize
+from .quant.simulate import quantizable_linears
 from .runtime import OrtBackend, greedy_generate, make_batch
 
 FILLER = "Describe the image in detail: the shapes, their colours, their sizes and where they are."
@@ -120,8 +121,10 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, quantized: bool) -> dict:
-    """Prefill FLOPs and decode bytes per token that a variant must at least spend."""
+def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, mode: str) -> dict:
+    """Prefill FLOPs and decode bytes per token that a variant must at least spend. ``mode``:
+    ``none`` (fp32 weights and KV cache), ``weights`` (INT4 weights, fp32 KV cache) or
+    ``full`` (the configured quantization)."""
     model = vlm.model
     v = keep[0]
     vis_cfg = vlm.config.vision_config
@@ -142,7 +145,7 @@ def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, quantize
     for k in keep:  # QK^T and the weighted sum over the causal prefix, per layer
         t = prompt_len - v + k
         flops += 2 * 2 * hidden * t * (t + 1) / 2
-    if not quantized:
+    if mode == "none":
         weight_bytes = 4 * sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n and "projector" not in n)
     else:
         quant = quantizable_linears(model, cfg.quantization.ignore)
@@ -157,8 +160,8 @@ def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, quantize
             else:
                 weight_bytes += 4 * p.numel()
     final = prompt_len + new_tokens
-    if quantized:
-        kv = kv_cache_bytes(vlm, cfg.quantization.kv_cache.bits, keep, prompt_len, new_tokens)["bundle"]
+    if mode == "full":
+        kv = kv_cache_bytes(vlm, cfg.quantization.kv_cache.bits, keep, prompt_len, new_tokens, cfg.quantization.kv_cache.granularity)["bundle"]
     else:
         kv = vlm.num_layers * 2 * vlm.num_kv_heads * vlm.head_dim * 4 * final
     return {"prefill_flops": flops, "decode_bytes_per_token": weight_bytes + kv, "decode_weight_bytes": weight_bytes, "kv_bytes_at_end": kv}
@@ -186,27 +189,34 @@ def run_bench(config_path, force: bool = False, console: Console | None = None) 
             console.print(f"prompt: {span[1]} visual + {prompt_len - span[1]} text tokens; {b.new_tokens} new tokens; {threads} threads", highlight=False)
             all_tokens = [span[1]] * vlm.num_layers
 
-            console.print("[1/4] pytorch-fp32 (Hugging Face eager) ...", highlight=False)
+            console.print("[1/5] pytorch-fp32 (Hugging Face eager) ...", highlight=False)
             reps = _repeat(lambda: _time_torch(vlm.model, batch, b.new_tokens), b.warmup, b.repeats)
-            rows.append(_row("pytorch-fp32", "Hugging Face model, eager PyTorch, fp32 KV cache", reps, b, vlm, cfg, all_tokens, prompt_len, False, source_bytes))
+            rows.append(_row("pytorch-fp32", "Hugging Face model, eager PyTorch, fp32 KV cache", reps, b, vlm, cfg, all_tokens, prompt_len, "none", source_bytes, "pytorch"))
 
-            qm = quantize(vlm.model, cfg.quantization)
+            qm = quantize_model(vlm, cfg, span)
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-bench-")))
             method = cfg.pruning.method if cfg.pruning.method != "none" else "quota"
             qname = quant_name(cfg)
+            flavour = flavour_of(cfg)
+            g = cfg.quantization.weights.group_size
             todo = [
-                (Variant("fp", "none", None, False), "ort-fp32", "onnxruntime, fp32 graphs, fp32 KV cache"),
-                (Variant(qname, "none", None, True), f"ort-{qname}", "onnxruntime, the configured quantization, all visual tokens"),
+                (Variant("fp", "none", None, False), "ort-fp32", "onnxruntime, fp32 graphs, fp32 KV cache", "portable"),
+                (Variant("w4", "none", None, True, weight_only=True), "ort-w4",
+                 f"onnxruntime, INT4 weight-only (MatMulNBits, group {g}), fp32 activations and KV cache", "onnxruntime"),
+                (Variant(qname, "none", None, True), f"ort-{qname}", f"onnxruntime ({flavour} flavour), the configured quantization, all visual tokens", flavour),
                 (Variant(f"{method}@{cfg.pruning.keep_ratio:g}", method, cfg.pruning.keep_ratio, True), f"{method}@{cfg.pruning.keep_ratio:g}",
-                 f"onnxruntime, the configured quantization + {method} at keep ratio {cfg.pruning.keep_ratio:g} (the bundle)"),
+                 f"onnxruntime ({flavour} flavour), the configured quantization + {method} at keep ratio {cfg.pruning.keep_ratio:g} (the bundle)", flavour),
             ]
-            for i, (v, name, what) in enumerate(todo, 2):
-                console.print(f"[{i}/4] {name}: building graphs ...", highlight=False)
-                built = build_variant(cfg, vlm, qm, span, v, work, config_file)
+            n = len(todo) + 1
+            for i, (v, name, what, flav) in enumerate(todo, 2):
+                console.print(f"[{i}/{n}] {name}: building graphs ...", highlight=False)
+                built = build_variant(cfg, vlm, qm, span, v, work, config_file, flavour=flav)
                 backend = OrtBackend(built.folder, threads=threads)
                 console.print("      timing ...", highlight=False)
                 reps = _repeat(lambda: _time_ort(backend, batch, b.new_tokens), b.warmup, b.repeats)
-                rows.append(_row(name, what, reps, b, vlm, cfg, built.keep, prompt_len, v.quantized, _folder_bytes(built.folder)))
+                mode = "weights" if v.weight_only else ("full" if v.quantized else "none")
+                rows.append(_row(name, what, reps, b, vlm, cfg, built.keep, prompt_len, mode, _folder_bytes(built.folder), flav, built.folder / "decode.onnx"))
+                del backend
     finally:
         torch.set_num_threads(old_threads)
     for r in rows:
@@ -242,7 +252,12 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 0)
 
 
-def _row(name, what, reps, b, vlm, cfg, keep, prompt_len, quantized, disk_bytes) -> dict:
+def decoder_fp16_bytes(vlm) -> int:
+    """The decoder's weights (embedding, layers, final norm, lm_head) stored as FP16."""
+    return 2 * sum(p.numel() for n, p in vlm.model.named_parameters() if "vision_tower" not in n and "projector" not in n)
+
+
+def _row(name, what, reps, b, vlm, cfg, keep, prompt_len, quantized, disk_bytes, flavour, decode_graph: Path | None = None) -> dict:
     prefill = statistics.median(r["prefill_s"] for r in reps)
     decode = statistics.median(r["decode_s"] for r in reps)
     floor = floors(vlm, cfg, keep, prompt_len, b.new_tokens, quantized)
@@ -257,6 +272,11 @@ def _row(name, what, reps, b, vlm, cfg, keep, prompt_len, quantized, disk_bytes)
         "kv_bytes_per_sequence": floor["kv_bytes_at_end"],
         "kv_fp16_unpruned_bytes": fp16,
         "disk_bytes": disk_bytes,
+        "flavour": flavour,
+        # Every decoder weight is an initializer of the decode graph: its size on disk is what
+        # the decoder's weights take as stored.
+        "decoder_graph_bytes": decode_graph.stat().st_size if decode_graph else None,
+        "decoder_fp16_bytes": decoder_fp16_bytes(vlm),
         "floor": {
             **floor,
             "prefill_gflops_per_s": floor["prefill_flops"] / prefill / 1e9,

@@ -37,6 +37,7 @@ from .errors import UserError
 from .models.llava import VLM
 from .programs import PrefillProgram, PruneSpec
 from .pruning import ScoreWeights, token_score, visual_signals
+from .quant import ops
 from .quant.simulate import QuantizedModel
 from .recipe import CalibrationProvenance, PruningRecipe, SearchPoint, Weights
 from .runtime import Batch, make_batch
@@ -212,6 +213,43 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
     )
     spec = prune_spec_from_recipe(recipe, act)
     return Calibrated(spec, recipe, provenance, schedule)
+
+
+@torch.no_grad()
+def calibrate_kv_scales(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibration: CalibrationSection) -> torch.Tensor:
+    """Static ``per_channel`` KV scales: ``max |x|`` per layer, key/value, KV head and channel
+    over every token of the calibration prompts (the unpruned prefill under the W4A4
+    simulation, cache in float while measuring), divided by the largest code. Stored in
+    ``qm.kv_scales`` (``[layers, 2, Hkv, 1, head_dim]``) and returned."""
+    from .programs import VisionProgram
+
+    start, v = span
+    amax = torch.zeros(vlm.num_layers, 2, vlm.num_kv_heads, 1, vlm.head_dim)
+
+    def observe(layer: int, which: int, x: torch.Tensor) -> None:
+        m = x.detach().abs().amax(dim=(0, 2))[:, None, :].to(torch.float32)  # [Hkv, 1, D]
+        amax[layer, which] = torch.maximum(amax[layer, which], m)
+
+    qm.kv_scales = None
+    vision, prefill = VisionProgram(vlm, qm), PrefillProgram(vlm, qm, start, v)
+    prefill.kv_observer = observe
+    with qm.fake_quant(True):
+        for batch in calibration_batches(vlm, calibration, span):
+            # Padding rows of a one-sample batch do not exist; every position is a real token.
+            prefill(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), _features(vision, batch))
+    qm.kv_scales = ops.kv_static_scale(amax, qm.kv_bits)
+    return qm.kv_scales
+
+
+def quantize_model(vlm: VLM, cfg, span: tuple[int, int]) -> QuantizedModel:
+    """The quantized simulation of ``cfg.quantization``, with the ``per_channel`` KV scales
+    calibrated on ``cfg.calibration`` where that granularity is chosen."""
+    from .quant.simulate import quantize
+
+    qm = quantize(vlm.model, cfg.quantization)
+    if qm.kv_granularity == "per_channel":
+        calibrate_kv_scales(vlm, qm, span, cfg.calibration)
+    return qm
 
 
 def prune_spec_from_recipe(pruning: PruningRecipe, activations: ActivationQuant) -> PruneSpec | None:

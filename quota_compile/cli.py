@@ -111,13 +111,18 @@ def _bench(args) -> int:
     rows = doc["variants"]
     table = Table(title=f"{doc['model']}: {p['prompt_tokens']}-token prompt ({p['visual_tokens']} visual), {p['new_tokens']} new tokens, "
                         f"{doc['threads']} threads, median of {doc['repeats']}")
-    for col in ("variant", "prefill ms", "decode tok/s", "KV / seq", "on disk", "prefill vs torch", "decode vs ort-fp32", "KV vs fp16"):
+    cols = ("variant", "prefill ms", "decode tok/s", "KV / seq", "on disk", "prefill vs torch", "prefill vs ort-fp32",
+            "decode vs ort-fp32", "KV vs fp16", "decoder vs fp16")
+    for col in cols:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for r in rows:
+        dec = r["decoder_graph_bytes"]
         table.add_row(
             r["name"], f"{1e3 * r['prefill_s']:.1f}", f"{r['decode_tokens_per_s']:.1f}", human_size(r["kv_bytes_per_sequence"]),
             human_size(r["disk_bytes"]), f"{r['ratios']['pytorch-fp32']['prefill_speedup']:.2f}x",
-            f"{r['ratios']['ort-fp32']['decode_speedup']:.2f}x", f"{r['kv_fp16_unpruned_bytes'] / r['kv_bytes_per_sequence']:.2f}x",
+            f"{r['ratios']['ort-fp32']['prefill_speedup']:.2f}x", f"{r['ratios']['ort-fp32']['decode_speedup']:.2f}x",
+            f"{r['kv_fp16_unpruned_bytes'] / r['kv_bytes_per_sequence']:.2f}x",
+            f"{r['decoder_fp16_bytes'] / dec:.2f}x" if dec else "-",
         )
     out = Console()
     if not out.is_terminal:

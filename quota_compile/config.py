@@ -54,7 +54,10 @@ class ActivationQuant(_Section):
 
 class KVCacheQuant(_Section):
     bits: Literal[4, 8] = 4
-    granularity: Literal["per_token"] = "per_token"
+    # per_token: asymmetric, a dynamic scale and zero point per token and head (stored beside
+    # the codes); per_channel: symmetric, static scales per KV head and channel calibrated on
+    # the calibration set (codes only in the cache; onnxruntime GroupQueryAttention's format).
+    granularity: Literal["per_token", "per_channel"] = "per_token"
 
 
 class QuantizationSection(_Section):
@@ -108,9 +111,37 @@ class CalibrationSection(_Section):
     holdout: float = Field(0.25, gt=0.0, lt=1.0)
 
 
+class OnnxruntimeExport(_Section):
+    # MatMulNBits accuracy_level: 4 = int8 x int4 dot products (activations requantized to int8
+    # per weight block; fast), 0 = float32 arithmetic (exactly the deployed W4A4 up to summation
+    # order; about the speed of an fp32 MatMul).
+    accuracy_level: Literal[0, 4] = 4
+
+
 class ExportSection(_Section):
     opset: int = Field(21, ge=21, le=23)
-    targets: list[Literal["portable"]] = Field(default_factory=lambda: ["portable"], min_length=1)
+    # portable: standard ONNX ops only (always written: the reference lowering);
+    # onnxruntime: also the onnxruntime CPU flavour in <bundle>/onnxruntime/, which the
+    # runtime then uses.
+    targets: list[Literal["portable", "onnxruntime"]] = Field(default_factory=lambda: ["portable"], min_length=1)
+    onnxruntime: OnnxruntimeExport = Field(default_factory=OnnxruntimeExport)
+
+    @field_validator("targets")
+    @classmethod
+    def _portable_first(cls, v: list[str]) -> list[str]:
+        if "portable" not in v:
+            raise ValueError("must include portable (the onnxruntime flavour is derived from the portable graphs, which every bundle carries)")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a target twice")
+        return v
+
+
+class FlavourTolerances(_Section):
+    """Tolerances for the onnxruntime flavour; unset keys take the portable ones."""
+
+    max_logits_rel_error: float | None = Field(None, gt=0.0)
+    min_greedy_agreement: float | None = Field(None, ge=0.0, le=1.0)
+    min_kept_index_agreement: float | None = Field(None, ge=0.0, le=1.0)
 
 
 class VerifySection(_Section):
@@ -126,6 +157,13 @@ class VerifySection(_Section):
     # identical. Two visual tokens whose scores are nearly tied can be ranked differently by
     # float reassociation (measured on builtin:shapes-llava: 1 pair in 32 at keep 0.3).
     min_kept_index_agreement: float = Field(1.0, ge=0.0, le=1.0)
+    onnxruntime: FlavourTolerances = Field(default_factory=FlavourTolerances)
+
+    def for_flavour(self, flavour: str) -> "VerifySection":
+        """These settings with the flavour's own tolerances where it sets them."""
+        if flavour != "onnxruntime":
+            return self
+        return self.model_copy(update=self.onnxruntime.model_dump(exclude_none=True))
 
 
 EVAL_METHODS = ("fastv", "pdrop", "quota", "random")

@@ -48,7 +48,8 @@ from .errors import UserError
 from .lower import export_onnx, save_onnx
 from .models import load_model
 from .pipeline import decide_pruning
-from .quant.simulate import quantize
+from .calibrate import quantize_model
+from .lower_ort import to_onnxruntime
 from .runtime import OrtBackend, greedy_generate, make_batch
 from .trace import build_programs, trace_programs
 from .verify import TorchBackend
@@ -60,6 +61,7 @@ class Variant:
     method: str  # none | fastv | pdrop | quota | random
     keep_ratio: float | None
     quantized: bool
+    weight_only: bool = False  # INT4 weights only: float activations and KV cache (bench baseline)
 
     @property
     def label(self) -> str:
@@ -155,18 +157,27 @@ class BuiltVariant:
     seconds_build: float
 
 
-def build_variant(cfg, vlm, qm, span, v: Variant, work: Path, config_file: Path) -> BuiltVariant:
+def flavour_of(cfg) -> str:
+    """The flavour a bundle of this config runs in (what the runtime picks)."""
+    return "onnxruntime" if "onnxruntime" in cfg.export.targets else "portable"
+
+
+def build_variant(cfg, vlm, qm, span, v: Variant, work: Path, config_file: Path, flavour: str | None = None) -> BuiltVariant:
     """Calibrate (where the method does), trace and lower one variant's graphs into a folder
-    under ``work``."""
+    under ``work``, in ``flavour`` (default: the one the config's bundle runs)."""
+    flavour = flavour or flavour_of(cfg)
     t0 = time.perf_counter()
     spec, keep, recipe = _prune(cfg, vlm, qm, span, v, config_file)
     t_cal = time.perf_counter() - t0
     programs = build_programs(vlm, qm, spec)
-    traced = trace_programs(vlm, qm, programs, quantized=v.quantized)
+    traced = trace_programs(vlm, qm, programs, quantized=v.quantized, weight_only=v.weight_only)
     folder = work / v.name.replace("@", "_")
     folder.mkdir(parents=True, exist_ok=True)
     for g, t in traced.items():
-        save_onnx(export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names), folder / f"{g}.onnx")
+        model = export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
+        if flavour == "onnxruntime":
+            model = to_onnxruntime(model, cfg.export.onnxruntime.accuracy_level)[0]
+        save_onnx(model, folder / f"{g}.onnx")
     return BuiltVariant(folder, programs, keep, recipe, t_cal, time.perf_counter() - t0 - t_cal)
 
 
@@ -255,7 +266,7 @@ def run_eval(config_path: str | Path, force: bool = False, console: Console | No
         todo = variants(cfg)
         check_budgets(cfg, todo, vlm.num_layers, span[1], config_file)  # before any long step
         questions = shapes_questions(vlm, cfg.eval, span)
-        qm = quantize(vlm.model, cfg.quantization)
+        qm = quantize_model(vlm, cfg, span)
         console.print(f"evaluating {len(todo)} variants on {len(questions.items)} ShapesVQA {cfg.eval.split} questions (seed {cfg.eval.seed})", highlight=False)
         rows = []
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-eval-")))

@@ -25,11 +25,12 @@ from .bundle import (
 from .config import bundle_name, load_config
 from .errors import UserError, VerificationFailed
 from .lower import export_onnx, save_onnx
+from .lower_ort import ORT_ARITHMETIC, ORT_FOLDER, to_onnxruntime
 from .models import load_model
-from .programs import KV_STORED
+from .programs import KV_STATIC, KV_STORED
 from .quant.ops import kv_packed_dim
-from .quant.simulate import quantizable_linears, quantize
-from .calibrate import calibrate, prune_spec_from_recipe
+from .quant.simulate import quantizable_linears
+from .calibrate import calibrate, prune_spec_from_recipe, quantize_model
 from .recipe import CalibrationProvenance, ModelIdentity, PruningRecipe, Recipe
 from .runtime import OrtBackend
 from .trace import build_programs, trace_programs
@@ -119,8 +120,8 @@ def compile_model(
             span = vlm.visual_span()
             given = load_recipe(Path(recipe_path), cfg, vlm, span, config_file) if recipe_path else None
 
-        with progress.stage("quantize", "W4A4 RTN weights, per-token activations, quantized KV cache"):
-            qm = quantize(vlm.model, cfg.quantization)
+        with progress.stage("quantize", f"W4A4 RTN weights, per-token activations, INT{cfg.quantization.kv_cache.bits} KV cache ({cfg.quantization.kv_cache.granularity})"):
+            qm = quantize_model(vlm, cfg, span)
 
         method = given.pruning.method if given else cfg.pruning.method
         what = f"from {recipe_path}" if given else f"{method}, keep_ratio {cfg.pruning.keep_ratio}, {cfg.pruning.signals} signals"
@@ -138,22 +139,44 @@ def compile_model(
             programs = build_programs(vlm, qm, prune_spec)
             traced = trace_programs(vlm, qm, programs)
 
-        with progress.stage("lower", f"ONNX opset {cfg.export.opset} (portable)"):
+        flavours = " + ".join(cfg.export.targets)
+        with progress.stage("lower", f"ONNX opset {cfg.export.opset} ({flavours})"):
             models = {
                 g: export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
                 for g, t in traced.items()
             }
+            ort_models = {}
+            if "onnxruntime" in cfg.export.targets:
+                level = cfg.export.onnxruntime.accuracy_level
+                ort_models = {g: to_onnxruntime(m, level)[0] for g, m in models.items()}
 
         with atomic_folder(final, force) as tmp:
             for g, m in models.items():
                 save_onnx(m, tmp / f"{g}.onnx")
+            if ort_models:
+                (tmp / ORT_FOLDER).mkdir()
+                for g, m in ort_models.items():
+                    save_onnx(m, tmp / ORT_FOLDER / f"{g}.onnx")
             vlm.processor.save_pretrained(tmp / "tokenizer")
+            if qm.kv_scales is not None:
+                import numpy as np
+
+                np.save(tmp / "kv_scales.npy", qm.kv_scales.numpy())
 
             with progress.stage("verify", f"onnxruntime vs PyTorch on {cfg.verify.samples} held-out samples"):
                 reference = TorchBackend(programs)
                 samples = held_out_samples(vlm, cfg.verify, span, cfg.calibration.dataset)
                 graphs = polygraphy_compare(programs, tmp, samples[0], reference)
                 report = verify(reference, OrtBackend(tmp), samples, cfg.verify, graphs)
+                report["flavour"] = "portable"
+                report["flavours"] = {}
+                if ort_models:
+                    ort = verify(reference, OrtBackend(tmp / ORT_FOLDER), samples, cfg.verify.for_flavour("onnxruntime"))
+                    ort["flavour"] = "onnxruntime"
+                    ort["arithmetic"] = ORT_ARITHMETIC[cfg.export.onnxruntime.accuracy_level]
+                    report["flavours"]["onnxruntime"] = ort
+                    report["failures"] += [f"onnxruntime flavour: {f}" for f in ort["failures"]]
+                    report["passed"] = report["passed"] and ort["passed"]
                 if not report["passed"]:
                     raise VerificationFailed("; ".join(report["failures"]))
                 write_json(tmp / "verify.json", report)
@@ -192,11 +215,13 @@ def decide_pruning(cfg, vlm, qm, span, given: Recipe | None, config_file: Path):
     return result.recipe, result.provenance, result.spec
 
 
-def kv_cache_bytes(vlm, bits: int, keep: list[int], prompt_len: int, generated: int) -> dict:
+def kv_cache_bytes(vlm, bits: int, keep: list[int], prompt_len: int, generated: int, granularity: str = "per_token") -> dict:
     """Bytes of one sequence's KV cache: this bundle's (codes + scales + zero points, pruned)
-    against an FP16 cache of the unpruned model, at the given prompt and generated lengths."""
+    against an FP16 cache of the unpruned model, at the given prompt and generated lengths.
+    ``per_channel`` caches hold codes only (their static scales are constants of the graph)."""
     v = keep[0]
-    per_token = vlm.num_kv_heads * (kv_packed_dim(vlm.head_dim, bits) + 4 + 1)  # codes, fp32 scale, u8 zero point
+    stats = 4 + 1 if granularity == "per_token" else 0  # fp32 scale + u8 zero point per token and head
+    per_token = vlm.num_kv_heads * (kv_packed_dim(vlm.head_dim, bits) + stats)
     lengths = [prompt_len - (v - k) + generated for k in keep]
     ours = sum(2 * per_token * n for n in lengths)
     fp16 = vlm.num_layers * 2 * vlm.num_kv_heads * vlm.head_dim * 2 * (prompt_len + generated)
@@ -209,19 +234,46 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
     for g, m in models.items():
         files = sorted(p.name for p in folder.glob(f"{g}.onnx*"))
         graphs[g] = {"file": f"{g}.onnx", "files": files, "bytes": sum((folder / f).stat().st_size for f in files), **graph_io(m)}
+    flavours = {"portable": {"folder": ".", "graphs": sorted(graphs), "ops": "standard ONNX (opset %d)" % cfg.export.opset}}
+    if (folder / ORT_FOLDER).is_dir():
+        sub = folder / ORT_FOLDER
+        flavours["onnxruntime"] = {
+            "folder": ORT_FOLDER,
+            "graphs": sorted(p.stem for p in sub.glob("*.onnx")),
+            "bytes": {p.stem: p.stat().st_size for p in sorted(sub.glob("*.onnx"))},
+            "ops": "standard ONNX + com.microsoft.MatMulNBits",
+            "accuracy_level": cfg.export.onnxruntime.accuracy_level,
+            "arithmetic": ORT_ARITHMETIC[cfg.export.onnxruntime.accuracy_level],
+            "used_by_runtime": True,
+        }
     v = span[1]
-    kv_layer = {
-        "num_kv_heads": vlm.num_kv_heads,
-        "head_dim": vlm.head_dim,
-        "bits": bits,
-        "granularity": cfg.quantization.kv_cache.granularity,
-        "symmetric": False,
-        "tensors": list(KV_STORED),
-        "codes": {"dtype": "uint8", "shape": ["batch", vlm.num_kv_heads, "length", kv_packed_dim(vlm.head_dim, bits)], "packing": "two INT4 codes per byte, even channel in the low nibble" if bits == 4 else "one code per byte"},
-        "scale": {"dtype": "float32", "shape": ["batch", vlm.num_kv_heads, "length", 1]},
-        "zero_point": {"dtype": "uint8", "shape": ["batch", vlm.num_kv_heads, "length", 1]},
-        "dequantize": "(code - zero_point) * scale",
-    }
+    granularity = cfg.quantization.kv_cache.granularity
+    codes = {"dtype": "uint8", "shape": ["batch", vlm.num_kv_heads, "length", kv_packed_dim(vlm.head_dim, bits)], "packing": "two INT4 codes per byte, even channel in the low nibble" if bits == 4 else "one code per byte"}
+    if granularity == "per_channel":
+        kv_layer = {
+            "num_kv_heads": vlm.num_kv_heads,
+            "head_dim": vlm.head_dim,
+            "bits": bits,
+            "granularity": granularity,
+            "symmetric": True,
+            "tensors": list(KV_STATIC),
+            "codes": codes,
+            "scale": {"dtype": "float32", "shape": [vlm.num_kv_heads, 1, vlm.head_dim], "where": "constant in the graphs, static (calibrated); also kv_scales.npy [layer, key/value, head, 1, channel]"},
+            "dequantize": f"(code - {2 ** (bits - 1)}) * scale",
+        }
+    else:
+        kv_layer = {
+            "num_kv_heads": vlm.num_kv_heads,
+            "head_dim": vlm.head_dim,
+            "bits": bits,
+            "granularity": granularity,
+            "symmetric": False,
+            "tensors": list(KV_STORED),
+            "codes": codes,
+            "scale": {"dtype": "float32", "shape": ["batch", vlm.num_kv_heads, "length", 1]},
+            "zero_point": {"dtype": "uint8", "shape": ["batch", vlm.num_kv_heads, "length", 1]},
+            "dequantize": "(code - zero_point) * scale",
+        }
     layers = [
         {
             "layer": i,
@@ -260,8 +312,9 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
             "average_fraction": sum(pruning.keep) / (len(pruning.keep) * v),
         },
         "graphs": graphs,
+        "flavours": flavours,
         "kv_cache": layers,
-        "kv_cache_bytes_per_sequence": kv_cache_bytes(vlm, bits, list(pruning.keep), prompt_len, report["new_tokens"]),
+        "kv_cache_bytes_per_sequence": kv_cache_bytes(vlm, bits, list(pruning.keep), prompt_len, report["new_tokens"], cfg.quantization.kv_cache.granularity),
         "versions": versions(),
     }
 

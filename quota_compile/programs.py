@@ -37,6 +37,12 @@ from .quant.simulate import QuantizedModel
 
 KV_FLOAT = ("key", "value")
 KV_STORED = ("key", "key_scale", "key_zero_point", "value", "value_scale", "value_zero_point")
+# per_channel granularity: the scales are static constants of the graph; only codes cross it.
+KV_STATIC = ("key", "value")
+
+
+def kv_stored_names(granularity: str) -> tuple[str, ...]:
+    return KV_STATIC if granularity == "per_channel" else KV_STORED
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +60,9 @@ class _Program(torch.nn.Module):
         self.num_heads = vlm.num_heads
         self.num_kv_heads = vlm.num_kv_heads
         self.head_dim = vlm.head_dim
+        # Calibration hook: called with (layer, 0 for key / 1 for value, the float tensor)
+        # for every KV entry the program stores.
+        self.kv_observer: Callable | None = None
 
     @property
     def simulate(self) -> bool:
@@ -61,23 +70,32 @@ class _Program(torch.nn.Module):
 
     @property
     def kv_names(self) -> tuple[str, ...]:
-        return KV_STORED if self.simulate else KV_FLOAT
+        return kv_stored_names(self._qm.kv_granularity) if self.simulate else KV_FLOAT
 
     # ------------------------------------------------------------------ decoder pieces
     @property
     def lm(self):
         return self.hf.model.language_model
 
-    def _store(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    def _store(self, x: torch.Tensor, layer: int, which: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """KV entry as attention reads it back, and as it is stored."""
-        if not self.simulate:
+        if self.kv_observer is not None:
+            self.kv_observer(layer, which, x)
+        if not self.simulate or (self._qm.kv_scales is None and self.kv_observer is not None):
+            # (the second case: calibrating the per_channel scales, the cache stays float)
             return x, (x,)
+        if self._qm.kv_granularity == "per_channel":
+            scale = self._qm.kv_scale(layer, which)
+            codes = torch.ops.quota.quantize_kv_static(x, scale, self.kv_bits)
+            return torch.ops.quota.dequantize_kv_static(codes, scale, self.kv_bits), (codes,)
         codes, scale, zp = torch.ops.quota.quantize_kv(x, self.kv_bits)
         return torch.ops.quota.dequantize_kv(codes, scale, zp, self.kv_bits), (codes, scale, zp)
 
-    def _load(self, stored: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _load(self, stored: tuple[torch.Tensor, ...], layer: int, which: int) -> torch.Tensor:
         if not self.simulate:
             return stored[0]
+        if self._qm.kv_granularity == "per_channel":
+            return torch.ops.quota.dequantize_kv_static(stored[0], self._qm.kv_scale(layer, which), self.kv_bits)
         return torch.ops.quota.dequantize_kv(stored[0], stored[1], stored[2], self.kv_bits)
 
     def _layer(self, i: int, h, cos, sin, bias, past: tuple[torch.Tensor, ...] | None):
@@ -90,12 +108,12 @@ class _Program(torch.nn.Module):
         v = attn.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        k_read, k_out = self._store(k)
-        v_read, v_out = self._store(v)
+        k_read, k_out = self._store(k, i, 0)
+        v_read, v_out = self._store(v, i, 1)
         if past is not None:
             n = len(past) // 2
-            k_read = torch.cat([self._load(past[:n]), k_read], dim=2)
-            v_read = torch.cat([self._load(past[n:]), v_read], dim=2)
+            k_read = torch.cat([self._load(past[:n], i, 0), k_read], dim=2)
+            v_read = torch.cat([self._load(past[n:], i, 1), v_read], dim=2)
         rep = self.num_heads // self.num_kv_heads
         s = k_read.shape[2]
         k_read = k_read[:, :, None].expand(b, self.num_kv_heads, rep, s, self.head_dim).reshape(b, self.num_heads, s, self.head_dim)

@@ -109,6 +109,7 @@ class OrtBackend:
         if threads:
             opts.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
+        self.folder = Path(bundle)
         self.sessions = {g: ort.InferenceSession(str(bundle / f"{g}.onnx"), opts, providers=providers) for g in GRAPHS}
         self._inputs = {g: [i.name for i in s.get_inputs()] for g, s in self.sessions.items()}
 
@@ -141,7 +142,11 @@ class BundleRunner:
         self.manifest = json.loads(manifest_path.read_text())
         self.processor = AutoProcessor.from_pretrained(bundle / "tokenizer")
         self.processor.tokenizer.padding_side = "right"
-        self.backend = OrtBackend(bundle, providers)
+        # The onnxruntime flavour when the bundle has it (faster on the CPU), else portable.
+        flavours = self.manifest.get("flavours", {})
+        self.flavour = "onnxruntime" if "onnxruntime" in flavours else "portable"
+        folder = bundle / flavours.get(self.flavour, {}).get("folder", ".")
+        self.backend = OrtBackend(folder, providers)
         model = self.manifest["model"]
         self.prompt_template = model["prompt_template"]
         self.visual_span = (model["visual_start"], model["visual_tokens"])

@@ -22,7 +22,7 @@ from passes.quantize_kv_io import QuantizeKVIO
 from passes.strip_runtime_asserts import StripRuntimeAsserts
 
 from .models.llava import VLM
-from .programs import KV_FLOAT, KV_STORED, DecodeProgram, PrefillProgram, PruneSpec, VisionProgram, kv_io_names
+from .programs import KV_FLOAT, DecodeProgram, PrefillProgram, PruneSpec, VisionProgram, kv_io_names, kv_stored_names
 from .quant import ops  # noqa: F401  (registers torch.ops.quota)
 from .quant.simulate import QuantizedModel
 
@@ -71,17 +71,28 @@ def _annotate(gm: fx.GraphModule, qm: QuantizedModel) -> dict[str, str]:
     return {f"hf.{name}.weight": name for name in qm.weights if f"hf.{name}.weight" in read}
 
 
-def _run_passes(gm: fx.GraphModule, qm: QuantizedModel, kv_inputs=(), kv_outputs=(), quantized: bool = True) -> list[tuple[str, bool]]:
+def _kv_scales(qm: QuantizedModel, positions, first: int) -> list[torch.Tensor] | None:
+    """Static scales of the KV tensors at ``positions`` (layer-major, key then value from
+    position ``first``), or None for the per_token granularity."""
+    if qm.kv_granularity != "per_channel":
+        return None
+    return [qm.kv_scale((p - first) // 2, (p - first) % 2) for p in positions]
+
+
+def _run_passes(gm: fx.GraphModule, qm: QuantizedModel, kv_inputs=(), kv_outputs=(), quantized: bool = True, weight_only: bool = False) -> list[tuple[str, bool]]:
     spec = qm.spec
-    lin = LinearQuantSpec(spec.weights.bits, spec.weights.group_size, spec.activations.bits, spec.activations.clip_ratio)
+    act_bits = None if weight_only else spec.activations.bits
+    lin = LinearQuantSpec(spec.weights.bits, spec.weights.group_size, act_bits, spec.activations.clip_ratio)
     targets = _annotate(gm, qm)
     pipeline = [StripRuntimeAsserts(), FoldTopKGather()]
     if quantized:
-        pipeline += [
-            InsertQDQ(dict.fromkeys(targets, lin)),
-            QuantizeKVIO(qm.kv_bits, kv_inputs, kv_outputs),
-            PackInt4Weights({t: qm.weights[name] for t, name in targets.items()}),
-        ]
+        pipeline.append(InsertQDQ(dict.fromkeys(targets, lin)))
+        if not weight_only:
+            kv_in, kv_out = list(kv_inputs), list(kv_outputs)
+            ins = _kv_scales(qm, kv_in, kv_in[0]) if kv_in else ([] if qm.kv_granularity == "per_channel" else None)
+            outs = _kv_scales(qm, kv_out, kv_out[0]) if kv_out else ([] if qm.kv_granularity == "per_channel" else None)
+            pipeline.append(QuantizeKVIO(qm.kv_bits, kv_in, kv_out, ins, outs))
+        pipeline.append(PackInt4Weights({t: qm.weights[name] for t, name in targets.items()}))
     log = []
     plain_signature(gm)
     for p in pipeline:
@@ -96,15 +107,20 @@ def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple) -> fx.G
     return ep.module()
 
 
-def _stored(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.ops.quota.quantize_kv(x, bits))
+def _stored(x: torch.Tensor, qm: QuantizedModel, layer: int, which: int) -> tuple[torch.Tensor, ...]:
+    if qm.kv_granularity == "per_channel":
+        return (torch.ops.quota.quantize_kv_static(x, qm.kv_scale(layer, which), qm.kv_bits),)
+    return tuple(torch.ops.quota.quantize_kv(x, qm.kv_bits))
 
 
-def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs, quantized: bool = True) -> dict[str, TracedProgram]:
+def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs, quantized: bool = True, weight_only: bool = False) -> dict[str, TracedProgram]:
     """Export vision, prefill and decode in full precision, then apply the passes.
     ``quantized=False`` leaves out the quantization passes: full-precision graphs with a float
-    KV cache (``past.{i}.key`` / ``.value``), the reference of ``quota-compile eval``."""
-    kv_names = KV_STORED if quantized else KV_FLOAT
+    KV cache (``past.{i}.key`` / ``.value``), the reference of ``quota-compile eval``.
+    ``weight_only=True`` quantizes the weights only (INT4, as configured): full-precision
+    activations and a float KV cache, the weight-only baseline of ``quota-compile bench``."""
+    kv_quant = quantized and not weight_only
+    kv_names = kv_stored_names(qm.kv_granularity) if kv_quant else KV_FLOAT
     gen = torch.Generator().manual_seed(0)
     n_layers, bits = vlm.num_layers, qm.kv_bits
     start, count = programs.prefill.visual_start, programs.prefill.visual_count
@@ -122,7 +138,7 @@ def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs, quantized: 
         # vision
         pixels = torch.randn(_BATCH, 3, size, size, generator=gen)
         gm = _export(programs.vision, (pixels,), ({0: batch},))
-        log = _run_passes(gm, qm, quantized=quantized)
+        log = _run_passes(gm, qm, quantized=quantized, weight_only=weight_only)
         out["vision"] = TracedProgram("vision", gm, (pixels,), ["pixel_values"], ["image_features"], ({0: batch},), log)
 
         # prefill
@@ -135,7 +151,7 @@ def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs, quantized: 
         shapes = ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch})
         gm = _export(programs.prefill, (ids, mask, feats), shapes)
         kv_out = list(range(1, 1 + 2 * n_layers))
-        log = _run_passes(gm, qm, kv_outputs=kv_out, quantized=quantized)
+        log = _run_passes(gm, qm, kv_outputs=kv_out, quantized=quantized, weight_only=weight_only)
         kept_names = [f"kept.{i}" for i in programs.prefill.pruning_layers]
         out["prefill"] = TracedProgram(
             "prefill",
@@ -159,8 +175,8 @@ def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs, quantized: 
         # ``*past`` is one pytree input (a tuple) to torch.export.
         gm = _export(programs.decode, (step, pos, dmask, *floats), head + (tuple({0: batch, 2: past} for _ in floats),))
         kv_in = list(range(3, 3 + 2 * n_layers))
-        log = _run_passes(gm, qm, kv_inputs=kv_in, kv_outputs=list(range(1, 1 + 2 * n_layers)), quantized=quantized)
-        stored = [s for f in floats for s in _stored(f, bits)] if quantized else floats
+        log = _run_passes(gm, qm, kv_inputs=kv_in, kv_outputs=list(range(1, 1 + 2 * n_layers)), quantized=quantized, weight_only=weight_only)
+        stored = [s for j, f in enumerate(floats) for s in _stored(f, qm, j // 2, j % 2)] if kv_quant else floats
         past_axes = {
             f"past.{i}.{n}": {2: "past" if keep[i] == count else f"past_{i}"} for i in range(n_layers) for n in kv_names
         }

@@ -20,7 +20,7 @@ def test_bench_runs_every_variant(tmp_path, capsys):
     printed = capsys.readouterr().out
     doc = json.loads((tmp_path / "out" / "b-bench" / "bench.json").read_text())
     names = [r["name"] for r in doc["variants"]]
-    assert names == ["pytorch-fp32", "ort-fp32", "ort-w4a4kv4", "quota@0.3"]
+    assert names == ["pytorch-fp32", "ort-fp32", "ort-w4", "ort-w4a4kv4", "quota@0.3"]
     assert all(n in printed for n in names)
     assert doc["threads"] == 1 and doc["repeats"] == 2 and doc["prompt"]["new_tokens"] == 3
     assert set(doc["versions"]) >= {"torch", "onnxruntime"}
@@ -29,6 +29,14 @@ def test_bench_runs_every_variant(tmp_path, capsys):
         assert len(r["repetitions"]) == 2 and all(x["prefill_s"] > 0 and x["decode_s"] > 0 for x in r["repetitions"])
         assert r["ratios"][r["name"]]["prefill_speedup"] == 1.0
         assert r["disk_bytes"] > 0 and r["floor"]["prefill_flops"] > 0
+        assert r["decoder_fp16_bytes"] > 0
+    assert by["pytorch-fp32"]["decoder_graph_bytes"] is None
+    # INT4 weights: the decode graph (every decoder weight) is smaller than the fp32 one
+    assert by["ort-w4"]["decoder_graph_bytes"] < by["ort-fp32"]["decoder_graph_bytes"]
+    assert by["ort-w4"]["flavour"] == "onnxruntime" and by["ort-fp32"]["flavour"] == "portable"
+    # weight-only keeps an fp32 cache; its decode floor reads fewer weight bytes than fp32
+    assert by["ort-w4"]["kv_bytes_per_sequence"] == by["ort-fp32"]["kv_bytes_per_sequence"]
+    assert by["ort-w4"]["floor"]["decode_weight_bytes"] < by["ort-fp32"]["floor"]["decode_weight_bytes"]
     v = doc["prompt"]["visual_tokens"]
     assert by["quota@0.3"]["visual_tokens_per_layer"][0] == v and min(by["quota@0.3"]["visual_tokens_per_layer"]) < v
     # pruning and quantization shrink the cache and the prefill work, in that order

@@ -96,6 +96,34 @@ def dequantize_kv(codes, scale, zero_point, bits: int):
     return op.DequantizeLinear(codes, scale, zero_point, axis=-1, block_size=d)
 
 
+def _pack_nibbles(q, d: int):
+    """uint8 codes ``[B, H, T, D]`` -> ``[B, H, T, D/2]``, even channel in the low nibble."""
+    pairs = op.Reshape(q, op.Constant(value_ints=[0, 0, 0, d // 2, 2]))
+    low, high = op.Split(pairs, axis=-1, num_outputs=2)
+    high = op.BitShift(high, op.Constant(value=ir.tensor([4], dtype=ir.DataType.UINT8)), direction="LEFT")
+    return op.Squeeze(op.BitwiseOr(low, high), op.Constant(value_ints=[-1]))
+
+
+def quantize_kv_static(x, scale, bits: int):
+    d = _last_dim(x)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    q = op.Clip(op.Round(op.Div(x, scale)), op.Constant(value_float=float(qmin)), op.Constant(value_float=float(qmax)))
+    codes = op.Cast(op.Sub(q, op.Constant(value_float=float(qmin))), to=ir.DataType.UINT8)
+    return _pack_nibbles(codes, d) if bits == 4 else codes
+
+
+def dequantize_kv_static(codes, scale, bits: int):
+    qmin = -(2 ** (bits - 1))
+    if bits == 4:
+        packed_d = _last_dim(codes)
+        low = op.BitwiseAnd(codes, op.Constant(value=ir.tensor([15], dtype=ir.DataType.UINT8)))
+        high = op.BitShift(codes, op.Constant(value=ir.tensor([4], dtype=ir.DataType.UINT8)), direction="RIGHT")
+        last = op.Constant(value_ints=[-1])
+        pairs = op.Concat(op.Unsqueeze(low, last), op.Unsqueeze(high, last), axis=-1)
+        codes = op.Reshape(pairs, op.Constant(value_ints=[0, 0, 0, packed_d * 2]))
+    return op.Mul(op.Add(op.Cast(codes, to=ir.DataType.FLOAT), op.Constant(value_float=float(qmin))), scale)
+
+
 def select_topk(score, k: int):
     # TopK returns the k largest, the lower index first among equal values (ONNX spec);
     # a second TopK (smallest first) puts the kept indices in ascending order.
@@ -117,4 +145,6 @@ def translation_table() -> dict:
         torch.ops.quota.dequantize_int4.default: dequantize_int4,
         torch.ops.quota.quantize_kv.default: quantize_kv,
         torch.ops.quota.dequantize_kv.default: dequantize_kv,
+        torch.ops.quota.quantize_kv_static.default: quantize_kv_static,
+        torch.ops.quota.dequantize_kv_static.default: dequantize_kv_static,
     }

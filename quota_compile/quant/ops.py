@@ -17,7 +17,13 @@ Integer conventions
   ``zero_point = clamp(round(-lo / scale), 0, 2**bits - 1)``,
   ``q = clamp(round(x / scale) + zero_point, 0, 2**bits - 1)``. INT4 codes are packed two per
   byte along ``head_dim`` (even channel in the low nibble); scales are float32 and zero points
-  uint8, both ``[..., 1]``.
+  uint8, both ``[..., 1]``. This is the ``per_token`` granularity.
+- KV cache, ``per_channel`` granularity: signed, symmetric, one static scale per KV head and
+  channel, calibrated (``scale [Hkv, 1, D]`` float32, a constant of the graph):
+  ``q = clamp(round(x / scale), -2**(bits-1), 2**(bits-1) - 1)``, stored as the unsigned code
+  ``q + 2**(bits-1)`` (``uint8``; INT4 packed two per byte along ``head_dim``, even channel in
+  the low nibble). For INT4 that is exactly the cache layout of onnxruntime's
+  GroupQueryAttention (nibble = q + 8); its INT8 cache is ``int8`` q, i.e. our code - 128.
 """
 
 from __future__ import annotations
@@ -194,3 +200,51 @@ def qdq_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
     """What attention reads back from a quantized cache entry."""
     codes, scale, zp = torch.ops.quota.quantize_kv(x, bits)
     return torch.ops.quota.dequantize_kv(codes, scale, zp, bits).to(x.dtype)
+
+
+# ---------------------------------------------------------------- KV cache, static per channel
+
+
+def kv_static_range(bits: int) -> tuple[int, int]:
+    """Signed code range of the ``per_channel`` cache; the stored code adds ``-qmin``."""
+    return _signed_range(bits)
+
+
+def kv_static_scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Static symmetric scale from a calibrated ``max |x|``: ``max(amax / qmax, eps)``."""
+    _, qmax = _signed_range(bits)
+    return torch.clamp_min(amax.to(torch.float32) / float(qmax), SCALE_EPS)
+
+
+def _pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    pairs = q.reshape(*q.shape[:-1], q.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+@torch.library.custom_op("quota::quantize_kv_static", mutates_args=())
+def quantize_kv_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored codes ``uint8 [B, H, T, D or D/2]`` of K or V ``[B, H, T, D]`` with a static
+    per-head, per-channel ``scale [H, 1, D]``."""
+    qmin, qmax = _signed_range(bits)
+    q = torch.clamp(torch.round(x.to(torch.float32) / scale), float(qmin), float(qmax)) - float(qmin)
+    q = q.to(torch.uint8)
+    return _pack_pairs(q) if bits == 4 else q
+
+
+@quantize_kv_static.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], kv_packed_dim(x.shape[-1], bits)), dtype=torch.uint8)
+
+
+@torch.library.custom_op("quota::dequantize_kv_static", mutates_args=())
+def dequantize_kv_static(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Float32 K or V ``[B, H, T, D]`` from ``per_channel`` codes and their static scale."""
+    qmin, _ = _signed_range(bits)
+    q = unpack_kv_codes(codes, bits).to(torch.float32)
+    return (q + float(qmin)) * scale
+
+
+@dequantize_kv_static.register_fake
+def _(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    d = codes.shape[-1] * 2 if bits == 4 else codes.shape[-1]
+    return scale.new_empty((*codes.shape[:-1], d))

@@ -78,11 +78,24 @@ class QuantizedModel:
     model: torch.nn.Module
     spec: QuantizationSection
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # module name -> codes
+    # per_channel KV cache: static scales ``[layers, 2 (key, value), Hkv, 1, head_dim]``, set by
+    # :func:`quota_compile.calibrate.calibrate_kv_scales`.
+    kv_scales: torch.Tensor | None = None
     _state: _State = field(default_factory=_State)
 
     @property
     def kv_bits(self) -> int:
         return self.spec.kv_cache.bits
+
+    @property
+    def kv_granularity(self) -> str:
+        return self.spec.kv_cache.granularity
+
+    def kv_scale(self, layer: int, which: int) -> torch.Tensor:
+        """Static scale of layer ``layer``'s key (``which`` 0) or value (1) cache."""
+        if self.kv_scales is None:
+            raise RuntimeError("the per_channel KV scales have not been calibrated")
+        return self.kv_scales[layer, which]
 
     @property
     def simulating(self) -> bool:

@@ -1,0 +1,162 @@
+"""The ``onnxruntime`` flavour: the portable graphs rewritten for onnxruntime's CPU provider.
+
+What changes (and only this; everything else is the portable graph, node for node):
+
+- every INT4 weight, i.e. ``DequantizeLinear(INT4 [K, N] initializer, scale [K/g, N], axis=0,
+  block_size=g)`` feeding ``MatMul(x, ·)``, becomes one ``com.microsoft.MatMulNBits(x, B,
+  scales)`` with the same codes (``B uint8 [N, K/g, g/2]``, code + 8 in each nibble, even k in
+  the low nibble; ``scales float32 [N, K/g]``; the default zero point 8), so the weights stay
+  4-bit in memory and the kernel dequantizes block by block;
+- its ``accuracy_level`` (``export.onnxruntime.accuracy_level``) says how the kernel computes:
+  ``0`` in float32 (the deployed W4A4 arithmetic, up to float summation order), ``4`` with
+  the activations requantized to int8 per block of ``g`` along K, symmetric, and int8 x int4
+  dot products. The activations are already on the per-token INT4 grid (the graph's
+  ``qdq_per_token`` stays), so level 4 changes the arithmetic only where a block's INT4
+  values do not land on the int8 grid of that block (``x / scale_b`` with
+  ``scale_b = max|x_b| / 127``): a relative error of at most 1/254 per activation. The
+  verification measures what that does (``verify.json``, flavour ``onnxruntime``).
+
+- every per-token activation fake-quant, ``QuantizeLinear(x, s, axis=-1, block_size=K,
+  INT4|INT8) -> DequantizeLinear(·, s)``, becomes ``Mul(Clip(Round(Div(x, s)), qmin, qmax),
+  s)``: the same float operations (ONNX Round is half to even, like QuantizeLinear), but
+  onnxruntime's blocked Q/DQ kernels are generic loops (measured on builtin:bench-llava: 84 ms
+  of a 640 ms prefill) while these are vectorised element-wise kernels.
+
+The KV cache keeps the portable graph's quantize / dequantize arithmetic: onnxruntime's
+GroupQueryAttention runs a quantized cache only with static scales and a contiguous cache
+buffer (../shared/RESEARCH.md measured its prefill 3-5.5x slower than fp32), and is not used
+here (yet); see docs/benchmark.md for what that costs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+ORT_FOLDER = "onnxruntime"  # the flavour's graphs inside a bundle
+ORT_ARITHMETIC = {
+    0: "MatMulNBits accuracy_level 0: float32 activations x dequantized INT4 weights (the deployed W4A4 up to summation order)",
+    4: "MatMulNBits accuracy_level 4: the per-token INT4 activations requantized to int8 per block of group_size along K, int8 x int4 dot products",
+}
+
+
+class OrtLoweringError(RuntimeError):
+    """The portable graph does not have the form this rewrite expects (a bug)."""
+
+
+def _int4_codes(t: onnx.TensorProto) -> np.ndarray:
+    """Signed INT4 codes of an INT4 initializer, in its shape (int8)."""
+    shape = tuple(t.dims)
+    raw = np.frombuffer(t.raw_data, dtype=np.uint8)
+    nib = np.stack([raw & 0xF, raw >> 4], axis=-1).reshape(-1)[: int(np.prod(shape))].astype(np.int8)
+    return np.where(nib >= 8, nib - 16, nib).astype(np.int8).reshape(shape)
+
+
+def matmulnbits_weights(codes: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(B uint8 [N, K/g, g/2], scales float32 [N, K/g])`` from codes ``[K, N]`` (int8, -8..7)
+    and scales ``[K/g, N]``."""
+    k, n = codes.shape
+    u = (codes.astype(np.int16) + 8).astype(np.uint8).T.reshape(n, k // block, block)  # [N, K/g, g]
+    b = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(b), np.ascontiguousarray(scale.astype(np.float32).T)
+
+
+def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` with every INT4 DequantizeLinear + MatMul as MatMulNBits; returns
+    it and the number of MatMuls rewritten."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    replaced: dict[int, onnx.NodeProto] = {}  # id(MatMul) -> MatMulNBits
+    dead: set[int] = set()
+    new_inits: list[onnx.TensorProto] = []
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        dq = producers.get(node.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        w = inits[dq.input[0]]
+        if w.data_type != TensorProto.INT4 or len(w.dims) != 2 or len(dq.input) > 2 or dq.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        block = int(attrs.get("block_size", 0))
+        if attrs.get("axis", 1) != 0 or block < 16 or block & (block - 1):
+            raise OrtLoweringError(f"{dq.name}: INT4 weight with axis {attrs.get('axis')} / block {block} has no MatMulNBits form (block must be a power of two >= 16)")
+        k, n = w.dims
+        b, scales = matmulnbits_weights(_int4_codes(w), numpy_helper.to_array(inits[dq.input[1]]), block)
+        b_name, s_name = f"{w.name}_nbits", f"{w.name}_nbits_scales"
+        if b_name not in {t.name for t in new_inits}:
+            new_inits += [numpy_helper.from_array(b, b_name), numpy_helper.from_array(scales, s_name)]
+        replaced[id(node)] = helper.make_node(
+            "MatMulNBits", [node.input[0], b_name, s_name], list(node.output), name=f"{node.name}_nbits", domain=MS_DOMAIN,
+            K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level,
+        )
+        if all(id(c) in replaced for c in consumers[dq.output[0]]):
+            dead.add(id(dq))
+
+    # Per-token Q -> DQ pairs as element-wise arithmetic.
+    qdq: dict[int, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        q = producers.get(node.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or len(q.input) != 2 or q.input[1] != node.input[1]:
+            continue
+        if len(consumers.get(q.output[0], [])) != 1:
+            continue
+        qa = {a.name: helper.get_attribute_value(a) for a in q.attribute}
+        da = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        dtype = qa.get("output_dtype")
+        if dtype not in (TensorProto.INT4, TensorProto.INT8) or qa.get("axis") != -1 or da.get("axis") != -1:
+            continue
+        if qa.get("block_size") != da.get("block_size"):
+            continue
+        bits = 4 if dtype == TensorProto.INT4 else 8
+        lo, hi = f"quota_qmin{bits}", f"quota_qmax{bits}"
+        if lo not in {t.name for t in new_inits}:
+            new_inits += [numpy_helper.from_array(np.array(-(2 ** (bits - 1)), np.float32), lo),
+                          numpy_helper.from_array(np.array(2 ** (bits - 1) - 1, np.float32), hi)]
+        x, scale, out_name = q.input[0], q.input[1], node.output[0]
+        base = q.name or out_name
+        qdq[id(node)] = [
+            helper.make_node("Div", [x, scale], [f"{base}_div"], name=f"{base}_div"),
+            helper.make_node("Round", [f"{base}_div"], [f"{base}_round"], name=f"{base}_round"),
+            helper.make_node("Clip", [f"{base}_round", lo, hi], [f"{base}_clip"], name=f"{base}_clip"),
+            helper.make_node("Mul", [f"{base}_clip", scale], [out_name], name=f"{base}_mul"),
+        ]
+        dead.add(id(q))
+
+    nodes = []
+    for n in graph.node:
+        if id(n) in dead:
+            continue
+        nodes.extend(qdq.get(id(n), [replaced.get(id(n), n)]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep + new_inits)
+    names = {t.name for t in graph.initializer}
+    infos = [v for v in graph.value_info if v.name not in names]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+    if replaced and not any(o.domain == MS_DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return out, len(replaced)
+
+
+def ort_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Nodes of the kinds this rewrite produces or removes (for reports and tests)."""
+    kinds = ("MatMulNBits", "GatherBlockQuantized", "QuantizeLinear", "DequantizeLinear", "MatMul")
+    return {k: sum(1 for n in model.graph.node if n.op_type == k) for k in kinds}

@@ -1,0 +1,166 @@
+"""The ``per_channel`` KV cache and the ``onnxruntime`` flavour (MatMulNBits weights, Q/DQ as
+arithmetic) against the portable graphs and the simulation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from quota_compile.cli import main
+from quota_compile.lower_ort import matmulnbits_weights, ort_counts, to_onnxruntime
+from quota_compile.quant import ops
+
+from .conftest import write_config
+
+
+# ---------------------------------------------------------------- static per-channel KV ops
+
+
+def test_static_kv_codes_round_trip_within_half_a_step_and_saturate():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, generator=gen)
+    scale = ops.kv_static_scale(x.abs().amax(dim=(0, 2))[:, None, :], 4)  # [H, 1, D]
+    codes = torch.ops.quota.quantize_kv_static(x, scale, 4)
+    assert codes.dtype == torch.uint8 and codes.shape == (2, 3, 5, 4)
+    back = torch.ops.quota.dequantize_kv_static(codes, scale, 4)
+    assert torch.all((back - x).abs() <= scale / 2 + 1e-6)
+    # beyond the calibrated range a value saturates: the largest code, never more
+    big = torch.ops.quota.dequantize_kv_static(torch.ops.quota.quantize_kv_static(x * 10, scale, 4), scale, 4)
+    assert torch.all(big <= 7 * scale + 1e-6) and torch.all(big >= -8 * scale - 1e-6)
+    assert torch.any(big == 7 * scale)
+
+
+def test_static_int4_cache_layout_is_groupqueryattentions():
+    """nibble = q + 8, even channel in the low nibble (onnxruntime GQA's 4-bit cache)."""
+    scale = torch.ones(1, 1, 4)
+    x = torch.tensor([[[[-8.0, 7.0, 0.0, -1.0]]]])
+    codes = torch.ops.quota.quantize_kv_static(x, scale, 4)
+    assert codes.tolist() == [[[[0 | (15 << 4), 8 | (7 << 4)]]]]
+
+
+# ---------------------------------------------------------------- MatMulNBits rewrite
+
+
+def _matmulnbits(b, scales, k, n, g, level):
+    node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=g, accuracy_level=level)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])],
+        [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "S")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("k,n,g", [(64, 48, 16), (256, 96, 128)])
+def test_matmulnbits_weights_reproduce_our_int4_codes(k, n, g):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(k))
+    codes, scale = ops.quantize_weight_rtn(w, 4, g)
+    b, s = matmulnbits_weights(codes.numpy(), scale.numpy(), g)
+    x = np.random.default_rng(0).standard_normal((5, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ ops.dequantize_weight(codes, scale, g).double().numpy()
+    exact = _matmulnbits(b, s, k, n, g, 0).run(None, {"x": x})[0]
+    assert np.abs(exact - ref).max() <= 1e-5 * np.abs(ref).max()
+    # accuracy_level 4 requantizes x to int8 per block: close, not exact
+    int8 = _matmulnbits(b, s, k, n, g, 4).run(None, {"x": x})[0]
+    err = np.abs(int8 - ref).max() / np.abs(ref).max()
+    assert 0 < err < 2e-2
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def ort_bundle(tmp_path_factory, small_folder: Path) -> Path:
+    work = tmp_path_factory.mktemp("ortflavour")
+    cfg = write_config(
+        work / "pc.yaml", str(small_folder), work / "out",
+        quantization={"weights": {"group_size": 16}, "kv_cache": {"bits": 4, "granularity": "per_channel"}},
+        pruning={"method": "fastv", "keep_ratio": 0.75, "fastv_layer": 1},
+        export={"targets": ["portable", "onnxruntime"], "onnxruntime": {"accuracy_level": 0}},
+    )
+    assert main([str(cfg)]) == 0
+    return work / "out" / "pc"
+
+
+def test_per_channel_cache_carries_codes_only_and_its_scales(ort_bundle: Path):
+    m = json.loads((ort_bundle / "manifest.json").read_text())
+    names = [i["name"] for i in m["graphs"]["decode"]["inputs"]]
+    assert [n for n in names if n.startswith("past.0.")] == ["past.0.key", "past.0.value"]
+    layer = m["kv_cache"][0]
+    assert layer["granularity"] == "per_channel" and layer["symmetric"] and layer["tensors"] == ["key", "value"]
+    scales = np.load(ort_bundle / "kv_scales.npy")
+    assert scales.shape == (len(m["kv_cache"]), 2, layer["num_kv_heads"], 1, layer["head_dim"]) and np.all(scales > 0)
+    kv = m["kv_cache_bytes_per_sequence"]
+    per_token = layer["num_kv_heads"] * layer["head_dim"] // 2  # INT4 codes, no per-token scale or zero point
+    lengths = [kv["prompt_length"] - (m["model"]["visual_tokens"] - entry["visual_tokens"]) + kv["generated"] for entry in m["kv_cache"]]
+    assert kv["bundle"] == sum(2 * per_token * n for n in lengths)
+
+
+def test_onnxruntime_flavour_uses_matmulnbits_and_matches_the_simulation(ort_bundle: Path):
+    sub = ort_bundle / "onnxruntime"
+    portable = onnx.load(ort_bundle / "decode.onnx")
+    flavour = onnx.load(sub / "decode.onnx")
+    before, after = ort_counts(portable), ort_counts(flavour)
+    int4 = sum(1 for t in portable.graph.initializer if t.data_type == TensorProto.INT4)
+    assert int4 > 0 and after["MatMulNBits"] == int4
+    assert after["QuantizeLinear"] == 0 and after["DequantizeLinear"] == 0 and before["QuantizeLinear"] > 0
+    assert not any(t.data_type == TensorProto.INT4 for t in flavour.graph.initializer)
+    v = json.loads((ort_bundle / "verify.json").read_text())
+    o = v["flavours"]["onnxruntime"]
+    # accuracy_level 0: float32 arithmetic, so the flavour agrees with the simulation as the
+    # portable graphs do (float summation order only)
+    assert v["passed"] and o["passed"] and o["greedy_agreement"] == 1.0 and o["kept_index_agreement"] == 1.0
+    assert o["max_logits_rel_error"] < 1e-4 and "accuracy_level 0" in o["arithmetic"]
+    m = json.loads((ort_bundle / "manifest.json").read_text())
+    assert m["flavours"]["onnxruntime"]["folder"] == "onnxruntime" and m["flavours"]["onnxruntime"]["accuracy_level"] == 0
+    assert {f"onnxruntime/{g}.onnx" for g in ("vision", "prefill", "decode")} <= set(m["files"])
+
+
+def test_runner_uses_the_onnxruntime_flavour_and_answers_like_the_portable_graphs(ort_bundle: Path):
+    from PIL import Image
+
+    from quota_compile.runtime import BundleRunner, OrtBackend, greedy_generate, make_batch
+
+    runner = BundleRunner(ort_bundle)
+    assert runner.flavour == "onnxruntime"
+    assert runner.backend.folder == ort_bundle / "onnxruntime"
+    pics = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)) for i in range(2)]
+    batch = make_batch(runner.processor, runner.prompt_template, pics, ["what is this?", "where is the red circle?"], runner.visual_span, runner.image_token_id)
+    a = greedy_generate(runner.backend, batch, 6, None)
+    b = greedy_generate(OrtBackend(ort_bundle), batch, 6, None)
+    assert a.tokens == b.tokens
+
+
+def test_to_onnxruntime_rejects_blocks_matmulnbits_cannot_take():
+    k, n = 24, 8
+    codes = np.zeros((k, n), np.int8)
+    raw = ops.pack_int4(torch.from_numpy(codes)).numpy().tobytes()
+    w = helper.make_tensor("w", TensorProto.INT4, [k, n], raw, raw=True)
+    s = numpy_helper.from_array(np.ones((k // 8, n), np.float32), "s")
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=0, block_size=8),
+        helper.make_node("MatMul", ["x", "wf"], ["y"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w, s])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    from quota_compile.lower_ort import OrtLoweringError
+
+    with pytest.raises(OrtLoweringError, match="power of two >= 16"):
+        to_onnxruntime(model, 4)
+
+
+def test_onnxruntime_target_without_portable_is_refused(tmp_path: Path, capsys):
+    cfg = write_config(tmp_path / "bad.yaml", "builtin:tiny-llava", tmp_path / "out", export={"targets": ["onnxruntime"]})
+    assert main([str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "export.targets" in err and "portable" in err
+    assert not (tmp_path / "out").exists()
