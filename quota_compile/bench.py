@@ -46,7 +46,7 @@ from .evaluate import Variant, build_variant, flavour_of, quant_name
 from .models import load_model
 from .calibrate import quantize_model
 from .pipeline import kv_cache_bytes
-from .quant.simulate import quantizable_linears
+from .quant.simulate import QuantEmbedding, QuantLinear
 from .runtime import OrtBackend, greedy_generate, make_batch
 
 FILLER = "Describe the image in detail: the shapes, their colours, their sizes and where they are."
@@ -145,17 +145,22 @@ def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, mode: st
     for k in keep:  # QK^T and the weighted sum over the causal prefix, per layer
         t = prompt_len - v + k
         flops += 2 * 2 * hidden * t * (t + 1) / 2
-    if mode == "none":
-        weight_bytes = 4 * sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n and "projector" not in n)
-    else:
-        quant = quantizable_linears(model, cfg.quantization.ignore)
-        g = cfg.quantization.weights.group_size
-        weight_bytes = 0
-        for n, p in model.named_parameters():
-            if "vision_tower" in n or "projector" in n:
-                continue
-            module = n.rsplit(".", 1)[0]
-            if module in quant and n.endswith("weight"):
+    # Weights as stored: INT4 codes + fp32 group scales for the quantized Linears (mode
+    # weights / full), fp32 otherwise; of an embedding table only the one row a token reads.
+    quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)} if mode != "none" else set()
+    g = cfg.quantization.weights.group_size
+    weight_bytes = 0
+    for name, module in model.named_modules():
+        if "vision_tower" in name or "projector" in name:
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if isinstance(module, torch.nn.Embedding):
+                row = p.shape[1]
+                if isinstance(module, QuantEmbedding) and mode != "none":
+                    weight_bytes += row // 2 + 4 * row // module.group_size
+                else:
+                    weight_bytes += 4 * row
+            elif name in quant and pname == "weight":
                 weight_bytes += p.numel() // 2 + 4 * p.numel() // g
             else:
                 weight_bytes += 4 * p.numel()

@@ -60,10 +60,19 @@ class KVCacheQuant(_Section):
     granularity: Literal["per_token", "per_channel"] = "per_token"
 
 
+class EmbeddingQuant(_Section):
+    # The decoder's token-embedding table: null keeps it in full precision; 4 stores it as INT4
+    # codes, symmetric, in groups of group_size along the hidden dimension (RTN), one table
+    # row dequantized per token (onnxruntime: GatherBlockQuantized).
+    bits: Literal[4] | None = None
+    group_size: int | None = Field(None, gt=0)  # default: quantization.weights.group_size
+
+
 class QuantizationSection(_Section):
     weights: WeightQuant = WeightQuant()
     activations: ActivationQuant = ActivationQuant()
     kv_cache: KVCacheQuant = KVCacheQuant()
+    embeddings: EmbeddingQuant = EmbeddingQuant()
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
 
     @field_validator("ignore")

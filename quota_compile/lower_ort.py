@@ -16,6 +16,11 @@ What changes (and only this; everything else is the portable graph, node for nod
   ``scale_b = max|x_b| / 127``): a relative error of at most 1/254 per activation. The
   verification measures what that does (``verify.json``, flavour ``onnxruntime``).
 
+- an INT4 token-embedding table (``quantization.embeddings.bits: 4``), i.e.
+  ``DequantizeLinear(INT4 [V, D], scale [V, D/g], axis=1, block_size=g)`` feeding
+  ``Gather(·, ids, axis=0)``, becomes ``com.microsoft.GatherBlockQuantized`` over the packed
+  table (code + 8 per nibble, the default zero point 8): only the gathered rows are
+  dequantized, where onnxruntime would otherwise dequantize the whole table on every call;
 - every per-token activation fake-quant, ``QuantizeLinear(x, s, axis=-1, block_size=K,
   INT4|INT8) -> DequantizeLinear(·, s)``, becomes ``Mul(Clip(Round(Div(x, s)), qmin, qmax),
   s)``: the same float operations (ONNX Round is half to even, like QuantizeLinear), but
@@ -135,6 +140,34 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int) -> tuple[onnx.Mo
             helper.make_node("Mul", [f"{base}_clip", scale], [out_name], name=f"{base}_mul"),
         ]
         dead.add(id(q))
+
+    # INT4 embedding tables: DequantizeLinear(axis 1) + Gather(axis 0) -> GatherBlockQuantized.
+    for node in graph.node:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
+            continue
+        dq = producers.get(node.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or len(dq.input) > 2:
+            continue
+        w = inits[dq.input[0]]
+        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        gattrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if w.data_type != TensorProto.INT4 or len(w.dims) != 2 or attrs.get("axis") != 1 or gattrs.get("axis", 0) != 0:
+            continue
+        block = int(attrs["block_size"])
+        if block < 16 or block & (block - 1):
+            raise OrtLoweringError(f"{dq.name}: INT4 embedding block {block} has no GatherBlockQuantized form (a power of two >= 16)")
+        codes = _int4_codes(w)
+        u = (codes.astype(np.int16) + 8).astype(np.uint8)
+        packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+        t_name, s_name = f"{w.name}_gbq", f"{w.name}_gbq_scales"
+        if t_name not in {t.name for t in new_inits}:
+            new_inits += [numpy_helper.from_array(packed, t_name), numpy_helper.from_array(numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32), s_name)]
+        replaced[id(node)] = helper.make_node(
+            "GatherBlockQuantized", [t_name, node.input[1], s_name], list(node.output), name=f"{node.name}_gbq", domain=MS_DOMAIN,
+            bits=4, block_size=block, gather_axis=0, quantize_axis=1,
+        )
+        if all(id(c) in replaced for c in consumers[dq.output[0]]):
+            dead.add(id(dq))
 
     nodes = []
     for n in graph.node:

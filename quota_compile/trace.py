@@ -18,6 +18,7 @@ from passes import plain_signature, remove_unused_attributes
 from passes.fold_topk_gather import FoldTopKGather
 from passes.insert_qdq import InsertQDQ, LinearQuantSpec
 from passes.pack_int4_weights import PackInt4Weights
+from passes.quantize_embedding import QuantizeEmbedding
 from passes.quantize_kv_io import QuantizeKVIO
 from passes.strip_runtime_asserts import StripRuntimeAsserts
 
@@ -93,6 +94,11 @@ def _run_passes(gm: fx.GraphModule, qm: QuantizedModel, kv_inputs=(), kv_outputs
             outs = _kv_scales(qm, kv_out, kv_out[0]) if kv_out else ([] if qm.kv_granularity == "per_channel" else None)
             pipeline.append(QuantizeKVIO(qm.kv_bits, kv_in, kv_out, ins, outs))
         pipeline.append(PackInt4Weights({t: qm.weights[name] for t, name in targets.items()}))
+        tables = {f"hf.{name}.weight": (e.codes, e.scale, e.group_size) for name, e in qm.embeddings.items()}
+        read = {n.args[0].target for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.embedding.default and n.args[0].op == "get_attr"}
+        tables = {t: v for t, v in tables.items() if t in read}
+        if tables:
+            pipeline.append(QuantizeEmbedding(tables))
     log = []
     plain_signature(gm)
     for p in pipeline:

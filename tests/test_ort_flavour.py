@@ -74,6 +74,27 @@ def test_matmulnbits_weights_reproduce_our_int4_codes(k, n, g):
     assert 0 < err < 2e-2
 
 
+def test_int4_embedding_table_is_what_the_simulation_reads():
+    from quota_compile.config import QuantizationSection
+    from quota_compile.models.builtin import build_tiny_llava
+    from quota_compile.quant.simulate import quantize
+
+    model, _ = build_tiny_llava(0, num_layers=2)
+    table = model.get_input_embeddings().weight.detach().clone()
+    qm = quantize(model, QuantizationSection.model_validate({"weights": {"group_size": 16}, "embeddings": {"bits": 4}}))
+    (name, emb), = qm.embeddings.items()
+    assert emb is model.get_input_embeddings()
+    ids = torch.tensor([[0, 5, 7]])
+    codes, scale = ops.quantize_rows_rtn(table, 4, 16)
+    assert codes.abs().max() <= 7 and scale.shape == (table.shape[0], table.shape[1] // 16)
+    packed = ops.pack_int4(codes)
+    expected = torch.ops.quota.dequantize_int4_rows(packed, scale, *table.shape, 16)[ids]
+    assert torch.equal(emb(ids), expected)
+    assert (expected - table[ids]).abs().max() <= scale.max() / 2 + 1e-6
+    with qm.fake_quant(False):
+        assert torch.equal(emb(ids), table[ids])
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -82,7 +103,8 @@ def ort_bundle(tmp_path_factory, small_folder: Path) -> Path:
     work = tmp_path_factory.mktemp("ortflavour")
     cfg = write_config(
         work / "pc.yaml", str(small_folder), work / "out",
-        quantization={"weights": {"group_size": 16}, "kv_cache": {"bits": 4, "granularity": "per_channel"}},
+        quantization={"weights": {"group_size": 16}, "kv_cache": {"bits": 4, "granularity": "per_channel"},
+                      "embeddings": {"bits": 4}, "ignore": ["re:.*vision_tower.*"]},
         pruning={"method": "fastv", "keep_ratio": 0.75, "fastv_layer": 1},
         export={"targets": ["portable", "onnxruntime"], "onnxruntime": {"accuracy_level": 0}},
     )
@@ -110,7 +132,10 @@ def test_onnxruntime_flavour_uses_matmulnbits_and_matches_the_simulation(ort_bun
     flavour = onnx.load(sub / "decode.onnx")
     before, after = ort_counts(portable), ort_counts(flavour)
     int4 = sum(1 for t in portable.graph.initializer if t.data_type == TensorProto.INT4)
-    assert int4 > 0 and after["MatMulNBits"] == int4
+    # every INT4 Linear (lm_head included: not ignored here) became MatMulNBits, the INT4
+    # embedding table GatherBlockQuantized
+    assert int4 > 0 and after["MatMulNBits"] + after["GatherBlockQuantized"] == int4
+    assert after["GatherBlockQuantized"] == 1
     assert after["QuantizeLinear"] == 0 and after["DequantizeLinear"] == 0 and before["QuantizeLinear"] > 0
     assert not any(t.data_type == TensorProto.INT4 for t in flavour.graph.initializer)
     v = json.loads((ort_bundle / "verify.json").read_text())

@@ -60,6 +60,11 @@ def dequantize_int4(packed, scale, k: int, n: int, group_size: int):
     return op.DequantizeLinear(codes, scale, axis=0, block_size=group_size)
 
 
+def dequantize_int4_rows(packed, scale, v: int, d: int, group_size: int):
+    codes = _int4_weight(packed, shape=[v, d])
+    return op.DequantizeLinear(codes, scale, axis=1, block_size=group_size)
+
+
 def quantize_kv(x, bits: int):
     d = _last_dim(x)
     qmax = float(2**bits - 1)
@@ -143,6 +148,7 @@ def translation_table() -> dict:
         torch.ops.quota.select_topk.default: select_topk,
         torch.ops.quota.qdq_per_token.default: qdq_per_token,
         torch.ops.quota.dequantize_int4.default: dequantize_int4,
+        torch.ops.quota.dequantize_int4_rows.default: dequantize_int4_rows,
         torch.ops.quota.quantize_kv.default: quantize_kv,
         torch.ops.quota.dequantize_kv.default: dequantize_kv,
         torch.ops.quota.quantize_kv_static.default: quantize_kv_static,

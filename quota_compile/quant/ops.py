@@ -133,6 +133,26 @@ def _(packed: torch.Tensor, scale: torch.Tensor, k: int, n: int, group_size: int
     return scale.new_empty((k, n))
 
 
+def quantize_rows_rtn(table: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN symmetric quantization of an embedding table ``[V, D]`` in groups along D: codes
+    ``[V, D]`` (int8) and scales ``[V, D // group_size]`` (float32)."""
+    codes, scale = quantize_weight_rtn(table, bits, group_size)  # as a Linear [N=V, K=D]
+    return codes.t().contiguous(), scale.t().contiguous()
+
+
+@torch.library.custom_op("quota::dequantize_int4_rows", mutates_args=())
+def dequantize_int4_rows(packed: torch.Tensor, scale: torch.Tensor, v: int, d: int, group_size: int) -> torch.Tensor:
+    """``[V, D]`` float table from packed INT4 codes (``uint8[V*D/2]``, row-major) and scales
+    ``[V, D/g]``."""
+    codes = unpack_int4(packed, (v, d)).to(torch.float32)
+    return (codes * scale.repeat_interleave(group_size, dim=1)).to(scale.dtype)
+
+
+@dequantize_int4_rows.register_fake
+def _(packed: torch.Tensor, scale: torch.Tensor, v: int, d: int, group_size: int) -> torch.Tensor:
+    return scale.new_empty((v, d))
+
+
 # ---------------------------------------------------------------- KV cache (per token and head)
 
 

@@ -59,6 +59,20 @@ class QuantLinear(torch.nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
+class QuantEmbedding(torch.nn.Embedding):
+    """``nn.Embedding`` whose table is read through its INT4 group-wise codes."""
+
+    def __init__(self, emb: torch.nn.Embedding, codes: torch.Tensor, scale: torch.Tensor, group_size: int, state: _State):
+        super().__init__(emb.num_embeddings, emb.embedding_dim, padding_idx=emb.padding_idx, device="meta")
+        self.weight = emb.weight
+        self.codes, self.scale, self.group_size = codes, scale, group_size
+        self._state = state
+        self._table = (codes.to(torch.float32) * scale.repeat_interleave(group_size, dim=1)).to(emb.weight.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self._table if self._state.enabled else self.weight, self.padding_idx)
+
+
 def matches(name: str, patterns: list[str]) -> bool:
     """``re:REGEX`` matches a module name by ``re.fullmatch``; a plain string matches the module
     of that exact name and everything inside it."""
@@ -78,6 +92,7 @@ class QuantizedModel:
     model: torch.nn.Module
     spec: QuantizationSection
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # module name -> codes
+    embeddings: dict[str, QuantEmbedding] = field(default_factory=dict)  # module name -> quantized table
     # per_channel KV cache: static scales ``[layers, 2 (key, value), Hkv, 1, head_dim]``, set by
     # :func:`quota_compile.calibrate.calibrate_kv_scales`.
     kv_scales: torch.Tensor | None = None
@@ -130,4 +145,13 @@ def quantize(model: torch.nn.Module, spec: QuantizationSection) -> QuantizedMode
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear(lin, qw, spec.activations.bits, spec.activations.clip_ratio, qm._state))
+    if spec.embeddings.bits:
+        ge = spec.embeddings.group_size or g
+        emb = model.get_input_embeddings()
+        name = next(n for n, m in model.named_modules() if m is emb)
+        codes, scale = ops.quantize_rows_rtn(emb.weight, spec.embeddings.bits, ge)
+        qe = QuantEmbedding(emb, codes, scale, ge, qm._state)
+        qm.embeddings[name] = qe
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, qe)
     return qm
