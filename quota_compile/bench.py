@@ -148,7 +148,6 @@ def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, mode: st
     # Weights as stored: INT4 codes + fp32 group scales for the quantized Linears (mode
     # weights / full), fp32 otherwise; of an embedding table only the one row a token reads.
     quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)} if mode != "none" else set()
-    g = cfg.quantization.weights.group_size
     weight_bytes = 0
     for name, module in model.named_modules():
         if "vision_tower" in name or "projector" in name:
@@ -161,7 +160,7 @@ def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, mode: st
                 else:
                     weight_bytes += 4 * row
             elif name in quant and pname == "weight":
-                weight_bytes += p.numel() // 2 + 4 * p.numel() // g
+                weight_bytes += p.numel() // 2 + 4 * p.numel() // module.qweight.group_size
             else:
                 weight_bytes += 4 * p.numel()
     final = prompt_len + new_tokens
@@ -203,11 +202,12 @@ def run_bench(config_path, force: bool = False, console: Console | None = None) 
             method = cfg.pruning.method if cfg.pruning.method != "none" else "quota"
             qname = quant_name(cfg)
             flavour = flavour_of(cfg)
-            g = cfg.quantization.weights.group_size
+            w = cfg.quantization.weights
+            g = "per output channel" if w.granularity == "per_channel" else f"group {w.group_size}"
             todo = [
                 (Variant("fp", "none", None, False), "ort-fp32", "onnxruntime, fp32 graphs, fp32 KV cache", "portable"),
                 (Variant("w4", "none", None, True, weight_only=True), "ort-w4",
-                 f"onnxruntime, INT4 weight-only (MatMulNBits, group {g}), fp32 activations and KV cache", "onnxruntime"),
+                 f"onnxruntime, INT4 weight-only (MatMulNBits, {g}), fp32 activations and KV cache", "onnxruntime"),
                 (Variant(qname, "none", None, True), f"ort-{qname}", f"onnxruntime ({flavour} flavour), the configured quantization, all visual tokens", flavour),
                 (Variant(f"{method}@{cfg.pruning.keep_ratio:g}", method, cfg.pruning.keep_ratio, True), f"{method}@{cfg.pruning.keep_ratio:g}",
                  f"onnxruntime ({flavour} flavour), the configured quantization + {method} at keep ratio {cfg.pruning.keep_ratio:g} (the bundle)", flavour),

@@ -42,6 +42,10 @@ class ModelSection(_Section):
 
 class WeightQuant(_Section):
     bits: Literal[4] = 4
+    # group: one scale per output channel and group_size inputs; per_channel: one scale per
+    # output channel (the group is the whole input), which the onnxruntime flavour runs as an
+    # exact integer product on its uint8 x int8 kernels.
+    granularity: Literal["group", "per_channel"] = "group"
     group_size: int = Field(128, gt=0)
     method: Literal["rtn"] = "rtn"
 
@@ -125,6 +129,10 @@ class OnnxruntimeExport(_Section):
     # per weight block; fast), 0 = float32 arithmetic (exactly the deployed W4A4 up to summation
     # order; about the speed of an fp32 MatMul).
     accuracy_level: Literal[0, 4] = 4
+    # Graphs whose per-channel W4A4 Linears run as exact integer products (MatMulInteger,
+    # uint8 x int8); the others use MatMulNBits. Measured on builtin:bench-llava (docs/speed.md):
+    # integer is 2.6x faster on the prefill's large products, MatMulNBits faster per decode step.
+    integer_graphs: list[Literal["vision", "prefill", "decode"]] = Field(default_factory=lambda: ["vision", "prefill"])
 
 
 class ExportSection(_Section):

@@ -176,7 +176,7 @@ def build_variant(cfg, vlm, qm, span, v: Variant, work: Path, config_file: Path,
     for g, t in traced.items():
         model = export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
         if flavour == "onnxruntime":
-            model = to_onnxruntime(model, cfg.export.onnxruntime.accuracy_level)[0]
+            model = to_onnxruntime(model, cfg.export.onnxruntime.accuracy_level, g in cfg.export.onnxruntime.integer_graphs)[0]
         save_onnx(model, folder / f"{g}.onnx")
     return BuiltVariant(folder, programs, keep, recipe, t_cal, time.perf_counter() - t0 - t_cal)
 

@@ -25,7 +25,7 @@ from .bundle import (
 from .config import bundle_name, load_config
 from .errors import UserError, VerificationFailed
 from .lower import export_onnx, save_onnx
-from .lower_ort import ORT_ARITHMETIC, ORT_FOLDER, to_onnxruntime
+from .lower_ort import ORT_FOLDER, describe_arithmetic, to_onnxruntime
 from .models import load_model
 from .programs import KV_STATIC, KV_STORED
 from .quant.ops import kv_packed_dim
@@ -65,6 +65,8 @@ class Progress:
 
 def check_group_size(model, cfg, config_file: Path) -> None:
     g = cfg.quantization.weights.group_size
+    if cfg.quantization.weights.granularity == "per_channel":
+        return
     for name, lin in quantizable_linears(model, cfg.quantization.ignore).items():
         if lin.in_features % g:
             raise UserError(
@@ -148,7 +150,8 @@ def compile_model(
             ort_models = {}
             if "onnxruntime" in cfg.export.targets:
                 level = cfg.export.onnxruntime.accuracy_level
-                ort_models = {g: to_onnxruntime(m, level)[0] for g, m in models.items()}
+                integer = cfg.export.onnxruntime.integer_graphs
+                ort_models = {g: to_onnxruntime(m, level, g in integer)[0] for g, m in models.items()}
 
         with atomic_folder(final, force) as tmp:
             for g, m in models.items():
@@ -173,7 +176,7 @@ def compile_model(
                 if ort_models:
                     ort = verify(reference, OrtBackend(tmp / ORT_FOLDER), samples, cfg.verify.for_flavour("onnxruntime"))
                     ort["flavour"] = "onnxruntime"
-                    ort["arithmetic"] = ORT_ARITHMETIC[cfg.export.onnxruntime.accuracy_level]
+                    ort["arithmetic"] = describe_arithmetic(cfg.export.onnxruntime.accuracy_level, cfg.export.onnxruntime.integer_graphs, cfg.quantization.weights.granularity == "per_channel")
                     report["flavours"]["onnxruntime"] = ort
                     report["failures"] += [f"onnxruntime flavour: {f}" for f in ort["failures"]]
                     report["passed"] = report["passed"] and ort["passed"]
@@ -228,6 +231,12 @@ def kv_cache_bytes(vlm, bits: int, keep: list[int], prompt_len: int, generated: 
     return {"prompt_length": prompt_len, "generated": generated, "bundle": ours, "fp16_unpruned": fp16, "ratio": fp16 / ours}
 
 
+def ort_models_of(folder: Path) -> list:
+    import onnx
+
+    return [onnx.load(p, load_external_data=False) for p in sorted(folder.glob("*.onnx"))]
+
+
 def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dict, folder: Path, pruning, report: dict) -> dict:
     bits = cfg.quantization.kv_cache.bits
     graphs = {}
@@ -241,9 +250,9 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
             "folder": ORT_FOLDER,
             "graphs": sorted(p.stem for p in sub.glob("*.onnx")),
             "bytes": {p.stem: p.stat().st_size for p in sorted(sub.glob("*.onnx"))},
-            "ops": "standard ONNX + com.microsoft.MatMulNBits",
+            "ops": sorted({n.op_type for m in ort_models_of(sub) for n in m.graph.node if n.op_type in ("MatMulNBits", "MatMulInteger", "GatherBlockQuantized")}),
             "accuracy_level": cfg.export.onnxruntime.accuracy_level,
-            "arithmetic": ORT_ARITHMETIC[cfg.export.onnxruntime.accuracy_level],
+            "arithmetic": describe_arithmetic(cfg.export.onnxruntime.accuracy_level, cfg.export.onnxruntime.integer_graphs, cfg.quantization.weights.granularity == "per_channel"),
             "used_by_runtime": True,
         }
     v = span[1]

@@ -83,11 +83,11 @@ def _kv_scales(qm: QuantizedModel, positions, first: int) -> list[torch.Tensor] 
 def _run_passes(gm: fx.GraphModule, qm: QuantizedModel, kv_inputs=(), kv_outputs=(), quantized: bool = True, weight_only: bool = False) -> list[tuple[str, bool]]:
     spec = qm.spec
     act_bits = None if weight_only else spec.activations.bits
-    lin = LinearQuantSpec(spec.weights.bits, spec.weights.group_size, act_bits, spec.activations.clip_ratio)
     targets = _annotate(gm, qm)
+    lin = {t: LinearQuantSpec(spec.weights.bits, qm.weights[name].group_size, act_bits, spec.activations.clip_ratio) for t, name in targets.items()}
     pipeline = [StripRuntimeAsserts(), FoldTopKGather()]
     if quantized:
-        pipeline.append(InsertQDQ(dict.fromkeys(targets, lin)))
+        pipeline.append(InsertQDQ(lin))
         if not weight_only:
             kv_in, kv_out = list(kv_inputs), list(kv_outputs)
             ins = _kv_scales(qm, kv_in, kv_in[0]) if kv_in else ([] if qm.kv_granularity == "per_channel" else None)

@@ -139,8 +139,9 @@ def quantize(model: torch.nn.Module, spec: QuantizationSection) -> QuantizedMode
     qm = QuantizedModel(model=model, spec=spec)
     g = spec.weights.group_size
     for name, lin in quantizable_linears(model, spec.ignore).items():
-        codes, scale = ops.quantize_weight_rtn(lin.weight, spec.weights.bits, g)
-        qw = QuantizedWeight(codes=codes, scale=scale, group_size=g)
+        gl = lin.in_features if spec.weights.granularity == "per_channel" else g
+        codes, scale = ops.quantize_weight_rtn(lin.weight, spec.weights.bits, gl)
+        qw = QuantizedWeight(codes=codes, scale=scale, group_size=gl)
         qm.weights[name] = qw
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

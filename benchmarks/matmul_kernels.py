@@ -1,0 +1,88 @@
+"""onnxruntime CPU matmul kernels on one decoder-sized product, to see what INT4/INT8 arithmetic
+buys on this machine.
+
+    python benchmarks/matmul_kernels.py [--m 651] [--k 768] [--n 2048] [--block 128] [--threads 2]
+
+Times (median of --runs calls after one warm-up) a [M, K] x [K, N] product as: fp32 MatMul;
+MatMulNBits (INT4 weights, group --block) at accuracy_level 0 and 4; MatMulInteger with uint8
+and with int8 activations (int8 weights); DynamicQuantizeMatMul (fp32 in, int8 weights). The
+operands are random; only the times mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quota_compile.lower_ort import matmulnbits_weights  # noqa: E402
+
+
+def _session(nodes, inputs, outputs, inits, threads):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _time(session, feed, runs):
+    session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", type=int, default=651)
+    ap.add_argument("--k", type=int, default=768)
+    ap.add_argument("--n", type=int, default=2048)
+    ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--runs", type=int, default=20)
+    a = ap.parse_args()
+    m, k, n, g = a.m, a.k, a.n, a.block
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    codes = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    scales = (rng.random((k // g, n)) * 0.1).astype(np.float32)
+    fx = helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])
+    fy = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    iy = helper.make_tensor_value_info("y", TensorProto.INT32, None)
+    w = numpy_helper.from_array(codes, "W")
+    rows = []
+    s = _session([helper.make_node("MatMul", ["x", "W"], ["y"])], [fx], [fy],
+                 [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")], a.threads)
+    rows.append(("fp32 MatMul", _time(s, {"x": x}, a.runs)))
+    b, sc = matmulnbits_weights(codes, scales, g)
+    for level in (0, 4):
+        node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=g, accuracy_level=level)
+        s = _session([node], [fx], [fy], [numpy_helper.from_array(b, "B"), numpy_helper.from_array(sc, "S")], a.threads)
+        rows.append((f"MatMulNBits int4, accuracy_level {level}", _time(s, {"x": x}, a.runs)))
+    for name, dtype, np_dtype, lo, hi in (("uint8", TensorProto.UINT8, np.uint8, 0, 256), ("int8", TensorProto.INT8, np.int8, -8, 8)):
+        xi = rng.integers(lo, hi, (m, k)).astype(np_dtype)
+        s = _session([helper.make_node("MatMulInteger", ["x", "W"], ["y"])], [helper.make_tensor_value_info("x", dtype, [m, k])], [iy], [w], a.threads)
+        rows.append((f"MatMulInteger {name} x int8", _time(s, {"x": xi}, a.runs)))
+    node = helper.make_node("DynamicQuantizeMatMul", ["x", "W", "ws"], ["y"], domain="com.microsoft")
+    s = _session([node], [fx], [fy], [w, numpy_helper.from_array(np.ones(n, np.float32), "ws")], a.threads)
+    rows.append(("DynamicQuantizeMatMul (fp32 in, int8 W)", _time(s, {"x": x}, a.runs)))
+    base = rows[0][1]
+    print(f"[{m}, {k}] x [{k}, {n}], {a.threads} threads, onnxruntime {ort.__version__}, median of {a.runs}")
+    for name, ms in rows:
+        print(f"  {name:<42} {ms:8.3f} ms   {base / ms:5.2f}x fp32")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
