@@ -154,6 +154,24 @@ def _pruning_lines(manifest: dict, verify: dict, recipe, figures: list[str]) -> 
     return lines + [""]
 
 
+def _flavour_lines(verify: dict) -> list[str]:
+    """The onnxruntime flavour's verification, when the bundle has it."""
+    out = []
+    for name, v in verify.get("flavours", {}).items():
+        t = v["thresholds"]
+        out += [
+            f"## Verification of the {name} flavour (`{name}/`, used by `quota-compile run`)",
+            "",
+            f"- worst relative logits error: {v['max_logits_rel_error']:.3g} (limit {t['max_logits_rel_error']:g})",
+            f"- samples with identical greedy tokens: {v['greedy_agreement']:.0%} (required {t['min_greedy_agreement']:.0%}); "
+            f"tokens agreeing: {v['token_agreement']:.1%}",
+            *(f"- {g}: {a}" for g, a in v.get("arithmetic", {}).items()),
+            f"- result: {'passed' if v['passed'] else 'FAILED'}",
+            "",
+        ]
+    return out
+
+
 def report_markdown(name: str, manifest: dict, verify: dict, passes: dict[str, list], recipe, figures: list[str]) -> str:
     m, q = manifest["model"], manifest["quantization"]
     lines = [
@@ -161,9 +179,13 @@ def report_markdown(name: str, manifest: dict, verify: dict, passes: dict[str, l
         "",
         f"- model: `{m['source']}` (sha256 `{m['sha256'][:16]}…`), {m['num_layers']} decoder layers, "
         f"{m['visual_tokens']} visual tokens at position {m['visual_start']}",
-        f"- weights: INT{q['weights']['bits']} symmetric, group {q['weights']['group_size']}, {q['weights']['method'].upper()}; "
+        f"- weights: INT{q['weights']['bits']} symmetric, "
+        f"{'per output channel' if q['weights'].get('granularity') == 'per_channel' else 'group ' + str(q['weights']['group_size'])}, "
+        f"{q['weights']['method'].upper()}; "
         f"activations: INT{q['activations']['bits']} per token (clip {q['activations']['clip_ratio']}); "
-        f"KV cache: INT{q['kv_cache']['bits']} asymmetric {q['kv_cache']['granularity']}",
+        f"KV cache: INT{q['kv_cache']['bits']} "
+        f"{'symmetric static per_channel' if q['kv_cache']['granularity'] == 'per_channel' else 'asymmetric ' + q['kv_cache']['granularity']}"
+        + (f"; token embeddings: INT{q['embeddings']['bits']}" if q.get("embeddings", {}).get("bits") else ""),
         f"- kept in full precision: {', '.join(f'`{p}`' for p in q['ignore']) or 'nothing'}",
         "",
         *_pruning_lines(manifest, verify, recipe, figures),
@@ -191,6 +213,7 @@ def report_markdown(name: str, manifest: dict, verify: dict, passes: dict[str, l
         + ", ".join(f"{g} {'passed' if r['passed'] else 'FAILED'}" for g, r in verify.get("polygraphy", {}).items()),
         f"- result: {'passed' if verify['passed'] else 'FAILED: ' + '; '.join(verify['failures'])}",
         "",
+        *_flavour_lines(verify),
         "## Not verified here",
         "",
         "TensorRT engines and GPU execution are not part of this bundle. Accuracy on a benchmark is",

@@ -182,6 +182,8 @@ def test_onnxruntime_flavour_uses_matmulnbits_and_matches_the_simulation(ort_bun
     m = json.loads((ort_bundle / "manifest.json").read_text())
     assert m["flavours"]["onnxruntime"]["folder"] == "onnxruntime" and m["flavours"]["onnxruntime"]["accuracy_level"] == 0
     assert {f"onnxruntime/{g}.onnx" for g in ("vision", "prefill", "decode")} <= set(m["files"])
+    report = (ort_bundle / "report.md").read_text()
+    assert "Verification of the onnxruntime flavour" in report and "symmetric static per_channel" in report
 
 
 def test_runner_uses_the_onnxruntime_flavour_and_answers_like_the_portable_graphs(ort_bundle: Path):
