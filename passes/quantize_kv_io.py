@@ -78,64 +78,52 @@ class QuantizeKVIO(GraphPass):
             raise PassError(f"{self.name}: KV positions outside the program's {n_in} inputs / {n_out} outputs")
         self._before = (n_in, n_out)
 
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        if self.static:
-            return self._call_static(gm)
-        graph = gm.graph
-        outs = outputs(gm)
-        new_outs: list = []
-        for pos, x in enumerate(outs):
-            if pos not in self.kv_outputs:
-                new_outs.append(x)
-                continue
-            with graph.inserting_after(x):
-                q = graph.call_function(torch.ops.quota.quantize_kv.default, (x, self.bits))
-            parts, last = [], q
-            for i in range(3):
-                with graph.inserting_after(last):
-                    last = graph.call_function(operator.getitem, (q, i))
-                parts.append(last)
-            with graph.inserting_after(last):
-                dq = graph.call_function(torch.ops.quota.dequantize_kv.default, (*parts, self.bits))
-            x.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q and user.op != "output")
-            new_outs.extend(parts)
-        set_outputs(gm, new_outs)
-        for p in [placeholders(gm)[i] for i in self.kv_inputs]:
-            with graph.inserting_before(p):
-                parts = [graph.placeholder(f"{p.target}_{s}") for s in STORED_SUFFIXES]
-            with graph.inserting_after(placeholders(gm)[-1]):
-                dq = graph.call_function(torch.ops.quota.dequantize_kv.default, (*parts, self.bits))
-            p.replace_all_uses_with(dq)
-            graph.erase_node(p)
-        return PassResult(gm, bool(self.kv_inputs or self.kv_outputs))
-
-    def _call_static(self, gm: fx.GraphModule) -> PassResult:
+    def _store(self, gm: fx.GraphModule, x: fx.Node, pos: int) -> tuple[fx.Node, list[fx.Node], fx.Node]:
+        """Quantize output ``x``: ``(quantize node, the stored tensors, what attention reads)``."""
         graph = gm.graph
         quant, dequant = self._ops
-        outs = outputs(gm)
-        new_outs: list = []
-        for pos, x in enumerate(outs):
-            if pos not in self.kv_outputs:
-                new_outs.append(x)
-                continue
+        if self.static:
             with graph.inserting_after(x):
                 s = self._scale(gm, self.output_scales[self.kv_outputs.index(pos)], f"out{pos}")
             with graph.inserting_after(s):
                 q = graph.call_function(quant, (x, s, self.bits))
-            with graph.inserting_after(q):
-                dq = graph.call_function(dequant, (q, s, self.bits))
+            parts, last, extra = [q], q, (s,)
+        else:
+            with graph.inserting_after(x):
+                q = graph.call_function(quant, (x, self.bits))
+            parts, last, extra = [], q, ()
+            for i in range(len(STORED_SUFFIXES)):
+                with graph.inserting_after(last):
+                    last = graph.call_function(operator.getitem, (q, i))
+                parts.append(last)
+        with graph.inserting_after(last):
+            dq = graph.call_function(dequant, (*parts, *extra, self.bits))
+        return q, parts, dq
+
+    def _load(self, gm: fx.GraphModule, p: fx.Node, j: int) -> fx.Node:
+        """The stored input(s) replacing placeholder ``p`` (the j-th listed), dequantized."""
+        graph = gm.graph
+        suffixes = ("codes",) if self.static else STORED_SUFFIXES
+        with graph.inserting_before(p):
+            parts = [graph.placeholder(f"{p.target}_{s}") for s in suffixes]
+        with graph.inserting_after(placeholders(gm)[-1]):
+            extra = (self._scale(gm, self.input_scales[j], f"in{self.kv_inputs[j]}"),) if self.static else ()
+        with graph.inserting_after(extra[0] if extra else placeholders(gm)[-1]):
+            return graph.call_function(self._ops[1], (*parts, *extra, self.bits))
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        new_outs: list = []
+        for pos, x in enumerate(outputs(gm)):
+            if pos not in self.kv_outputs:
+                new_outs.append(x)
+                continue
+            q, parts, dq = self._store(gm, x, pos)
             x.replace_all_uses_with(dq, delete_user_cb=lambda user: user is not q and user.op != "output")
-            new_outs.append(q)
+            new_outs.extend(parts)
         set_outputs(gm, new_outs)
         for j, p in enumerate([placeholders(gm)[i] for i in self.kv_inputs]):
-            with graph.inserting_before(p):
-                codes = graph.placeholder(f"{p.target}_codes")
-            with graph.inserting_after(placeholders(gm)[-1]):
-                s = self._scale(gm, self.input_scales[j], f"in{self.kv_inputs[j]}")
-            with graph.inserting_after(s):
-                dq = graph.call_function(dequant, (codes, s, self.bits))
-            p.replace_all_uses_with(dq)
-            graph.erase_node(p)
+            p.replace_all_uses_with(self._load(gm, p, j))
+            gm.graph.erase_node(p)
         return PassResult(gm, bool(self.kv_inputs or self.kv_outputs))
 
     def ensures(self, gm: fx.GraphModule) -> None:

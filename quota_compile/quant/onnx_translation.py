@@ -65,6 +65,24 @@ def dequantize_int4_rows(packed, scale, v: int, d: int, group_size: int):
     return op.DequantizeLinear(codes, scale, axis=1, block_size=group_size)
 
 
+def _pack_nibbles(q, d: int):
+    """uint8 codes ``[B, H, T, D]`` -> ``[B, H, T, D/2]``, even channel in the low nibble."""
+    pairs = op.Reshape(q, op.Constant(value_ints=[0, 0, 0, d // 2, 2]))
+    low, high = op.Split(pairs, axis=-1, num_outputs=2)
+    high = op.BitShift(high, op.Constant(value=ir.tensor([4], dtype=ir.DataType.UINT8)), direction="LEFT")
+    return op.Squeeze(op.BitwiseOr(low, high), op.Constant(value_ints=[-1]))
+
+
+def _unpack_nibbles(codes):
+    """Inverse of :func:`_pack_nibbles`: ``[B, H, T, D/2]`` -> uint8 codes ``[B, H, T, D]``."""
+    packed_d = _last_dim(codes)
+    low = op.BitwiseAnd(codes, op.Constant(value=ir.tensor([15], dtype=ir.DataType.UINT8)))
+    high = op.BitShift(codes, op.Constant(value=ir.tensor([4], dtype=ir.DataType.UINT8)), direction="RIGHT")
+    last = op.Constant(value_ints=[-1])
+    pairs = op.Concat(op.Unsqueeze(low, last), op.Unsqueeze(high, last), axis=-1)
+    return op.Reshape(pairs, op.Constant(value_ints=[0, 0, 0, packed_d * 2]))
+
+
 def quantize_kv(x, bits: int):
     d = _last_dim(x)
     qmax = float(2**bits - 1)
@@ -80,33 +98,15 @@ def quantize_kv(x, bits: int):
     if bits == 4:
         q = op.Cast(q, to=ir.DataType.UINT8)
         zero_point = op.Cast(zero_point, to=ir.DataType.UINT8)
-        pairs = op.Reshape(q, op.Constant(value_ints=[0, 0, 0, d // 2, 2]))
-        low, high = op.Split(pairs, axis=-1, num_outputs=2)
-        high = op.BitShift(high, op.Constant(value=ir.tensor([4], dtype=ir.DataType.UINT8)), direction="LEFT")
-        q = op.Squeeze(op.BitwiseOr(low, high), op.Constant(value_ints=[-1]))
+        q = _pack_nibbles(q, d)
     return q, scale, zero_point
 
 
 def dequantize_kv(codes, scale, zero_point, bits: int):
+    d = _last_dim(codes) * (2 if bits == 4 else 1)
     if bits == 4:
-        packed_d = _last_dim(codes)
-        low = op.BitwiseAnd(codes, op.Constant(value=ir.tensor([15], dtype=ir.DataType.UINT8)))
-        high = op.BitShift(codes, op.Constant(value=ir.tensor([4], dtype=ir.DataType.UINT8)), direction="RIGHT")
-        last = op.Constant(value_ints=[-1])
-        pairs = op.Concat(op.Unsqueeze(low, last), op.Unsqueeze(high, last), axis=-1)
-        codes = op.Reshape(pairs, op.Constant(value_ints=[0, 0, 0, packed_d * 2]))
-        d = packed_d * 2
-    else:
-        d = _last_dim(codes)
+        codes = _unpack_nibbles(codes)
     return op.DequantizeLinear(codes, scale, zero_point, axis=-1, block_size=d)
-
-
-def _pack_nibbles(q, d: int):
-    """uint8 codes ``[B, H, T, D]`` -> ``[B, H, T, D/2]``, even channel in the low nibble."""
-    pairs = op.Reshape(q, op.Constant(value_ints=[0, 0, 0, d // 2, 2]))
-    low, high = op.Split(pairs, axis=-1, num_outputs=2)
-    high = op.BitShift(high, op.Constant(value=ir.tensor([4], dtype=ir.DataType.UINT8)), direction="LEFT")
-    return op.Squeeze(op.BitwiseOr(low, high), op.Constant(value_ints=[-1]))
 
 
 def quantize_kv_static(x, scale, bits: int):
@@ -120,12 +120,7 @@ def quantize_kv_static(x, scale, bits: int):
 def dequantize_kv_static(codes, scale, bits: int):
     qmin = -(2 ** (bits - 1))
     if bits == 4:
-        packed_d = _last_dim(codes)
-        low = op.BitwiseAnd(codes, op.Constant(value=ir.tensor([15], dtype=ir.DataType.UINT8)))
-        high = op.BitShift(codes, op.Constant(value=ir.tensor([4], dtype=ir.DataType.UINT8)), direction="RIGHT")
-        last = op.Constant(value_ints=[-1])
-        pairs = op.Concat(op.Unsqueeze(low, last), op.Unsqueeze(high, last), axis=-1)
-        codes = op.Reshape(pairs, op.Constant(value_ints=[0, 0, 0, packed_d * 2]))
+        codes = _unpack_nibbles(codes)
     return op.Mul(op.Add(op.Cast(codes, to=ir.DataType.FLOAT), op.Constant(value_float=float(qmin))), scale)
 
 

@@ -156,6 +156,12 @@ def _(packed: torch.Tensor, scale: torch.Tensor, v: int, d: int, group_size: int
 # ---------------------------------------------------------------- KV cache (per token and head)
 
 
+def _pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``[..., D]`` -> ``[..., D/2]``, even channel in the low nibble."""
+    pairs = q.reshape(*q.shape[:-1], q.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
 def kv_packed_dim(head_dim: int, bits: int) -> int:
     """Last dimension of a stored KV tensor: INT4 codes are packed two per byte."""
     return head_dim // 2 if bits == 4 else head_dim
@@ -175,8 +181,7 @@ def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
     zero_point = torch.clamp(torch.round(-lo / scale), 0.0, qmax)
     q = torch.clamp(torch.round(x / scale) + zero_point, 0.0, qmax).to(torch.uint8)
     if bits == 4:
-        pairs = q.reshape(*q.shape[:-1], q.shape[-1] // 2, 2)
-        q = pairs[..., 0] | (pairs[..., 1] << 4)
+        q = _pack_pairs(q)
     return q, scale.to(torch.float32), zero_point.to(torch.uint8)
 
 
@@ -234,11 +239,6 @@ def kv_static_scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
     """Static symmetric scale from a calibrated ``max |x|``: ``max(amax / qmax, eps)``."""
     _, qmax = _signed_range(bits)
     return torch.clamp_min(amax.to(torch.float32) / float(qmax), SCALE_EPS)
-
-
-def _pack_pairs(q: torch.Tensor) -> torch.Tensor:
-    pairs = q.reshape(*q.shape[:-1], q.shape[-1] // 2, 2)
-    return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 @torch.library.custom_op("quota::quantize_kv_static", mutates_args=())
