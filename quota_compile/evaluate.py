@@ -49,7 +49,7 @@ from .lower import export_onnx, save_onnx
 from .models import load_model
 from .pipeline import decide_pruning
 from .calibrate import quantize_model
-from .lower_ort import to_onnxruntime
+from .lower_ort import lower_flavour
 from .runtime import OrtBackend, greedy_generate, make_batch
 from .trace import build_programs, trace_programs
 from .verify import TorchBackend
@@ -173,11 +173,14 @@ def build_variant(cfg, vlm, qm, span, v: Variant, work: Path, config_file: Path,
     traced = trace_programs(vlm, qm, programs, quantized=v.quantized, weight_only=v.weight_only)
     folder = work / v.name.replace("@", "_")
     folder.mkdir(parents=True, exist_ok=True)
-    for g, t in traced.items():
-        model = export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
-        if flavour == "onnxruntime":
-            model = to_onnxruntime(model, cfg.export.onnxruntime.accuracy_level, g in cfg.export.onnxruntime.integer_graphs)[0]
-        save_onnx(model, folder / f"{g}.onnx")
+    models = {
+        g: export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
+        for g, t in traced.items()
+    }
+    if flavour == "onnxruntime":
+        models = lower_flavour(models, cfg.export.onnxruntime)
+    for g, m in models.items():
+        save_onnx(m, folder / f"{g}.onnx")
     return BuiltVariant(folder, programs, keep, recipe, t_cal, time.perf_counter() - t0 - t_cal)
 
 

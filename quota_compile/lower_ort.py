@@ -250,6 +250,13 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
     return out, rewritten
 
 
+def lower_flavour(models: dict[str, onnx.ModelProto], options) -> dict[str, onnx.ModelProto]:
+    """The onnxruntime flavour of each graph (``vision``, ``prefill``, ``decode``) under the
+    ``export.onnxruntime`` options: their accuracy level, and integer products in the graphs
+    of ``integer_graphs``."""
+    return {g: to_onnxruntime(m, options.accuracy_level, g in options.integer_graphs)[0] for g, m in models.items()}
+
+
 def ort_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Nodes of the kinds this rewrite produces or removes (for reports and tests)."""
     kinds = ("MatMulNBits", "MatMulInteger", "GatherBlockQuantized", "QuantizeLinear", "DequantizeLinear", "MatMul")

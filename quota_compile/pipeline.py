@@ -25,7 +25,7 @@ from .bundle import (
 from .config import bundle_name, load_config
 from .errors import UserError, VerificationFailed
 from .lower import export_onnx, save_onnx
-from .lower_ort import ORT_FOLDER, describe_arithmetic, to_onnxruntime
+from .lower_ort import ORT_FOLDER, describe_arithmetic, lower_flavour
 from .models import load_model
 from .programs import KV_STATIC, KV_STORED
 from .quant.ops import kv_packed_dim
@@ -147,11 +147,7 @@ def compile_model(
                 g: export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
                 for g, t in traced.items()
             }
-            ort_models = {}
-            if "onnxruntime" in cfg.export.targets:
-                level = cfg.export.onnxruntime.accuracy_level
-                integer = cfg.export.onnxruntime.integer_graphs
-                ort_models = {g: to_onnxruntime(m, level, g in integer)[0] for g, m in models.items()}
+            ort_models = lower_flavour(models, cfg.export.onnxruntime) if "onnxruntime" in cfg.export.targets else {}
 
         with atomic_folder(final, force) as tmp:
             for g, m in models.items():
@@ -193,7 +189,7 @@ def compile_model(
                     calibration=provenance,
                 )
                 recipe.dump(tmp / "recipe.yaml")
-                manifest = build_manifest(cfg, vlm, model_hash, span, models, tmp, pruning, report)
+                manifest = build_manifest(cfg, vlm, model_hash, span, models, ort_models, tmp, pruning, report)
                 figures = draw_figures(tmp, vlm, span, pruning, cfg.pruning, samples, reference)
                 passes = {g: t.passes for g, t in traced.items()}
                 (tmp / "report.md").write_text(report_markdown(name, manifest, report, passes, recipe, figures), encoding="utf-8")
@@ -231,26 +227,20 @@ def kv_cache_bytes(vlm, bits: int, keep: list[int], prompt_len: int, generated: 
     return {"prompt_length": prompt_len, "generated": generated, "bundle": ours, "fp16_unpruned": fp16, "ratio": fp16 / ours}
 
 
-def ort_models_of(folder: Path) -> list:
-    import onnx
-
-    return [onnx.load(p, load_external_data=False) for p in sorted(folder.glob("*.onnx"))]
-
-
-def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dict, folder: Path, pruning, report: dict) -> dict:
+def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dict, ort_models: dict, folder: Path, pruning, report: dict) -> dict:
     bits = cfg.quantization.kv_cache.bits
     graphs = {}
     for g, m in models.items():
         files = sorted(p.name for p in folder.glob(f"{g}.onnx*"))
         graphs[g] = {"file": f"{g}.onnx", "files": files, "bytes": sum((folder / f).stat().st_size for f in files), **graph_io(m)}
     flavours = {"portable": {"folder": ".", "graphs": sorted(graphs), "ops": "standard ONNX (opset %d)" % cfg.export.opset}}
-    if (folder / ORT_FOLDER).is_dir():
+    if ort_models:
         sub = folder / ORT_FOLDER
         flavours["onnxruntime"] = {
             "folder": ORT_FOLDER,
             "graphs": sorted(p.stem for p in sub.glob("*.onnx")),
             "bytes": {p.stem: p.stat().st_size for p in sorted(sub.glob("*.onnx"))},
-            "ops": sorted({n.op_type for m in ort_models_of(sub) for n in m.graph.node if n.op_type in ("MatMulNBits", "MatMulInteger", "GatherBlockQuantized")}),
+            "ops": sorted({n.op_type for m in ort_models.values() for n in m.graph.node if n.op_type in ("MatMulNBits", "MatMulInteger", "GatherBlockQuantized")}),
             "accuracy_level": cfg.export.onnxruntime.accuracy_level,
             "arithmetic": describe_arithmetic(cfg.export.onnxruntime.accuracy_level, cfg.export.onnxruntime.integer_graphs, cfg.quantization.weights.granularity == "per_channel"),
             "used_by_runtime": True,
