@@ -32,27 +32,20 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args()
 
-    import onnxruntime as ort
     import torch
 
-    from quota_compile.bench import bench_prompt
+    from quota_compile.bench import bench_prompt, bench_variants
     from quota_compile.calibrate import quantize_model
     from quota_compile.config import load_config
-    from quota_compile.evaluate import Variant, build_variant, flavour_of
+    from quota_compile.evaluate import build_variant
     from quota_compile.models import load_model
-    from quota_compile.runtime import GRAPHS, greedy_generate
+    from quota_compile.runtime import OrtBackend, greedy_generate
 
     cfg = load_config(args.config)
     threads = cfg.bench.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    flavour = flavour_of(cfg)
-    method = cfg.pruning.method if cfg.pruning.method != "none" else "quota"
-    kinds = {
-        "ort-fp32": (Variant("fp", "none", None, False), "portable"),
-        "ort-w4": (Variant("w4", "none", None, True, weight_only=True), "onnxruntime"),
-        "ort-quant": (Variant("quant", "none", None, True), flavour),
-        "quota": (Variant(f"{method}@{cfg.pruning.keep_ratio:g}", method, cfg.pruning.keep_ratio, True), flavour),
-    }
+    # bench's onnxruntime variants, in its order: fp32, INT4 weight-only, quantized, the bundle
+    kinds = dict(zip(("ort-fp32", "ort-w4", "ort-quant", "quota"), bench_variants(cfg)))
     with contextlib.ExitStack() as stack:
         vlm = load_model(cfg, args.config, stack)
         span = vlm.visual_span()
@@ -60,43 +53,26 @@ def main() -> int:
         qm = quantize_model(vlm, cfg, span)
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-profile-")))
         for name in args.variants:
-            variant, flav = kinds[name]
+            variant, _, _, flav = kinds[name]
             built = build_variant(cfg, vlm, qm, span, variant, work, args.config, flavour=flav)
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-            opts.intra_op_num_threads = threads
-            opts.enable_profiling = True
-            opts.profile_file_prefix = str(work / f"profile-{name}")
-            sessions = {g: ort.InferenceSession(str(built.folder / f"{g}.onnx"), opts, providers=["CPUExecutionProvider"]) for g in GRAPHS}
             wall = collections.defaultdict(float)
             calls = collections.Counter()
 
-            class Timed:
-                def _run(self, g, values):
-                    names = [i.name for i in sessions[g].get_inputs()]
+            class Timed(OrtBackend):
+                """The runtime's backend, profiled, with each graph's wall time per call."""
+
+                def _run(self, graph, values):
                     t0 = time.perf_counter()
-                    out = sessions[g].run(None, dict(zip(names, values)))
-                    wall[g] += time.perf_counter() - t0
-                    calls[g] += 1
+                    out = super()._run(graph, values)
+                    wall[graph] += time.perf_counter() - t0
+                    calls[graph] += 1
                     return out
 
-                def vision(self, px):
-                    return self._run("vision", [px])[0]
-
-                def prefill(self, ids, mask, feats):
-                    out = self._run("prefill", [ids, mask, feats])
-                    n_kept = sum(1 for o in sessions["prefill"].get_outputs() if o.name.startswith("kept."))
-                    return out[0], out[1 : len(out) - n_kept], out[len(out) - n_kept :]
-
-                def decode(self, ids, pos, mask, past):
-                    out = self._run("decode", [ids, pos, mask, *past])
-                    return out[0], out[1:]
-
+            backend = Timed(built.folder, threads=threads, profile_prefix=str(work / f"profile-{name}"))
             for _ in range(args.runs + 1):  # the first run warms up; its time is profiled too
-                greedy_generate(Timed(), batch, cfg.bench.new_tokens + 1, eos_token_id=None)
+                greedy_generate(backend, batch, cfg.bench.new_tokens + 1, eos_token_id=None)
             print(f"\n== {name} ({flav} flavour, visual tokens per layer {built.keep})")
-            for g, s in sessions.items():
+            for g, s in backend.sessions.items():
                 events = json.loads(Path(s.end_profiling()).read_text())
                 per_op = collections.defaultdict(float)
                 nodes = collections.defaultdict(set)
@@ -112,7 +88,7 @@ def main() -> int:
                     print(f"    {op:<24} {ms / n:9.3f} ms  {len(nodes[op]):4d} nodes  {100 * ms / total:5.1f} %")
             for p in work.glob(f"profile-{name}*.json"):
                 os.remove(p)
-            del sessions
+            del backend
     return 0
 
 

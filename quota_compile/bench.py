@@ -171,6 +171,24 @@ def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, mode: st
     return {"prefill_flops": flops, "decode_bytes_per_token": weight_bytes + kv, "decode_weight_bytes": weight_bytes, "kv_bytes_at_end": kv}
 
 
+def bench_variants(cfg) -> list[tuple[Variant, str, str, str]]:
+    """The onnxruntime variants of a bench, in order: ``(variant, name, description, flavour)``."""
+    method = cfg.pruning.method if cfg.pruning.method != "none" else "quota"
+    qname = quant_name(cfg)
+    flavour = flavour_of(cfg)
+    w = cfg.quantization.weights
+    g = "per output channel" if w.granularity == "per_channel" else f"group {w.group_size}"
+    keep = cfg.pruning.keep_ratio
+    return [
+        (Variant("fp", "none", None, False), "ort-fp32", "onnxruntime, fp32 graphs, fp32 KV cache", "portable"),
+        (Variant("w4", "none", None, True, weight_only=True), "ort-w4",
+         f"onnxruntime, INT4 weight-only (MatMulNBits, {g}), fp32 activations and KV cache", "onnxruntime"),
+        (Variant(qname, "none", None, True), f"ort-{qname}", f"onnxruntime ({flavour} flavour), the configured quantization, all visual tokens", flavour),
+        (Variant(f"{method}@{keep:g}", method, keep, True), f"{method}@{keep:g}",
+         f"onnxruntime ({flavour} flavour), the configured quantization + {method} at keep ratio {keep:g} (the bundle)", flavour),
+    ]
+
+
 def run_bench(config_path, force: bool = False, console: Console | None = None) -> tuple[Path, dict]:
     console = console or Console(stderr=True)
     config_file = Path(config_path)
@@ -199,19 +217,7 @@ def run_bench(config_path, force: bool = False, console: Console | None = None) 
 
             qm = quantize_model(vlm, cfg, span)
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-bench-")))
-            method = cfg.pruning.method if cfg.pruning.method != "none" else "quota"
-            qname = quant_name(cfg)
-            flavour = flavour_of(cfg)
-            w = cfg.quantization.weights
-            g = "per output channel" if w.granularity == "per_channel" else f"group {w.group_size}"
-            todo = [
-                (Variant("fp", "none", None, False), "ort-fp32", "onnxruntime, fp32 graphs, fp32 KV cache", "portable"),
-                (Variant("w4", "none", None, True, weight_only=True), "ort-w4",
-                 f"onnxruntime, INT4 weight-only (MatMulNBits, {g}), fp32 activations and KV cache", "onnxruntime"),
-                (Variant(qname, "none", None, True), f"ort-{qname}", f"onnxruntime ({flavour} flavour), the configured quantization, all visual tokens", flavour),
-                (Variant(f"{method}@{cfg.pruning.keep_ratio:g}", method, cfg.pruning.keep_ratio, True), f"{method}@{cfg.pruning.keep_ratio:g}",
-                 f"onnxruntime ({flavour} flavour), the configured quantization + {method} at keep ratio {cfg.pruning.keep_ratio:g} (the bundle)", flavour),
-            ]
+            todo = bench_variants(cfg)
             n = len(todo) + 1
             for i, (v, name, what, flav) in enumerate(todo, 2):
                 console.print(f"[{i}/{n}] {name}: building graphs ...", highlight=False)

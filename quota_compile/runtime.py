@@ -98,10 +98,14 @@ def greedy_generate(backend: Backend, batch: Batch, max_new_tokens: int, eos_tok
 class OrtBackend:
     """The bundle's three graphs in onnxruntime sessions."""
 
-    def __init__(self, bundle: Path, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, bundle: Path, providers: list[str] | None = None, threads: int | None = None, profile_prefix: str | None = None):
+        """``profile_prefix``: turn onnxruntime's profiler on, writing ``<prefix>*.json``."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        if profile_prefix:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = profile_prefix
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Keep fp32 arithmetic if DQ(INT4)+MatMul is fused into MatMulNBits (the default
         # accuracy level 4 would quantize activations to int8, which is not the deployed W4A4).
