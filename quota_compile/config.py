@@ -133,6 +133,10 @@ class OnnxruntimeExport(_Section):
     # uint8 x int8); the others use MatMulNBits. Measured on builtin:bench-llava (docs/speed.md):
     # integer is 2.6x faster on the prefill's large products, MatMulNBits faster per decode step.
     integer_graphs: list[Literal["vision", "prefill", "decode"]] = Field(default_factory=lambda: ["vision", "prefill"])
+    # The decode graph's attention as com.microsoft.GroupQueryAttention over the quantized cache
+    # (used with kv_cache {bits: 4, granularity: per_channel}, the op's INT4 layout; with any
+    # other KV cache the graph's own attention arithmetic stays).
+    group_query_attention: bool = True
 
 
 class ExportSection(_Section):

@@ -49,7 +49,7 @@ from .lower import export_onnx, save_onnx
 from .models import load_model
 from .pipeline import decide_pruning
 from .calibrate import quantize_model
-from .lower_ort import lower_flavour
+from .lower_ort import lower_flavour, uses_group_query_attention
 from .runtime import OrtBackend, greedy_generate, make_batch
 from .trace import build_programs, trace_programs
 from .verify import TorchBackend
@@ -178,7 +178,7 @@ def build_variant(cfg, vlm, qm, span, v: Variant, work: Path, config_file: Path,
         for g, t in traced.items()
     }
     if flavour == "onnxruntime":
-        models = lower_flavour(models, cfg.export.onnxruntime)
+        models = lower_flavour(models, cfg.export.onnxruntime, uses_group_query_attention(cfg, v.quantized and not v.weight_only))
     for g, m in models.items():
         save_onnx(m, folder / f"{g}.onnx")
     return BuiltVariant(folder, programs, keep, recipe, t_cal, time.perf_counter() - t0 - t_cal)

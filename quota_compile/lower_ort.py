@@ -47,14 +47,24 @@ ORT_ARITHMETIC = {
 }
 
 
-def describe_arithmetic(accuracy_level: int, integer_graphs: list[str], per_channel_weights: bool) -> dict[str, str]:
-    """How each graph of the flavour multiplies its W4A4 Linears (for verify.json / manifest)."""
+def describe_arithmetic(cfg) -> dict[str, str]:
+    """How each graph of the flavour multiplies its W4A4 Linears, and how the decode graph
+    attends over the cache (for verify.json / manifest / report)."""
+    options = cfg.export.onnxruntime
+    per_channel_weights = cfg.quantization.weights.granularity == "per_channel"
     out = {}
     for g in ("vision", "prefill", "decode"):
-        if per_channel_weights and g in integer_graphs:
+        if per_channel_weights and g in options.integer_graphs:
             out[g] = "MatMulInteger: exact integer products of the per-token activation codes (uint8, zero point 2^(bits-1)) and the INT4 weight codes (int8), rescaled by the weight and token scales in float32"
         else:
-            out[g] = ORT_ARITHMETIC[accuracy_level]
+            out[g] = ORT_ARITHMETIC[options.accuracy_level]
+    if uses_group_query_attention(cfg):
+        out["decode_attention"] = (
+            "com.microsoft.GroupQueryAttention over the INT4 per_channel cache: it quantizes the new key/value with the "
+            "static scales, dequantizes the cache and attends in float32 (present.* return the whole updated cache)"
+        )
+    else:
+        out["decode_attention"] = "the portable graph's: the cache dequantized by element-wise ops, then MatMul / Softmax / MatMul in float32"
     return out
 
 
@@ -250,14 +260,236 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
     return out, rewritten
 
 
-def lower_flavour(models: dict[str, onnx.ModelProto], options) -> dict[str, onnx.ModelProto]:
+def uses_group_query_attention(cfg, quantized_kv: bool = True) -> bool:
+    """Whether the flavour's decode graph runs GroupQueryAttention: asked for
+    (``export.onnxruntime.group_query_attention``) and the cache is INT4 ``per_channel``
+    (``quantized_kv=False``: a variant with a float cache, e.g. the bench's baselines)."""
+    kv = cfg.quantization.kv_cache
+    return quantized_kv and cfg.export.onnxruntime.group_query_attention and kv.granularity == "per_channel" and kv.bits == 4
+
+
+def lower_flavour(models: dict[str, onnx.ModelProto], options, group_query: bool = False) -> dict[str, onnx.ModelProto]:
     """The onnxruntime flavour of each graph (``vision``, ``prefill``, ``decode``) under the
     ``export.onnxruntime`` options: their accuracy level, and integer products in the graphs
-    of ``integer_graphs``."""
-    return {g: to_onnxruntime(m, options.accuracy_level, g in options.integer_graphs)[0] for g, m in models.items()}
+    of ``integer_graphs``; with ``group_query``, the decode attention as GroupQueryAttention
+    (:func:`group_query_attention`)."""
+    out = {g: to_onnxruntime(m, options.accuracy_level, g in options.integer_graphs)[0] for g, m in models.items()}
+    if group_query and "decode" in out:
+        out["decode"] = group_query_attention(out["decode"])[0]
+    return out
 
 
 def ort_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Nodes of the kinds this rewrite produces or removes (for reports and tests)."""
     kinds = ("MatMulNBits", "MatMulInteger", "GatherBlockQuantized", "QuantizeLinear", "DequantizeLinear", "MatMul")
     return {k: sum(1 for n in model.graph.node if n.op_type == k) for k in kinds}
+
+
+# --------------------------------------------------------------------------------------------
+# Decode attention as com.microsoft.GroupQueryAttention over the quantized cache.
+
+KV_UPDATE_KEY = "quota_compile.kv_update"  # decode-graph metadata: how the runtime updates the cache
+KV_APPEND = "append"  # present.* hold the new token's entries; the runtime appends them
+KV_REPLACE = "replace"  # present.* hold the whole cache (past + the new entries)
+
+
+def kv_update_of(model_or_meta) -> str:
+    """:data:`KV_APPEND` or :data:`KV_REPLACE` for a decode graph (a ModelProto or the
+    ``custom_metadata_map`` of an onnxruntime session)."""
+    if isinstance(model_or_meta, onnx.ModelProto):
+        meta = {p.key: p.value for p in model_or_meta.metadata_props}
+    else:
+        meta = dict(model_or_meta)
+    return meta.get(KV_UPDATE_KEY, KV_APPEND)
+
+
+def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of the decode graph ``model`` with each layer's attention, the part between the
+    rotated query / key, the value, the mask bias and the per-channel INT4 cache, as one
+    ``com.microsoft.GroupQueryAttention``; returns it and the number of layers rewritten.
+
+    What the op takes over, per layer (everything else, the projections, RoPE and the mask
+    bias, stays the portable graph's):
+    - quantizing the new key and value with the static per-channel scales (nibble = q + 8,
+      even channel low: the layout the cache already has);
+    - dequantizing the past, appending the new entries, the grouped-query score products, the
+      mask bias, the float32 softmax and the product with the values.
+    ``seqlens_k`` is every row's cache length (the row's padding is masked by the bias, as in
+    the portable graph) and ``total_sequence_length`` the bias's last axis, so each layer's
+    own (pruned) length comes from its own bias. Its outputs ``present.<i>.key|value`` are
+    therefore the whole updated cache, not the new entries; the graph says so in its metadata
+    (:data:`KV_UPDATE_KEY` = :data:`KV_REPLACE`) and :class:`quota_compile.runtime.OrtBackend`
+    replaces its cache instead of appending.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    inputs = {i.name: i for i in graph.input}
+    shapes = {v.name: v for v in graph.value_info}
+
+    def fail(msg: str):
+        raise OrtLoweringError(f"GroupQueryAttention rewrite: {msg}")
+
+    def chain_to(tensor: str, op_type: str) -> list[onnx.NodeProto]:
+        """The single-reader chain of nodes from ``tensor`` to the first ``op_type``."""
+        path = []
+        while True:
+            readers = consumers.get(tensor, [])
+            if len(readers) != 1:
+                fail(f"{tensor} has {len(readers)} readers on the way to a {op_type}")
+            path.append(readers[0])
+            if readers[0].op_type == op_type:
+                return path
+            tensor = readers[0].output[0]
+
+    def cache_concat(past: str) -> onnx.NodeProto:
+        """The Concat (axis 2) that appends the new entry to the dequantized ``past``."""
+        frontier, seen = [past], set()
+        while frontier:
+            nxt = []
+            for t in frontier:
+                for n in consumers.get(t, []):
+                    if id(n) in seen:
+                        continue
+                    seen.add(id(n))
+                    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+                    if n.op_type == "Concat" and attrs.get("axis") == 2:
+                        return n
+                    nxt.extend(n.output)
+            frontier = nxt
+        fail(f"no Concat appends to {past}")
+
+    def static_quantizer(present: str) -> onnx.NodeProto:
+        """The Div(x, static scale) that starts the quantizer writing ``present``."""
+        n = producers.get(present)
+        while n is not None and not (n.op_type == "Div" and n.input[1] in inits):
+            n = producers.get(n.input[0])
+        if n is None:
+            fail(f"{present} is not written by a static quantizer")
+        return n
+
+    layers = sorted(int(n.split(".")[1]) for n in inputs if n.startswith("past.") and n.endswith(".key"))
+    if not layers:
+        fail("the graph has no past.<i>.key inputs")
+    first = inputs[f"past.{layers[0]}.key"].type.tensor_type
+    if first.elem_type != TensorProto.UINT8:
+        fail("the cache is not uint8 codes (only the per_channel INT4 cache has GroupQueryAttention's layout)")
+    kv_heads = first.shape.dim[1].dim_value
+    head_dim = 2 * first.shape.dim[3].dim_value
+    batch_of = graph.input[0].name  # input_ids [B, 1]
+
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    new_inits: list[onnx.TensorProto] = []
+    added = [
+        helper.make_node("Shape", [batch_of], ["gqa_batch"], start=0, end=1, name="gqa_batch"),
+    ]
+    new_inits += [
+        numpy_helper.from_array(np.array([0, 0, -1], np.int64), "gqa_flat"),
+        numpy_helper.from_array(np.array([1], np.int32), "gqa_one"),
+    ]
+    lengths: dict[str, tuple[str, str]] = {}  # bias -> (seqlens_k, total_sequence_length)
+    scales: set[str] = set()
+    for i in layers:
+        past_k, past_v, present_k, present_v = (f"past.{i}.key", f"past.{i}.value", f"present.{i}.key", f"present.{i}.value")
+        scores = chain_to(cache_concat(past_k).output[0], "MatMul")[-1]
+        to_softmax = chain_to(scores.output[0], "Softmax")
+        muls = [n for n in to_softmax if n.op_type == "Mul"]
+        adds = [n for n in to_softmax if n.op_type == "Add"]
+        if len(muls) != 1 or len(adds) != 1:
+            fail(f"layer {i}: expected one scaling Mul and one bias Add before the softmax")
+        const = [x for x in muls[0].input if x in inits]
+        if not const:
+            fail(f"layer {i}: the score scaling is not a constant")
+        scaling = float(numpy_helper.to_array(inits[const[0]]).reshape(()))
+        bias = next(x for x in adds[0].input if x != muls[0].output[0] and producers.get(x) is not muls[0])
+        weighted = chain_to(to_softmax[-1].output[0], "MatMul")[-1]
+        merge = chain_to(weighted.output[0], "Reshape")[-1]  # [B, H, 1, D] -> [B, 1, H*D]
+        k_quant, v_quant = static_quantizer(present_k), static_quantizer(present_v)
+        query, key, value = scores.input[0], k_quant.input[0], v_quant.input[0]
+        if cache_concat(past_v) is None:
+            fail(f"layer {i}: no value cache concat")
+
+        tag = f"gqa{i}"
+        flat = []
+        for name, x in (("q", query), ("k", key), ("v", value)):  # [B, heads, 1, D] -> [B, 1, heads*D]
+            added += [
+                helper.make_node("Transpose", [x], [f"{tag}_{name}_t"], perm=[0, 2, 1, 3], name=f"{tag}_{name}_t"),
+                helper.make_node("Reshape", [f"{tag}_{name}_t", "gqa_flat"], [f"{tag}_{name}"], name=f"{tag}_{name}"),
+            ]
+            flat.append(f"{tag}_{name}")
+        if bias not in lengths:
+            b = f"gqa_len{len(lengths)}"
+            added += [
+                helper.make_node("Shape", [bias], [f"{b}_total1"], start=3, end=4, name=f"{b}_shape"),
+                helper.make_node("Cast", [f"{b}_total1"], [f"{b}_total_i32"], to=TensorProto.INT32, name=f"{b}_cast"),
+                helper.make_node("Squeeze", [f"{b}_total_i32"], [f"{b}_total"], name=f"{b}_total"),
+                helper.make_node("Sub", [f"{b}_total_i32", "gqa_one"], [f"{b}_last"], name=f"{b}_last"),
+                helper.make_node("Expand", [f"{b}_last", "gqa_batch"], [f"{b}_seqlens"], name=f"{b}_seqlens"),
+            ]
+            lengths[bias] = (f"{b}_seqlens", f"{b}_total")
+        seqlens, total = lengths[bias]
+        scale_names = []
+        for q in (k_quant, v_quant):
+            name = f"{q.input[1]}_gqa"
+            if name not in scales:
+                scales.add(name)
+                s = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32)
+                new_inits.append(numpy_helper.from_array(s.reshape(1, kv_heads, 1, head_dim), name))
+            scale_names.append(name)
+        q_dims = [d.dim_value for d in shapes[query].type.tensor_type.shape.dim] if query in shapes else []
+        if len(q_dims) != 4 or not q_dims[1] or q_dims[3] != head_dim:
+            fail(f"layer {i}: the query {query} has no [batch, heads, 1, {head_dim}] shape in the graph")
+        num_heads = q_dims[1]
+        added.append(helper.make_node(
+            "GroupQueryAttention",
+            [*flat, past_k, past_v, seqlens, total, "", "", "", bias, "", *scale_names],
+            [merge.output[0], present_k, present_v], name=tag, domain=MS_DOMAIN,
+            num_heads=num_heads, kv_num_heads=kv_heads, scale=scaling, kv_cache_bit_width=4,
+            k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL",
+        ))
+        for n in (producers[present_k], producers[present_v], merge):
+            replaced[id(n)] = []
+
+    nodes = [n for n in graph.node if id(n) not in replaced] + added
+    needed = {o.name for o in graph.output}
+    while True:  # dead-node elimination: the old attention and cache arithmetic
+        used = needed | {i for x in nodes for i in x.input}
+        kept = [x for x in nodes if any(o in used for o in x.output)]
+        if len(kept) == len(nodes):
+            break
+        nodes = kept
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {t.name for t in new_inits} | {""}
+    ordered, pending = [], nodes
+    while pending:  # topological order (the new nodes read tensors from all over the graph)
+        waiting = []
+        for n in pending:
+            if all(x in available for x in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                waiting.append(n)
+        if len(waiting) == len(pending):
+            fail("the rewritten graph has a cycle")
+        pending = waiting
+    del graph.node[:]
+    graph.node.extend(ordered)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in list(graph.initializer) + new_inits if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    del graph.value_info[:]  # shapes of removed tensors; onnxruntime infers what it needs
+    for o in graph.output:
+        if o.name.startswith("present."):
+            o.type.tensor_type.shape.dim[2].Clear()
+            o.type.tensor_type.shape.dim[2].dim_param = "total"
+    if not any(o.domain == MS_DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    entry = out.metadata_props.add()
+    entry.key, entry.value = KV_UPDATE_KEY, KV_REPLACE
+    return out, len(layers)

@@ -25,7 +25,7 @@ from .bundle import (
 from .config import bundle_name, load_config
 from .errors import UserError, VerificationFailed
 from .lower import export_onnx, save_onnx
-from .lower_ort import ORT_FOLDER, describe_arithmetic, lower_flavour
+from .lower_ort import ORT_FOLDER, describe_arithmetic, kv_update_of, lower_flavour, uses_group_query_attention
 from .models import load_model
 from .programs import KV_STATIC, KV_STORED
 from .quant.ops import kv_packed_dim
@@ -147,7 +147,7 @@ def compile_model(
                 g: export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
                 for g, t in traced.items()
             }
-            ort_models = lower_flavour(models, cfg.export.onnxruntime) if "onnxruntime" in cfg.export.targets else {}
+            ort_models = lower_flavour(models, cfg.export.onnxruntime, uses_group_query_attention(cfg)) if "onnxruntime" in cfg.export.targets else {}
 
         with atomic_folder(final, force) as tmp:
             for g, m in models.items():
@@ -172,7 +172,7 @@ def compile_model(
                 if ort_models:
                     ort = verify(reference, OrtBackend(tmp / ORT_FOLDER), samples, cfg.verify.for_flavour("onnxruntime"))
                     ort["flavour"] = "onnxruntime"
-                    ort["arithmetic"] = describe_arithmetic(cfg.export.onnxruntime.accuracy_level, cfg.export.onnxruntime.integer_graphs, cfg.quantization.weights.granularity == "per_channel")
+                    ort["arithmetic"] = describe_arithmetic(cfg)
                     report["flavours"]["onnxruntime"] = ort
                     report["failures"] += [f"onnxruntime flavour: {f}" for f in ort["failures"]]
                     report["passed"] = report["passed"] and ort["passed"]
@@ -240,9 +240,10 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
             "folder": ORT_FOLDER,
             "graphs": sorted(p.stem for p in sub.glob("*.onnx")),
             "bytes": {p.stem: p.stat().st_size for p in sorted(sub.glob("*.onnx"))},
-            "ops": sorted({n.op_type for m in ort_models.values() for n in m.graph.node if n.op_type in ("MatMulNBits", "MatMulInteger", "GatherBlockQuantized")}),
+            "ops": sorted({n.op_type for m in ort_models.values() for n in m.graph.node if n.op_type in ("MatMulNBits", "MatMulInteger", "GatherBlockQuantized", "GroupQueryAttention")}),
+            "kv_update": kv_update_of(ort_models["decode"]),
             "accuracy_level": cfg.export.onnxruntime.accuracy_level,
-            "arithmetic": describe_arithmetic(cfg.export.onnxruntime.accuracy_level, cfg.export.onnxruntime.integer_graphs, cfg.quantization.weights.granularity == "per_channel"),
+            "arithmetic": describe_arithmetic(cfg),
             "used_by_runtime": True,
         }
     v = span[1]

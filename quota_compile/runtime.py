@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import UserError
+from .lower_ort import KV_REPLACE, kv_update_of
 
 GRAPHS = ("vision", "prefill", "decode")
 
@@ -32,7 +33,14 @@ class Backend(Protocol):
 
     def decode(
         self, input_ids: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]: ...
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``(logits, the per-layer KV cache with the new token's entries appended)``."""
+        ...
+
+
+def append_kv(past: list[np.ndarray], new: list[np.ndarray]) -> list[np.ndarray]:
+    """The cache after one decode step whose graph returned only the new entries."""
+    return [np.concatenate([old, n], axis=2) for old, n in zip(past, new)]
 
 
 @dataclass
@@ -90,8 +98,7 @@ def greedy_generate(backend: Backend, batch: Batch, max_new_tokens: int, eos_tok
             break
         mask = np.concatenate([mask, np.ones((b, 1), dtype=np.int64)], axis=1)
         positions = (lengths + step)[:, None].astype(np.int64)
-        logits, new = backend.decode(nxt[:, None].astype(np.int64), positions, mask, cache)
-        cache = [np.concatenate([old, n], axis=2) for old, n in zip(cache, new)]
+        logits, cache = backend.decode(nxt[:, None].astype(np.int64), positions, mask, cache)
     return out
 
 
@@ -116,6 +123,9 @@ class OrtBackend:
         self.folder = Path(bundle)
         self.sessions = {g: ort.InferenceSession(str(bundle / f"{g}.onnx"), opts, providers=providers) for g in GRAPHS}
         self._inputs = {g: [i.name for i in s.get_inputs()] for g, s in self.sessions.items()}
+        # The portable decode graph returns the new token's KV entries (appended here); the
+        # onnxruntime flavour's GroupQueryAttention returns the whole updated cache.
+        self.kv_update = kv_update_of(self.sessions["decode"].get_modelmeta().custom_metadata_map)
 
     def _run(self, graph: str, values: list[np.ndarray]) -> list[np.ndarray]:
         return self.sessions[graph].run(None, dict(zip(self._inputs[graph], values)))
@@ -130,7 +140,7 @@ class OrtBackend:
 
     def decode(self, input_ids, position_ids, attention_mask, past):
         out = self._run("decode", [input_ids, position_ids, attention_mask, *past])
-        return out[0], out[1:]
+        return out[0], (out[1:] if self.kv_update == KV_REPLACE else append_kv(past, out[1:]))
 
 
 class BundleRunner:

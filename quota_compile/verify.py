@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import VerifySection
-from .runtime import Backend, Batch, Generation, greedy_generate, make_batch
+from .runtime import Backend, Batch, Generation, append_kv, greedy_generate, make_batch
 from .trace import Programs
 
 QUESTIONS = [
@@ -79,7 +79,7 @@ class TorchBackend:
     def decode(self, input_ids, position_ids, attention_mask, past):
         args = [torch.from_numpy(a) for a in (input_ids, position_ids, attention_mask, *past)]
         out = self.p.decode(*args)
-        return out[0].numpy(), self._np(out[1:])
+        return out[0].numpy(), append_kv(past, self._np(out[1:]))
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:

@@ -14,7 +14,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from quota_compile.cli import main
-from quota_compile.lower_ort import matmulnbits_weights, ort_counts, to_onnxruntime
+from quota_compile.lower_ort import (
+    KV_APPEND, KV_REPLACE, OrtLoweringError, group_query_attention, kv_update_of, matmulnbits_weights, ort_counts, to_onnxruntime,
+)
 from quota_compile.quant import ops
 
 from .conftest import write_config
@@ -178,12 +180,90 @@ def test_onnxruntime_flavour_uses_matmulnbits_and_matches_the_simulation(ort_bun
     # accuracy_level 0: float32 arithmetic, so the flavour agrees with the simulation as the
     # portable graphs do (float summation order only)
     assert v["passed"] and o["passed"] and o["greedy_agreement"] == 1.0 and o["kept_index_agreement"] == 1.0
-    assert o["max_logits_rel_error"] < 1e-4 and all("accuracy_level 0" in a for a in o["arithmetic"].values())
+    assert o["max_logits_rel_error"] < 1e-4 and all("accuracy_level 0" in o["arithmetic"][g] for g in ("vision", "prefill", "decode"))
+    assert o["arithmetic"]["decode_attention"].startswith("com.microsoft.GroupQueryAttention")
     m = json.loads((ort_bundle / "manifest.json").read_text())
     assert m["flavours"]["onnxruntime"]["folder"] == "onnxruntime" and m["flavours"]["onnxruntime"]["accuracy_level"] == 0
     assert {f"onnxruntime/{g}.onnx" for g in ("vision", "prefill", "decode")} <= set(m["files"])
     report = (ort_bundle / "report.md").read_text()
     assert "Verification of the onnxruntime flavour" in report and "symmetric static per_channel" in report
+
+
+def test_decode_attention_is_one_groupqueryattention_per_layer(ort_bundle: Path):
+    m = json.loads((ort_bundle / "manifest.json").read_text())
+    layers = m["model"]["num_layers"]
+    flavour = onnx.load(ort_bundle / "onnxruntime" / "decode.onnx")
+    gqa = [n for n in flavour.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == layers and kv_update_of(flavour) == KV_REPLACE
+    assert kv_update_of(onnx.load(ort_bundle / "decode.onnx")) == KV_APPEND
+    for i, n in enumerate(gqa):
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["kv_cache_bit_width"] == 4 and attrs["k_quant_type"] == b"PER_CHANNEL" == attrs["v_quant_type"]
+        assert n.input[3:5] == [f"past.{i}.key", f"past.{i}.value"] and n.output[1:] == [f"present.{i}.key", f"present.{i}.value"]
+    # the cache is no longer dequantized in the graph, and nothing reads the past but the op
+    assert not any(n.op_type in ("Softmax", "BitShift", "BitwiseAnd") for n in flavour.graph.node)
+    assert m["flavours"]["onnxruntime"]["kv_update"] == KV_REPLACE and "GroupQueryAttention" in m["flavours"]["onnxruntime"]["ops"]
+    # the prefill keeps the graph's attention (a quantized GroupQueryAttention prefill is slower)
+    assert not any(n.op_type == "GroupQueryAttention" for n in onnx.load(ort_bundle / "onnxruntime" / "prefill.onnx").graph.node)
+
+
+def test_groupqueryattention_decode_equals_the_graphs_own_attention(ort_bundle: Path):
+    """Same prefill cache, padded batch of 2, pruned layers of different lengths: the decode
+    with GroupQueryAttention writes the same INT4 codes and gives the same logits as the
+    flavour without it, step after step."""
+    from quota_compile.runtime import OrtBackend, append_kv
+
+    m = json.loads((ort_bundle / "manifest.json").read_text())
+    assert len({e["visual_tokens"] for e in m["kv_cache"]}) > 1  # the layers' caches differ in length
+    plain = to_onnxruntime(onnx.load(ort_bundle / "decode.onnx"), accuracy_level=0, integer=False)[0]
+    fused, layers = group_query_attention(plain)
+    assert layers == m["model"]["num_layers"]
+    sessions = [ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"]) for g in (plain, fused)]
+    backend = OrtBackend(ort_bundle / "onnxruntime")
+    rng = np.random.default_rng(0)
+    start, count = m["model"]["visual_start"], m["model"]["visual_tokens"]
+    t = start + count + 9
+    ids = rng.integers(5, m["model"]["vocab_size"] - 1, size=(2, t))
+    ids[:, start : start + count] = m["model"]["image_token_id"]
+    mask = np.ones((2, t), np.int64)
+    mask[1, t - 4 :] = 0  # the second prompt is 4 tokens shorter (right-padded)
+    pixels = rng.standard_normal((2, 3, m["model"]["image_size"], m["model"]["image_size"])).astype(np.float32)
+    logits, cache, _ = backend.prefill(ids, mask, backend.vision(pixels))
+    caches = [list(cache), list(cache)]
+    lengths = mask.sum(axis=1)
+    names = [i.name for i in sessions[0].get_inputs()]
+    for step in range(5):
+        token = logits.argmax(-1)[:, None]
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        feeds = [token, (lengths + step)[:, None].astype(np.int64), mask]
+        a = sessions[0].run(None, dict(zip(names, feeds + caches[0])))
+        b = sessions[1].run(None, dict(zip(names, feeds + caches[1])))
+        caches = [append_kv(caches[0], a[1:]), b[1:]]
+        assert all(np.array_equal(x, y) for x, y in zip(*caches))
+        assert np.abs(a[0] - b[0]).max() <= 1e-5 * np.abs(a[0]).max()
+        logits = a[0]
+
+
+def test_groupqueryattention_needs_the_int4_per_channel_cache(tmp_path: Path, small_folder: Path):
+    from quota_compile.config import parse_config
+    from quota_compile.lower_ort import uses_group_query_attention
+
+    def cfg(kv, gqa=True):
+        doc = {"version": 1, "model": {"source": "builtin:tiny-llava"}, "quantization": {"kv_cache": kv},
+               "export": {"targets": ["portable", "onnxruntime"], "onnxruntime": {"group_query_attention": gqa}}}
+        return parse_config(doc, Path("t.yaml"))
+
+    assert uses_group_query_attention(cfg({"bits": 4, "granularity": "per_channel"}))
+    assert not uses_group_query_attention(cfg({"bits": 4, "granularity": "per_channel"}), quantized_kv=False)
+    assert not uses_group_query_attention(cfg({"bits": 4, "granularity": "per_channel"}, gqa=False))
+    assert not uses_group_query_attention(cfg({"bits": 8, "granularity": "per_channel"}))
+    assert not uses_group_query_attention(cfg({"bits": 4, "granularity": "per_token"}))
+    # a decode graph with a float cache is refused, not half rewritten
+    float_cache = onnx.helper.make_model(onnx.helper.make_graph(
+        [], "g", [onnx.helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", 1]),
+                  onnx.helper.make_tensor_value_info("past.0.key", TensorProto.FLOAT, ["b", 2, "s", 8])], []))
+    with pytest.raises(OrtLoweringError, match="uint8"):
+        group_query_attention(float_cache)
 
 
 def test_runner_uses_the_onnxruntime_flavour_and_answers_like_the_portable_graphs(ort_bundle: Path):
