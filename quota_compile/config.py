@@ -129,7 +129,7 @@ class OnnxruntimeExport(_Section):
     # per weight block; fast), 0 = float32 arithmetic (exactly the deployed W4A4 up to summation
     # order; about the speed of an fp32 MatMul).
     accuracy_level: Literal[0, 4] = 4
-    # Graphs whose per-channel W4A4 Linears run as exact integer products (MatMulInteger,
+    # Graphs whose per-channel W4A4 Linears run as exact integer products (MatMulIntegerToFloat,
     # uint8 x int8); the others use MatMulNBits. Measured on builtin:bench-llava (docs/speed.md):
     # integer is 2.6x faster on the prefill's large products, MatMulNBits faster per decode step.
     integer_graphs: list[Literal["vision", "prefill", "decode"]] = Field(default_factory=lambda: ["vision", "prefill"])

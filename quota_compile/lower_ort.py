@@ -27,10 +27,15 @@ What changes (and only this; everything else is the portable graph, node for nod
   onnxruntime's blocked Q/DQ kernels are generic loops (measured on builtin:bench-llava: 84 ms
   of a 640 ms prefill) while these are vectorised element-wise kernels.
 
-The KV cache keeps the portable graph's quantize / dequantize arithmetic: onnxruntime's
-GroupQueryAttention runs a quantized cache only with static scales and a contiguous cache
-buffer (../shared/RESEARCH.md measured its prefill 3-5.5x slower than fp32), and is not used
-here (yet); see docs/benchmark.md for what that costs.
+- with an INT4 ``per_channel`` KV cache (``export.onnxruntime.group_query_attention``, on by
+  default), each decode layer's attention over the cache becomes one
+  ``com.microsoft.GroupQueryAttention`` with ``kv_cache_bit_width=4`` and the static
+  per-channel scales (:func:`group_query_attention`): the cache's codes are already that op's
+  layout, and it replaces the in-graph unpacking, dequantization, ``Expand``, ``Concat``,
+  products and softmax. Its ``present.*`` outputs are the whole updated cache, which the
+  graph's metadata records for the runtime. The prefill keeps the graph's attention:
+  ../shared/RESEARCH.md measured GroupQueryAttention's quantized-cache prefill 3-5.5x slower
+  than fp32. See docs/speed.md for the measurements.
 """
 
 from __future__ import annotations
@@ -55,7 +60,7 @@ def describe_arithmetic(cfg) -> dict[str, str]:
     out = {}
     for g in ("vision", "prefill", "decode"):
         if per_channel_weights and g in options.integer_graphs:
-            out[g] = "MatMulInteger: exact integer products of the per-token activation codes (uint8, zero point 2^(bits-1)) and the INT4 weight codes (int8), rescaled by the weight and token scales in float32"
+            out[g] = "MatMulIntegerToFloat: exact integer products of the per-token activation codes (uint8, zero point 2^(bits-1)) and the INT4 weight codes (int8), rescaled by the token and weight scales in float32"
         else:
             out[g] = ORT_ARITHMETIC[options.accuracy_level]
     if uses_group_query_attention(cfg):
@@ -164,7 +169,7 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
         a = node.input[0]
         if integer and block == k and a in pairs:
             # Per-channel weights and a per-token quantized input: exact integer W4A4.
-            # y = (sum_k (qx + off - off) * qw) * s_w[n] * s_x[m] with uint8 activations
+            # y = (sum_k (qx + off - off) * qw) * s_x[m] * s_w[n] with uint8 activations
             # (onnxruntime's fast u8 x s8 kernels), the INT4 codes cast to int8 once (the Cast
             # of an initializer is folded when the session loads).
             x, s_x, bits, base = pairs[a]
@@ -179,12 +184,17 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
                 ]
             w8 = f"{w.name}_int8"
             out_name = node.output[0]
+            # MatMulIntegerToFloat applies both scales in the kernel's output loop. onnxruntime's
+            # optimizer fuses MatMulInteger -> Cast -> Mul into it in our graphs anyway (same
+            # logits, bit for bit, on bench-llava), but not in every graph (an isolated
+            # MatMulInteger -> Cast -> Mul -> Mul measured 3x slower), so the flavour says it.
             nodes += [
                 helper.make_node("Cast", [w.name], [w8], name=f"{w.name}_cast_int8", to=TensorProto.INT8),
-                helper.make_node("MatMulInteger", [u8, w8, add_init(np.array(off, np.uint8), f"quota_zp{bits}")], [f"{out_name}_i32"], name=f"{node.name}_int"),
-                helper.make_node("Cast", [f"{out_name}_i32"], [f"{out_name}_f32"], name=f"{node.name}_float", to=TensorProto.FLOAT),
-                helper.make_node("Mul", [f"{out_name}_f32", add_init(scale.reshape(n).astype(np.float32), f"{w.name}_channel_scale")], [f"{out_name}_sw"], name=f"{node.name}_sw"),
-                helper.make_node("Mul", [f"{out_name}_sw", s_x], [out_name], name=f"{node.name}_sx"),
+                helper.make_node(
+                    "MatMulIntegerToFloat",
+                    [u8, w8, s_x, add_init(scale.reshape(n).astype(np.float32), f"{w.name}_channel_scale"), add_init(np.array(off, np.uint8), f"quota_zp{bits}")],
+                    [out_name], name=f"{node.name}_int", domain=MS_DOMAIN,
+                ),
             ]
             replaced[id(node)] = nodes
         else:
@@ -281,7 +291,7 @@ def lower_flavour(models: dict[str, onnx.ModelProto], options, group_query: bool
 
 def ort_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Nodes of the kinds this rewrite produces or removes (for reports and tests)."""
-    kinds = ("MatMulNBits", "MatMulInteger", "GatherBlockQuantized", "QuantizeLinear", "DequantizeLinear", "MatMul")
+    kinds = ("MatMulNBits", "MatMulIntegerToFloat", "GatherBlockQuantized", "GroupQueryAttention", "QuantizeLinear", "DequantizeLinear", "MatMul")
     return {k: sum(1 for n in model.graph.node if n.op_type == k) for k in kinds}
 
 

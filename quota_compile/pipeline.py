@@ -240,7 +240,7 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
             "folder": ORT_FOLDER,
             "graphs": sorted(p.stem for p in sub.glob("*.onnx")),
             "bytes": {p.stem: p.stat().st_size for p in sorted(sub.glob("*.onnx"))},
-            "ops": sorted({n.op_type for m in ort_models.values() for n in m.graph.node if n.op_type in ("MatMulNBits", "MatMulInteger", "GatherBlockQuantized", "GroupQueryAttention")}),
+            "ops": sorted({n.op_type for m in ort_models.values() for n in m.graph.node if n.op_type in ("MatMulNBits", "MatMulIntegerToFloat", "GatherBlockQuantized", "GroupQueryAttention")}),
             "kv_update": kv_update_of(ort_models["decode"]),
             "accuracy_level": cfg.export.onnxruntime.accuracy_level,
             "arithmetic": describe_arithmetic(cfg),

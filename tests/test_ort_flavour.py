@@ -350,7 +350,7 @@ def test_per_channel_w4a4_runs_as_exact_integer_products_or_matmulnbits(integer)
     flavour, rewritten = to_onnxruntime(model, 0, integer=integer)
     counts = ort_counts(flavour)
     assert rewritten == 1 and counts["QuantizeLinear"] == counts["DequantizeLinear"] == 0
-    assert counts["MatMulInteger" if integer else "MatMulNBits"] == 1
+    assert counts["MatMulIntegerToFloat" if integer else "MatMulNBits"] == 1
     # the weights stay 4-bit on disk in both forms
     assert not any(t.data_type == TensorProto.INT8 for t in flavour.graph.initializer)
     got = ort.InferenceSession(flavour.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -369,11 +369,11 @@ def test_per_channel_weights_compile_with_integer_prefill_and_matmulnbits_decode
     assert main([str(cfg)]) == 0
     b = tmp_path / "out" / "ch"
     pre, dec = (ort_counts(onnx.load(b / "onnxruntime" / f"{g}.onnx")) for g in ("prefill", "decode"))
-    assert pre["MatMulInteger"] > 0 and pre["MatMulNBits"] == 0
-    assert dec["MatMulNBits"] == pre["MatMulInteger"] and dec["MatMulInteger"] == 0
+    assert pre["MatMulIntegerToFloat"] > 0 and pre["MatMulNBits"] == 0
+    assert dec["MatMulNBits"] == pre["MatMulIntegerToFloat"] and dec["MatMulIntegerToFloat"] == 0
     v = json.loads((b / "verify.json").read_text())
     assert v["max_logits_rel_error"] < 1e-4  # the portable graphs match the simulation exactly
     arithmetic = v["flavours"]["onnxruntime"]["arithmetic"]
-    assert arithmetic["prefill"].startswith("MatMulInteger") and arithmetic["decode"].startswith("MatMulNBits accuracy_level 4")
+    assert arithmetic["prefill"].startswith("MatMulIntegerToFloat") and arithmetic["decode"].startswith("MatMulNBits accuracy_level 4")
     m = json.loads((b / "manifest.json").read_text())
-    assert set(m["flavours"]["onnxruntime"]["ops"]) == {"MatMulInteger", "MatMulNBits"}
+    assert set(m["flavours"]["onnxruntime"]["ops"]) == {"MatMulIntegerToFloat", "MatMulNBits"}
