@@ -1,0 +1,130 @@
+"""The decode step with and without GroupQueryAttention, on the same cache.
+
+    python benchmarks/decode_attention.py benchmarks/bench-llava.yaml [--steps 64] [--runs 5]
+
+Builds the bundle's graphs as ``quota-compile bench`` does (same config, same prompt; the
+config's KV cache must be INT4 ``per_channel``), lowers the decode graph to the onnxruntime
+flavour twice, with the graph's own attention arithmetic and with
+``com.microsoft.GroupQueryAttention``, runs one prefill, then decodes ``--steps`` greedy tokens
+from that cache with each decode graph. It prints the median time per decode step of
+``--runs`` repetitions, run alternately, including the runtime's cache update (append for the
+first, replace for the second), and how far the two graphs' results differ when both step
+from the same cache (at ``accuracy_level: 0``, see the comment in the code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from quota_compile.bench import bench_prompt, bench_variants
+    from quota_compile.calibrate import quantize_model
+    from quota_compile.config import load_config
+    from quota_compile.evaluate import build_variant
+    from quota_compile.lower_ort import group_query_attention, to_onnxruntime, uses_group_query_attention
+    from quota_compile.models import load_model
+    from quota_compile.runtime import append_kv
+
+    cfg = load_config(args.config)
+    if not uses_group_query_attention(cfg):
+        print(f"{args.config}: the KV cache must be {{bits: 4, granularity: per_channel}} for GroupQueryAttention", file=sys.stderr)
+        return 2
+    threads = cfg.bench.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    options = cfg.export.onnxruntime
+    with contextlib.ExitStack() as stack:
+        vlm = load_model(cfg, args.config, stack)
+        span = vlm.visual_span()
+        batch = bench_prompt(vlm, span, cfg.bench.prompt_tokens)
+        qm = quantize_model(vlm, cfg, span)
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-decode-")))
+        bundle = bench_variants(cfg)[-1][0]
+        built = build_variant(cfg, vlm, qm, span, bundle, work, args.config, flavour="portable")
+        graphs = {g: onnx.load(built.folder / f"{g}.onnx") for g in ("vision", "prefill", "decode")}
+        plain = {g: to_onnxruntime(m, options.accuracy_level, g in options.integer_graphs)[0] for g, m in graphs.items()}
+        fused = group_query_attention(plain["decode"])[0]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        session = {name: ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+                   for name, m in {**plain, "decode_gqa": fused}.items()}
+
+        feats = session["vision"].run(None, {session["vision"].get_inputs()[0].name: batch.pixel_values})[0]
+        prefill = session["prefill"].run(None, dict(zip([i.name for i in session["prefill"].get_inputs()], [batch.input_ids, batch.attention_mask, feats])))
+        n_kept = sum(1 for o in session["prefill"].get_outputs() if o.name.startswith("kept."))
+        logits0, cache0 = prefill[0], prefill[1 : len(prefill) - n_kept]
+        names = [i.name for i in session["decode"].get_inputs()]
+        length = int(batch.attention_mask.sum())
+
+        def generate(graph: str, replace: bool):
+            cache, mask, logits, tokens = list(cache0), batch.attention_mask, logits0, []
+            t0 = time.perf_counter()
+            for step in range(args.steps):
+                nxt = logits.argmax(-1)[:, None].astype(np.int64)
+                tokens.append(int(nxt[0, 0]))
+                mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+                out = session[graph].run(None, dict(zip(names, [nxt, np.array([[length + step]], np.int64), mask, *cache])))
+                logits, cache = out[0], (out[1:] if replace else append_kv(cache, out[1:]))
+            return (time.perf_counter() - t0) / args.steps, tokens, cache
+
+        generate("decode", False), generate("decode_gqa", True)  # warm-up
+        times = {"graph attention": [], "GroupQueryAttention": []}
+        for _ in range(args.runs):
+            t, tok_a, cache_a = generate("decode", False)
+            times["graph attention"].append(t)
+            t, tok_b, cache_b = generate("decode_gqa", True)
+            times["GroupQueryAttention"].append(t)
+        # One step from the same cache, with each layer's attention output exposed, and the
+        # decode graphs lowered at accuracy_level 0: MatMulNBits' level 4 requantizes its input
+        # to int8 per block, which turns a float-rounding difference (summation order) in one
+        # layer's attention into different codes in the next layers of a random-weight model.
+        # Level 0 isolates what the attention rewrite itself changes.
+        exact = to_onnxruntime(graphs["decode"], 0, "decode" in options.integer_graphs)[0]
+        exact_fused = group_query_attention(exact)[0]
+        attn = [n.output[0] for n in exact_fused.graph.node if n.op_type == "GroupQueryAttention"]
+
+        def exposed(model):
+            m = onnx.ModelProto()
+            m.CopyFrom(model)
+            m.graph.output.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in attn)
+            return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+        nxt = logits0.argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([batch.attention_mask, np.ones((1, 1), np.int64)], axis=1)
+        feed = dict(zip(names, [nxt, np.array([[length]], np.int64), mask, *cache0]))
+        a, b = exposed(exact).run(None, feed), exposed(exact_fused).run(None, feed)
+        n = len(a) - len(attn)
+        attn_diff = [float(np.abs(x - y).max() / np.abs(x).max()) for x, y in zip(a[n:], b[n:])]
+        code_diff = [int((a[1 + 2 * i] != b[1 + 2 * i][:, :, -1:]).sum() + (a[2 + 2 * i] != b[2 + 2 * i][:, :, -1:]).sum()) for i in range(len(attn))]
+        print(f"{args.steps} decode steps after a {batch.input_ids.shape[1]}-token prompt, visual tokens per layer {built.keep}, {threads} threads")
+        print(f"first step from the same cache (accuracy_level 0), logits relative difference {np.abs(a[0] - b[0]).max() / np.abs(a[0]).max():.1e}; per layer: attention output relative difference "
+              + " ".join(f"{d:.1e}" for d in attn_diff) + "; new K/V code bytes differing " + " ".join(map(str, code_diff)))
+        print(f"free runs of {args.steps} steps: same greedy tokens {tok_a == tok_b}")
+        base = statistics.median(times["graph attention"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            print(f"  {name:<20} {1e3 * med:7.2f} ms/step  {1 / med:6.1f} tok/s  {base / med:5.2f}x")
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
