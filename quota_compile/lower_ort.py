@@ -178,10 +178,25 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
             nodes = []
             if u8 not in codes_u8:
                 codes_u8.add(u8)
+                # The codes in one pass: a per-row QuantizeLinear (uint8, zero point `off`) over
+                # the tokens, i.e. saturate(round_half_even(x / s) + off), then the INT4/INT8
+                # range. The same integers as Clip(Round(Div(x, s))) + off, but one vectorised
+                # kernel instead of five element-wise passes (docs/speed.md).
+                p = f"{base}_rows"
                 nodes += [
-                    helper.make_node("Add", [f"{base}_clip", add_init(np.array(off, np.float32), f"quota_off{bits}")], [f"{base}_shift"], name=f"{base}_shift"),
-                    helper.make_node("Cast", [f"{base}_shift"], [u8], name=f"{base}_cast_u8", to=TensorProto.UINT8),
+                    helper.make_node("Shape", [x], [f"{p}_shape"], name=f"{p}_shape"),
+                    helper.make_node("Reshape", [x, add_init(np.array([-1, k], np.int64), f"quota_rows{k}")], [p], name=p),
+                    helper.make_node("Reshape", [s_x, add_init(np.array([-1], np.int64), "quota_flat")], [f"{p}_scale"], name=f"{p}_scale"),
+                    helper.make_node("Shape", [f"{p}_scale"], [f"{p}_count"], name=f"{p}_count"),
+                    helper.make_node("Expand", [add_init(np.array(off, np.uint8), f"quota_zp{bits}"), f"{p}_count"], [f"{p}_zp"], name=f"{p}_zp"),
+                    helper.make_node("QuantizeLinear", [p, f"{p}_scale", f"{p}_zp"], [f"{p}_q"], name=f"{p}_q", axis=0),
                 ]
+                if bits == 4:
+                    nodes.append(helper.make_node(
+                        "Clip", [f"{p}_q", add_init(np.array(0, np.uint8), "quota_u4_lo"), add_init(np.array(15, np.uint8), "quota_u4_hi")],
+                        [f"{p}_q4"], name=f"{p}_q4",
+                    ))
+                nodes.append(helper.make_node("Reshape", [f"{p}_q4" if bits == 4 else f"{p}_q", f"{p}_shape"], [u8], name=f"{p}_codes"))
             w8 = f"{w.name}_int8"
             out_name = node.output[0]
             # MatMulIntegerToFloat applies both scales in the kernel's output loop. onnxruntime's

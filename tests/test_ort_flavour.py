@@ -308,9 +308,10 @@ def test_onnxruntime_target_without_portable_is_refused(tmp_path: Path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def _w4a4_matmul_graph(x_shape, codes: np.ndarray, w_scale: np.ndarray):
+def _w4a4_matmul_graph(x_shape, codes: np.ndarray, w_scale: np.ndarray, clip_ratio: float = 1.0):
     """The portable lowering of one W4A4 Linear with per-channel weights: per-token INT4
-    Q/DQ of x, a blocked INT4 DequantizeLinear (block = K) of the weight, MatMul."""
+    Q/DQ of x (scale clip_ratio * max|x| / 7), a blocked INT4 DequantizeLinear (block = K) of
+    the weight, MatMul."""
     k, n = codes.shape
     raw = ops.pack_int4(torch.from_numpy(codes)).numpy().tobytes()
     inits = [
@@ -319,10 +320,12 @@ def _w4a4_matmul_graph(x_shape, codes: np.ndarray, w_scale: np.ndarray):
         numpy_helper.from_array(np.array([-1], np.int64), "axes"),
         numpy_helper.from_array(np.array(7.0, np.float32), "seven"),
         numpy_helper.from_array(np.array(ops.SCALE_EPS, np.float32), "eps"),
+        numpy_helper.from_array(np.array(clip_ratio, np.float32), "clip"),
     ]
     nodes = [
         helper.make_node("Abs", ["x"], ["a"]),
-        helper.make_node("ReduceMax", ["a", "axes"], ["m"], keepdims=1),
+        helper.make_node("ReduceMax", ["a", "axes"], ["m0"], keepdims=1),
+        helper.make_node("Mul", ["m0", "clip"], ["m"]),
         helper.make_node("Div", ["m", "seven"], ["s0"]),
         helper.make_node("Max", ["s0", "eps"], ["s"]),
         helper.make_node("QuantizeLinear", ["x", "s"], ["q"], axis=-1, block_size=k, output_dtype=TensorProto.INT4),
@@ -349,12 +352,36 @@ def test_per_channel_w4a4_runs_as_exact_integer_products_or_matmulnbits(integer)
     ref = (qx.astype(np.float64) @ codes.astype(np.float64)) * w_scale.astype(np.float64) * s.astype(np.float64)
     flavour, rewritten = to_onnxruntime(model, 0, integer=integer)
     counts = ort_counts(flavour)
-    assert rewritten == 1 and counts["QuantizeLinear"] == counts["DequantizeLinear"] == 0
+    # no blocked Q/DQ is left; the integer form quantizes its input rows with one per-axis
+    # QuantizeLinear
+    assert rewritten == 1 and counts["DequantizeLinear"] == 0 and counts["QuantizeLinear"] == int(integer)
+    assert all("block_size" not in [a.name for a in n.attribute] for n in flavour.graph.node if n.op_type == "QuantizeLinear")
     assert counts["MatMulIntegerToFloat" if integer else "MatMulNBits"] == 1
     # the weights stay 4-bit on disk in both forms
     assert not any(t.data_type == TensorProto.INT8 for t in flavour.graph.initializer)
     got = ort.InferenceSession(flavour.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("clip_ratio", [1.0, 0.5])
+def test_integer_w4a4_codes_round_half_to_even_and_saturate(clip_ratio):
+    """Rows whose max is 3.5: with clip_ratio 1 the scale is 0.5 and x / s hits exact ties
+    (odd multiples of 0.5, rounded half to even); with 0.5 the scale is 0.25 and x / s runs
+    to +-14, beyond the INT4 range (saturated to -8 / 7)."""
+    rng = np.random.default_rng(3)
+    k, n = 32, 16
+    codes = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    w_scale = (rng.random((1, n)) * 0.1 + 0.01).astype(np.float32)
+    x = (rng.integers(-14, 15, (3, 7, k)) * 0.25).astype(np.float32)
+    x[..., 0] = 3.5  # every row's max |x|
+    s = np.float32(clip_ratio) * np.float32(3.5) / np.float32(7)
+    qx = np.clip(np.round(x.astype(np.float64) / s), -8, 7)
+    assert (np.abs(x / s - np.trunc(x / s)) == 0.5).any() or clip_ratio != 1.0  # ties present
+    assert (np.abs(np.round(x / s)) > 7).any() or clip_ratio == 1.0  # saturation present
+    ref = (qx @ codes.astype(np.float64)) * w_scale.astype(np.float64) * float(s)
+    flavour, _ = to_onnxruntime(_w4a4_matmul_graph(x.shape, codes, w_scale, clip_ratio), 0, integer=True)
+    got = ort.InferenceSession(flavour.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
 def test_per_channel_weights_compile_with_integer_prefill_and_matmulnbits_decode(small_folder: Path, tmp_path: Path):
