@@ -5,8 +5,11 @@ buys on this machine.
 
 Times (median of --runs calls after one warm-up) a [M, K] x [K, N] product as: fp32 MatMul;
 MatMulNBits (INT4 weights, group --block) at accuracy_level 0 and 4; MatMulInteger with uint8
-and with int8 activations (int8 weights); DynamicQuantizeMatMul (fp32 in, int8 weights). The
-operands are random; only the times mean anything.
+and with int8 activations (int8 weights); MatMulIntegerToFloat (uint8 x int8 with per-row and
+per-column scales: what the flavour's integer W4A4 Linear runs); DynamicQuantizeMatMul (fp32 in, int8 weights). Then it
+times the two ways of making the integer product's input codes (per-token INT4, uint8 with
+zero point 8): element-wise ops, or one per-row QuantizeLinear. The operands are random; only
+the times mean anything.
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ def main() -> int:
         xi = rng.integers(lo, hi, (m, k)).astype(np_dtype)
         s = _session([helper.make_node("MatMulInteger", ["x", "W"], ["y"])], [helper.make_tensor_value_info("x", dtype, [m, k])], [iy], [w], a.threads)
         rows.append((f"MatMulInteger {name} x int8", _time(s, {"x": xi}, a.runs)))
+    xu = rng.integers(0, 16, (m, k)).astype(np.uint8)
+    node = helper.make_node("MatMulIntegerToFloat", ["x", "W", "sx", "ws", "zp"], ["y"], domain="com.microsoft")
+    s = _session([node], [helper.make_tensor_value_info("x", TensorProto.UINT8, [m, k]), helper.make_tensor_value_info("sx", TensorProto.FLOAT, [m, 1])],
+                 [fy], [w, numpy_helper.from_array(np.ones(n, np.float32), "ws"), numpy_helper.from_array(np.array(8, np.uint8), "zp")], a.threads)
+    rows.append(("MatMulIntegerToFloat uint8 x int8, scaled", _time(s, {"x": xu, "sx": np.ones((m, 1), np.float32)}, a.runs)))
     node = helper.make_node("DynamicQuantizeMatMul", ["x", "W", "ws"], ["y"], domain="com.microsoft")
     s = _session([node], [fx], [fy], [w, numpy_helper.from_array(np.ones(n, np.float32), "ws")], a.threads)
     rows.append(("DynamicQuantizeMatMul (fp32 in, int8 W)", _time(s, {"x": x}, a.runs)))
@@ -81,6 +89,37 @@ def main() -> int:
     print(f"[{m}, {k}] x [{k}, {n}], {a.threads} threads, onnxruntime {ort.__version__}, median of {a.runs}")
     for name, ms in rows:
         print(f"  {name:<42} {ms:8.3f} ms   {base / ms:5.2f}x fp32")
+
+    # The integer product's input: per-token INT4 codes (uint8, zero point 8) of x [M, K], two
+    # ways; both give the same integers (checked here).
+    def scale_nodes():
+        return [
+            helper.make_node("Abs", ["x"], ["a"]),
+            helper.make_node("ReduceMax", ["a", "axes"], ["mx"], keepdims=1),
+            helper.make_node("Div", ["mx", "seven"], ["s0"]),
+            helper.make_node("Max", ["s0", "eps"], ["s"]),
+        ]
+
+    consts = [numpy_helper.from_array(v, name) for name, v in (
+        ("axes", np.array([-1], np.int64)), ("seven", np.array(7, np.float32)), ("eps", np.array(1e-8, np.float32)),
+        ("lo", np.array(-8, np.float32)), ("hi", np.array(7, np.float32)), ("off", np.array(8, np.float32)),
+        ("flat", np.array([-1], np.int64)), ("zp", np.array(8, np.uint8)), ("u0", np.array(0, np.uint8)), ("u15", np.array(15, np.uint8)))]
+    uy = helper.make_tensor_value_info("y", TensorProto.UINT8, None)
+    elementwise = _session(scale_nodes() + [
+        helper.make_node("Div", ["x", "s"], ["d"]), helper.make_node("Round", ["d"], ["r"]),
+        helper.make_node("Clip", ["r", "lo", "hi"], ["c"]), helper.make_node("Add", ["c", "off"], ["e"]),
+        helper.make_node("Cast", ["e"], ["y"], to=TensorProto.UINT8),
+    ], [fx], [uy], consts, a.threads)
+    per_row = _session(scale_nodes() + [
+        helper.make_node("Reshape", ["s", "flat"], ["s1"]), helper.make_node("Shape", ["s1"], ["count"]),
+        helper.make_node("Expand", ["zp", "count"], ["zps"]),
+        helper.make_node("QuantizeLinear", ["x", "s1", "zps"], ["q"], axis=0),
+        helper.make_node("Clip", ["q", "u0", "u15"], ["y"]),
+    ], [fx], [uy], consts, a.threads)
+    same = np.array_equal(elementwise.run(None, {"x": x})[0], per_row.run(None, {"x": x})[0])
+    print(f"per-token INT4 codes of x [{m}, {k}] (identical: {same})")
+    for name, s in (("Div, Round, Clip, Add, Cast", elementwise), ("QuantizeLinear per row (uint8) + Clip", per_row)):
+        print(f"  {name:<42} {_time(s, {'x': x}, a.runs):8.3f} ms")
     return 0
 
 

@@ -45,3 +45,17 @@ def test_bench_runs_every_variant(tmp_path, capsys):
     assert by["quota@0.3"]["floor"]["prefill_flops"] < by["ort-w4a4kv4"]["floor"]["prefill_flops"] == by["ort-fp32"]["floor"]["prefill_flops"]
     assert by["pytorch-fp32"]["kv_bytes_per_sequence"] == by["ort-fp32"]["kv_bytes_per_sequence"]
     assert main(["bench", str(cfg)]) == 2  # never overwritten silently
+
+
+def test_shipped_configs_are_valid():
+    """Every YAML in examples/ and benchmarks/ passes the config check (a typo in a key there
+    would only show when someone runs the documented command)."""
+    from pathlib import Path
+
+    from quota_compile.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "examples").glob("*.yaml")) + sorted((root / "benchmarks").glob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        load_config(f)
