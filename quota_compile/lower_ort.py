@@ -25,7 +25,13 @@ What changes (and only this; everything else is the portable graph, node for nod
   INT4|INT8) -> DequantizeLinear(·, s)``, becomes ``Mul(Clip(Round(Div(x, s)), qmin, qmax),
   s)``: the same float operations (ONNX Round is half to even, like QuantizeLinear), but
   onnxruntime's blocked Q/DQ kernels are generic loops (measured on builtin:bench-llava: 84 ms
-  of a 640 ms prefill) while these are vectorised element-wise kernels.
+  of a 640 ms prefill) while these are vectorised element-wise kernels;
+- with per-channel weights (``quantization.weights.granularity: per_channel``), in the graphs
+  of ``export.onnxruntime.integer_graphs``, a W4A4 Linear becomes exact integer arithmetic
+  instead: the input's per-token codes as uint8 (code + 2^(bits-1)) from one per-row
+  ``QuantizeLinear`` (zero point 2^(bits-1), then a uint8 ``Clip`` to the INT4 range), and
+  ``com.microsoft.MatMulIntegerToFloat`` of those codes with the INT4 weight codes cast to
+  int8, scaled by the token and weight scales;
 
 - with an INT4 ``per_channel`` KV cache (``export.onnxruntime.group_query_attention``, on by
   default), each decode layer's attention over the cache becomes one
