@@ -100,9 +100,9 @@ def matmulnbits_weights(codes: np.ndarray, scale: np.ndarray, block: int) -> tup
     return np.ascontiguousarray(b), np.ascontiguousarray(scale.astype(np.float32).T)
 
 
-def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = True) -> tuple[onnx.ModelProto, int]:
-    """A copy of ``model`` with every INT4 DequantizeLinear + MatMul as MatMulNBits; returns
-    it and the number of MatMuls rewritten."""
+def _indexed_copy(model: onnx.ModelProto):
+    """A copy of ``model`` with lookups over its graph: ``(copy, graph, initializers by name,
+    producer of each tensor, readers of each tensor)``."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -112,6 +112,24 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    return out, graph, inits, producers, consumers
+
+
+def _live(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """``nodes`` less those whose outputs nothing reads (dead-node elimination)."""
+    needed = {o.name for o in graph.output}
+    while True:
+        used = needed | {i for x in nodes for i in x.input}
+        kept = [x for x in nodes if any(o in used for o in x.output)]
+        if len(kept) == len(nodes):
+            return nodes
+        nodes = kept
+
+
+def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = True) -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` with every INT4 DequantizeLinear + MatMul as MatMulNBits; returns
+    it and the number of MatMuls rewritten."""
+    out, graph, inits, producers, consumers = _indexed_copy(model)
 
     replaced: dict[int, onnx.NodeProto | list[onnx.NodeProto]] = {}  # id(node) -> its replacement(s)
     dead: set[int] = set()
@@ -268,14 +286,7 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
             continue
         r = replaced.get(id(n), n)
         nodes.extend(r if isinstance(r, list) else [r])
-    # Dead-node elimination (e.g. the float Mul of a Q/DQ whose readers all went integer).
-    outputs_needed = {o.name for o in graph.output}
-    while True:
-        used = outputs_needed | {i for x in nodes for i in x.input}
-        kept = [x for x in nodes if any(o in used for o in x.output)]
-        if len(kept) == len(nodes):
-            break
-        nodes = kept
+    nodes = _live(nodes, graph)  # e.g. the float Mul of a Q/DQ whose readers all went integer
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}
@@ -352,15 +363,7 @@ def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
     (:data:`KV_UPDATE_KEY` = :data:`KV_REPLACE`) and :class:`quota_compile.runtime.OrtBackend`
     replaces its cache instead of appending.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    out, graph, inits, producers, consumers = _indexed_copy(model)
     inputs = {i.name: i for i in graph.input}
     shapes = {v.name: v for v in graph.value_info}
 
@@ -487,14 +490,7 @@ def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
         for n in (producers[present_k], producers[present_v], merge):
             replaced[id(n)] = []
 
-    nodes = [n for n in graph.node if id(n) not in replaced] + added
-    needed = {o.name for o in graph.output}
-    while True:  # dead-node elimination: the old attention and cache arithmetic
-        used = needed | {i for x in nodes for i in x.input}
-        kept = [x for x in nodes if any(o in used for o in x.output)]
-        if len(kept) == len(nodes):
-            break
-        nodes = kept
+    nodes = _live([n for n in graph.node if id(n) not in replaced] + added, graph)  # drops the old attention
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {t.name for t in new_inits} | {""}
     ordered, pending = [], nodes
     while pending:  # topological order (the new nodes read tensors from all over the graph)
