@@ -241,12 +241,98 @@ def calibrate_kv_scales(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], cal
     return qm.kv_scales
 
 
+class _BlockDone(Exception):
+    """Raised by a hook once the block being calibrated has run: the rest of the forward pass
+    is not needed."""
+
+
+def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibration: CalibrationSection, damp: float, act_order: bool) -> list[str]:
+    """Replace every quantized Linear's RTN weight by GPTQ's (:mod:`quota_compile.quant.gptq`).
+
+    The Linears are taken in blocks, in the order the unpruned prefill runs them: one block per
+    decoder (or vision-tower) layer, and each other Linear (projector, ``lm_head``) on its own.
+    For each block, the calibration prompts run through the W4A4 simulation, whose earlier
+    blocks already hold their GPTQ weights; each Linear's Hessian is accumulated from its
+    input as the deployed product sees it (after the per-token activation quantizer); then the
+    block's weights are replaced. A ``per_channel`` KV cache is float while this runs (its
+    static scales are calibrated afterwards, on the final weights). Returns the blocks in the
+    order processed."""
+    import re
+
+    from .programs import VisionProgram
+    from .quant.gptq import HessianAccumulator, gptq_quantize
+    from .quant.simulate import QuantizedWeight
+
+    start, v = span
+    batches = calibration_batches(vlm, calibration, span)
+    modules = {name: vlm.model.get_submodule(name) for name in qm.weights}
+    vision, prefill = VisionProgram(vlm, qm), PrefillProgram(vlm, qm, start, v)
+    saved = qm.kv_scales
+    if qm.kv_granularity == "per_channel":
+        qm.kv_scales = None
+        prefill.kv_observer = lambda layer, which, x: None  # float cache while measuring
+
+    def run(batch: Batch) -> None:
+        try:
+            prefill(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), _features(vision, batch))
+        except _BlockDone:
+            pass
+
+    # execution order of the quantized Linears, from one prompt
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n) if n not in order else None) for name, m in modules.items()]
+    try:
+        with qm.fake_quant(True), torch.no_grad():
+            run(batches[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    blocks: dict[str, list[str]] = {}
+    for name in order:
+        m = re.match(r"(.*\.layers\.\d+)\.", name)
+        blocks.setdefault(m.group(1) if m else name, []).append(name)
+
+    for block, names in blocks.items():
+        acc = {n: HessianAccumulator(modules[n].in_features) for n in names}
+        seen: set[str] = set()
+
+        def collect(mod, args, n):
+            acc[n].add(mod.quantize_input(args[0]))
+            seen.add(n)
+
+        def stop(mod, args, out):
+            if len(seen) == len(names):
+                raise _BlockDone
+
+        hooks = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: collect(mod, args, n)) for n in names]
+        hooks += [modules[n].register_forward_hook(stop) for n in names]
+        try:
+            with qm.fake_quant(True), torch.no_grad():
+                for batch in batches:
+                    seen.clear()
+                    run(batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n in names:
+            old = qm.weights[n]
+            codes, scale = gptq_quantize(modules[n].weight, acc[n].h, qm.spec.weights.bits, old.group_size, damp, act_order)
+            qm.weights[n] = QuantizedWeight(codes=codes, scale=scale, group_size=old.group_size)
+            modules[n].set_qweight(qm.weights[n])
+    qm.kv_scales = saved
+    return list(blocks)
+
+
 def quantize_model(vlm: VLM, cfg, span: tuple[int, int]) -> QuantizedModel:
-    """The quantized simulation of ``cfg.quantization``, with the ``per_channel`` KV scales
-    calibrated on ``cfg.calibration`` where that granularity is chosen."""
+    """The quantized simulation of ``cfg.quantization``: RTN weights, or GPTQ's
+    (``weights.method: gptq``) calibrated on ``cfg.calibration``, then the ``per_channel`` KV
+    scales calibrated on ``cfg.calibration`` where that granularity is chosen."""
     from .quant.simulate import quantize
 
     qm = quantize(vlm.model, cfg.quantization)
+    w = cfg.quantization.weights
+    if w.method == "gptq":
+        gptq_weights(vlm, qm, span, cfg.calibration, w.gptq_damp, w.act_order)
     if qm.kv_granularity == "per_channel":
         calibrate_kv_scales(vlm, qm, span, cfg.calibration)
     return qm

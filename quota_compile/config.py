@@ -47,7 +47,15 @@ class WeightQuant(_Section):
     # exact integer product on its uint8 x int8 kernels.
     granularity: Literal["group", "per_channel"] = "group"
     group_size: int = Field(128, gt=0)
-    method: Literal["rtn"] = "rtn"
+    # rtn: round to nearest. gptq: GPTQ on the calibration set (quota_compile/quant/gptq.py),
+    # decoder layer by decoder layer, each seeing the inputs of the already-quantized layers
+    # before it; same grid and layout as rtn.
+    method: Literal["rtn", "gptq"] = "rtn"
+    # GPTQ only: dampening of the Hessian, as a fraction of its mean diagonal.
+    gptq_damp: float = Field(0.01, gt=0.0, le=1.0)
+    # GPTQ only: visit the input channels by decreasing Hessian diagonal (group scales then
+    # come from the original weights: "static groups").
+    act_order: bool = False
 
 
 class ActivationQuant(_Section):

@@ -52,10 +52,19 @@ class QuantLinear(torch.nn.Linear):
         self._state = state
         self._w = ops.dequantize_weight(qweight.codes, qweight.scale, qweight.group_size).to(linear.weight.dtype)
 
+    def set_qweight(self, qweight: QuantizedWeight) -> None:
+        """Replace the INT4 weight (e.g. by GPTQ's codes for the same grid)."""
+        self.qweight = qweight
+        self._w = ops.dequantize_weight(qweight.codes, qweight.scale, qweight.group_size).to(self.weight.dtype)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The activations as the deployed product sees them (per-token fake-quant)."""
+        return torch.ops.quota.qdq_per_token(x, self.act_bits, self.clip_ratio)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._state.enabled:
             return F.linear(x, self.weight, self.bias)
-        y = torch.ops.quota.qdq_per_token(x, self.act_bits, self.clip_ratio) @ self._w
+        y = self.quantize_input(x) @ self._w
         return y if self.bias is None else y + self.bias
 
 
