@@ -57,6 +57,13 @@ class WeightQuant(_Section):
     # come from the original weights: "static groups").
     act_order: bool = False
 
+    @model_validator(mode="after")
+    def _gptq_options_need_gptq(self) -> WeightQuant:
+        given = [k for k in ("gptq_damp", "act_order") if k in self.model_fields_set]
+        if self.method != "gptq" and given:
+            raise ValueError(f"sets {' and '.join(given)}, which only GPTQ uses; add method: gptq or remove {'them' if len(given) > 1 else 'it'}")
+        return self
+
 
 class ActivationQuant(_Section):
     bits: Literal[4, 8] = 4
