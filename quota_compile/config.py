@@ -59,7 +59,8 @@ class WeightQuant(_Section):
 
     @model_validator(mode="after")
     def _gptq_options_need_gptq(self) -> WeightQuant:
-        given = [k for k in ("gptq_damp", "act_order") if k in self.model_fields_set]
+        # (values other than the defaults: a recipe writes every key back, defaults included)
+        given = [k for k in ("gptq_damp", "act_order") if getattr(self, k) != type(self).model_fields[k].default]
         if self.method != "gptq" and given:
             raise ValueError(f"sets {' and '.join(given)}, which only GPTQ uses; add method: gptq or remove {'them' if len(given) > 1 else 'it'}")
         return self
