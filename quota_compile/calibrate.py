@@ -324,11 +324,16 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
 
 
 def quantize_model(vlm: VLM, cfg, span: tuple[int, int]) -> QuantizedModel:
-    """The quantized simulation of ``cfg.quantization``: RTN weights, or GPTQ's
-    (``weights.method: gptq``) calibrated on ``cfg.calibration``, then the ``per_channel`` KV
-    scales calibrated on ``cfg.calibration`` where that granularity is chosen."""
+    """The quantized simulation of ``cfg.quantization``: the model rotated first where
+    ``rotation: hadamard`` (in place: the full-precision function is unchanged), RTN weights
+    or GPTQ's (``weights.method: gptq``) calibrated on ``cfg.calibration``, then the
+    ``per_channel`` KV scales calibrated on ``cfg.calibration`` where that granularity is
+    chosen."""
+    from .quant.rotation import rotate_llava
     from .quant.simulate import quantize
 
+    if cfg.quantization.rotation == "hadamard":
+        rotate_llava(vlm.model, cfg.quantization.rotation_seed)
     qm = quantize(vlm.model, cfg.quantization)
     w = cfg.quantization.weights
     if w.method == "gptq":

@@ -94,6 +94,11 @@ class QuantizationSection(_Section):
     kv_cache: KVCacheQuant = KVCacheQuant()
     embeddings: EmbeddingQuant = EmbeddingQuant()
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+    # hadamard: fold the decoder's RMSNorm scales into the Linears that read them and rotate its
+    # residual stream by a seeded randomised Hadamard matrix, offline, before quantizing
+    # (quota_compile/quant/rotation.py); the full-precision function does not change.
+    rotation: Literal["none", "hadamard"] = "none"
+    rotation_seed: int = Field(0, ge=0)
 
     @field_validator("ignore")
     @classmethod

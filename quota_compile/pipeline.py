@@ -122,7 +122,7 @@ def compile_model(
             span = vlm.visual_span()
             given = load_recipe(Path(recipe_path), cfg, vlm, span, config_file) if recipe_path else None
 
-        with progress.stage("quantize", f"W4A4 {cfg.quantization.weights.method.upper()} weights, per-token activations, INT{cfg.quantization.kv_cache.bits} KV cache ({cfg.quantization.kv_cache.granularity})"):
+        with progress.stage("quantize", f"W4A4 {cfg.quantization.weights.method.upper()} weights{', Hadamard-rotated' if cfg.quantization.rotation == 'hadamard' else ''}, per-token activations, INT{cfg.quantization.kv_cache.bits} KV cache ({cfg.quantization.kv_cache.granularity})"):
             qm = quantize_model(vlm, cfg, span)
 
         method = given.pruning.method if given else cfg.pruning.method

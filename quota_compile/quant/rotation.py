@@ -1,6 +1,7 @@
 """QuaRot-style rotation of the decoder's residual stream (issue 6, first part: offline).
 
-Work in progress, not wired into the compiler yet (no config key). What it does, to a
+Used by ``quantization.rotation: hadamard`` (:func:`quota_compile.calibrate.quantize_model`,
+before the weights are quantized). What it does, to a
 LLaVA-family model in place:
 
 1. fold each RMSNorm's scale into the Linears that read it (``q/k/v`` for
@@ -13,7 +14,7 @@ LLaVA-family model in place:
    its input side. The full-precision function is unchanged up to rounding.
 
 Not done yet: the online Hadamard before ``down_proj`` (needs a node in the exported graphs),
-the value/output-path rotation, and the wiring (``quantization.rotation: hadamard``).
+and the value/output-path rotation.
 """
 
 from __future__ import annotations
