@@ -92,3 +92,30 @@ def test_rotation_cuts_the_w4a4_error_of_outlier_channels():
     print(result)
     assert result["rtn+rotation"][0] * 5 < result["rtn"][0], result
     assert result["rtn+rotation"][1] > result["rtn"][1], result
+
+
+def test_config_rotation_rotates_before_quantizing(small_folder):
+    """``quantization.rotation: hadamard`` through quantize_model: the model's weights are
+    rotated and its full-precision function (quantizers off) is unchanged."""
+    import contextlib
+    from pathlib import Path
+
+    from quota_compile.calibrate import quantize_model
+    from quota_compile.config import parse_config
+    from quota_compile.models import load_model
+
+    def build(rotation):
+        doc = {"version": 1, "model": {"source": str(small_folder)}, "quantization": {"weights": {"group_size": 16}, "rotation": rotation}}
+        cfg = parse_config(doc, Path("t.yaml"))
+        vlm = load_model(cfg, Path("t.yaml"), contextlib.ExitStack())
+        return vlm, quantize_model(vlm, cfg, vlm.visual_span())
+
+    ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(0))
+    out, table = {}, {}
+    for rotation in ("none", "hadamard"):
+        vlm, qm = build(rotation)
+        table[rotation] = vlm.model.get_input_embeddings().weight.detach().clone()
+        with qm.fake_quant(False), torch.no_grad():
+            out[rotation] = vlm.model.lm_head(vlm.model.model.language_model(input_ids=ids).last_hidden_state)
+    assert not torch.allclose(table["none"], table["hadamard"], atol=1e-3)  # rotated
+    assert torch.allclose(out["none"], out["hadamard"], rtol=1e-4, atol=1e-4)
