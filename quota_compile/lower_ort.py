@@ -126,6 +126,20 @@ def _live(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.Node
         nodes = kept
 
 
+def _write_back(out: onnx.ModelProto, nodes: list[onnx.NodeProto], new_inits: list[onnx.TensorProto]) -> None:
+    """Make ``nodes`` the graph of ``out``, keep the initializers (old, then ``new_inits``) that
+    some node reads, and import the ``com.microsoft`` domain where a node uses it."""
+    graph = out.graph
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in list(graph.initializer) + new_inits if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if any(n.domain == MS_DOMAIN for n in graph.node) and not any(o.domain == MS_DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
 def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = True) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with every INT4 DequantizeLinear + MatMul as MatMulNBits; returns
     it and the number of MatMuls rewritten."""
@@ -286,19 +300,12 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
             continue
         r = replaced.get(id(n), n)
         nodes.extend(r if isinstance(r, list) else [r])
-    nodes = _live(nodes, graph)  # e.g. the float Mul of a Q/DQ whose readers all went integer
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep + [t for t in new_inits if t.name in used])
+    # dead-node elimination drops e.g. the float Mul of a Q/DQ whose readers all went integer
+    _write_back(out, _live(nodes, graph), new_inits)
     names = {t.name for t in graph.initializer}
     infos = [v for v in graph.value_info if v.name not in names]
     del graph.value_info[:]
     graph.value_info.extend(infos)
-    if any(n.domain == MS_DOMAIN for n in graph.node) and not any(o.domain == MS_DOMAIN for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return out, rewritten
 
 
@@ -446,8 +453,7 @@ def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
         merge = chain_to(weighted.output[0], "Reshape")[-1]  # [B, H, 1, D] -> [B, 1, H*D]
         k_quant, v_quant = static_quantizer(present_k), static_quantizer(present_v)
         query, key, value = scores.input[0], k_quant.input[0], v_quant.input[0]
-        if cache_concat(past_v) is None:
-            fail(f"layer {i}: no value cache concat")
+        cache_concat(past_v)  # the value cache must be appended the same way (fails otherwise)
 
         tag = f"gqa{i}"
         flat = []
@@ -504,19 +510,12 @@ def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
         if len(waiting) == len(pending):
             fail("the rewritten graph has a cycle")
         pending = waiting
-    del graph.node[:]
-    graph.node.extend(ordered)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in list(graph.initializer) + new_inits if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    _write_back(out, ordered, new_inits)
     del graph.value_info[:]  # shapes of removed tensors; onnxruntime infers what it needs
     for o in graph.output:
         if o.name.startswith("present."):
             o.type.tensor_type.shape.dim[2].Clear()
             o.type.tensor_type.shape.dim[2].dim_param = "total"
-    if not any(o.domain == MS_DOMAIN for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     entry = out.metadata_props.add()
     entry.key, entry.value = KV_UPDATE_KEY, KV_REPLACE
     return out, len(layers)
