@@ -79,6 +79,11 @@ def _features(vision, batch: Batch) -> torch.Tensor:
     return vision(torch.from_numpy(batch.pixel_values))
 
 
+def _prefill_args(vision, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prefill program's inputs for one calibration batch, image features from ``vision``."""
+    return torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), _features(vision, batch)
+
+
 @torch.no_grad()
 def collect_signals(
     vision, prefill: PrefillProgram, batches: list[Batch], query_tokens: int, activations: ActivationQuant
@@ -95,7 +100,7 @@ def collect_signals(
             att[s, i], mag[s, i], risk[s, i] = a_[0].double().numpy(), m_[0].double().numpy(), r_[0].double().numpy()
             share[s, i] = float(a_[0].sum())
 
-        prefill.run(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), _features(vision, batch), observe)
+        prefill.run(*_prefill_args(vision, batch), observe)
     return Signals(att, mag, risk, share)
 
 
@@ -114,7 +119,7 @@ def quota_schedule(signals: Signals, w: ScoreWeights, keep_ratio: float, first_f
 def _final_log_probs(vision, prefill: PrefillProgram, batches: list[Batch]) -> np.ndarray:
     out = []
     for b in batches:
-        logits = prefill(torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask), _features(vision, b))[0]
+        logits = prefill(*_prefill_args(vision, b))[0]
         out.append(torch.log_softmax(logits.double(), dim=-1)[0].numpy())
     return np.stack(out)
 
@@ -236,7 +241,7 @@ def calibrate_kv_scales(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], cal
     with qm.fake_quant(True):
         for batch in calibration_batches(vlm, calibration, span):
             # Padding rows of a one-sample batch do not exist; every position is a real token.
-            prefill(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), _features(vision, batch))
+            prefill(*_prefill_args(vision, batch))
     qm.kv_scales = ops.kv_static_scale(amax, qm.kv_bits)
     return qm.kv_scales
 
@@ -246,7 +251,7 @@ class _BlockDone(Exception):
     is not needed."""
 
 
-def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibration: CalibrationSection, damp: float, act_order: bool) -> list[str]:
+def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibration: CalibrationSection, damp: float, act_order: bool) -> None:
     """Replace every quantized Linear's RTN weight by GPTQ's (:mod:`quota_compile.quant.gptq`).
 
     The Linears are taken in blocks, in the order the unpruned prefill runs them: one block per
@@ -254,9 +259,9 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
     For each block, the calibration prompts run through the W4A4 simulation, whose earlier
     blocks already hold their GPTQ weights; each Linear's Hessian is accumulated from its
     input as the deployed product sees it (after the per-token activation quantizer); then the
-    block's weights are replaced. A ``per_channel`` KV cache is float while this runs (its
-    static scales are calibrated afterwards, on the final weights). Returns the blocks in the
-    order processed."""
+    block's weights are replaced. A ``per_channel`` KV cache whose static scales are not
+    calibrated yet (:func:`quantize_model` calibrates them afterwards, on the final weights) is
+    float while this runs."""
     import re
 
     from .programs import VisionProgram
@@ -267,14 +272,12 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
     batches = calibration_batches(vlm, calibration, span)
     modules = {name: vlm.model.get_submodule(name) for name in qm.weights}
     vision, prefill = VisionProgram(vlm, qm), PrefillProgram(vlm, qm, start, v)
-    saved = qm.kv_scales
-    if qm.kv_granularity == "per_channel":
-        qm.kv_scales = None
+    if qm.kv_granularity == "per_channel" and qm.kv_scales is None:
         prefill.kv_observer = lambda layer, which, x: None  # float cache while measuring
 
     def run(batch: Batch) -> None:
         try:
-            prefill(torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), _features(vision, batch))
+            prefill(*_prefill_args(vision, batch))
         except _BlockDone:
             pass
 
@@ -319,8 +322,6 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
             codes, scale = gptq_quantize(modules[n].weight, acc[n].h, qm.spec.weights.bits, old.group_size, damp, act_order)
             qm.weights[n] = QuantizedWeight(codes=codes, scale=scale, group_size=old.group_size)
             modules[n].set_qweight(qm.weights[n])
-    qm.kv_scales = saved
-    return list(blocks)
 
 
 def quantize_model(vlm: VLM, cfg, span: tuple[int, int]) -> QuantizedModel:
