@@ -20,16 +20,14 @@ import statistics
 import time
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+from matmul_kernels import session  # the same session set-up (this folder is on sys.path when run)
 
 
 def _session(nodes, inputs, inits, threads):
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    """A session whose one output is ``o`` (float)."""
+    return session(nodes, inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)], inits, threads)
 
 
 def _flat(x: str) -> list:

@@ -37,13 +37,12 @@ def main() -> int:
     import onnxruntime as ort
     import torch
 
-    from quota_compile.bench import bench_prompt, bench_variants
-    from quota_compile.calibrate import quantize_model
+    from quota_compile.bench import bench_variants, prepared
     from quota_compile.config import load_config
     from quota_compile.evaluate import build_variant
-    from quota_compile.lower_ort import group_query_attention, to_onnxruntime, uses_group_query_attention
-    from quota_compile.models import load_model
-    from quota_compile.runtime import append_kv
+    from quota_compile.lower import save_onnx
+    from quota_compile.lower_ort import group_query_attention, lower_flavour, to_onnxruntime, uses_group_query_attention
+    from quota_compile.runtime import OrtBackend
 
     cfg = load_config(args.config)
     if not uses_group_query_attention(cfg):
@@ -53,46 +52,43 @@ def main() -> int:
     torch.set_num_threads(threads)
     options = cfg.export.onnxruntime
     with contextlib.ExitStack() as stack:
-        vlm = load_model(cfg, args.config, stack)
-        span = vlm.visual_span()
-        batch = bench_prompt(vlm, span, cfg.bench.prompt_tokens)
-        qm = quantize_model(vlm, cfg, span)
+        vlm, span, batch, qm = prepared(cfg, args.config, stack)
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-decode-")))
         bundle = bench_variants(cfg)[-1][0]
         built = build_variant(cfg, vlm, qm, span, bundle, work, args.config, flavour="portable")
         graphs = {g: onnx.load(built.folder / f"{g}.onnx") for g in ("vision", "prefill", "decode")}
-        plain = {g: to_onnxruntime(m, options.accuracy_level, g in options.integer_graphs)[0] for g, m in graphs.items()}
-        fused = group_query_attention(plain["decode"])[0]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        session = {name: ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-                   for name, m in {**plain, "decode_gqa": fused}.items()}
-
-        feats = session["vision"].run(None, {session["vision"].get_inputs()[0].name: batch.pixel_values})[0]
-        prefill = session["prefill"].run(None, dict(zip([i.name for i in session["prefill"].get_inputs()], [batch.input_ids, batch.attention_mask, feats])))
-        n_kept = sum(1 for o in session["prefill"].get_outputs() if o.name.startswith("kept."))
-        logits0, cache0 = prefill[0], prefill[1 : len(prefill) - n_kept]
-        names = [i.name for i in session["decode"].get_inputs()]
+        plain = lower_flavour(graphs, options)
+        # two copies of the flavour that differ only in the decode graph; the runtime's backend
+        # appends or replaces the cache as each decode graph's metadata says
+        backends = {}
+        for name, decode in (("graph attention", plain["decode"]), ("GroupQueryAttention", group_query_attention(plain["decode"])[0])):
+            folder = work / name.replace(" ", "_")
+            folder.mkdir()
+            for g, m in {**plain, "decode": decode}.items():
+                save_onnx(m, folder / f"{g}.onnx")
+            backends[name] = OrtBackend(folder, threads=threads)
+        first = backends["graph attention"]
+        logits0, cache0, _ = first.prefill(batch.input_ids, batch.attention_mask, first.vision(batch.pixel_values))
         length = int(batch.attention_mask.sum())
 
-        def generate(graph: str, replace: bool):
+        def generate(backend):
             cache, mask, logits, tokens = list(cache0), batch.attention_mask, logits0, []
             t0 = time.perf_counter()
             for step in range(args.steps):
                 nxt = logits.argmax(-1)[:, None].astype(np.int64)
                 tokens.append(int(nxt[0, 0]))
                 mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-                out = session[graph].run(None, dict(zip(names, [nxt, np.array([[length + step]], np.int64), mask, *cache])))
-                logits, cache = out[0], (out[1:] if replace else append_kv(cache, out[1:]))
-            return (time.perf_counter() - t0) / args.steps, tokens, cache
+                logits, cache = backend.decode(nxt, np.array([[length + step]], np.int64), mask, cache)
+            return (time.perf_counter() - t0) / args.steps, tokens
 
-        generate("decode", False), generate("decode_gqa", True)  # warm-up
-        times = {"graph attention": [], "GroupQueryAttention": []}
+        for backend in backends.values():  # warm-up
+            generate(backend)
+        times = {name: [] for name in backends}
+        tokens = {}
         for _ in range(args.runs):
-            t, tok_a, cache_a = generate("decode", False)
-            times["graph attention"].append(t)
-            t, tok_b, cache_b = generate("decode_gqa", True)
-            times["GroupQueryAttention"].append(t)
+            for name, backend in backends.items():
+                t, tokens[name] = generate(backend)
+                times[name].append(t)
         # One step from the same cache, with each layer's attention output exposed, and the
         # decode graphs lowered at accuracy_level 0: MatMulNBits' level 4 requantizes its input
         # to int8 per block, which turns a float-rounding difference (summation order) in one
@@ -106,10 +102,13 @@ def main() -> int:
             m = onnx.ModelProto()
             m.CopyFrom(model)
             m.graph.output.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in attn)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
             return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
         nxt = logits0.argmax(-1)[:, None].astype(np.int64)
         mask = np.concatenate([batch.attention_mask, np.ones((1, 1), np.int64)], axis=1)
+        names = [i.name for i in first.sessions["decode"].get_inputs()]
         feed = dict(zip(names, [nxt, np.array([[length]], np.int64), mask, *cache0]))
         a, b = exposed(exact).run(None, feed), exposed(exact_fused).run(None, feed)
         n = len(a) - len(attn)
@@ -118,7 +117,7 @@ def main() -> int:
         print(f"{args.steps} decode steps after a {batch.input_ids.shape[1]}-token prompt, visual tokens per layer {built.keep}, {threads} threads")
         print(f"first step from the same cache (accuracy_level 0), logits relative difference {np.abs(a[0] - b[0]).max() / np.abs(a[0]).max():.1e}; per layer: attention output relative difference "
               + " ".join(f"{d:.1e}" for d in attn_diff) + "; new K/V code bytes differing " + " ".join(map(str, code_diff)))
-        print(f"free runs of {args.steps} steps: same greedy tokens {tok_a == tok_b}")
+        print(f"free runs of {args.steps} steps: same greedy tokens {tokens['graph attention'] == tokens['GroupQueryAttention']}")
         base = statistics.median(times["graph attention"])
         for name, ts in times.items():
             med = statistics.median(ts)

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quota_compile.lower_ort import matmulnbits_weights  # noqa: E402
 
 
-def _session(nodes, inputs, outputs, inits, threads):
+def session(nodes, inputs, outputs, inits, threads):
+    """An onnxruntime CPU session over a one-graph model of ``nodes`` (opset 21 + com.microsoft)."""
     graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     opts = ort.SessionOptions()
@@ -65,25 +66,25 @@ def main() -> int:
     iy = helper.make_tensor_value_info("y", TensorProto.INT32, None)
     w = numpy_helper.from_array(codes, "W")
     rows = []
-    s = _session([helper.make_node("MatMul", ["x", "W"], ["y"])], [fx], [fy],
+    s = session([helper.make_node("MatMul", ["x", "W"], ["y"])], [fx], [fy],
                  [numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")], a.threads)
     rows.append(("fp32 MatMul", _time(s, {"x": x}, a.runs)))
     b, sc = matmulnbits_weights(codes, scales, g)
     for level in (0, 4):
         node = helper.make_node("MatMulNBits", ["x", "B", "S"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=g, accuracy_level=level)
-        s = _session([node], [fx], [fy], [numpy_helper.from_array(b, "B"), numpy_helper.from_array(sc, "S")], a.threads)
+        s = session([node], [fx], [fy], [numpy_helper.from_array(b, "B"), numpy_helper.from_array(sc, "S")], a.threads)
         rows.append((f"MatMulNBits int4, accuracy_level {level}", _time(s, {"x": x}, a.runs)))
     for name, dtype, np_dtype, lo, hi in (("uint8", TensorProto.UINT8, np.uint8, 0, 256), ("int8", TensorProto.INT8, np.int8, -8, 8)):
         xi = rng.integers(lo, hi, (m, k)).astype(np_dtype)
-        s = _session([helper.make_node("MatMulInteger", ["x", "W"], ["y"])], [helper.make_tensor_value_info("x", dtype, [m, k])], [iy], [w], a.threads)
+        s = session([helper.make_node("MatMulInteger", ["x", "W"], ["y"])], [helper.make_tensor_value_info("x", dtype, [m, k])], [iy], [w], a.threads)
         rows.append((f"MatMulInteger {name} x int8", _time(s, {"x": xi}, a.runs)))
     xu = rng.integers(0, 16, (m, k)).astype(np.uint8)
     node = helper.make_node("MatMulIntegerToFloat", ["x", "W", "sx", "ws", "zp"], ["y"], domain="com.microsoft")
-    s = _session([node], [helper.make_tensor_value_info("x", TensorProto.UINT8, [m, k]), helper.make_tensor_value_info("sx", TensorProto.FLOAT, [m, 1])],
+    s = session([node], [helper.make_tensor_value_info("x", TensorProto.UINT8, [m, k]), helper.make_tensor_value_info("sx", TensorProto.FLOAT, [m, 1])],
                  [fy], [w, numpy_helper.from_array(np.ones(n, np.float32), "ws"), numpy_helper.from_array(np.array(8, np.uint8), "zp")], a.threads)
     rows.append(("MatMulIntegerToFloat uint8 x int8, scaled", _time(s, {"x": xu, "sx": np.ones((m, 1), np.float32)}, a.runs)))
     node = helper.make_node("DynamicQuantizeMatMul", ["x", "W", "ws"], ["y"], domain="com.microsoft")
-    s = _session([node], [fx], [fy], [w, numpy_helper.from_array(np.ones(n, np.float32), "ws")], a.threads)
+    s = session([node], [fx], [fy], [w, numpy_helper.from_array(np.ones(n, np.float32), "ws")], a.threads)
     rows.append(("DynamicQuantizeMatMul (fp32 in, int8 W)", _time(s, {"x": x}, a.runs)))
     base = rows[0][1]
     print(f"[{m}, {k}] x [{k}, {n}], {a.threads} threads, onnxruntime {ort.__version__}, median of {a.runs}")
@@ -105,12 +106,12 @@ def main() -> int:
         ("lo", np.array(-8, np.float32)), ("hi", np.array(7, np.float32)), ("off", np.array(8, np.float32)),
         ("flat", np.array([-1], np.int64)), ("zp", np.array(8, np.uint8)), ("u0", np.array(0, np.uint8)), ("u15", np.array(15, np.uint8)))]
     uy = helper.make_tensor_value_info("y", TensorProto.UINT8, None)
-    elementwise = _session(scale_nodes() + [
+    elementwise = session(scale_nodes() + [
         helper.make_node("Div", ["x", "s"], ["d"]), helper.make_node("Round", ["d"], ["r"]),
         helper.make_node("Clip", ["r", "lo", "hi"], ["c"]), helper.make_node("Add", ["c", "off"], ["e"]),
         helper.make_node("Cast", ["e"], ["y"], to=TensorProto.UINT8),
     ], [fx], [uy], consts, a.threads)
-    per_row = _session(scale_nodes() + [
+    per_row = session(scale_nodes() + [
         helper.make_node("Reshape", ["s", "flat"], ["s1"]), helper.make_node("Shape", ["s1"], ["count"]),
         helper.make_node("Expand", ["zp", "count"], ["zps"]),
         helper.make_node("QuantizeLinear", ["x", "s1", "zps"], ["q"], axis=0),

@@ -34,11 +34,9 @@ def main() -> int:
 
     import torch
 
-    from quota_compile.bench import bench_prompt, bench_variants
-    from quota_compile.calibrate import quantize_model
+    from quota_compile.bench import bench_variants, prepared
     from quota_compile.config import load_config
     from quota_compile.evaluate import build_variant
-    from quota_compile.models import load_model
     from quota_compile.runtime import OrtBackend, greedy_generate
 
     cfg = load_config(args.config)
@@ -47,10 +45,7 @@ def main() -> int:
     # bench's onnxruntime variants, in its order: fp32, INT4 weight-only, quantized, the bundle
     kinds = dict(zip(("ort-fp32", "ort-w4", "ort-quant", "quota"), bench_variants(cfg)))
     with contextlib.ExitStack() as stack:
-        vlm = load_model(cfg, args.config, stack)
-        span = vlm.visual_span()
-        batch = bench_prompt(vlm, span, cfg.bench.prompt_tokens)
-        qm = quantize_model(vlm, cfg, span)
+        vlm, span, batch, qm = prepared(cfg, args.config, stack)
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-profile-")))
         for name in args.variants:
             variant, _, _, flav = kinds[name]

@@ -171,6 +171,16 @@ def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, mode: st
     return {"prefill_flops": flops, "decode_bytes_per_token": weight_bytes + kv, "decode_weight_bytes": weight_bytes, "kv_bytes_at_end": kv}
 
 
+def prepared(cfg, config_file, stack: contextlib.ExitStack):
+    """What the benchmark scripts start from, as ``quota-compile bench`` builds it: ``(vlm,
+    visual span, the bench prompt, the quantized simulation)``. The simulation replaces the
+    model's Linears in place, so anything that times the Hugging Face model itself must run
+    before this (as :func:`run_bench` does)."""
+    vlm = load_model(cfg, config_file, stack)
+    span = vlm.visual_span()
+    return vlm, span, bench_prompt(vlm, span, cfg.bench.prompt_tokens), quantize_model(vlm, cfg, span)
+
+
 def bench_variants(cfg) -> list[tuple[Variant, str, str, str]]:
     """The onnxruntime variants of a bench, in order: ``(variant, name, description, flavour)``."""
     method = cfg.pruning.method if cfg.pruning.method != "none" else "quota"
