@@ -326,7 +326,8 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
 
 def quantize_model(vlm: VLM, cfg, span: tuple[int, int]) -> QuantizedModel:
     """The quantized simulation of ``cfg.quantization``: the model rotated first where
-    ``rotation: hadamard`` (in place: the full-precision function is unchanged), RTN weights
+    ``rotation: hadamard`` (in place, with the online rotations where ``online_rotation``: the
+    full-precision function is unchanged), RTN weights
     or GPTQ's (``weights.method: gptq``) calibrated on ``cfg.calibration``, then the
     ``per_channel`` KV scales calibrated on ``cfg.calibration`` where that granularity is
     chosen."""
@@ -334,7 +335,7 @@ def quantize_model(vlm: VLM, cfg, span: tuple[int, int]) -> QuantizedModel:
     from .quant.simulate import quantize
 
     if cfg.quantization.rotation == "hadamard":
-        rotate_llava(vlm.model, cfg.quantization.rotation_seed)
+        rotate_llava(vlm.model, cfg.quantization.rotation_seed, online=cfg.quantization.online_rotation)
     qm = quantize(vlm.model, cfg.quantization)
     w = cfg.quantization.weights
     if w.method == "gptq":

@@ -99,6 +99,18 @@ class QuantizationSection(_Section):
     # (quota_compile/quant/rotation.py); the full-precision function does not change.
     rotation: Literal["none", "hadamard"] = "none"
     rotation_seed: int = Field(0, ge=0)
+    # with rotation: hadamard, also QuaRot's inner rotations: down_proj's and o_proj's inputs
+    # rotated in the graph (Kronecker-factored Hadamard MatMuls before the activation
+    # quantizer), the value heads rotated offline and the query/key heads after RoPE in the
+    # graph, so the KV cache holds rotated keys and values.
+    online_rotation: bool = True
+
+    @model_validator(mode="after")
+    def _online_needs_rotation(self) -> QuantizationSection:
+        # (only a value other than the default is refused: a recipe writes every key back)
+        if self.rotation == "none" and not self.online_rotation:
+            raise ValueError("sets online_rotation: false, which only rotation: hadamard uses; add rotation: hadamard or remove it")
+        return self
 
     @field_validator("ignore")
     @classmethod

@@ -108,6 +108,9 @@ class _Program(torch.nn.Module):
         v = attn.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        rotation = getattr(attn, "qk_rotation", None)  # quantization.online_rotation
+        if rotation is not None:
+            q, k = rotation(q), rotation(k)
         k_read, k_out = self._store(k, i, 0)
         v_read, v_out = self._store(v, i, 1)
         if past is not None:

@@ -29,6 +29,7 @@ CASES = [
     ("wrong-type", GOOD.replace("group_size: 16", "group_size: sixteen"), ["'quantization.weights.group_size'", "integer", "'sixteen'"]),
     ("negative-group", GOOD.replace("group_size: 16", "group_size: -4"), ["'quantization.weights.group_size'", "greater than 0"]),
     ("gptq-option-without-gptq", GOOD.replace("group_size: 16", "group_size: 16\n    act_order: true"), ["'quantization.weights'", "act_order", "method: gptq"]),
+    ("online-rotation-without-rotation", GOOD.replace("group_size: 16", "group_size: 16\n  online_rotation: false"), ["'quantization'", "online_rotation", "rotation: hadamard"]),
     ("gptq-damp", GOOD.replace("group_size: 16", "group_size: 16\n    method: gptq\n    gptq_damp: 0"), ["'quantization.weights.gptq_damp'", "greater than 0"]),
     ("weight-bits", GOOD.replace("group_size: 16", "group_size: 16\n    bits: 3"), ["'quantization.weights.bits'", "4", "3"]),
     ("kv-bits", GOOD.replace("  weights:", "  kv_cache:\n    bits: 2\n  weights:"), ["'quantization.kv_cache.bits'", "4", "8", "2"]),

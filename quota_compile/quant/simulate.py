@@ -51,6 +51,9 @@ class QuantLinear(torch.nn.Linear):
         self.clip_ratio = clip_ratio
         self._state = state
         self._w = ops.dequantize_weight(qweight.codes, qweight.scale, qweight.group_size).to(linear.weight.dtype)
+        # an online rotation of the input (quantization.online_rotation; the weight holds its
+        # inverse): applied before the activation quantizer, in the simulation and the graph
+        self.input_rotation = getattr(linear, "input_rotation", None)
 
     def set_qweight(self, qweight: QuantizedWeight) -> None:
         """Replace the INT4 weight (e.g. by GPTQ's codes for the same grid)."""
@@ -58,11 +61,16 @@ class QuantLinear(torch.nn.Linear):
         self._w = ops.dequantize_weight(qweight.codes, qweight.scale, qweight.group_size).to(self.weight.dtype)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The activations as the deployed product sees them (per-token fake-quant)."""
+        """The activations as the deployed product sees them: rotated where the Linear has an
+        online rotation, then per-token fake-quant."""
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         return torch.ops.quota.qdq_per_token(x, self.act_bits, self.clip_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._state.enabled:
+            if self.input_rotation is not None:
+                x = self.input_rotation(x)
             return F.linear(x, self.weight, self.bias)
         y = self.quantize_input(x) @ self._w
         return y if self.bias is None else y + self.bias
