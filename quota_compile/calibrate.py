@@ -41,6 +41,7 @@ from .quant import ops
 from .quant.simulate import QuantizedModel
 from .recipe import CalibrationProvenance, PruningRecipe, SearchPoint, Weights
 from .runtime import Batch, make_batch
+from .sequential import Placement
 from .verify import CALIBRATION_STREAM, QUESTIONS, synthetic_images
 
 GRID_STEP = 4  # weights on the simplex in quarters
@@ -76,31 +77,41 @@ def batches_sha256(batches: list[Batch]) -> str:
 
 @torch.no_grad()
 def _features(vision, batch: Batch) -> torch.Tensor:
-    return vision(torch.from_numpy(batch.pixel_values))
+    device = next(vision.hf.model.vision_tower.parameters()).device
+    return vision(torch.from_numpy(batch.pixel_values).to(device)).cpu()
 
 
 def _prefill_args(vision, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The prefill program's inputs for one calibration batch, image features from ``vision``."""
+    """The prefill program's inputs for one calibration batch, image features from ``vision``
+    (on the host; :meth:`Placement.prefill` moves them)."""
     return torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask), _features(vision, batch)
+
+
+def _whole_model(model: torch.nn.Module) -> Placement:
+    """The default placement: the whole model where it is (the CPU), no streaming."""
+    return Placement(model, "cpu", False)
 
 
 @torch.no_grad()
 def collect_signals(
-    vision, prefill: PrefillProgram, batches: list[Batch], query_tokens: int, activations: ActivationQuant
+    vision, prefill: PrefillProgram, batches: list[Batch], query_tokens: int, activations: ActivationQuant, place: Placement | None = None
 ) -> Signals:
     n, layers, v = len(batches), prefill.num_layers, prefill.visual_count
     att, mag, risk = (np.zeros((n, layers, v)) for _ in range(3))
     share = np.zeros((n, layers))
-    for s, batch in enumerate(batches):
 
+    def observer(s: int):
         def observe(i, h, probs, mask, visual_index):
-            a_, m_, r_ = visual_signals(
+            a_, m_, r_ = (x[0].double().cpu().numpy() for x in visual_signals(
                 h, probs, mask, prefill.visual_start, v, query_tokens, activations.bits, activations.clip_ratio
-            )
-            att[s, i], mag[s, i], risk[s, i] = a_[0].double().numpy(), m_[0].double().numpy(), r_[0].double().numpy()
-            share[s, i] = float(a_[0].sum())
+            ))
+            att[s, i], mag[s, i], risk[s, i] = a_, m_, r_
+            share[s, i] = float(a_.sum())
 
-        prefill.run(*_prefill_args(vision, batch), observe)
+        return observe
+
+    place = place or _whole_model(vision.hf)
+    place.prefill([(prefill, *_prefill_args(vision, batch), observer(s)) for s, batch in enumerate(batches)])
     return Signals(att, mag, risk, share)
 
 
@@ -116,12 +127,13 @@ def quota_schedule(signals: Signals, w: ScoreWeights, keep_ratio: float, first_f
 
 
 @torch.no_grad()
-def _final_log_probs(vision, prefill: PrefillProgram, batches: list[Batch]) -> np.ndarray:
-    out = []
-    for b in batches:
-        logits = prefill(*_prefill_args(vision, b))[0]
-        out.append(torch.log_softmax(logits.double(), dim=-1)[0].numpy())
-    return np.stack(out)
+def _final_log_probs(vision, prefills: list[PrefillProgram], batches: list[Batch], place: Placement) -> list[np.ndarray]:
+    """Per program, the final-token log-probabilities ``[N, vocab]`` of ``batches`` (all
+    programs' passes in one placement run: streamed together when sequential)."""
+    args = [_prefill_args(vision, b) for b in batches]
+    outs = place.prefill([(p, *a) for p in prefills for a in args])
+    logp = [torch.log_softmax(o[0].double(), dim=-1)[0].numpy() for o in outs]
+    return [np.stack(logp[k * len(args) : (k + 1) * len(args)]) for k in range(len(prefills))]
 
 
 def kl_divergence(ref_log_probs: np.ndarray, log_probs: np.ndarray) -> float:
@@ -185,24 +197,26 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
         provenance = provenance.model_copy(update={"sha256": batches_sha256(batches)})
         holdout = max(1, round(len(batches) * calibration.holdout))
         fit, held = batches[:-holdout], batches[-holdout:]
-        with qm.fake_quant(pruning.signals == "lowbit"):
+        place = Placement(vlm.model, calibration.device, calibration.sequential)
+        with qm.fake_quant(pruning.signals == "lowbit"), place.active():
             unpruned = PrefillProgram(vlm, qm, start, v)
-            signals = collect_signals(vision, unpruned, fit, pruning.query_tokens, act)
+            signals = collect_signals(vision, unpruned, fit, pruning.query_tokens, act, place)
             candidates = weight_grid() if pruning.weights == "auto" else [ScoreWeights(**pruning.weights.model_dump())]
+            schedules = [quota_schedule(signals, w, pruning.keep_ratio, pruning.first_full_layers) for w in candidates]
             search: list[SearchPoint] = []
-            best: tuple[float, ScoreWeights, KeepSchedule] | None = None
+            best: tuple[float, ScoreWeights, KeepSchedule] = (0.0, candidates[0], schedules[0])
             if len(candidates) > 1:
-                ref = _final_log_probs(vision, unpruned, held)
-            for w in candidates:
-                schedule = quota_schedule(signals, w, pruning.keep_ratio, pruning.first_full_layers)
-                if len(candidates) == 1:
-                    best = (0.0, w, schedule)
-                    break
-                spec = PruneSpec(tuple(schedule.keep), w, pruning.query_tokens, act.bits, act.clip_ratio)
-                kl = kl_divergence(ref, _final_log_probs(vision, PrefillProgram(vlm, qm, start, v, spec), held))
-                search.append(SearchPoint(weights=_weights(w), keep=list(schedule.keep), kl=kl))
-                if best is None or kl < best[0]:
-                    best = (kl, w, schedule)
+                # the unpruned reference and every candidate's pruned prefill, in one run
+                pruned = [
+                    PrefillProgram(vlm, qm, start, v, PruneSpec(tuple(sch.keep), w, pruning.query_tokens, act.bits, act.clip_ratio))
+                    for w, sch in zip(candidates, schedules)
+                ]
+                ref, *logps = _final_log_probs(vision, [unpruned, *pruned], held, place)
+                for w, schedule, logp in zip(candidates, schedules, logps):
+                    kl = kl_divergence(ref, logp)
+                    search.append(SearchPoint(weights=_weights(w), keep=list(schedule.keep), kl=kl))
+                    if not search[:-1] or kl < best[0]:
+                        best = (kl, w, schedule)
     except UserError as e:
         raise UserError(f"{config_file}: {e}") from None
     _, w, schedule = best
@@ -232,16 +246,16 @@ def calibrate_kv_scales(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], cal
     amax = torch.zeros(vlm.num_layers, 2, vlm.num_kv_heads, 1, vlm.head_dim)
 
     def observe(layer: int, which: int, x: torch.Tensor) -> None:
-        m = x.detach().abs().amax(dim=(0, 2))[:, None, :].to(torch.float32)  # [Hkv, 1, D]
+        m = x.detach().abs().amax(dim=(0, 2))[:, None, :].to("cpu", torch.float32)  # [Hkv, 1, D]
         amax[layer, which] = torch.maximum(amax[layer, which], m)
 
     qm.kv_scales = None
     vision, prefill = VisionProgram(vlm, qm), PrefillProgram(vlm, qm, start, v)
     prefill.kv_observer = observe
-    with qm.fake_quant(True):
-        for batch in calibration_batches(vlm, calibration, span):
-            # Padding rows of a one-sample batch do not exist; every position is a real token.
-            prefill(*_prefill_args(vision, batch))
+    place = Placement(vlm.model, calibration.device, calibration.sequential)
+    with qm.fake_quant(True), place.active():
+        # Padding rows of a one-sample batch do not exist; every position is a real token.
+        place.prefill([(prefill, *_prefill_args(vision, batch)) for batch in calibration_batches(vlm, calibration, span)])
     qm.kv_scales = ops.kv_static_scale(amax, qm.kv_bits)
     return qm.kv_scales
 
@@ -261,7 +275,15 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
     input as the deployed product sees it (after the per-token activation quantizer); then the
     block's weights are replaced. A ``per_channel`` KV cache whose static scales are not
     calibrated yet (:func:`quantize_model` calibrates them afterwards, on the final weights) is
-    float while this runs."""
+    float while this runs.
+
+    Whole-model (the default): each block reruns the prompts from the start and stops at the
+    block's end. Sequential (``calibration.sequential``, :mod:`quota_compile.sequential`): the
+    vision-side blocks as whole-model (they only need the vision program), then one layer-major
+    pass in which each decoder layer, once on the device, first runs every prompt's state
+    through it to collect the Hessians, is quantized, and then advances the states; ``lm_head``
+    is collected while the pass finishes. The same inputs reach every block, in the same order,
+    so both give the same codes."""
     import re
 
     from .programs import VisionProgram
@@ -274,54 +296,104 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
     vision, prefill = VisionProgram(vlm, qm), PrefillProgram(vlm, qm, start, v)
     if qm.kv_granularity == "per_channel" and qm.kv_scales is None:
         prefill.kv_observer = lambda layer, which, x: None  # float cache while measuring
+    place = Placement(vlm.model, calibration.device, calibration.sequential)
+    layer_of = {name: i for name, m in vlm.model.named_modules() for i, layer in enumerate(place.layers) if m is layer}
 
     def run(batch: Batch) -> None:
         try:
-            prefill(*_prefill_args(vision, batch))
+            place.prefill([(prefill, *_prefill_args(vision, batch))])
         except _BlockDone:
             pass
 
-    # execution order of the quantized Linears, from one prompt
-    order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n) if n not in order else None) for name, m in modules.items()]
-    try:
-        with qm.fake_quant(True), torch.no_grad():
-            run(batches[0])
-    finally:
-        for h in hooks:
-            h.remove()
-    blocks: dict[str, list[str]] = {}
-    for name in order:
-        m = re.match(r"(.*\.layers\.\d+)\.", name)
-        blocks.setdefault(m.group(1) if m else name, []).append(name)
-
-    for block, names in blocks.items():
+    def collect(names: list[str], stop: bool):
+        """Hooks that accumulate the Hessians of ``names`` (and, with ``stop``, end the pass
+        once all have run); returns the accumulators and the hooks."""
         acc = {n: HessianAccumulator(modules[n].in_features) for n in names}
         seen: set[str] = set()
 
-        def collect(mod, args, n):
+        def pre(mod, args, n):
             acc[n].add(mod.quantize_input(args[0]))
             seen.add(n)
 
-        def stop(mod, args, out):
+        def post(mod, args, out):
             if len(seen) == len(names):
+                seen.clear()
                 raise _BlockDone
 
-        hooks = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: collect(mod, args, n)) for n in names]
-        hooks += [modules[n].register_forward_hook(stop) for n in names]
-        try:
-            with qm.fake_quant(True), torch.no_grad():
-                for batch in batches:
-                    seen.clear()
-                    run(batch)
-        finally:
-            for h in hooks:
-                h.remove()
+        hooks = [modules[n].register_forward_pre_hook(lambda mod, args, n=n: pre(mod, args, n)) for n in names]
+        if stop:
+            hooks += [modules[n].register_forward_hook(post) for n in names]
+        return acc, hooks
+
+    def remove(hooks: list) -> None:
+        for h in hooks:
+            h.remove()
+
+    def replace(names: list[str], acc: dict) -> None:
         for n in names:
             old = qm.weights[n]
             codes, scale = gptq_quantize(modules[n].weight, acc[n].h, qm.spec.weights.bits, old.group_size, damp, act_order)
             qm.weights[n] = QuantizedWeight(codes=codes, scale=scale, group_size=old.group_size)
             modules[n].set_qweight(qm.weights[n])
+
+    with qm.fake_quant(True), torch.no_grad(), place.active():
+        # execution order of the quantized Linears, from one prompt
+        order: list[str] = []
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=name: order.append(n) if n not in order else None) for name, m in modules.items()]
+        try:
+            run(batches[0])
+        finally:
+            for h in hooks:
+                h.remove()
+        blocks: dict[str, list[str]] = {}
+        for name in order:
+            m = re.match(r"(.*\.layers\.\d+)\.", name)
+            blocks.setdefault(m.group(1) if m else name, []).append(name)
+
+        if not place.streaming:
+            for names in blocks.values():
+                acc, hooks = collect(names, stop=True)
+                try:
+                    for batch in batches:
+                        run(batch)
+                finally:
+                    remove(hooks)
+                replace(names, acc)
+            return
+
+        decoder = {layer_of[b]: names for b, names in blocks.items() if b in layer_of}
+        first = next(k for k, b in enumerate(blocks) if b in layer_of) if decoder else len(blocks)
+        before, after = list(blocks.values())[:first], [names for b, names in list(blocks.items())[first:] if b not in layer_of]
+        for names in before:  # the vision tower's and the projector's: the vision program only
+            acc, hooks = collect(names, stop=True)
+            try:
+                for batch in batches:
+                    try:
+                        _features(vision, batch)
+                    except _BlockDone:
+                        pass
+            finally:
+                remove(hooks)
+            replace(names, acc)
+
+        def before_layer(i: int, jobs: list) -> None:
+            if i in decoder:
+                acc, hooks = collect(decoder[i], stop=False)
+                try:
+                    for p, state in jobs:
+                        place.step_on_device(p, state)
+                finally:
+                    remove(hooks)
+                replace(decoder[i], acc)
+
+        tail = [collect(names, stop=False) for names in after]  # lm_head: collected as the pass ends
+        try:
+            place.prefill([(prefill, *_prefill_args(vision, b)) for b in batches], before_layer)
+        finally:
+            for _, hooks in tail:
+                remove(hooks)
+        for names, (acc, _) in zip(after, tail):
+            replace(names, acc)
 
 
 def quantize_model(vlm: VLM, cfg, span: tuple[int, int]) -> QuantizedModel:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -155,6 +156,22 @@ class CalibrationSection(_Section):
     num_samples: int = Field(16, ge=2)
     seed: int = Field(0, ge=0)
     holdout: float = Field(0.25, gt=0.0, lt=1.0)
+    # where calibration (GPTQ, the per_channel KV scales, QUOTA's passes) computes: cpu, cuda,
+    # cuda:N. With sequential: true only one decoder layer at a time is on that device (the
+    # others wait in host memory; quota_compile/sequential.py); the recipe is the same.
+    device: str = "cpu"
+    sequential: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        try:
+            d = torch.device(v)
+        except RuntimeError:
+            raise ValueError(f"{v!r} is not a torch device (cpu, cuda or cuda:N)") from None
+        if d.type not in ("cpu", "cuda"):
+            raise ValueError(f"{v!r}: calibration runs on cpu or cuda")
+        return v
 
 
 class OnnxruntimeExport(_Section):

@@ -63,6 +63,15 @@ class Progress:
         self.console.print(f"      {'':<9} done in {time.perf_counter() - t0:.1f} s", style="dim", highlight=False)
 
 
+def check_calibration_device(cfg, config_file: Path) -> None:
+    """``calibration.device: cuda`` needs a GPU that this torch can use."""
+    import torch
+
+    device = cfg.calibration.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{config_file}: key 'calibration.device': {device!r} needs a CUDA GPU, and torch {torch.__version__} sees none; use cpu.")
+
+
 def check_group_size(model, cfg, config_file: Path) -> None:
     g = cfg.quantization.weights.group_size
     if cfg.quantization.weights.granularity == "per_channel":
@@ -108,6 +117,7 @@ def compile_model(
 
     with progress.stage("config", str(config_file)):
         cfg = load_config(config_file)
+        check_calibration_device(cfg, config_file)
         name = bundle_name(cfg, config_file)
         final = Path(cfg.output.dir) / name
         check_destination(final, force, config_file)

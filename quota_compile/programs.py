@@ -85,7 +85,7 @@ class _Program(torch.nn.Module):
             # (the second case: calibrating the per_channel scales, the cache stays float)
             return x, (x,)
         if self._qm.kv_granularity == "per_channel":
-            scale = self._qm.kv_scale(layer, which)
+            scale = self._qm.kv_scale(layer, which).to(x.device)
             codes = torch.ops.quota.quantize_kv_static(x, scale, self.kv_bits)
             return torch.ops.quota.dequantize_kv_static(codes, scale, self.kv_bits), (codes,)
         codes, scale, zp = torch.ops.quota.quantize_kv(x, self.kv_bits)
@@ -95,7 +95,7 @@ class _Program(torch.nn.Module):
         if not self.simulate:
             return stored[0]
         if self._qm.kv_granularity == "per_channel":
-            return torch.ops.quota.dequantize_kv_static(stored[0], self._qm.kv_scale(layer, which), self.kv_bits)
+            return torch.ops.quota.dequantize_kv_static(stored[0], self._qm.kv_scale(layer, which).to(stored[0].device), self.kv_bits)
         return torch.ops.quota.dequantize_kv(stored[0], stored[1], stored[2], self.kv_bits)
 
     def _layer(self, i: int, h, cos, sin, bias, past: tuple[torch.Tensor, ...] | None):
@@ -209,6 +209,15 @@ class PrefillProgram(_Program):
     def run(self, input_ids, attention_mask, image_features, observe: Callable | None = None):
         """The prefill; ``observe(layer, h, probs, mask, visual_index)`` is called at the input of
         every layer after the first (before any pruning there), for calibration."""
+        state = self.begin(input_ids, attention_mask, image_features, observe)
+        for _ in range(self.num_layers):
+            state = self.step(state)
+        return self.finish(state)
+
+    # The prefill in pieces, for layer-major calibration (quota_compile.sequential): ``begin``
+    # (embeddings), one ``step`` per decoder layer, ``finish`` (final norm and lm_head). ``run``
+    # is exactly these, so a pass driven layer by layer computes the same tensors.
+    def begin(self, input_ids, attention_mask, image_features, observe: Callable | None = None) -> PrefillState:
         a, v = self.visual_start, self.visual_count
         text = self.lm.embed_tokens(input_ids)
         h = torch.cat([text[:, :a], image_features.to(text.dtype), text[:, a + v :]], dim=1)
@@ -218,25 +227,48 @@ class PrefillProgram(_Program):
         visual_index = torch.arange(v, device=h.device)[None].expand(b, v)
         cos, sin = self._rope(h, position_ids)
         bias = _causal_bias(mask, h.dtype)
-        kv: list[torch.Tensor] = []
-        kept: list[torch.Tensor] = []
-        probs = None
-        for i in range(self.num_layers):
-            if observe is not None and i > 0:
-                observe(i, h, probs, mask, visual_index)
-            if i in self.pruning_layers:
-                score = self._score(h, probs, mask, visual_index)
-                h, position_ids, mask, visual_index = torch.ops.quota.prune_point(
-                    h, position_ids, mask, visual_index, score, self.prune.keep[i], a
-                )
-                kept.append(visual_index)
-                cos, sin = self._rope(h, position_ids)
-                bias = _causal_bias(mask, h.dtype)
-            h, entries, probs = self._layer(i, h, cos, sin, bias, None)
-            kv.extend(entries)
+        return PrefillState(0, h, position_ids, mask, visual_index, cos, sin, bias, None, [], [], observe)
+
+    def step(self, s: PrefillState) -> PrefillState:
+        """Decoder layer ``s.layer`` (with its pruning point, if any); ``s`` is not changed."""
+        i, a = s.layer, self.visual_start
+        h, position_ids, mask, visual_index, cos, sin, bias, kept = s.h, s.position_ids, s.mask, s.visual_index, s.cos, s.sin, s.bias, s.kept
+        if s.observe is not None and i > 0:
+            s.observe(i, h, s.probs, mask, visual_index)
+        if i in self.pruning_layers:
+            score = self._score(h, s.probs, mask, visual_index)
+            h, position_ids, mask, visual_index = torch.ops.quota.prune_point(
+                h, position_ids, mask, visual_index, score, self.prune.keep[i], a
+            )
+            kept = [*kept, visual_index]
+            cos, sin = self._rope(h, position_ids)
+            bias = _causal_bias(mask, h.dtype)
+        h, entries, probs = self._layer(i, h, cos, sin, bias, None)
+        return PrefillState(i + 1, h, position_ids, mask, visual_index, cos, sin, bias, probs, [*s.kv, *entries], kept, s.observe)
+
+    def finish(self, s: PrefillState):
+        b, h, mask = s.h.shape[0], s.h, s.mask
         last = (mask.sum(-1) - 1).clamp_min(0)
         h_last = torch.gather(h, 1, last[:, None, None].expand(b, 1, h.shape[-1])).squeeze(1)
-        return (self._logits(h_last), *kv, *kept)
+        return (self._logits(h_last), *s.kv, *s.kept)
+
+
+@dataclass
+class PrefillState:
+    """A prefill pass before decoder layer ``layer`` (see :meth:`PrefillProgram.begin`)."""
+
+    layer: int
+    h: torch.Tensor
+    position_ids: torch.Tensor
+    mask: torch.Tensor
+    visual_index: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    bias: torch.Tensor
+    probs: torch.Tensor | None
+    kv: list[torch.Tensor]
+    kept: list[torch.Tensor]
+    observe: Callable | None = None
 
 
 class DecodeProgram(_Program):

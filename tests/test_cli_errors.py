@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from quota_compile.cli import main
 
@@ -30,6 +31,8 @@ CASES = [
     ("negative-group", GOOD.replace("group_size: 16", "group_size: -4"), ["'quantization.weights.group_size'", "greater than 0"]),
     ("gptq-option-without-gptq", GOOD.replace("group_size: 16", "group_size: 16\n    act_order: true"), ["'quantization.weights'", "act_order", "method: gptq"]),
     ("online-rotation-without-rotation", GOOD.replace("group_size: 16", "group_size: 16\n  online_rotation: false"), ["'quantization'", "online_rotation", "rotation: hadamard"]),
+    ("calibration-device", GOOD + "calibration:\n  device: tpu\n", ["'calibration.device'", "'tpu'", "cpu, cuda or cuda:N"]),
+    ("calibration-device-kind", GOOD + "calibration:\n  device: mps\n", ["'calibration.device'", "'mps'", "cpu or cuda"]),
     ("gptq-damp", GOOD.replace("group_size: 16", "group_size: 16\n    method: gptq\n    gptq_damp: 0"), ["'quantization.weights.gptq_damp'", "greater than 0"]),
     ("weight-bits", GOOD.replace("group_size: 16", "group_size: 16\n    bits: 3"), ["'quantization.weights.bits'", "4", "3"]),
     ("kv-bits", GOOD.replace("  weights:", "  kv_cache:\n    bits: 2\n  weights:"), ["'quantization.kv_cache.bits'", "4", "8", "2"]),
@@ -126,3 +129,9 @@ def test_run_with_a_missing_image(tiny_bundle, tmp_path, capsys):
     rc = main(["run", str(tiny_bundle), "--image", str(tmp_path / "nope.png"), "--prompt", "hi"])
     err = capsys.readouterr().err
     assert rc == 2 and "nope.png" in err and "--image" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_calibration_without_a_gpu(tmp_path, capsys, tiny_folder):
+    rc, err, out = _run(tmp_path, GOOD + "calibration:\n  device: cuda\n", str(tiny_folder), capsys)
+    _assert_clean_error(rc, err, out, ["'calibration.device'", "'cuda'", "CUDA GPU"])

@@ -37,7 +37,7 @@ class HessianAccumulator:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.h.device, torch.float64)
         m = x.shape[0]
         self.h *= self.n / (self.n + m)
         self.n += m

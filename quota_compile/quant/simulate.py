@@ -55,10 +55,16 @@ class QuantLinear(torch.nn.Linear):
         # inverse): applied before the activation quantizer, in the simulation and the graph
         self.input_rotation = getattr(linear, "input_rotation", None)
 
+    def _apply(self, fn, recurse=True):
+        # .to(device) and friends also move the dequantized weight (a plain attribute)
+        super()._apply(fn, recurse)
+        self._w = fn(self._w)
+        return self
+
     def set_qweight(self, qweight: QuantizedWeight) -> None:
         """Replace the INT4 weight (e.g. by GPTQ's codes for the same grid)."""
         self.qweight = qweight
-        self._w = ops.dequantize_weight(qweight.codes, qweight.scale, qweight.group_size).to(self.weight.dtype)
+        self._w = ops.dequantize_weight(qweight.codes, qweight.scale, qweight.group_size).to(self.weight.device, self.weight.dtype)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The activations as the deployed product sees them: rotated where the Linear has an
@@ -85,6 +91,11 @@ class QuantEmbedding(torch.nn.Embedding):
         self.codes, self.scale, self.group_size = codes, scale, group_size
         self._state = state
         self._table = (codes.to(torch.float32) * scale.repeat_interleave(group_size, dim=1)).to(emb.weight.dtype)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._table = fn(self._table)
+        return self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self._table if self._state.enabled else self.weight, self.padding_idx)

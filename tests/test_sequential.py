@@ -1,0 +1,60 @@
+"""Sequential (layer-by-layer) calibration gives what whole-model calibration gives."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from quota_compile.calibrate import quantize_model
+from quota_compile.config import parse_config
+from quota_compile.models import load_model
+from quota_compile.pipeline import decide_pruning
+from quota_compile.sequential import Placement
+
+
+def _calibrate(folder: Path, sequential: bool):
+    """GPTQ on the rotated model, the per_channel KV scales and QUOTA's signals and score-weight
+    search: every calibration pass there is."""
+    doc = {
+        "version": 1,
+        "model": {"source": str(folder)},
+        "quantization": {"weights": {"group_size": 16, "method": "gptq"}, "kv_cache": {"granularity": "per_channel"}, "rotation": "hadamard"},
+        "pruning": {"method": "quota", "keep_ratio": 0.5},
+        "calibration": {"num_samples": 8, "sequential": sequential},
+    }
+    cfg = parse_config(doc, Path("t.yaml"))
+    vlm = load_model(cfg, Path("t.yaml"), contextlib.ExitStack())
+    span = vlm.visual_span()
+    events: list = []
+    real_layer = Placement.layer
+
+    def record(self, i):  # every placement's layer moves, in order
+        events.append(i)
+        return real_layer(self, i)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Placement, "layer", record)
+        qm = quantize_model(vlm, cfg, span)
+        pruning, _, _ = decide_pruning(cfg, vlm, qm, span, None, Path("t.yaml"))
+    return qm, pruning, events, vlm.num_layers
+
+
+def test_sequential_calibration_gives_the_whole_model_recipe(tiny_folder):
+    whole, whole_pruning, whole_events, layers = _calibrate(tiny_folder, False)
+    seq, seq_pruning, seq_events, _ = _calibrate(tiny_folder, True)
+    assert whole_events == []  # whole-model: no layer is moved
+    # streaming: each pass (the order probe, GPTQ, the KV scales, the signals, the search) loads
+    # the layers one at a time, in order
+    assert len(seq_events) % layers == 0 and len(seq_events) >= 4 * layers
+    assert seq_events == list(range(layers)) * (len(seq_events) // layers)
+    assert whole.weights.keys() == seq.weights.keys()
+    for name, w in whole.weights.items():
+        assert torch.equal(w.codes, seq.weights[name].codes), name
+        assert torch.equal(w.scale, seq.weights[name].scale), name
+    assert torch.equal(whole.kv_scales, seq.kv_scales)
+    assert whole_pruning.weight_search  # the search ran, and gave the same KL at every point
+    assert whole_pruning.model_dump() == seq_pruning.model_dump()
+
