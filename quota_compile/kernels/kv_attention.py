@@ -1,0 +1,267 @@
+"""Decode attention over a quantized KV cache: one query token per sequence, flash-decoding.
+
+Layouts (``quota_compile.quant.ops``; ``Hkv`` KV heads, ``T`` padded cache length, ``D``
+head_dim; INT4 codes are packed two per byte along ``D``, the even channel in the low nibble,
+so the stored last dimension is ``D/2`` for INT4 and ``D`` for INT8)
+- ``per_token`` (``ops.quantize_kv``): asymmetric; codes uint8 ``[B, Hkv, T, D or D/2]``,
+  scales float32 ``[B, Hkv, T, 1]``, zero points uint8 ``[B, Hkv, T, 1]``;
+  ``value = (code - zero_point) * scale``.
+- ``per_channel`` (``ops.quantize_kv_static``): symmetric static scales float32
+  ``[Hkv, 1, D]``; stored code ``q + 2**(bits-1)`` (uint8); ``value = (code - 2**(bits-1)) *
+  scale``.
+The kernel dequantizes in float32 with exactly those operations, so its K and V values are
+bit-identical to ``ops.dequantize_kv`` / ``ops.dequantize_kv_static``; only the attention
+arithmetic (dot products, exponentials, summation order) differs from the reference.
+
+Query ``q [B, H, D]`` (any float dtype, computed in float32) with ``H`` a multiple of ``Hkv``:
+query head ``h`` reads KV head ``h // (H // Hkv)`` (grouped-query attention, the order of
+Hugging Face's ``repeat_kv``). ``seqlens [B]`` (int32): sequence ``b`` attends to cache
+positions ``t < min(seqlens[b], T)``; a sequence with no position gives NaN, as the
+reference's softmax over nothing does. Output ``[B, H, D]`` in ``out_dtype`` (default ``q``'s).
+
+Kernel: grid ``(B * H, splits)``. Each program runs an online softmax (running maximum, sum
+and weighted value sum, float32) over its chunk of the context in tiles of ``BLOCK_T``
+positions; a second kernel merges the splits' partial results. GQA heads of one group read the
+same KV tiles (from L2 after the first), the price of keeping every program a plain
+``[BLOCK_T, D]`` tile loop that also serves ``H == Hkv`` (LLaVA-1.5-7B) at full width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from quota_compile.kernels import is_interpreted
+from quota_compile.quant import ops
+
+GRANULARITIES = ("per_token", "per_channel")
+_INTERPRET_BLOCK_T = 16
+_CHUNK_ALIGN = 128  # split boundaries are multiples of every BLOCK_T the autotuner tries
+
+
+# ---------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _load_codes(c_ptr, row0, offs_t, t_mask, D, BITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Unsigned codes ``[BLOCK_T, BLOCK_D]`` as float32 of positions ``offs_t`` of the cache row
+    starting at element ``row0`` (INT4: byte ``j`` holds channels ``2j`` low and ``2j+1`` high)."""
+    if BITS == 4:
+        offs_p = tl.arange(0, BLOCK_D // 2)
+        mask = t_mask[:, None] & (offs_p < D // 2)[None, :]
+        packed = tl.load(c_ptr + row0 + offs_t[:, None] * (D // 2) + offs_p[None, :], mask=mask, other=0)
+        codes = tl.interleave(packed & 0xF, packed >> 4)
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = t_mask[:, None] & (offs_d < D)[None, :]
+        codes = tl.load(c_ptr + row0 + offs_t[:, None] * D + offs_d[None, :], mask=mask, other=0)
+    return codes.to(tl.float32)
+
+
+@triton.jit
+def _kv_tile(c_ptr, s_ptr, z_ptr, seq, channel_scale, offs_t, t_mask, T, D,
+             PER_TOKEN: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Dequantized float32 K or V tile ``[BLOCK_T, BLOCK_D]`` of cache row ``seq = b*Hkv + hk``."""
+    stored = D // 2 if BITS == 4 else D
+    codes = _load_codes(c_ptr, seq * T * stored, offs_t, t_mask, D, BITS, BLOCK_D)
+    if PER_TOKEN:
+        scale = tl.load(s_ptr + seq * T + offs_t, mask=t_mask, other=0.0)
+        zero = tl.load(z_ptr + seq * T + offs_t, mask=t_mask, other=0).to(tl.float32)
+        return (codes - zero[:, None]) * scale[:, None]
+    else:
+        return (codes - 2.0 ** (BITS - 1)) * channel_scale[None, :]
+
+
+@triton.jit
+def _channel_scale(s_ptr, hk, offs_d, D, PER_TOKEN: tl.constexpr):
+    """The ``per_channel`` static scale ``[BLOCK_D]`` of KV head ``hk`` (unused per token)."""
+    if PER_TOKEN:
+        return tl.zeros_like(offs_d).to(tl.float32)
+    else:
+        return tl.load(s_ptr + hk * D + offs_d, mask=offs_d < D, other=0.0)
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _decode_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_ptr,
+                         part_m_ptr, part_l_ptr, part_acc_ptr, H, H_KV, T, D, chunk, sm_scale,
+                         stride_qb, stride_qh, PER_TOKEN: tl.constexpr, BITS: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Partial softmax state (max ``m``, sum ``l``, weighted values ``acc [D]``) of query head
+    ``program_id(0) = b*H + h`` over positions ``[split*chunk, (split+1)*chunk)`` of its row."""
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // (H // H_KV)
+    seq = (b * H_KV + hk).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=offs_d < D, other=0.0)
+    q = q.to(tl.float32)
+    k_cs = _channel_scale(ks_ptr, hk, offs_d, D, PER_TOKEN)
+    v_cs = _channel_scale(vs_ptr, hk, offs_d, D, PER_TOKEN)
+    start = split * chunk
+    stop = tl.minimum(tl.minimum(start + chunk, tl.load(seqlens_ptr + b)), T)
+    m_i = -float("inf")
+    l_i = 0.0
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for t0 in range(start, stop, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_mask = offs_t < stop
+        k = _kv_tile(kc_ptr, ks_ptr, kz_ptr, seq, k_cs, offs_t, t_mask, T, D, PER_TOKEN, BITS, BLOCK_D)
+        s = tl.where(t_mask, tl.sum(k * q[None, :], axis=1) * sm_scale, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        v = _kv_tile(vc_ptr, vs_ptr, vz_ptr, seq, v_cs, offs_t, t_mask, T, D, PER_TOKEN, BITS, BLOCK_D)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m_i = m_new
+    part = pid_bh * tl.num_programs(1) + split
+    tl.store(part_m_ptr + part, m_i)
+    tl.store(part_l_ptr + part, l_i)
+    tl.store(part_acc_ptr + part * BLOCK_D + offs_d, acc)
+
+
+@triton.jit
+def _decode_combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, H, D, n_splits,
+                           stride_ob, stride_oh, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out[b, h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s`` over the splits."""
+    pid_bh = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < n_splits
+    part = pid_bh * n_splits + offs_s
+    m = tl.load(part_m_ptr + part, mask=s_mask, other=-float("inf"))
+    l = tl.load(part_l_ptr + part, mask=s_mask, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+    b = pid_bh // H
+    h = pid_bh % H
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < D)
+
+
+# GPU tiles: (BLOCK_T, warps). At head_dim 128, ptxas (sm_90) reports no spills for these and
+# spills for (128, 4).
+_SPLIT_TILES = ((32, 4), (64, 4), (64, 8), (128, 8))
+_decode_split_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_T": bt}, num_warps=w) for bt, w in _SPLIT_TILES],
+    key=["chunk", "D", "PER_TOKEN", "BITS"],
+)(_decode_split_kernel)
+
+
+# ---------------------------------------------------------------------------- host side
+
+
+def _check_attention_args(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
+                          k_scale: torch.Tensor, v_scale: torch.Tensor, seqlens: torch.Tensor,
+                          bits: int, granularity: str, k_zero_point: torch.Tensor | None,
+                          v_zero_point: torch.Tensor | None) -> tuple[int, int, int, int, int]:
+    """``(B, H, Hkv, T, D)`` of a valid call; raises ``ValueError`` on the first inconsistency."""
+    if bits not in (4, 8) or granularity not in GRANULARITIES:
+        raise ValueError(f"bits must be 4 or 8 and granularity one of {GRANULARITIES}")
+    b, h, d = q.shape
+    bk, hkv, t, stored = k_codes.shape
+    if (bk, stored) != (b, ops.kv_packed_dim(d, bits)) or v_codes.shape != k_codes.shape or d % 2:
+        raise ValueError(f"codes must be uint8 [B={b}, Hkv, T, {ops.kv_packed_dim(d, bits)}] for "
+                         f"head_dim {d} at {bits} bits, got {list(k_codes.shape)}, {list(v_codes.shape)}")
+    if k_codes.dtype != torch.uint8 or v_codes.dtype != torch.uint8 or h % hkv:
+        raise ValueError(f"codes must be uint8 and H={h} a multiple of Hkv={hkv}")
+    stat = (b, hkv, t, 1) if granularity == "per_token" else (hkv, 1, d)
+    for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if s.shape != stat or s.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 {list(stat)}, got {s.dtype} {list(s.shape)}")
+    if granularity == "per_token":
+        for name, z in (("k_zero_point", k_zero_point), ("v_zero_point", v_zero_point)):
+            if z is None or z.shape != stat or z.dtype != torch.uint8:
+                raise ValueError(f"{name} must be uint8 {list(stat)} for the per_token cache")
+    if seqlens.shape != (b,):
+        raise ValueError(f"seqlens must have shape [{b}], got {list(seqlens.shape)}")
+    return b, h, hkv, t, d
+
+
+def _split_plan(device: torch.device, rows: int, t: int, num_splits: int | None) -> tuple[int, int]:
+    """``(splits, chunk)``: enough programs to fill the GPU twice over (or ``num_splits``), each
+    chunk a multiple of the tile sizes."""
+    if num_splits is None:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+        num_splits = max(1, min(triton.cdiv(t, _CHUNK_ALIGN), triton.cdiv(2 * sms, rows)))
+    align = _INTERPRET_BLOCK_T if is_interpreted(_decode_split_kernel) else _CHUNK_ALIGN
+    chunk = triton.cdiv(triton.cdiv(max(t, 1), max(1, num_splits)), align) * align
+    return triton.cdiv(max(t, 1), chunk), chunk
+
+
+def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
+                        k_scale: torch.Tensor, v_scale: torch.Tensor, seqlens: torch.Tensor, *,
+                        bits: int, granularity: str = "per_token",
+                        k_zero_point: torch.Tensor | None = None, v_zero_point: torch.Tensor | None = None,
+                        sm_scale: float | None = None, out_dtype: torch.dtype | None = None,
+                        num_splits: int | None = None) -> torch.Tensor:
+    """Attention of one query token per sequence over the quantized cache (module docstring):
+    ``[B, H, D]``. ``sm_scale`` defaults to ``1/sqrt(D)``; ``num_splits`` (launch option) fixes
+    the number of context chunks (default: enough programs to fill the GPU)."""
+    b, h, hkv, t, d = _check_attention_args(q, k_codes, v_codes, k_scale, v_scale, seqlens, bits,
+                                             granularity, k_zero_point, v_zero_point)
+    if not q.is_cuda and not is_interpreted(_decode_split_kernel):
+        raise RuntimeError("the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
+                           "triton is first imported (CPU interpreter)")
+    q = q.contiguous()
+    out = torch.empty((b, h, d), dtype=out_dtype or q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    splits, chunk = _split_plan(q.device, b * h, t, num_splits)
+    block_d = triton.next_power_of_2(d)
+    part_m = torch.empty((b * h, splits), dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty((b * h, splits, block_d), dtype=torch.float32, device=q.device)
+    per_token = granularity == "per_token"
+    k_zp = k_zero_point if per_token else k_scale  # placeholders, unused per channel
+    v_zp = v_zero_point if per_token else v_scale
+    args = (q, k_codes.contiguous(), k_scale.contiguous(), k_zp.contiguous(), v_codes.contiguous(),
+            v_scale.contiguous(), v_zp.contiguous(), seqlens.to(torch.int32).contiguous(),
+            part_m, part_l, part_acc, h, hkv, t, d, chunk,
+            float(1.0 / math.sqrt(d) if sm_scale is None else sm_scale), q.stride(0), q.stride(1))
+    flags = {"PER_TOKEN": per_token, "BITS": bits, "BLOCK_D": block_d}
+    if is_interpreted(_decode_split_kernel):
+        _decode_split_kernel[(b * h, splits)](*args, **flags, BLOCK_T=_INTERPRET_BLOCK_T)
+    else:
+        _decode_split_tuned[(b * h, splits)](*args, **flags)
+    _decode_combine_kernel[(b * h,)](part_m, part_l, part_acc, out, h, d, splits, out.stride(0),
+                                     out.stride(1), BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
+    return out
+
+
+def dequantize_cache(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                     bits: int, granularity: str) -> torch.Tensor:
+    """Float32 K or V ``[B, Hkv, T, D]`` through ``quant.ops`` (the reference's dequantizer)."""
+    if granularity == "per_token":
+        return ops.dequantize_kv(codes, scale, zero_point, bits)
+    return ops.dequantize_kv_static(codes, scale, bits)
+
+
+def kv_decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,
+                                  k_scale: torch.Tensor, v_scale: torch.Tensor, seqlens: torch.Tensor, *,
+                                  bits: int, granularity: str = "per_token",
+                                  k_zero_point: torch.Tensor | None = None,
+                                  v_zero_point: torch.Tensor | None = None,
+                                  sm_scale: float | None = None,
+                                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """PyTorch reference of :func:`kv_decode_attention`: dequantize with ``quant.ops``, repeat
+    the KV heads, float32 softmax attention masked to ``t < seqlens[b]``."""
+    b, h, hkv, t, d = _check_attention_args(q, k_codes, v_codes, k_scale, v_scale, seqlens, bits,
+                                             granularity, k_zero_point, v_zero_point)
+    k = dequantize_cache(k_codes, k_scale, k_zero_point, bits, granularity).repeat_interleave(h // hkv, dim=1)
+    v = dequantize_cache(v_codes, v_scale, v_zero_point, bits, granularity).repeat_interleave(h // hkv, dim=1)
+    scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    scores = torch.einsum("bhd,bhtd->bht", q.to(torch.float32), k) * scale
+    valid = torch.arange(t, device=q.device)[None, :] < seqlens.to(q.device).long()[:, None]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    out = torch.einsum("bht,bhtd->bhd", torch.softmax(scores, dim=-1), v)
+    return out.to(out_dtype or q.dtype)

@@ -1,0 +1,346 @@
+"""Triton kernels vs their PyTorch references, under Triton's CPU interpreter.
+
+``TRITON_INTERPRET=1`` must be in the environment when triton is first imported: triton 3.8
+reads it whenever a ``@triton.jit`` function is decorated, and its own ``triton.language``
+helpers (``tl.cdiv``, ``tl.interleave``) are decorated at import. Neither conftest nor any
+other test module imports triton (checked: importing ``tests.conftest`` and ``torch.export``
+leaves it out of ``sys.modules``), so setting it at the top of this module, before
+``importorskip("triton")``, is enough; if triton was nevertheless imported compiled, the module
+is skipped. The variable is kept for this module's tests (the interpreter consults it at run
+time too) and restored afterwards. Triton stays imported in interpreter mode for the rest of
+the session: nothing else in this suite uses triton.
+
+Tolerances are bounds on float rounding only; the integers are compared exactly.
+- W4A4: kernel and reference do the same float32 operations on the same exact integer sums;
+  only their order and fusion (FMA on a GPU) may differ: at most ``G + 2`` roundings
+  (``G = K / group_size``), each ``<= 2**-24`` relative to the magnitude
+  ``B = |x_dq| @ |W_dq| + |bias|`` of the terms. Allowed: ``4 (G + 2) 2**-24 B`` (fp32 out),
+  plus one fp16 ulp of the output for fp16 outputs. One activation or weight code off by one
+  moves an output by ``|w| ws xs`` or ``|q| ws xs``, about ``B / K`` — 10**4 times more.
+- Reference vs the simulation (``qdq_per_token(x) @ dequantize_weight``): a float32 matmul
+  of K terms, ``4 (K + G + 2) 2**-24 B``.
+- Decode attention: the dequantized K/V are bit-identical; the dot products (D terms), the
+  exponentials and the sums (T terms) differ in order: ``1e-4 * max|V|`` absolute (observed
+  ~1e-7 * max|V|); a wrong code, zero point, nibble or mask moves outputs by ~1e-1 * max|V|.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: see the module docstring
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from quota_compile import kernels  # noqa: E402  (imports no kernel module)
+from quota_compile.quant import ops  # noqa: E402
+
+if not kernels.is_interpreted(triton.language.cdiv):
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+
+def _restore_interpret_env() -> None:
+    if _PREVIOUS_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+
+def _import_interpreted():
+    """The kernel modules, decorated in interpreter mode (reloaded if imported compiled)."""
+    mods = []
+    for name, kernel in (("w4a4_linear", "_quantize_rows_kernel"), ("kv_attention", "_decode_split_kernel")):
+        mod = importlib.import_module(f"quota_compile.kernels.{name}")
+        mods.append(mod if kernels.is_interpreted(getattr(mod, kernel)) else importlib.reload(mod))
+    return mods
+
+
+W, A = _import_interpreted()
+_restore_interpret_env()
+U = 2.0**-24  # float32 unit roundoff
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_env():
+    """The interpreter consults ``TRITON_INTERPRET`` at run time too: set while this module runs."""
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    _restore_interpret_env()
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _weights(n: int, k: int, group: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RTN INT4 codes ``[K, N]``, their ``pack_int4`` bytes and scales ``[K/group, N]``."""
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    codes, scale = ops.quantize_weight_rtn(w, 4, group)
+    return codes, ops.pack_int4(codes), scale
+
+
+def _magnitude(x, codes, w_scale, group, clip, bias) -> torch.Tensor:
+    """``|x_dq| @ |W_dq| + |bias|``: the size of the terms every output sums."""
+    x_dq = ops.qdq_per_token(x.float().reshape(-1, x.shape[-1]), 4, clip)
+    w_dq = ops.dequantize_weight(codes, w_scale, group)
+    mag = x_dq.abs() @ w_dq.abs()
+    return mag if bias is None else mag + bias.abs()
+
+
+def _assert_within(out: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
+    err = (out.float() - ref.float()).abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"max error {err.max().item():.3g} exceeds the bound by {worst:.3g}"
+
+
+def _tie_rows() -> torch.Tensor:
+    """Rows whose ``x / scale`` are exact halves (scales 1, 0.5, 2), padded to K = 32."""
+    halves = torch.arange(-6.5, 7.0, 1.0)  # -6.5 ... 6.5: every tie, both signs
+    rows = []
+    for scale in (1.0, 0.5, 2.0):
+        row = torch.zeros(32)
+        row[0] = 7.0 * scale  # the row maximum: scale = 7 * scale / 7 exactly
+        row[1:1 + halves.numel()] = halves * scale
+        row[16:16 + halves.numel()] = -halves * scale
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def _division_sensitive_rows(rows: int = 4, k: int = 64) -> torch.Tensor:
+    """Rows with elements next to ``(j + 1/2) * scale`` whose code differs between the correctly
+    rounded ``x / scale`` and ``x * (1 / scale)``: only an IEEE division gets them all right.
+    (For some scales the two never differ; those row maxima are skipped.)"""
+    rng = np.random.default_rng(0)
+    out = []
+    while len(out) < rows:
+        amax = np.float32(rng.uniform(0.5, 8.0))
+        scale = np.float32(amax / np.float32(7.0))
+        inv = np.float32(np.float32(1.0) / scale)
+        found = [amax]
+        for _ in range(20 * k):
+            tie = np.float32((rng.integers(-7, 7) + 0.5) * scale)
+            x = np.nextafter(tie, np.float32(rng.choice([-1e9, 1e9])))
+            if np.rint(np.float32(x / scale)) != np.rint(np.float32(x * inv)):
+                found.append(x)
+            if len(found) == k:
+                out.append(found)
+                break
+    return torch.tensor(np.array(out, np.float32))
+
+
+# ---------------------------------------------------------------------------- activation codes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("clip", [1.0, 0.9])
+def test_activation_codes_bit_identical(dtype, clip):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(33, 96, generator=g) * torch.logspace(-3, 3, 33)[:, None]
+    x[3] = 0.0  # all-zero row: the scale floor
+    x[4] = 1e-12 * torch.randn(96, generator=g)  # below the floor
+    x = x.to(dtype)
+    codes, scale = W.quantize_activations(x, clip)
+    ref_codes, ref_scale = W.quantize_activations_reference(x, clip)
+    assert codes.dtype == torch.int8 and scale.dtype == torch.float32
+    assert torch.equal(codes, ref_codes)
+    assert torch.equal(scale.view(torch.int32), ref_scale.view(torch.int32))
+
+
+def test_ties_round_half_to_even():
+    x = _tie_rows()
+    codes, scale = W.quantize_activations(x, 1.0)
+    expected = np.clip(np.rint(x.numpy() / np.array([[1.0], [0.5], [2.0]], np.float32)), -8, 7)
+    assert torch.equal(scale.flatten(), torch.tensor([1.0, 0.5, 2.0]))
+    assert np.array_equal(codes.numpy(), expected.astype(np.int8))
+    assert torch.equal(codes, ops.quantize_per_token(x, 4, 1.0)[0])
+    assert codes[0, 1:15].tolist() == [-6, -6, -4, -4, -2, -2, 0, 0, 2, 2, 4, 4, 6, 6]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["two-pass", "fused"])
+def test_division_is_correctly_rounded(fused):
+    x = _division_sensitive_rows()
+    ref_codes, ref_scale = ops.quantize_per_token(x, 4, 1.0)
+    reciprocal = torch.round(x * (1.0 / ref_scale)).clamp(-8, 7).to(torch.int8)
+    assert (reciprocal != ref_codes).sum(dim=1).min().item() == 63  # the rows do discriminate
+    codes, _ = W.quantize_activations(x, 1.0)
+    assert torch.equal(codes, ref_codes)
+    w_codes, packed, w_scale = _weights(16, 64, 64, seed=10)
+    out = W.w4a4_linear(x, packed, w_scale, 64, 1.0, fused=fused)
+    ref = W.w4a4_linear_reference(x, packed, w_scale, 64, 1.0)
+    _assert_within(out, ref, 4 * 3 * U * _magnitude(x, w_codes, w_scale, 64, 1.0, None))
+
+
+def test_saturation_clips_to_int4_range():
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(2))
+    codes, scale = W.quantize_activations(x, 0.5)
+    assert torch.equal(codes, ops.quantize_per_token(x, 4, 0.5)[0])
+    assert torch.equal(scale, ops.quantize_per_token(x, 4, 0.5)[1])
+    assert codes.min().item() == -8 and codes.max().item() == 7
+    assert (codes == 7).sum().item() >= 6  # every row's maximum saturates
+
+
+# ---------------------------------------------------------------------------- W4A4 linear
+
+
+CASES = [  # (M, N, K, group): odd sizes, every group size, per channel (ragged K tiles too)
+    (5, 40, 96, 32), (1, 40, 96, 32), (33, 48, 128, 64), (3, 24, 256, 128), (5, 40, 96, 96), (2, 16, 80, 80),
+]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["two-pass", "fused"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "M{}-N{}-K{}-g{}".format(*c))
+def test_w4a4_matches_reference(case, fused):
+    m, n, k, group = case
+    codes, packed, w_scale = _weights(n, k, group, seed=m + n + k)
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen) if m % 2 else None  # with and without bias
+    out = W.w4a4_linear(x, packed, w_scale, group, 0.9, bias, fused=fused)
+    ref = W.w4a4_linear_reference(x, packed, w_scale, group, 0.9, bias)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    bound = 4 * (k // group + 2) * U * _magnitude(x, codes, w_scale, group, 0.9, bias)
+    _assert_within(out, ref, bound)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["two-pass", "fused"])
+def test_w4a4_ties_and_saturation_through_the_gemm(fused):
+    x = torch.cat([_tie_rows(), 3.0 * torch.randn(2, 32, generator=torch.Generator().manual_seed(3))])
+    codes, packed, w_scale = _weights(16, 32, 32, seed=4)
+    for clip in (1.0, 0.5):
+        out = W.w4a4_linear(x, packed, w_scale, 32, clip, fused=fused)
+        ref = W.w4a4_linear_reference(x, packed, w_scale, 32, clip)
+        _assert_within(out, ref, 4 * 3 * U * _magnitude(x, codes, w_scale, 32, clip, None))
+
+
+def test_w4a4_float16_in_and_out():
+    codes, packed, w_scale = _weights(40, 64, 32, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 64, generator=gen).to(torch.float16)  # leading dims are flattened
+    bias = torch.randn(40, generator=gen).to(torch.float16)
+    out = W.w4a4_linear(x, packed, w_scale, 32, 1.0, bias)
+    ref = W.w4a4_linear_reference(x, packed, w_scale, 32, 1.0, bias)
+    assert out.shape == (2, 3, 40) and out.dtype == torch.float16
+    mag = _magnitude(x, codes, w_scale, 32, 1.0, bias).reshape(2, 3, 40)
+    _assert_within(out, ref, 4 * 4 * U * mag + 2.0**-10 * ref.float().abs())
+    out32 = W.w4a4_linear(x, packed, w_scale, 32, 1.0, bias, out_dtype=torch.float32)
+    assert out32.dtype == torch.float32
+
+
+def test_reference_matches_the_simulation():
+    m, n, k, group = 7, 40, 128, 32
+    codes, packed, w_scale = _weights(n, k, group, seed=7)
+    gen = torch.Generator().manual_seed(8)
+    x, bias = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    ref = W.w4a4_linear_reference(x, packed, w_scale, group, 0.9, bias)
+    sim = ops.qdq_per_token(x, 4, 0.9) @ ops.dequantize_weight(codes, w_scale, group) + bias
+    _assert_within(ref, sim, 4 * (k + k // group + 2) * U * _magnitude(x, codes, w_scale, group, 0.9, bias))
+
+
+def test_w4a4_rejects_inconsistent_arguments():
+    _, packed, w_scale = _weights(40, 96, 32, seed=9)
+    with pytest.raises(ValueError, match="group size"):
+        W.w4a4_linear(torch.randn(2, 96), packed, w_scale, 64)
+    with pytest.raises(ValueError, match="w_packed"):
+        W.w4a4_linear(torch.randn(2, 96), packed[:-1], w_scale, 32)
+
+
+# ---------------------------------------------------------------------------- decode attention
+
+
+def _cache(x: torch.Tensor, bits: int, granularity: str, valid: torch.Tensor) -> dict:
+    """Quantized cache of ``x [B, Hkv, T, D]``: codes, scale, zero point (None per channel)."""
+    if granularity == "per_token":
+        codes, scale, zp = ops.quantize_kv(x, bits)
+        return {"codes": codes, "scale": scale, "zero_point": zp}
+    amax = x.masked_fill(~valid[:, None, :, None], 0).abs().amax(dim=(0, 2))[:, None, :]
+    scale = ops.kv_static_scale(amax, bits)
+    return {"codes": ops.quantize_kv_static(x, scale, bits), "scale": scale, "zero_point": None}
+
+
+def _attention_inputs(b, h, hkv, t, d, seqlens, bits, granularity, seed, q_dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    valid = torch.arange(t)[None, :] < torch.tensor(seqlens)[:, None]
+    k, v = (torch.randn(b, hkv, t, d, generator=gen) for _ in range(2))
+    pad = ~valid[:, None, :, None]
+    k, v = k.masked_fill(pad, 1e3), v.masked_fill(pad, -1e3)  # garbage that would dominate if attended
+    kc, vc = _cache(k, bits, granularity, valid), _cache(v, bits, granularity, valid)
+    args = (torch.randn(b, h, d, generator=gen).to(q_dtype), kc["codes"], vc["codes"], kc["scale"],
+            vc["scale"], torch.tensor(seqlens, dtype=torch.int32))
+    kw = {"bits": bits, "granularity": granularity, "k_zero_point": kc["zero_point"],
+          "v_zero_point": vc["zero_point"]}
+    return args, kw
+
+
+def _v_max(args, kw) -> float:
+    return A.dequantize_cache(args[2], args[4], kw["v_zero_point"], kw["bits"], kw["granularity"]).abs().max().item()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("granularity", ["per_token", "per_channel"])
+def test_decode_attention_matches_reference(granularity, bits):
+    # GQA (4 query heads on 2 KV heads), odd T, per-sequence lengths, 3 splits of 16 positions
+    # (sequences 1 and 2 leave whole splits empty)
+    args, kw = _attention_inputs(3, 4, 2, 37, 32, [37, 20, 5], bits, granularity, seed=bits)
+    ref = A.kv_decode_attention_reference(*args, **kw)
+    assert ref.abs().max().item() < 10  # the 1e3 padding is masked out
+    tol = 1e-4 * _v_max(args, kw)
+    for splits in (3, None):
+        out = A.kv_decode_attention(*args, **kw, num_splits=splits)
+        assert out.shape == (3, 4, 32) and out.dtype == torch.float32
+        torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+
+
+def test_decode_attention_head_dim_64_mha_float16():
+    args, kw = _attention_inputs(2, 2, 2, 21, 64, [21, 9], 4, "per_token", seed=11, q_dtype=torch.float16)
+    out = A.kv_decode_attention(*args, **kw, sm_scale=0.2, num_splits=2)
+    ref = A.kv_decode_attention_reference(*args, **kw, sm_scale=0.2)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2.0**-10, atol=1e-4 * _v_max(args, kw))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_decode_attention_ignores_padding_and_empty_sequences_give_nan():
+    args, kw = _attention_inputs(2, 2, 1, 20, 32, [7, 0], 8, "per_token", seed=12)
+    out = A.kv_decode_attention(*args, **kw, num_splits=2)
+    k_codes = args[1].clone()
+    k_codes[0, :, 7:] = 255 - k_codes[0, :, 7:]
+    changed = A.kv_decode_attention(args[0], k_codes, *args[2:], **kw, num_splits=2)
+    assert torch.equal(out[0], changed[0])
+    ref = A.kv_decode_attention_reference(*args, **kw)
+    assert torch.isnan(out[1]).all() and torch.isnan(ref[1]).all()
+
+
+def test_decode_attention_rejects_inconsistent_arguments():
+    args, kw = _attention_inputs(1, 3, 2, 8, 32, [8], 4, "per_token", seed=13)
+    with pytest.raises(ValueError, match="multiple"):
+        A.kv_decode_attention(*args, **kw)
+    args, kw = _attention_inputs(1, 2, 2, 8, 32, [8], 4, "per_token", seed=13)
+    with pytest.raises(ValueError, match="zero_point"):
+        A.kv_decode_attention(*args, **{**kw, "k_zero_point": None})
+
+
+# ---------------------------------------------------------------------------- GPU code generation
+
+
+def test_available():
+    assert kernels.available()
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter cannot see the GPU compiler: compile every kernel for sm_90 (Triton's
+    bundled ptxas, no GPU needed) through the benchmark script's ``--compile-only`` check."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--compile-only", "--quick"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "div.rn.f32" in run.stdout and "FAIL" not in run.stdout
