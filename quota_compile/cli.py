@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--image", action="append", required=True, type=Path, help="an image file; repeat for a batch")
     r.add_argument("--prompt", action="append", required=True, help="the question for the image at the same position")
     r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto",
+        help="auto: onnxruntime's CUDA/TensorRT providers where installed (quota-compile[gpu]), else the CPU; cuda: refuse to run without them",
+    )
     w = sub.add_parser("write-builtin", help="write a builtin model as a Hugging Face checkpoint folder")
     w.add_argument("name", help="builtin model name, e.g. tiny-llava")
     w.add_argument("folder", type=Path)
@@ -142,7 +146,7 @@ def _run(args) -> int:
             raise UserError(f"{img}: no such image file (option --image).")
     if args.max_new_tokens < 1:
         raise UserError("command line: --max-new-tokens must be at least 1.")
-    runner = BundleRunner(args.bundle)
+    runner = BundleRunner(args.bundle, device=args.device, say=lambda line: print(line, file=sys.stderr))
     for answer in runner.answer(list(args.image), list(args.prompt), args.max_new_tokens):
         print(answer)
     return 0

@@ -10,6 +10,8 @@ KV-cache mask, and a finished row (EOS) keeps decoding harmlessly until all are 
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -102,6 +104,29 @@ def greedy_generate(backend: Backend, batch: Batch, max_new_tokens: int, eos_tok
     return out
 
 
+# Execution providers ``device="auto"`` asks for, best first, where this onnxruntime has them
+# (``pip install quota-compile[gpu]`` brings onnxruntime-gpu, which has the CUDA and TensorRT
+# ones; the CPU build has only CPUExecutionProvider).
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def choose_providers(device: str = "auto") -> list[str]:
+    """onnxruntime execution providers for ``device``: ``cpu``; ``cuda`` (the GPU providers
+    this onnxruntime has, refused if none); ``auto`` (the GPU providers where present, else
+    the CPU). The CPU provider always comes last, for the nodes the others do not take."""
+    import onnxruntime as ort
+
+    if device not in DEVICES:
+        raise UserError(f"device {device!r}: expected one of {', '.join(DEVICES)}.")
+    gpu = [p for p in GPU_PROVIDERS if p in ort.get_available_providers()]
+    if device == "cuda" and not gpu:
+        raise UserError(
+            f"device cuda: this onnxruntime ({ort.__version__}) has no CUDA provider; install quota-compile[gpu] (onnxruntime-gpu) or use --device cpu."
+        )
+    return ([] if device == "cpu" else gpu) + ["CPUExecutionProvider"]
+
+
 class OrtBackend:
     """The bundle's three graphs in onnxruntime sessions."""
 
@@ -121,7 +146,12 @@ class OrtBackend:
             opts.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
         self.folder = Path(bundle)
-        self.sessions = {g: ort.InferenceSession(str(bundle / f"{g}.onnx"), opts, providers=providers) for g in GRAPHS}
+        with warnings.catch_warnings():  # (an unavailable provider: reported by ``missing``)
+            warnings.filterwarnings("ignore", message="Specified provider")
+            self.sessions = {g: ort.InferenceSession(str(bundle / f"{g}.onnx"), opts, providers=providers) for g in GRAPHS}
+        # the providers asked for that a session could not start (e.g. onnxruntime-gpu without
+        # a GPU or CUDA libraries: onnxruntime then runs on the CPU)
+        self.missing = [p for p in providers if any(p not in s.get_providers() for s in self.sessions.values())]
         self._inputs = {g: [i.name for i in s.get_inputs()] for g, s in self.sessions.items()}
         # The portable decode graph returns the new token's KV entries (appended here); the
         # onnxruntime flavour's GroupQueryAttention returns the whole updated cache.
@@ -146,7 +176,9 @@ class OrtBackend:
 class BundleRunner:
     """Answer questions about images with a compiled bundle."""
 
-    def __init__(self, bundle: str | Path, providers: list[str] | None = None):
+    def __init__(self, bundle: str | Path, providers: list[str] | None = None, device: str = "auto", say: Callable[[str], None] | None = None):
+        """``providers`` (onnxruntime's names) or ``device`` (:func:`choose_providers`); ``say``
+        gets one line when GPU providers were asked for but the sessions run on the CPU."""
         from transformers import AutoProcessor
 
         bundle = Path(bundle)
@@ -160,7 +192,10 @@ class BundleRunner:
         flavours = self.manifest.get("flavours", {})
         self.flavour = "onnxruntime" if "onnxruntime" in flavours else "portable"
         folder = bundle / flavours.get(self.flavour, {}).get("folder", ".")
-        self.backend = OrtBackend(folder, providers)
+        self.backend = OrtBackend(folder, providers or choose_providers(device))
+        gpu_missing = [p for p in self.backend.missing if p in GPU_PROVIDERS]
+        if gpu_missing and say is not None:
+            say(f"note: {', '.join(gpu_missing)} could not start (no usable GPU or CUDA libraries); running on the CPU.")
         model = self.manifest["model"]
         self.prompt_template = model["prompt_template"]
         self.visual_span = (model["visual_start"], model["visual_tokens"])
