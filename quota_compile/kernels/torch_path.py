@@ -1,0 +1,65 @@
+"""The PyTorch execution path: the traced, pass-processed programs (what the ONNX graphs are
+lowered from) run by PyTorch on a GPU, each W4A4 Linear as the Triton kernel.
+
+What a user without TensorRT runs on an NVIDIA GPU. :func:`kernel_programs` copies the traced
+vision / prefill / decode graph modules (:func:`quota_compile.trace.trace_programs`), applies
+the ``use_triton_kernels`` pass (``passes/use_triton_kernels.py``: each
+``matmul(qdq_per_token(x), dequantize_int4(...))`` becomes one ``quota.w4a4_linear``) and
+moves them to the device; :class:`KernelBackend` runs them behind the
+:class:`~quota_compile.runtime.Backend` interface, so ``greedy_generate`` and the verification
+take it like the onnxruntime sessions.
+
+Verified here: on the CPU, with triton in its interpreter (``TRITON_INTERPRET=1``), the kernel
+path's logits, greedy tokens and kept indices match the simulation's (``tests/test_kernels.py``).
+Not verified: a CUDA run (no GPU on this machine). The KV-cache attention still runs as the
+graph's own PyTorch operations (``kv_decode_attention`` is not substituted yet).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import fx
+
+from ..runtime import append_kv
+
+
+def kernel_programs(traced: dict, device: str | torch.device = "cuda") -> dict[str, fx.GraphModule]:
+    """Copies of the traced programs with the Triton W4A4 Linear, on ``device``."""
+    from passes.use_triton_kernels import UseTritonKernels, _w4a4_matmuls
+
+    out = {}
+    for name, t in traced.items():
+        gm = copy.deepcopy(t.module)
+        if _w4a4_matmuls(gm):
+            gm = UseTritonKernels()(gm).graph_module
+        out[name] = gm.to(device).eval()
+    return out
+
+
+class KernelBackend:
+    """:func:`kernel_programs` behind the runtime's Backend interface (numpy in and out)."""
+
+    def __init__(self, traced: dict, device: str | torch.device = "cuda"):
+        self.device = torch.device(device)
+        self.programs = kernel_programs(traced, self.device)
+        self._kept = sum(1 for n in traced["prefill"].output_names if n.startswith("kept."))
+
+    def _run(self, name: str, values: list[np.ndarray]) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = self.programs[name](*(torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for v in values))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.cpu().numpy() for o in out]
+
+    def vision(self, pixel_values):
+        return self._run("vision", [pixel_values])[0]
+
+    def prefill(self, input_ids, attention_mask, image_features):
+        out = self._run("prefill", [input_ids, attention_mask, image_features])
+        return out[0], out[1 : len(out) - self._kept], out[len(out) - self._kept :]
+
+    def decode(self, input_ids, position_ids, attention_mask, past):
+        out = self._run("decode", [input_ids, position_ids, attention_mask, *past])
+        return out[0], append_kv(past, out[1:])
