@@ -63,58 +63,45 @@ def test_rotation_leaves_fp_logits_unchanged_in_float64():
     assert not torch.allclose(before.hidden_states[1], after.hidden_states[1], atol=1e-3)
 
 
-def _inject_outliers(model, channels=(3, 17, 40), factor=50.0):
-    """A few hidden channels made 50x larger at the input of every Linear that reads the
-    residual stream (the RMSNorm scales), compensated in those Linears' weights: the
-    full-precision function is unchanged, the per-token INT4 activations are not."""
-    lm = model.model.language_model
-    c = list(channels)
-    with torch.no_grad():
-        pairs = [(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]) for layer in lm.layers]
-        pairs += [(layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in lm.layers]
-        pairs += [(lm.norm, [model.lm_head])]
-        for norm, readers in pairs:
-            norm.weight[c] *= factor
-            for lin in readers:
-                lin.weight[:, c] /= factor
+def test_rotation_cuts_the_w4a4kv4_error_of_outlier_channels():
+    """The outlier experiment (quota_compile/quant/outliers.py) on the tiny model: outliers x50
+    in the normalised residual stream and in down_proj's input, W4A4 with an INT4 KV cache.
+    The rotation cuts the KL from full precision by more than 5x (measured 16.8x with
+    benchmarks/outliers.py, docs/benchmark.md); its online part, not only the RMSNorm folding
+    that undoes the residual injection, matters; GPTQ on the rotated model is better still."""
+    from quota_compile.quant.outliers import run_experiment
+
+    r = run_experiment(prompts=8, steps=4, calibration_samples=8)
+    print({k: (v.kl, v.agreement) for k, v in r.items()})
+    assert r["rtn + rotation"].kl * 5 < r["rtn"].kl
+    assert r["rtn + rotation"].agreement > r["rtn"].agreement + 0.3
+    assert r["rtn + rotation"].kl < r["rtn + offline rotation"].kl
+    assert r["gptq + rotation"].kl < r["rtn + rotation"].kl
+    assert r["gptq"].kl > 5 * r["gptq + rotation"].kl  # GPTQ alone does not fix outliers
 
 
-def test_rotation_cuts_the_w4a4_error_of_outlier_channels():
-    """W4A4 RTN (per-token INT4 activations, INT4 weights in groups of 16) of the 4-layer tiny
-    model with injected outlier channels, with and without the rotation: KL of the next-token
-    distributions from full precision, over every position of two prompts."""
-    import copy
+def test_injected_outliers_keep_the_fp_function():
+    import contextlib
+    from pathlib import Path
 
-    from quota_compile.config import QuantizationSection, WeightQuant
-    from quota_compile.quant.simulate import quantize
+    from quota_compile.config import parse_config
+    from quota_compile.models import load_model
+    from quota_compile.quant.outliers import inject_outliers
 
-    from .conftest import build_tiny_llava
+    cfg = parse_config({"version": 1, "model": {"source": "builtin:tiny-llava"}}, Path("t.yaml"))
+    vlm = load_model(cfg, Path("t.yaml"), contextlib.ExitStack())
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    m = vlm.model
 
-    model, _ = build_tiny_llava(0, num_layers=4)
-    model.eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.text_config.vocab_size, (2, 24), generator=g)
-
-    def logits(m):
+    def logits():
         with torch.no_grad():
-            return m.lm_head(m.model.language_model(input_ids=ids).last_hidden_state).double()
+            return m.lm_head(m.model.language_model(input_ids=ids).last_hidden_state)
 
-    fp = logits(model)
-    _inject_outliers(model)
-    assert torch.allclose(logits(model), fp, rtol=1e-4, atol=1e-4)  # the FP function is unchanged
-    spec = QuantizationSection(weights=WeightQuant(group_size=16), ignore=["re:.*vision_tower.*"])
-    result = {}
-    for name, rotate in (("rtn", False), ("rtn+rotation", True)):
-        m = copy.deepcopy(model)
-        if rotate:
-            rotate_llava(m, seed=0)
-        quantize(m, spec)
-        q = logits(m)
-        kl = torch.nn.functional.kl_div(q.log_softmax(-1), fp.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean()
-        result[name] = (float(kl), float((q.argmax(-1) == fp.argmax(-1)).double().mean()))
-    print(result)
-    assert result["rtn+rotation"][0] * 5 < result["rtn"][0], result
-    assert result["rtn+rotation"][1] > result["rtn"][1], result
+    before = logits()
+    up = m.model.language_model.layers[0].mlp.up_proj.weight.detach().clone()
+    inject_outliers(m)
+    assert torch.allclose(logits(), before, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(m.model.language_model.layers[0].mlp.up_proj.weight, up)
 
 
 def test_config_rotation_rotates_before_quantizing(small_folder):
