@@ -155,12 +155,13 @@ def _pruning_lines(manifest: dict, verify: dict, recipe, figures: list[str]) -> 
 
 
 def _flavour_lines(verify: dict) -> list[str]:
-    """The onnxruntime flavour's verification, when the bundle has it."""
+    """The derived flavours' verification (onnxruntime, tensorrt), where the bundle has them."""
     out = []
+    used = {"onnxruntime": ", used by `quota-compile run`", "tensorrt": ", plugins run by their references in onnxruntime"}
     for name, v in verify.get("flavours", {}).items():
         t = v["thresholds"]
         out += [
-            f"## Verification of the {name} flavour (`{name}/`, used by `quota-compile run`)",
+            f"## Verification of the {name} flavour (`{name}/`{used.get(name, '')})",
             "",
             f"- worst relative logits error: {v['max_logits_rel_error']:.3g} (limit {t['max_logits_rel_error']:g})",
             f"- samples with identical greedy tokens: {v['greedy_agreement']:.0%} (required {t['min_greedy_agreement']:.0%}); "

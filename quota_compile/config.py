@@ -193,15 +193,17 @@ class ExportSection(_Section):
     opset: int = Field(21, ge=21, le=23)
     # portable: standard ONNX ops only (always written: the reference lowering);
     # onnxruntime: also the onnxruntime CPU flavour in <bundle>/onnxruntime/, which the
-    # runtime then uses.
-    targets: list[Literal["portable", "onnxruntime"]] = Field(default_factory=lambda: ["portable"], min_length=1)
+    # runtime then uses; tensorrt: also the TensorRT flavour in <bundle>/tensorrt/ (plugin
+    # nodes for the W4A4 Linears and the quantized KV cache; quota_compile/lower_trt.py),
+    # verified through onnxruntime-extensions, and its engines where TensorRT and a GPU are.
+    targets: list[Literal["portable", "onnxruntime", "tensorrt"]] = Field(default_factory=lambda: ["portable"], min_length=1)
     onnxruntime: OnnxruntimeExport = Field(default_factory=OnnxruntimeExport)
 
     @field_validator("targets")
     @classmethod
     def _portable_first(cls, v: list[str]) -> list[str]:
         if "portable" not in v:
-            raise ValueError("must include portable (the onnxruntime flavour is derived from the portable graphs, which every bundle carries)")
+            raise ValueError("must include portable (the onnxruntime and tensorrt flavours are derived from the portable graphs, which every bundle carries)")
         if len(set(v)) != len(v):
             raise ValueError("lists a target twice")
         return v

@@ -352,6 +352,60 @@ def kv_update_of(model_or_meta) -> str:
     return meta.get(KV_UPDATE_KEY, KV_APPEND)
 
 
+def _chain_to(consumers: dict, tensor: str, op_type: str, fail) -> list[onnx.NodeProto]:
+    """The single-reader chain of nodes from ``tensor`` to the first ``op_type``."""
+    path = []
+    while True:
+        readers = consumers.get(tensor, [])
+        if len(readers) != 1:
+            fail(f"{tensor} has {len(readers)} readers on the way to a {op_type}")
+        path.append(readers[0])
+        if readers[0].op_type == op_type:
+            return path
+        tensor = readers[0].output[0]
+
+
+def _downstream(consumers: dict, tensor: str, found) -> onnx.NodeProto | None:
+    """The first node (breadth first) downstream of ``tensor`` for which ``found(node)``."""
+    frontier, seen = [tensor], set()
+    while frontier:
+        nxt = []
+        for t in frontier:
+            for n in consumers.get(t, []):
+                if id(n) in seen:
+                    continue
+                seen.add(id(n))
+                if found(n):
+                    return n
+                nxt.extend(n.output)
+        frontier = nxt
+    return None
+
+
+def _is_cache_concat(n: onnx.NodeProto) -> bool:
+    """The Concat along the sequence axis (2) that appends a new entry to the past."""
+    return n.op_type == "Concat" and any(a.name == "axis" and helper.get_attribute_value(a) == 2 for a in n.attribute)
+
+
+def _toposort(nodes: list[onnx.NodeProto], available: set[str], fail) -> list[onnx.NodeProto]:
+    """``nodes`` in an order where every input is written before it is read (``available``:
+    the graph inputs and initializers)."""
+    available = set(available) | {""}
+    ordered, pending = [], nodes
+    while pending:
+        waiting = []
+        for n in pending:
+            if all(x in available for x in n.input):
+                ordered.append(n)
+                available.update(n.output)
+            else:
+                waiting.append(n)
+        if len(waiting) == len(pending):
+            fail("the rewritten graph has a cycle or reads a tensor nothing writes")
+        pending = waiting
+    return ordered
+
+
 def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of the decode graph ``model`` with each layer's attention, the part between the
     rotated query / key, the value, the mask bias and the per-channel INT4 cache, as one
@@ -378,33 +432,11 @@ def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
         raise OrtLoweringError(f"GroupQueryAttention rewrite: {msg}")
 
     def chain_to(tensor: str, op_type: str) -> list[onnx.NodeProto]:
-        """The single-reader chain of nodes from ``tensor`` to the first ``op_type``."""
-        path = []
-        while True:
-            readers = consumers.get(tensor, [])
-            if len(readers) != 1:
-                fail(f"{tensor} has {len(readers)} readers on the way to a {op_type}")
-            path.append(readers[0])
-            if readers[0].op_type == op_type:
-                return path
-            tensor = readers[0].output[0]
+        return _chain_to(consumers, tensor, op_type, fail)
 
     def cache_concat(past: str) -> onnx.NodeProto:
         """The Concat (axis 2) that appends the new entry to the dequantized ``past``."""
-        frontier, seen = [past], set()
-        while frontier:
-            nxt = []
-            for t in frontier:
-                for n in consumers.get(t, []):
-                    if id(n) in seen:
-                        continue
-                    seen.add(id(n))
-                    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-                    if n.op_type == "Concat" and attrs.get("axis") == 2:
-                        return n
-                    nxt.extend(n.output)
-            frontier = nxt
-        fail(f"no Concat appends to {past}")
+        return _downstream(consumers, past, _is_cache_concat) or fail(f"no Concat appends to {past}")
 
     def static_quantizer(present: str) -> onnx.NodeProto:
         """The Div(x, static scale) that starts the quantizer writing ``present``."""
@@ -497,20 +529,9 @@ def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
             replaced[id(n)] = []
 
     nodes = _live([n for n in graph.node if id(n) not in replaced] + added, graph)  # drops the old attention
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {t.name for t in new_inits} | {""}
-    ordered, pending = [], nodes
-    while pending:  # topological order (the new nodes read tensors from all over the graph)
-        waiting = []
-        for n in pending:
-            if all(x in available for x in n.input):
-                ordered.append(n)
-                available.update(n.output)
-            else:
-                waiting.append(n)
-        if len(waiting) == len(pending):
-            fail("the rewritten graph has a cycle")
-        pending = waiting
-    _write_back(out, ordered, new_inits)
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {t.name for t in new_inits}
+    # topological order (the new nodes read tensors from all over the graph)
+    _write_back(out, _toposort(nodes, available, fail), new_inits)
     del graph.value_info[:]  # shapes of removed tensors; onnxruntime infers what it needs
     for o in graph.output:
         if o.name.startswith("present."):

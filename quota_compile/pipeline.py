@@ -26,6 +26,7 @@ from .config import bundle_name, load_config
 from .errors import UserError, VerificationFailed
 from .lower import export_onnx, save_onnx
 from .lower_ort import ORT_FOLDER, describe_arithmetic, kv_update_of, lower_flavour, uses_group_query_attention
+from .lower_trt import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_FOLDER, plugin_counts, to_tensorrt
 from .models import load_model
 from .programs import KV_STATIC, KV_STORED
 from .quant.ops import kv_packed_dim
@@ -70,6 +71,26 @@ def check_calibration_device(cfg, config_file: Path) -> None:
     device = cfg.calibration.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"{config_file}: key 'calibration.device': {device!r} needs a CUDA GPU, and torch {torch.__version__} sees none; use cpu.")
+
+
+def check_tensorrt_target(cfg, config_file: Path) -> None:
+    """``export.targets: [.., tensorrt]`` needs INT4 activations (the W4A4 plugin's Triton
+    kernel quantizes to INT4) and onnxruntime-extensions (the flavour is verified with it)."""
+    if "tensorrt" not in cfg.export.targets:
+        return
+    if cfg.quantization.activations.bits != 4:
+        raise UserError(
+            f"{config_file}: key 'quantization.activations.bits': the tensorrt target runs W4A4 Linears as the "
+            f"QuotaW4A4Linear plugin, whose kernel quantizes activations to INT4, not INT{cfg.quantization.activations.bits}; "
+            "use bits: 4 or remove tensorrt from export.targets."
+        )
+    try:
+        import onnxruntime_extensions  # noqa: F401
+    except ImportError:
+        raise UserError(
+            f"{config_file}: key 'export.targets': the tensorrt target is verified through onnxruntime-extensions, "
+            "which is not installed; pip install 'quota-compile[tensorrt]' (or onnxruntime-extensions)."
+        ) from None
 
 
 def check_group_size(model, cfg, config_file: Path) -> None:
@@ -118,6 +139,7 @@ def compile_model(
     with progress.stage("config", str(config_file)):
         cfg = load_config(config_file)
         check_calibration_device(cfg, config_file)
+        check_tensorrt_target(cfg, config_file)
         name = bundle_name(cfg, config_file)
         final = Path(cfg.output.dir) / name
         check_destination(final, force, config_file)
@@ -158,6 +180,7 @@ def compile_model(
                 for g, t in traced.items()
             }
             ort_models = lower_flavour(models, cfg.export.onnxruntime, uses_group_query_attention(cfg)) if "onnxruntime" in cfg.export.targets else {}
+            trt_models = to_tensorrt(models) if "tensorrt" in cfg.export.targets else {}
 
         with atomic_folder(final, force) as tmp:
             for g, m in models.items():
@@ -166,6 +189,10 @@ def compile_model(
                 (tmp / ORT_FOLDER).mkdir()
                 for g, m in ort_models.items():
                     save_onnx(m, tmp / ORT_FOLDER / f"{g}.onnx")
+            if trt_models:
+                (tmp / TRT_FOLDER).mkdir()
+                for g, m in trt_models.items():
+                    save_onnx(m, tmp / TRT_FOLDER / f"{g}.onnx")
             vlm.processor.save_pretrained(tmp / "tokenizer")
             if qm.kv_scales is not None:
                 import numpy as np
@@ -186,11 +213,23 @@ def compile_model(
                     report["flavours"]["onnxruntime"] = ort
                     report["failures"] += [f"onnxruntime flavour: {f}" for f in ort["failures"]]
                     report["passed"] = report["passed"] and ort["passed"]
+                if trt_models:
+                    trt = verify_tensorrt_flavour(reference, tmp, trt_models, samples, cfg)
+                    report["flavours"]["tensorrt"] = trt
+                    report["failures"] += [f"tensorrt flavour: {f}" for f in trt["failures"]]
+                    report["passed"] = report["passed"] and trt["passed"]
                 if not report["passed"]:
                     raise VerificationFailed("; ".join(report["failures"]))
                 write_json(tmp / "verify.json", report)
 
             with progress.stage("bundle", str(final)):
+                engines = None
+                if trt_models:
+                    from .trt_plugins import build_engines
+
+                    engines = build_engines(tmp, min_length=span[0] + span[1] + 1)
+                    if isinstance(engines, str):
+                        console.print(engines, highlight=False, soft_wrap=True, markup=False)
                 recipe = Recipe(
                     tool_version=__version__,
                     model=ModelIdentity(source=cfg.model.source, sha256=model_hash, num_layers=vlm.num_layers, visual_tokens=span[1]),
@@ -199,7 +238,7 @@ def compile_model(
                     calibration=provenance,
                 )
                 recipe.dump(tmp / "recipe.yaml")
-                manifest = build_manifest(cfg, vlm, model_hash, span, models, ort_models, tmp, pruning, report)
+                manifest = build_manifest(cfg, vlm, model_hash, span, models, ort_models, tmp, pruning, report, trt_models, engines)
                 figures = draw_figures(tmp, vlm, span, pruning, cfg.pruning, samples, reference)
                 passes = {g: t.passes for g, t in traced.items()}
                 (tmp / "report.md").write_text(report_markdown(name, manifest, report, passes, recipe, figures), encoding="utf-8")
@@ -237,7 +276,24 @@ def kv_cache_bytes(vlm, bits: int, keep: list[int], prompt_len: int, generated: 
     return {"prompt_length": prompt_len, "generated": generated, "bundle": ours, "fp16_unpruned": fp16, "ratio": fp16 / ours}
 
 
-def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dict, ort_models: dict, folder: Path, pruning, report: dict) -> dict:
+def verify_tensorrt_flavour(reference, folder: Path, trt_models: dict, samples, cfg) -> dict:
+    """verify.json's ``flavours.tensorrt``: the flavour (plugins run by their references through
+    onnxruntime-extensions) against the simulation, as the other flavours are, plus
+    Polygraphy's graph-by-graph comparison with the portable graphs on the first sample."""
+    from .trt_verify import RUNTIME, TensorrtReferenceBackend, describe_arithmetic as trt_arithmetic, polygraphy_compare as trt_polygraphy
+
+    graphs = trt_polygraphy(folder, trt_models, sample=samples[0])
+    trt = verify(reference, TensorrtReferenceBackend(trt_models), samples, cfg.verify.for_flavour("tensorrt"), graphs)
+    trt["flavour"] = "tensorrt"
+    trt["runtime"] = RUNTIME
+    trt["polygraphy_reference"] = "the portable graphs (onnxruntime)"
+    trt["arithmetic"] = trt_arithmetic()
+    trt["plugins"] = {g: plugin_counts(m) for g, m in trt_models.items()}
+    return trt
+
+
+def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dict, ort_models: dict, folder: Path, pruning, report: dict,
+                   trt_models: dict | None = None, engines: dict | str | None = None) -> dict:
     bits = cfg.quantization.kv_cache.bits
     graphs = {}
     for g, m in models.items():
@@ -255,6 +311,21 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
             "accuracy_level": cfg.export.onnxruntime.accuracy_level,
             "arithmetic": describe_arithmetic(cfg),
             "used_by_runtime": True,
+        }
+    if trt_models:
+        sub = folder / TRT_FOLDER
+        flavours["tensorrt"] = {
+            "folder": TRT_FOLDER,
+            "graphs": sorted(trt_models),
+            "bytes": {g: (sub / f"{g}.onnx").stat().st_size for g in sorted(trt_models)},
+            "plugins": {g: plugin_counts(m) for g, m in trt_models.items()},
+            "plugin_namespace": PLUGIN_NAMESPACE,
+            "plugin_version": PLUGIN_VERSION,
+            "plugin_definitions": "quota_compile.trt_plugins.register_plugins (tensorrt.plugin; AOT Triton kernels of quota_compile.kernels.trt_aot)",
+            "kv_update": kv_update_of(trt_models["decode"]),
+            "verified_with": "onnxruntime with the plugins as onnxruntime-extensions Python custom ops (quota_compile.trt_verify); TensorRT itself only where engines were built",
+            "engines": engines if isinstance(engines, dict) else {"built": False, "reason": engines},
+            "used_by_runtime": False,
         }
     v = span[1]
     granularity = cfg.quantization.kv_cache.granularity

@@ -1,0 +1,442 @@
+"""The ``tensorrt`` flavour: the portable graphs rewritten for TensorRT's ONNX parser.
+
+TensorRT executes INT4 only as weight-only blocked ``DequantizeLinear`` and has no quantized
+KV cache; its ONNX parser knows no ``BitShift`` / ``BitwiseAnd`` / ``BitwiseOr`` and takes
+``uint8`` only at the network's edges (../shared/RESEARCH.md; TensorRT's ``DataType.UINT8``:
+https://docs.nvidia.com/deeplearning/tensorrt/api/python_api/infer/FoundationalTypes/DataType.html;
+onnx-tensorrt ``docs/operators.md``: BitShift unsupported). So everything that computes on the
+INT4 activations or on the packed cache becomes a plugin node, and everything else stays the
+portable graph's, node for node:
+
+- every W4A4 Linear, i.e. ``MatMul(DequantizeLinear(QuantizeLinear(x, s, axis=-1,
+  block_size=K, INT4), s), DequantizeLinear(INT4 W [K, N], scale [K/g, N], axis=0,
+  block_size=g))`` with ``s = Max(Div([Mul(]ReduceMax(Abs(x), axes=-1)[, clip]), 7), eps)``
+  and optionally ``Add(·, bias [N])``, becomes one :data:`W4A4_LINEAR` node (schema below);
+  the per-token quantizer chain, the weight's DequantizeLinear and the bias Add go (the
+  plugin quantizes its input itself, as the Triton kernel does). Weight-only INT4 Linears (no
+  activation quantizer in front) stay blocked ``DequantizeLinear`` + ``MatMul``, which
+  TensorRT runs natively (it needs block size 64 or 128 there; see RESEARCH.md);
+- in the prefill, each layer's key and value quantizer (the codes, per-token scales and zero
+  points written to ``present.*``, and the dequantized values the layer's attention reads)
+  becomes one :data:`KV_QUANTIZE` node;
+- in the decode, each layer's attention over the quantized cache (quantizing the new token's
+  key and value, dequantizing the past, the grouped-query products, the mask bias, the
+  softmax and the product with the values) becomes one :data:`DECODE_ATTENTION` node. Its
+  ``present_*`` outputs are the new token's entries only, like the portable graph's: the
+  runtime's cache protocol stays "append" (:data:`quota_compile.lower_ort.KV_APPEND`).
+
+Plugin nodes are in domain :data:`PLUGIN_DOMAIN`; ``op_type`` is the plugin name, with the
+string attributes ``plugin_namespace`` (``"quota"``) and ``plugin_version`` (``"1"``) and the
+int attribute ``aot = 1``, which is what TensorRT's ONNX parser reads to map a node to a plugin
+registered as ``quota::<op_type>`` and to take its ahead-of-time implementation (TensorRT
+samples/python/quickly_deployable_plugins/README.md, "ONNX model with an AOT plugin";
+https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/trt_plugin_aot_impl/index.html).
+The parser dispatches on ``op_type`` alone (onnx-tensorrt ModelImporter.cpp: no importer for
+the op -> ``FallbackPluginImporter``), so the domain only keeps the graph valid for the ONNX
+checker.
+
+Plugin schemas (shapes: ``B`` batch, ``T`` tokens, ``H`` / ``Hkv`` query / KV heads, ``D``
+head size, ``Dc = D/2`` for INT4 codes and ``D`` for INT8, ``P`` past length):
+
+``QuotaW4A4Linear(x f32 [..., K], weight u8 [K, N/2], scale f32 [K/g, N], bias f32 [N]) ->
+y f32 [..., N]``; attributes ``group_size``, ``clip_ratio``, ``act_bits``. ``weight`` is
+``ops.pack_int4`` of the ``[K, N]`` codes (the INT4 initializer's own bytes); ``bias`` is
+zeros where the Linear has none (one input list for TensorRT's fixed plugin signature).
+Semantics: ``kernels.w4a4_linear.w4a4_linear_reference(x, weight, scale, group_size,
+clip_ratio, bias)`` (per-token INT4 codes of ``x`` exactly as ``ops.quantize_per_token``,
+exact integer dot per group, float32 group sum, times the row scale, plus bias).
+
+``QuotaKVQuantize(x f32 [B, Hkv, T, D], scale, zero_point) -> (codes u8 [B, Hkv, T, Dc],
+scale, zero_point, dequantized f32 [B, Hkv, T, D])``; attributes ``bits``, ``granularity``.
+``per_token``: ``ops.quantize_kv(x, bits)``; the ``scale`` / ``zero_point`` inputs are unused
+placeholders (f32 / u8 ``[1]``) and the outputs are the dynamic ``[B, Hkv, T, 1]`` ones.
+``per_channel``: ``ops.quantize_kv_static(x, scale, bits)`` with the static ``scale
+[Hkv, 1, D]`` and ``zero_point = 2**(bits-1)`` (u8 ``[1, 1, 1, 1]``); the scale and zero
+point outputs repeat those inputs. ``dequantized = (codes - zero_point) * scale`` (unpacked).
+
+``QuotaKVDecodeAttention(query f32 [B, H, 1, D], key f32 [B, Hkv, 1, D], value f32
+[B, Hkv, 1, D], bias f32 [B, 1, 1, P+1], past_key u8 [B, Hkv, P, Dc], past_value,
+key_scale, value_scale, key_zero_point, value_zero_point) -> (attention f32 [B, H, 1, D],
+present_key u8 [B, Hkv, 1, Dc], present_value, present_key_scale, present_value_scale,
+present_key_zero_point, present_value_zero_point)``; attributes ``bits``, ``granularity``,
+``num_heads``, ``kv_num_heads``, ``scale``. ``key`` / ``value`` are the new token's (after
+RoPE), quantized like :data:`KV_QUANTIZE` into the ``present_*`` outputs; the scale and zero
+point inputs describe the past (``per_token``: ``[B, Hkv, P, 1]``; ``per_channel``: the
+static ones, as for :data:`KV_QUANTIZE`). ``attention`` is
+``kernels.kv_attention.kv_decode_attention_reference`` over the cache with the new token
+appended (``P + 1`` positions), with ``sm_scale = scale`` and the additive ``bias`` (the
+graph's mask: 0 or a large negative number per position, which generalises the reference's
+``t < seqlens[b]``: a right-padded batch masks positions inside the cache) added to the
+scaled scores before the float32 softmax; the query axis of length 1 is kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .lower_ort import KV_APPEND, KV_UPDATE_KEY, _chain_to as chain_to, _downstream, _indexed_copy, _is_cache_concat, _live, _toposort, _write_back
+
+TRT_FOLDER = "tensorrt"  # the flavour's graphs (and engines, build log) inside a bundle
+PLUGIN_DOMAIN = "quota"
+PLUGIN_NAMESPACE = "quota"
+PLUGIN_VERSION = "1"
+W4A4_LINEAR = "QuotaW4A4Linear"
+KV_QUANTIZE = "QuotaKVQuantize"
+DECODE_ATTENTION = "QuotaKVDecodeAttention"
+PLUGINS = (W4A4_LINEAR, KV_QUANTIZE, DECODE_ATTENTION)
+FLAVOUR_KEY = "quota_compile.flavour"  # graph metadata: which flavour a graph is
+FLAVOUR = "tensorrt"
+# What TensorRT's ONNX parser cannot take and this rewrite must therefore remove.
+TRT_UNSUPPORTED = ("BitShift", "BitwiseAnd", "BitwiseOr", "QuantizeLinear")
+
+_PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION, "aot": 1}
+
+
+class TrtLoweringError(RuntimeError):
+    """The portable graph does not have the form this rewrite expects (a bug)."""
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _scalar(inits: dict, name: str) -> float | None:
+    t = inits.get(name)
+    if t is None:
+        return None
+    a = numpy_helper.to_array(t)
+    return float(a.reshape(-1)[0]) if a.size == 1 else None
+
+
+def _plugin(op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> onnx.NodeProto:
+    return helper.make_node(op_type, inputs, outputs, name=name, domain=PLUGIN_DOMAIN, **attrs, **_PLUGIN_ATTRS)
+
+
+class _Rewrite:
+    """One graph being rewritten: lookups, new initializers, replaced producers."""
+
+    def __init__(self, model: onnx.ModelProto, what: str):
+        self.out, self.graph, self.inits, self.producers, self.consumers = _indexed_copy(model)
+        self.what = what
+        self.new_inits: list[onnx.TensorProto] = []
+        self.have: set[str] = set()
+        self.added: list[onnx.NodeProto] = []
+        self.removed: set[int] = set()  # id() of nodes whose outputs a plugin now writes
+        self.shapes = {v.name: v for v in list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)}
+
+    def fail(self, msg: str):
+        raise TrtLoweringError(f"TensorRT flavour, {self.what}: {msg}")
+
+    def init(self, array: np.ndarray, name: str) -> str:
+        if name not in self.have and name not in self.inits:
+            self.have.add(name)
+            self.new_inits.append(numpy_helper.from_array(array, name))
+        return name
+
+    def take_over(self, tensor: str) -> None:
+        """A plugin writes ``tensor`` from now on: drop its old producer."""
+        n = self.producers.get(tensor)
+        if n is not None:
+            self.removed.add(id(n))
+
+    def dims(self, tensor: str) -> list:
+        v = self.shapes.get(tensor)
+        if v is None:
+            self.fail(f"no shape recorded for {tensor}")
+        return [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
+
+    def finish(self) -> onnx.ModelProto:
+        nodes = _live([n for n in self.graph.node if id(n) not in self.removed] + self.added, self.graph)
+        given = {i.name for i in self.graph.input} | set(self.inits) | self.have
+        ordered = _toposort(nodes, given, self.fail) if self.added else nodes
+        _write_back(self.out, ordered, self.new_inits)
+        produced = {o for n in self.graph.node for o in n.output}
+        infos = [v for v in self.graph.value_info if v.name in produced]
+        del self.graph.value_info[:]
+        self.graph.value_info.extend(infos)
+        if self.added and not any(o.domain == PLUGIN_DOMAIN for o in self.out.opset_import):
+            self.out.opset_import.append(helper.make_opsetid(PLUGIN_DOMAIN, 1))
+        return self.out
+
+
+# --------------------------------------------------------------------------------------------
+# W4A4 Linear
+
+
+def _per_token_quantizers(rw: _Rewrite) -> dict[str, tuple[str, int, str, str]]:
+    """DQ output -> ``(x, act_bits, s, name)`` of every per-token activation fake-quant
+    ``DequantizeLinear(QuantizeLinear(x, s, axis=-1), s)``."""
+    found = {}
+    for dq in rw.graph.node:
+        if dq.op_type != "DequantizeLinear" or len(dq.input) != 2:
+            continue
+        q = rw.producers.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or len(q.input) != 2 or q.input[1] != dq.input[1]:
+            continue
+        qa, da = _attrs(q), _attrs(dq)
+        if qa.get("output_dtype") not in (TensorProto.INT4, TensorProto.INT8) or qa.get("axis") != -1 or da.get("axis") != -1:
+            continue
+        bits = 4 if qa["output_dtype"] == TensorProto.INT4 else 8
+        found[dq.output[0]] = (q.input[0], bits, q.input[1], q.name)
+    return found
+
+
+def _clip_ratio(rw: _Rewrite, scale: str, x: str, bits: int, where: str) -> float:
+    """The ``clip_ratio`` of ``scale = max(clip * max|x| / qmax, eps)`` (checked node by node)."""
+    from .quant.ops import SCALE_EPS
+
+    def step(tensor: str, op_type: str) -> tuple[onnx.NodeProto, str, float | None]:
+        n = rw.producers.get(tensor)
+        if n is None or n.op_type != op_type:
+            rw.fail(f"the per-token scale of {where} is not ops.per_token_scale's chain (expected {op_type} writing {tensor})")
+        const = next((v for v in (_scalar(rw.inits, i) for i in n.input) if v is not None), None)
+        rest = next((i for i in n.input if i not in rw.inits), None)
+        return n, rest, const
+
+    _, a, eps = step(scale, "Max")
+    _, b, qmax = step(a, "Div")
+    n = rw.producers.get(b)
+    clip = 1.0
+    if n is not None and n.op_type == "Mul":
+        _, b, clip = step(b, "Mul")
+    _, c, _ = step(b, "ReduceMax")
+    _, src, _ = step(c, "Abs")
+    if src != x or qmax != 2 ** (bits - 1) - 1 or eps is None or not np.isclose(eps, SCALE_EPS, rtol=1e-6, atol=0.0) or clip is None:
+        rw.fail(f"the per-token scale of {where} does not quantize {x} as ops.per_token_scale does (qmax {qmax}, eps {eps})")
+    return float(np.float32(clip))
+
+
+def _packed_int4(t: onnx.TensorProto) -> np.ndarray:
+    """``uint8 [K, N/2]``: the INT4 initializer's bytes (already ``ops.pack_int4``'s layout)."""
+    k, n = t.dims
+    if t.raw_data:
+        raw = np.frombuffer(t.raw_data, dtype=np.uint8)
+    else:
+        codes = numpy_helper.to_array(t).astype(np.int16).reshape(-1) & 0xF
+        raw = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(raw[: k * n // 2].reshape(k, n // 2))
+
+
+def w4a4_linears(model: onnx.ModelProto, what: str = "graph") -> tuple[onnx.ModelProto, int]:
+    """A copy of ``model`` with every W4A4 Linear as one :data:`W4A4_LINEAR` node; returns it and
+    the number of Linears rewritten."""
+    rw = _Rewrite(model, what)
+    quantized = _per_token_quantizers(rw)
+    count = 0
+    for mm in rw.graph.node:
+        if mm.op_type != "MatMul" or mm.input[0] not in quantized:
+            continue
+        dq = rw.producers.get(mm.input[1])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in rw.inits or len(dq.input) > 2:
+            continue
+        w = rw.inits[dq.input[0]]
+        if w.data_type != TensorProto.INT4 or len(w.dims) != 2:
+            continue
+        k, n = w.dims
+        da = _attrs(dq)
+        if da.get("axis", 1) != 0 or dq.input[1] not in rw.inits:
+            rw.fail(f"{dq.name}: INT4 weight not blocked along axis 0 with a constant scale")
+        if n % 2:
+            rw.fail(f"{mm.name}: N = {n} is odd; the packed layout holds columns in pairs")
+        x, bits, s, where = quantized[mm.input[0]]
+        clip = _clip_ratio(rw, s, x, bits, where)
+        out = mm.output[0]
+        readers = rw.consumers.get(out, [])
+        bias = None
+        if len(readers) == 1 and readers[0].op_type == "Add" and out not in {o.name for o in rw.graph.output}:
+            other = [i for i in readers[0].input if i != out]
+            if len(other) == 1 and other[0] in rw.inits and tuple(rw.inits[other[0]].dims) == (n,):
+                bias, out = other[0], readers[0].output[0]
+                rw.removed.add(id(readers[0]))
+        if bias is None:
+            bias = rw.init(np.zeros(n, np.float32), f"quota_zero_bias_{n}")
+        packed = rw.init(_packed_int4(w), f"{w.name}_packed")
+        scale = rw.init(numpy_helper.to_array(rw.inits[dq.input[1]]).astype(np.float32), f"{w.name}_packed_scale")
+        rw.removed.add(id(mm))
+        rw.added.append(_plugin(
+            W4A4_LINEAR, [x, packed, scale, bias], [out], f"{mm.name}_w4a4",
+            group_size=int(da.get("block_size") or k), clip_ratio=clip, act_bits=bits,
+        ))
+        count += 1
+    return rw.finish(), count
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache: the prefill's quantizers and the decode's attention
+
+
+def _kv_layout(rw: _Rewrite, codes: str, x: str) -> tuple[int, int]:
+    """``(bits, head_dim)`` from the stored codes' and the float source's last dimensions."""
+    stored, d = rw.dims(codes)[-1], rw.dims(x)[-1]
+    if not isinstance(stored, int) or not isinstance(d, int):
+        rw.fail(f"the last dimensions of {codes} and {x} are not static")
+    if d == 2 * stored:
+        return 4, d
+    if d == stored:
+        return 8, d
+    rw.fail(f"{codes} stores {stored} bytes per head of {d} channels: neither INT4 nor INT8")
+
+
+def _kv_quantizer(rw: _Rewrite, codes: str) -> tuple[str, str | None]:
+    """``(x, static scale or None)``: the float tensor the quantizer writing ``codes`` starts
+    from (per_token: the ``QuantizeLinear(x, scale, zero_point)`` of the codes; per_channel:
+    the ``Div(x, static scale)``), found along the first inputs of the writers of ``codes``."""
+    n = rw.producers.get(codes)
+    while n is not None:
+        if n.op_type == "QuantizeLinear" and len(n.input) == 3:
+            return n.input[0], None
+        if n.op_type == "Div" and n.input[1] in rw.inits:
+            return n.input[0], n.input[1]
+        n = rw.producers.get(n.input[0])
+    rw.fail(f"{codes} is not written by a KV quantizer")
+
+
+def _dequantized(rw: _Rewrite, codes: str, static: str | None) -> str:
+    """The float tensor the graph dequantizes ``codes`` into: the first ``DequantizeLinear``
+    (per_token) or ``Mul`` by the static scale (per_channel) reading them."""
+    def found(n: onnx.NodeProto) -> bool:
+        return (static is None and n.op_type == "DequantizeLinear") or (static is not None and n.op_type == "Mul" and static in n.input)
+
+    n = _downstream(rw.consumers, codes, found)
+    return n.output[0] if n is not None else rw.fail(f"nothing dequantizes {codes}")
+
+
+def _chain_to(rw: _Rewrite, tensor: str, op_type: str) -> list[onnx.NodeProto]:
+    return chain_to(rw.consumers, tensor, op_type, rw.fail)
+
+
+def _cache_concat(rw: _Rewrite, past: str) -> onnx.NodeProto:
+    """The Concat (axis 2) that appends the new entry to the dequantized ``past``."""
+    return _downstream(rw.consumers, past, _is_cache_concat) or rw.fail(f"no Concat appends to {past}")
+
+
+def _static_params(rw: _Rewrite, static: str | None, bits: int) -> tuple[str, str]:
+    """``(scale, zero_point)`` inputs of a plugin: per_channel the static scale and the
+    constant zero point ``2**(bits-1)``; per_token unused placeholders."""
+    if static is None:
+        return (rw.init(np.ones(1, np.float32), "quota_kv_no_scale"), rw.init(np.zeros(1, np.uint8), "quota_kv_no_zero_point"))
+    return static, rw.init(np.full((1, 1, 1, 1), 2 ** (bits - 1), np.uint8), f"quota_kv_zero_point{bits}")
+
+
+def _layers(prefix: str, names) -> list[int]:
+    return sorted(int(n.split(".")[1]) for n in names if n.startswith(prefix) and n.endswith(".key"))
+
+
+def kv_quantizers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of the prefill graph ``model`` with each layer's key and value quantizer as one
+    :data:`KV_QUANTIZE` node each; returns it and the number of nodes added."""
+    rw = _Rewrite(model, "prefill")
+    outputs = {o.name for o in rw.graph.output}
+    layers = _layers("present.", outputs)
+    if not layers:
+        rw.fail("the graph has no present.<i>.key outputs")
+    for i in layers:
+        for kind in ("key", "value"):
+            codes = f"present.{i}.{kind}"
+            x, static = _kv_quantizer(rw, codes)
+            bits, _ = _kv_layout(rw, codes, x)
+            granularity = "per_channel" if static is not None else "per_token"
+            deq = _dequantized(rw, codes, static)
+            tag = f"kv_quantize_{i}_{kind}"
+            scale, zero_point = _static_params(rw, static, bits)
+            outs = [codes, f"{codes}_scale", f"{codes}_zero_point", deq]
+            if static is not None:
+                outs[1:3] = [f"{tag}_scale", f"{tag}_zero_point"]  # the static ones, unused
+            for t in outs:
+                rw.take_over(t)
+            rw.added.append(_plugin(KV_QUANTIZE, [x, scale, zero_point], outs, tag, bits=bits, granularity=granularity))
+    return rw.finish(), 2 * len(layers)
+
+
+def decode_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of the decode graph ``model`` with each layer's attention over the quantized
+    cache as one :data:`DECODE_ATTENTION` node; returns it and the number of layers."""
+    rw = _Rewrite(model, "decode")
+    layers = _layers("past.", {i.name for i in rw.graph.input})
+    if not layers:
+        rw.fail("the graph has no past.<i>.key inputs")
+    inputs = {i.name for i in rw.graph.input}
+    for i in layers:
+        past = {kind: f"past.{i}.{kind}" for kind in ("key", "value")}
+        present = {kind: f"present.{i}.{kind}" for kind in ("key", "value")}
+        (xk, static_k), (xv, static_v) = (_kv_quantizer(rw, present[k]) for k in ("key", "value"))
+        if (static_k is None) != (static_v is None):
+            rw.fail(f"layer {i}: the key and value caches have different granularities")
+        bits, head_dim = _kv_layout(rw, present["key"], xk)
+        granularity = "per_channel" if static_k is not None else "per_token"
+
+        scores = _chain_to(rw, _cache_concat(rw, past["key"]).output[0], "MatMul")[-1]
+        to_softmax = _chain_to(rw, scores.output[0], "Softmax")
+        muls = [n for n in to_softmax if n.op_type == "Mul"]
+        adds = [n for n in to_softmax if n.op_type == "Add"]
+        if len(muls) != 1 or len(adds) != 1:
+            rw.fail(f"layer {i}: expected one scaling Mul and one bias Add between the scores and the softmax")
+        scaling = next((v for v in (_scalar(rw.inits, x) for x in muls[0].input) if v is not None), None)
+        if scaling is None:
+            rw.fail(f"layer {i}: the score scaling is not a constant")
+        bias = next(x for x in adds[0].input if x not in muls[0].output)
+        weighted = _chain_to(rw, to_softmax[-1].output[0], "MatMul")[-1]
+        if _chain_to(rw, _cache_concat(rw, past["value"]).output[0], "MatMul")[-1] is not weighted:
+            rw.fail(f"layer {i}: the value cache does not feed the product with the attention weights")
+        query = scores.input[0]
+        q_dims = rw.dims(query)
+        if len(q_dims) != 4 or not isinstance(q_dims[1], int) or q_dims[3] != head_dim:
+            rw.fail(f"layer {i}: the query {query} has no [batch, heads, 1, {head_dim}] shape")
+        kv_heads = rw.dims(past["key"])[1]
+
+        tag = f"decode_attention_{i}"
+        if granularity == "per_token":
+            stats_in = [f"past.{i}.key_scale", f"past.{i}.value_scale", f"past.{i}.key_zero_point", f"past.{i}.value_zero_point"]
+            if not set(stats_in) <= inputs:
+                rw.fail(f"layer {i}: the per_token cache has no {stats_in} inputs")
+            stats_out = [f"present.{i}.key_scale", f"present.{i}.value_scale", f"present.{i}.key_zero_point", f"present.{i}.value_zero_point"]
+        else:
+            _, zp = _static_params(rw, static_k, bits)
+            stats_in = [static_k, static_v, zp, zp]
+            stats_out = [f"{tag}_{n}" for n in ("key_scale", "value_scale", "key_zero_point", "value_zero_point")]  # unused
+        outs = [weighted.output[0], present["key"], present["value"], *stats_out]
+        for t in outs:
+            rw.take_over(t)
+        rw.added.append(_plugin(
+            DECODE_ATTENTION, [query, xk, xv, bias, past["key"], past["value"], *stats_in], outs, tag,
+            bits=bits, granularity=granularity, num_heads=int(q_dims[1]), kv_num_heads=int(kv_heads), scale=scaling,
+        ))
+    return rw.finish(), len(layers)
+
+
+# --------------------------------------------------------------------------------------------
+# The flavour
+
+
+def to_tensorrt(models: dict[str, onnx.ModelProto]) -> dict[str, onnx.ModelProto]:
+    """The TensorRT flavour of each portable graph (``vision``, ``prefill``, ``decode``):
+    W4A4 Linears as :data:`W4A4_LINEAR` everywhere, the prefill's KV quantizers as
+    :data:`KV_QUANTIZE`, the decode's attention as :data:`DECODE_ATTENTION`; the metadata says
+    ``quota_compile.flavour = tensorrt`` and (decode) that the runtime appends the cache."""
+    out = {}
+    for g, model in models.items():
+        m, _ = w4a4_linears(model, g)
+        if g == "prefill":
+            m, _ = kv_quantizers(m)
+        elif g == "decode":
+            m, _ = decode_attention(m)
+        left = sorted({n.op_type for n in m.graph.node if n.op_type in TRT_UNSUPPORTED})
+        if left:
+            raise TrtLoweringError(f"TensorRT flavour, {g}: {', '.join(left)} left in the graph (TensorRT's ONNX parser cannot take them)")
+        meta = {p.key: p.value for p in m.metadata_props}
+        meta[FLAVOUR_KEY] = FLAVOUR
+        if g == "decode":
+            meta[KV_UPDATE_KEY] = KV_APPEND
+        del m.metadata_props[:]
+        for k, v in meta.items():
+            entry = m.metadata_props.add()
+            entry.key, entry.value = k, v
+        out[g] = m
+    return out
+
+
+def plugin_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Plugin nodes of each kind in a graph of the flavour."""
+    return {p: sum(1 for n in model.graph.node if n.op_type == p and n.domain == PLUGIN_DOMAIN) for p in PLUGINS}

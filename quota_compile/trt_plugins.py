@@ -1,0 +1,358 @@
+"""TensorRT plugins of the ``tensorrt`` flavour, and the engine build.
+
+:func:`register_plugins` defines, with TensorRT's Python plugin API (``tensorrt.plugin``,
+"quickly deployable plugins", TensorRT >= 10.9 for ``aot_impl``), the three plugins that
+:mod:`quota_compile.lower_trt` puts in the graphs (schemas and semantics there):
+
+- ``quota::QuotaW4A4Linear``, ``quota::QuotaKVQuantize``, ``quota::QuotaKVDecodeAttention``;
+- for each, ``@trtp.register`` (output shapes and types from the input shape expressions and
+  the attributes), ``@trtp.autotune`` (the supported type combinations; tile tactics for the
+  GEMM), ``@trtp.impl`` (run through Python at inference: the Triton kernels on the
+  TensorRT stream through PyTorch) and ``@trtp.aot_impl`` (one Triton kernel of
+  :mod:`quota_compile.kernels.trt_aot` compiled to PTX for the build GPU and embedded in the
+  engine, which then runs on the plain C++ runtime; the ONNX nodes carry ``aot = 1`` so that
+  TensorRT's parser takes this implementation).
+
+:func:`build_engines` builds the vision, prefill and decode engines from a bundle's
+``tensorrt/*.onnx`` where ``tensorrt`` imports and a CUDA GPU is visible, writing
+``tensorrt/<graph>.engine`` and ``tensorrt/build.log``; elsewhere it returns one line saying
+why.
+
+What has and has not been executed: this module imports without ``tensorrt`` (every TensorRT
+import is inside a function), and that is all that runs on a machine without TensorRT and an
+NVIDIA GPU, e.g. the CPU machine this project is developed and tested on: the plugin
+definitions, the AOT launch parameters and the engine build have never been run there. What
+is checked there: the kernels they launch compute the plugins' references (Triton's CPU
+interpreter, ``tests/test_trt_flavour.py``), the kernels compile to sm_90 PTX, and the
+flavour's graphs match the portable graphs with the plugins executed by those references
+(:mod:`quota_compile.trt_verify`).
+
+Sources for the API as used here (decorator schemas, type strings, the AOT return value and
+launch convention): https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/trt_plugin_register.html,
+.../trt_plugin_impl.html, .../trt_plugin_aot_impl/index.html,
+.../trt_plugin_autotune/AutoTuneCombination.html, and TensorRT's
+samples/python/quickly_deployable_plugins (README.md, qdp_defs.py: ``circ_pad_plugin_aot_impl``).
+
+No ``from __future__ import annotations`` here: ``tensorrt.plugin`` reads the decorated
+functions' annotations as objects (``trtp.TensorDesc``, ``int``, ...), not as strings.
+"""
+
+import ast
+from pathlib import Path
+
+from .lower_trt import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_NAMESPACE, TRT_FOLDER, W4A4_LINEAR
+from .runtime import GRAPHS
+
+ENGINE_LOG = "build.log"
+# GEMM tiles offered to TensorRT as AOT tactics (BLOCK_M, BLOCK_N, warps, stages): a thin one
+# for decode-sized M, wider ones for the prefill; TensorRT times them at build time.
+W4A4_TACTICS = {1: (16, 64, 4, 4), 2: (64, 128, 4, 4), 3: (128, 128, 8, 3)}
+_REGISTERED = False
+
+
+def _trt_dtype(dtype) -> str:
+    import tensorrt as trt
+
+    return {trt.float32: "fp32", trt.float16: "fp16"}[dtype]
+
+
+def _constant(expr, what: str) -> int:
+    """The build-time value of a shape expression the kernels take as a compile-time constant."""
+    if not expr.is_constant:
+        raise ValueError(f"{what} must be static in the TensorRT graph")
+    return int(expr.constant_value)
+
+
+def register_plugins() -> None:
+    """Register the three ``quota::`` plugins with TensorRT (once per process). Needs
+    ``tensorrt`` >= 10.9, ``torch`` and ``triton``; the implementations need a CUDA GPU."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from typing import List, Tuple
+
+    import tensorrt as trt
+    import tensorrt.plugin as trtp
+    import torch
+    import triton
+
+    from .kernels import trt_aot as K
+
+    def as_torch(t):
+        return torch.as_tensor(t, device="cuda")
+
+    # ---------------------------------------------------------------- QuotaW4A4Linear
+
+    w4a4 = f"{PLUGIN_NAMESPACE}::{W4A4_LINEAR}"
+
+    @trtp.register(w4a4)
+    def _w4a4_desc(x: trtp.TensorDesc, weight: trtp.TensorDesc, scale: trtp.TensorDesc, bias: trtp.TensorDesc,
+                   group_size: int, clip_ratio: float, act_bits: int) -> trtp.TensorDesc:
+        if act_bits != 4:
+            raise ValueError(f"{W4A4_LINEAR}: the Triton kernel quantizes activations to INT4, not INT{act_bits}")
+        shape = tuple(x.shape_expr[i] for i in range(x.ndim - 1)) + (scale.shape_expr[1],)
+        return trtp.from_shape_expr(shape, dtype=x.dtype)
+
+    @trtp.autotune(w4a4)
+    def _w4a4_tune(x: trtp.TensorDesc, weight: trtp.TensorDesc, scale: trtp.TensorDesc, bias: trtp.TensorDesc,
+                   outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination("FP32|FP16, UINT8, FP32, FP32, FP32|FP16", "LINEAR", list(W4A4_TACTICS))]
+
+    @trtp.impl(w4a4)
+    def _w4a4_impl(x: trtp.Tensor, weight: trtp.Tensor, scale: trtp.Tensor, bias: trtp.Tensor, group_size: int,
+                   clip_ratio: float, act_bits: int, outputs: Tuple[trtp.Tensor], stream: int, tactic: int) -> None:
+        from .kernels.w4a4_linear import w4a4_linear
+
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            out = as_torch(outputs[0])
+            y = w4a4_linear(as_torch(x), as_torch(weight), as_torch(scale), group_size, clip_ratio, as_torch(bias), out_dtype=out.dtype)
+            out.copy_(y)
+
+    @trtp.aot_impl(w4a4)
+    def _w4a4_aot(x: trtp.TensorDesc, weight: trtp.TensorDesc, scale: trtp.TensorDesc, bias: trtp.TensorDesc,
+                  group_size: int, clip_ratio: float, act_bits: int, outputs: Tuple[trtp.TensorDesc], tactic: int):
+        block_m, block_n, warps, stages = W4A4_TACTICS[tactic]
+        bk = K.block_k(group_size)
+        compiled = K.compile_kernel(
+            K.w4a4_linear_kernel, K.w4a4_linear_types(_trt_dtype(x.dtype)),
+            {"GROUP_SIZE": group_size, "CLIP": float(clip_ratio), "TILE_GROUPS": bk == group_size, "BLOCK_M": block_m,
+             "BLOCK_N": block_n, "BLOCK_K": bk, "GROUP_M": 8}, warps, stages,
+        )
+        m = x.shape_expr[0]
+        for i in range(1, x.ndim - 1):
+            m = m * x.shape_expr[i]
+        n, k = scale.shape_expr[1], x.shape_expr[x.ndim - 1]
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = trtp.cdiv(m, block_m) * trtp.cdiv(n, block_n)
+        launch.block_x = compiled.metadata.num_warps * 32
+        launch.shared_mem = compiled.metadata.shared
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (m, n, k)])
+        return compiled.metadata.name.encode(), compiled.asm["ptx"].encode(), launch, extra
+
+    # ---------------------------------------------------------------- QuotaKVQuantize
+
+    kvq = f"{PLUGIN_NAMESPACE}::{KV_QUANTIZE}"
+
+    @trtp.register(kvq)
+    def _kvq_desc(x: trtp.TensorDesc, scale: trtp.TensorDesc, zero_point: trtp.TensorDesc, bits: int,
+                  granularity: str) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+        b, h, t, d = (x.shape_expr[i] for i in range(4))
+        codes = trtp.from_shape_expr((b, h, t, d // 2 if bits == 4 else d), dtype=trt.uint8)
+        if granularity == "per_token":
+            stats = (trtp.from_shape_expr((b, h, t, 1), dtype=trt.float32), trtp.from_shape_expr((b, h, t, 1), dtype=trt.uint8))
+        else:
+            stats = (scale.like(), zero_point.like())
+        return codes, *stats, x.like()
+
+    @trtp.autotune(kvq)
+    def _kvq_tune(x: trtp.TensorDesc, scale: trtp.TensorDesc, zero_point: trtp.TensorDesc,
+                  outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination("FP32, FP32, UINT8, UINT8, FP32, UINT8, FP32")]
+
+    def _kvq_launch(x, bits, granularity):
+        d = x.shape[3]
+        return {"D": d, "BITS": bits, "PER_TOKEN": granularity == "per_token", "BLOCK_P": triton.next_power_of_2(d // 2)}
+
+    @trtp.impl(kvq)
+    def _kvq_impl(x: trtp.Tensor, scale: trtp.Tensor, zero_point: trtp.Tensor, bits: int, granularity: str,
+                  outputs: Tuple[trtp.Tensor], stream: int) -> None:
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            xt = as_torch(x)
+            b, h, t, _ = xt.shape
+            K.kv_quantize_kernel[(b * h * t,)](xt, as_torch(scale), as_torch(zero_point), t, h,
+                                              *[as_torch(o) for o in outputs], **_kvq_launch(xt, bits, granularity))
+
+    @trtp.aot_impl(kvq)
+    def _kvq_aot(x: trtp.TensorDesc, scale: trtp.TensorDesc, zero_point: trtp.TensorDesc, bits: int, granularity: str,
+                 outputs: Tuple[trtp.TensorDesc], tactic: int):
+        d = _constant(x.shape_expr[3], "the head size")
+        consts = {"D": d, "BITS": bits, "PER_TOKEN": granularity == "per_token", "BLOCK_P": triton.next_power_of_2(d // 2)}
+        compiled = K.compile_kernel(K.kv_quantize_kernel, K.KV_QUANTIZE_TYPES, consts, num_warps=1)
+        b, h, t = (x.shape_expr[i] for i in range(3))
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = b * h * t
+        launch.block_x = compiled.metadata.num_warps * 32
+        launch.shared_mem = compiled.metadata.shared
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(t), trtp.SymInt32(h)])
+        return compiled.metadata.name.encode(), compiled.asm["ptx"].encode(), launch, extra
+
+    # ---------------------------------------------------------------- QuotaKVDecodeAttention
+
+    attn = f"{PLUGIN_NAMESPACE}::{DECODE_ATTENTION}"
+
+    @trtp.register(attn)
+    def _attn_desc(query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc, bias: trtp.TensorDesc,
+                   past_key: trtp.TensorDesc, past_value: trtp.TensorDesc, key_scale: trtp.TensorDesc,
+                   value_scale: trtp.TensorDesc, key_zero_point: trtp.TensorDesc, value_zero_point: trtp.TensorDesc,
+                   bits: int, granularity: str, num_heads: int, kv_num_heads: int, scale: float,
+                   ) -> Tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc,
+                              trtp.TensorDesc, trtp.TensorDesc]:
+        b, h, _, d = (key.shape_expr[i] for i in range(4))
+        codes = trtp.from_shape_expr((b, h, 1, d // 2 if bits == 4 else d), dtype=trt.uint8)
+        if granularity == "per_token":
+            stats = [trtp.from_shape_expr((b, h, 1, 1), dtype=dt) for dt in (trt.float32, trt.float32, trt.uint8, trt.uint8)]
+        else:
+            stats = [key_scale.like(), value_scale.like(), key_zero_point.like(), value_zero_point.like()]
+        return query.like(), codes, codes.like(), *stats
+
+    @trtp.autotune(attn)
+    def _attn_tune(query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc, bias: trtp.TensorDesc,
+                   past_key: trtp.TensorDesc, past_value: trtp.TensorDesc, key_scale: trtp.TensorDesc,
+                   value_scale: trtp.TensorDesc, key_zero_point: trtp.TensorDesc, value_zero_point: trtp.TensorDesc,
+                   outputs: Tuple[trtp.TensorDesc]) -> List[trtp.AutoTuneCombination]:
+        return [trtp.AutoTuneCombination("FP32, FP32, FP32, FP32, UINT8, UINT8, FP32, FP32, UINT8, UINT8, "
+                                         "FP32, UINT8, UINT8, FP32, FP32, UINT8, UINT8")]
+
+    def _attn_consts(d: int, bits: int, granularity: str, scale: float) -> dict:
+        return {"SM_SCALE": float(scale), "D": d, "BITS": bits, "PER_TOKEN": granularity == "per_token", "BLOCK_T": 64,
+                "BLOCK_D": triton.next_power_of_2(d)}
+
+    @trtp.impl(attn)
+    def _attn_impl(query: trtp.Tensor, key: trtp.Tensor, value: trtp.Tensor, bias: trtp.Tensor, past_key: trtp.Tensor,
+                   past_value: trtp.Tensor, key_scale: trtp.Tensor, value_scale: trtp.Tensor,
+                   key_zero_point: trtp.Tensor, value_zero_point: trtp.Tensor, bits: int, granularity: str,
+                   num_heads: int, kv_num_heads: int, scale: float, outputs: Tuple[trtp.Tensor], stream: int) -> None:
+        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
+            ins = [as_torch(t) for t in (query, key, value, bias, past_key, past_value, key_scale, value_scale,
+                                         key_zero_point, value_zero_point)]
+            b, h, _, d = ins[0].shape
+            K.decode_attention_kernel[(b * h,)](*ins, h, ins[4].shape[1], ins[4].shape[2], *[as_torch(o) for o in outputs],
+                                               **_attn_consts(d, bits, granularity, scale))
+
+    @trtp.aot_impl(attn)
+    def _attn_aot(query: trtp.TensorDesc, key: trtp.TensorDesc, value: trtp.TensorDesc, bias: trtp.TensorDesc,
+                  past_key: trtp.TensorDesc, past_value: trtp.TensorDesc, key_scale: trtp.TensorDesc,
+                  value_scale: trtp.TensorDesc, key_zero_point: trtp.TensorDesc, value_zero_point: trtp.TensorDesc,
+                  bits: int, granularity: str, num_heads: int, kv_num_heads: int, scale: float,
+                  outputs: Tuple[trtp.TensorDesc], tactic: int):
+        d = _constant(query.shape_expr[3], "the head size")
+        compiled = K.compile_kernel(K.decode_attention_kernel, K.DECODE_ATTENTION_TYPES, _attn_consts(d, bits, granularity, scale))
+        b, h = query.shape_expr[0], query.shape_expr[1]
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = b * h
+        launch.block_x = compiled.metadata.num_warps * 32
+        launch.shared_mem = compiled.metadata.shared
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (h, past_key.shape_expr[1], past_key.shape_expr[2])])
+        return compiled.metadata.name.encode(), compiled.asm["ptx"].encode(), launch, extra
+
+    _REGISTERED = True
+
+
+# --------------------------------------------------------------------------------------------
+# Engines
+
+
+def engines_unavailable() -> str | None:
+    """One line saying why no engine can be built here, or None when TensorRT and a GPU are."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "tensorrt: engines not built: the tensorrt package is not installed (pip install 'quota-compile[tensorrt]' on a machine with an NVIDIA GPU); tensorrt/*.onnx are written and verified"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "tensorrt: engines not built: no CUDA GPU is visible; tensorrt/*.onnx are written and verified"
+    return None
+
+
+def _dim_value(dim: str, sizes: dict[str, int]) -> int:
+    """The value of a symbolic ONNX dimension (``batch``, ``past_1 + 33``) given its symbols'."""
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            return sizes[node.id]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
+            a, b = ev(node.left), ev(node.right)
+            return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
+        raise ValueError(f"unsupported dimension expression {dim!r}")
+
+    return ev(ast.parse(dim, mode="eval"))
+
+
+def shape_profiles(model, min_length: int, max_batch: int = 8, max_length: int = 4096) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """``input -> (min, opt, max)`` shapes for one TensorRT optimization profile of an ONNX graph:
+    ``batch`` in ``[1, max_batch]`` (opt 1); every other symbol (text or cache lengths) in
+    ``[min_length, max_length]`` (opt ``min_length + 64``); dimensions derived from the
+    symbols (``past_1 + 33``) follow them. ``min_length``: the shortest prompt the graphs
+    accept (the image tokens' span and one text token)."""
+    names = set()
+    for i in model.graph.input:
+        for d in i.type.tensor_type.shape.dim:
+            if d.dim_param:
+                names |= {n.id for n in ast.walk(ast.parse(d.dim_param, mode="eval")) if isinstance(n, ast.Name)}
+    points = []
+    for which in range(3):
+        sizes = {}
+        for n in names:
+            lo, hi = (1, max_batch) if n == "batch" else (min_length, max_length)
+            sizes[n] = (lo, 1 if n == "batch" else min(lo + 64, hi), hi)[which]
+        points.append(sizes)
+    out = {}
+    for i in model.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        out[i.name] = tuple(tuple(d.dim_value if not d.dim_param else _dim_value(d.dim_param, p) for d in dims) for p in points)
+    return out
+
+
+def build_engines(bundle: Path, min_length: int | None = None, max_batch: int = 8, max_length: int = 4096) -> dict | str:
+    """Build ``tensorrt/<graph>.engine`` for vision, prefill and decode from the bundle's
+    TensorRT-flavour graphs, with the ``quota::`` plugins (their AOT kernels) and one dynamic
+    shape profile per engine (:func:`shape_profiles`; ``min_length`` defaults to the image
+    span's end + 1 from the bundle's manifest); TensorRT's log goes to ``tensorrt/build.log``.
+    Returns what was built, or one line saying why nothing was (no ``tensorrt``, no GPU, or a
+    graph TensorRT refused: see the log)."""
+    import json
+
+    import onnx
+
+    why = engines_unavailable()
+    if why:
+        return why
+    import tensorrt as trt
+    import torch
+
+    register_plugins()
+    folder = Path(bundle) / TRT_FOLDER
+    if min_length is None:
+        model = json.loads((Path(bundle) / "manifest.json").read_text())["model"]
+        min_length = model["visual_start"] + model["visual_tokens"] + 1
+    log_path = folder / ENGINE_LOG
+
+    class FileLogger(trt.ILogger):
+        def __init__(self, path: Path):
+            trt.ILogger.__init__(self)
+            self.file = open(path, "a", encoding="utf-8")
+
+        def log(self, severity, msg):
+            self.file.write(f"[{severity.name}] {msg}\n")
+            self.file.flush()
+
+    logger = FileLogger(log_path)
+    built = {}
+    try:
+        for g in GRAPHS:
+            model = onnx.load(folder / f"{g}.onnx", load_external_data=False)
+            builder = trt.Builder(logger)
+            network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+            parser = trt.OnnxParser(network, logger)
+            if not parser.parse_from_file(str(folder / f"{g}.onnx")):
+                for i in range(parser.num_errors):
+                    logger.log(trt.ILogger.Severity.ERROR, str(parser.get_error(i)))
+                return f"tensorrt: engines not built: TensorRT could not parse tensorrt/{g}.onnx (see tensorrt/{ENGINE_LOG})"
+            config = builder.create_builder_config()
+            profile = builder.create_optimization_profile()
+            for name, (lo, opt, hi) in shape_profiles(model, min_length, max_batch, max_length).items():
+                profile.set_shape(name, lo, opt, hi)
+            config.add_optimization_profile(profile)
+            engine = builder.build_serialized_network(network, config)
+            if engine is None:
+                return f"tensorrt: engines not built: TensorRT failed to build {g} (see tensorrt/{ENGINE_LOG})"
+            (folder / f"{g}.engine").write_bytes(bytes(engine))
+            built[g] = f"{TRT_FOLDER}/{g}.engine"
+    finally:
+        logger.file.close()
+    return {"engines": built, "log": f"{TRT_FOLDER}/{ENGINE_LOG}", "tensorrt": trt.__version__,
+            "device": torch.cuda.get_device_name(), "profile": {"max_batch": max_batch, "max_length": max_length}}

@@ -1,0 +1,472 @@
+"""The ``tensorrt`` flavour: plugin nodes in place of the W4A4 Linears and the quantized-KV
+path, verified without TensorRT (onnxruntime-extensions custom ops running the plugins'
+references), the plugins' references against the Triton kernels' references, the AOT kernels
+in Triton's CPU interpreter and compiled for sm_90, and the target's options.
+
+Nothing here runs TensorRT or a GPU: see quota_compile/trt_plugins.py for what is not checked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from quota_compile.cli import main
+from quota_compile.lower_trt import (
+    DECODE_ATTENTION, FLAVOUR_KEY, KV_QUANTIZE, PLUGIN_DOMAIN, W4A4_LINEAR, TrtLoweringError, plugin_counts, to_tensorrt, w4a4_linears,
+)
+from quota_compile.lower_ort import KV_APPEND, kv_update_of
+from quota_compile.quant import ops
+
+from .conftest import write_config
+
+pytest.importorskip("onnxruntime_extensions")
+from quota_compile import trt_verify  # noqa: E402
+
+# Triton's CPU interpreter for the kernel tests below: TRITON_INTERPRET=1 must be set when triton
+# is first imported (tests/test_kernels.py explains why), and the compile fixtures of this module
+# can import triton (through torch) before those tests run, so it is imported here, at
+# collection, as test_kernels.py does; the variable is restored and set again while the kernel
+# tests run (fixture ``interpreted``).
+_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+try:
+    import triton  # noqa: F401
+except ImportError:
+    pass
+finally:
+    if _PREVIOUS_INTERPRET is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+
+GRAPHS = ("vision", "prefill", "decode")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- compiled bundles
+
+
+def _compile(tmp_path_factory, folder: Path, granularity: str) -> tuple[Path, str]:
+    work = tmp_path_factory.mktemp(f"trt_{granularity}")
+    cfg = write_config(
+        work / f"{granularity}.yaml", str(folder), work / "out",
+        quantization={"weights": {"group_size": 16}, "kv_cache": {"bits": 4, "granularity": granularity}},
+        pruning={"method": "fastv", "keep_ratio": 0.75, "fastv_layer": 1},
+        export={"targets": ["portable", "tensorrt"]},
+        verify={"samples": 2, "new_tokens": 6},
+    )
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main([str(cfg)]) == 0
+    return work / "out" / granularity, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def per_token(tmp_path_factory, small_folder: Path) -> tuple[Path, str]:
+    return _compile(tmp_path_factory, small_folder, "per_token")
+
+
+@pytest.fixture(scope="module")
+def per_channel(tmp_path_factory, small_folder: Path) -> tuple[Path, str]:
+    return _compile(tmp_path_factory, small_folder, "per_channel")
+
+
+def _w4a4_matmuls(model: onnx.ModelProto) -> int:
+    """MatMuls of the portable graph whose input is a per-token Q/DQ and whose weight an INT4 DQ."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    count = 0
+    for n in model.graph.node:
+        if n.op_type != "MatMul":
+            continue
+        a, b = producers.get(n.input[0]), producers.get(n.input[1])
+        if a is not None and a.op_type == "DequantizeLinear" and producers.get(a.input[0]) is not None \
+                and producers[a.input[0]].op_type == "QuantizeLinear" and b is not None and b.op_type == "DequantizeLinear" \
+                and inits.get(b.input[0]) is not None and inits[b.input[0]].data_type == TensorProto.INT4:
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("which", ["per_token", "per_channel"])
+def test_one_plugin_per_w4a4_linear_and_per_layer_and_no_quantizer_chain_left(which, request):
+    bundle, _ = request.getfixturevalue(which)
+    layers = json.loads((bundle / "manifest.json").read_text())["model"]["num_layers"]
+    for g in GRAPHS:
+        portable = onnx.load(bundle / f"{g}.onnx")
+        flavour = onnx.load(bundle / "tensorrt" / f"{g}.onnx")
+        onnx.checker.check_model(flavour, full_check=True)
+        counts = plugin_counts(flavour)
+        assert counts[W4A4_LINEAR] == _w4a4_matmuls(portable) > 0
+        assert counts[KV_QUANTIZE] == (2 * layers if g == "prefill" else 0)
+        assert counts[DECODE_ATTENTION] == (layers if g == "decode" else 0)
+        ops_left = {n.op_type for n in flavour.graph.node}
+        # lm_head and the vision tower are ignored: no INT4 weight is weight-only, so no Q/DQ at all
+        assert not ops_left & {"QuantizeLinear", "DequantizeLinear", "BitShift", "BitwiseAnd", "BitwiseOr"}
+        if g == "decode":
+            assert not ops_left & {"Softmax", "MatMul"}  # all attention (and every Linear but lm_head's Gemm) is in plugins
+        # same interface as the portable graph
+        io_of = lambda m: [(v.name, v.type.tensor_type.elem_type) for v in (*m.graph.input, *m.graph.output)]  # noqa: E731
+        assert io_of(flavour) == io_of(portable)
+        meta = {p.key: p.value for p in flavour.metadata_props}
+        assert meta[FLAVOUR_KEY] == "tensorrt"
+        for n in flavour.graph.node:
+            if n.domain == PLUGIN_DOMAIN:
+                attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+                assert attrs["plugin_namespace"] == b"quota" and attrs["plugin_version"] == b"1" and attrs["aot"] == 1
+    decode = onnx.load(bundle / "tensorrt" / "decode.onnx")
+    assert kv_update_of(decode) == KV_APPEND
+    for i, n in enumerate(x for x in decode.graph.node if x.op_type == DECODE_ATTENTION):
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["granularity"] == which.encode() and attrs["bits"] == 4 and attrs["num_heads"] % attrs["kv_num_heads"] == 0
+        assert n.input[4:6] == [f"past.{i}.key", f"past.{i}.value"] and n.output[1:3] == [f"present.{i}.key", f"present.{i}.value"]
+
+
+@pytest.mark.parametrize("which", ["per_token", "per_channel"])
+def test_flavour_is_verified_like_the_others_and_matches_the_portable_graphs(which, request):
+    bundle, _ = request.getfixturevalue(which)
+    v = json.loads((bundle / "verify.json").read_text())
+    t = v["flavours"]["tensorrt"]
+    assert v["passed"] and t["passed"] and t["flavour"] == "tensorrt" and "onnxruntime-extensions" in t["runtime"]
+    assert t["greedy_agreement"] == 1.0 and t["kept_index_agreement"] == 1.0 and t["max_logits_rel_error"] < 1e-4
+    assert set(t["polygraphy"]) == set(GRAPHS) and all(r["passed"] for r in t["polygraphy"].values())
+    assert t["polygraphy"]["decode"]["identical_kv_bytes"] == 1.0
+    m = json.loads((bundle / "manifest.json").read_text())
+    f = m["flavours"]["tensorrt"]
+    assert f["folder"] == "tensorrt" and f["kv_update"] == KV_APPEND and f["plugins"] == t["plugins"]
+    assert f["engines"]["built"] is False and not f["used_by_runtime"]
+    assert {f"tensorrt/{g}.onnx" for g in GRAPHS} <= set(m["files"])
+
+
+@pytest.mark.parametrize("which", ["per_token", "per_channel"])
+def test_padded_batch_decodes_like_the_portable_graphs(which, request):
+    """Two prompts of different lengths (right padding: masked positions inside the cache):
+    the flavour gives the portable graphs' tokens, kept indices and (nearly) logits."""
+    from transformers import AutoProcessor
+
+    from quota_compile.runtime import OrtBackend, greedy_generate, make_batch
+    from quota_compile.verify import synthetic_images
+
+    bundle, _ = request.getfixturevalue(which)
+    m = json.loads((bundle / "manifest.json").read_text())["model"]
+    proc = AutoProcessor.from_pretrained(bundle / "tokenizer")
+    proc.tokenizer.padding_side = "right"
+    images = synthetic_images(2, m["image_size"], 7)
+    batch = make_batch(proc, m["prompt_template"], images, ["What is it?", "Is there a red circle on the left side of the picture?"],
+                       (m["visual_start"], m["visual_tokens"]), m["image_token_id"])
+    assert batch.attention_mask.sum(axis=1).min() < batch.attention_mask.shape[1]
+    a = greedy_generate(trt_verify.TensorrtReferenceBackend(bundle / "tensorrt"), batch, 6, None, keep_logits=True)
+    b = greedy_generate(OrtBackend(bundle), batch, 6, None, keep_logits=True)
+    assert a.tokens == b.tokens and all(np.array_equal(x, y) for x, y in zip(a.kept, b.kept))
+    assert max(np.abs(x - y).max() / np.abs(y).max() for x, y in zip(a.step_logits, b.step_logits)) < 1e-5
+
+
+def test_compile_without_tensorrt_says_so_in_one_line(per_token):
+    bundle, err = per_token
+    lines = [line for line in err.splitlines() if "tensorrt" in line.lower() and "engine" in line.lower()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tensorrt: engines not built: the tensorrt package is not installed")
+    assert "quota-compile[tensorrt]" in lines[0]
+    assert not list((bundle / "tensorrt").glob("*.engine")) and (bundle / "verify.json").is_file()
+
+
+# ---------------------------------------------------------------- the rewrite on small graphs
+
+
+def _linear_graph(k: int, n: int, group: int, clip: float, quantized: bool, bias: bool, seed: int = 0):
+    """One Linear as the portable lowering writes it: optional per-token INT4 Q/DQ of x (scale
+    ``max(clip * max|x| / 7, eps)``), blocked INT4 DequantizeLinear of the [K, N] weight,
+    MatMul, optional bias Add. Returns the model, the codes, the scales and the bias."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    w_scale = (rng.random((k // group, n)) * 0.1 + 0.01).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    raw = ops.pack_int4(torch.from_numpy(codes)).numpy().tobytes()
+    inits = [
+        helper.make_tensor("W", TensorProto.INT4, [k, n], raw, raw=True),
+        numpy_helper.from_array(w_scale, "sw"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+        numpy_helper.from_array(np.array(7.0, np.float32), "seven"),
+        numpy_helper.from_array(np.array(ops.SCALE_EPS, np.float32), "eps"),
+        numpy_helper.from_array(np.array(clip, np.float32), "clip"),
+        numpy_helper.from_array(b, "bias"),
+    ]
+    nodes = [helper.make_node("DequantizeLinear", ["W", "sw"], ["w"], axis=0, block_size=group)]
+    a = "x"
+    if quantized:
+        nodes += [
+            helper.make_node("Abs", ["x"], ["abs"]),
+            helper.make_node("ReduceMax", ["abs", "axes"], ["m0"], keepdims=1),
+            *([helper.make_node("Mul", ["m0", "clip"], ["m"])] if clip != 1.0 else []),
+            helper.make_node("Div", ["m" if clip != 1.0 else "m0", "seven"], ["s0"]),
+            helper.make_node("Max", ["s0", "eps"], ["s"]),
+            helper.make_node("QuantizeLinear", ["x", "s"], ["q"], axis=-1, block_size=k, output_dtype=TensorProto.INT4),
+            helper.make_node("DequantizeLinear", ["q", "s"], ["xq"], axis=-1, block_size=k),
+        ]
+        a = "xq"
+    nodes.append(helper.make_node("MatMul", [a, "w"], ["mm" if bias else "y"]))
+    if bias:
+        nodes.append(helper.make_node("Add", ["mm", "bias"], ["y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, n])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), codes, w_scale, b
+
+
+@pytest.mark.parametrize("clip,bias,group", [(1.0, True, 16), (0.5, False, 48)])
+def test_w4a4_linear_becomes_one_plugin_that_computes_the_integer_w4a4(clip, bias, group):
+    k, n = 48, 32
+    model, codes, w_scale, b = _linear_graph(k, n, group, clip, quantized=True, bias=bias)
+    flavour, count = w4a4_linears(model)
+    assert count == 1 and [x.op_type for x in flavour.graph.node] == [W4A4_LINEAR]
+    node = flavour.graph.node[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["group_size"] == group and attrs["act_bits"] == 4 and math.isclose(attrs["clip_ratio"], clip)
+    inits = {t.name: numpy_helper.to_array(t) for t in flavour.graph.initializer}
+    packed = inits[node.input[1]]
+    assert packed.dtype == np.uint8 and packed.shape == (k, n // 2)
+    assert np.array_equal(ops.unpack_int4(torch.from_numpy(packed.copy()), (k, n)).numpy(), codes)  # pack_int4 layout
+    assert np.array_equal(inits[node.input[3]], b if bias else np.zeros(n, np.float32))
+    # run it: the W4A4 arithmetic in float64 (per-token codes x INT4 codes, scaled)
+    x = np.random.default_rng(1).standard_normal((2, 3, k)).astype(np.float32)
+    got = trt_verify.session(flavour).run(None, {"x": x})[0]
+    s = np.maximum(np.float32(clip) * np.abs(x).max(-1, keepdims=True) / np.float32(7), np.float32(ops.SCALE_EPS)).astype(np.float32)
+    qx = np.clip(np.round(x / s), -8, 7).astype(np.float64)
+    w = codes.astype(np.float64) * np.repeat(w_scale.astype(np.float64), group, axis=0)
+    ref = (qx @ w) * s + (b if bias else 0.0)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_weight_only_int4_linear_stays_blocked_dequantize_and_matmul():
+    model, *_ = _linear_graph(64, 32, 16, 1.0, quantized=False, bias=True)
+    flavour, count = w4a4_linears(model)
+    assert count == 0 and [x.op_type for x in flavour.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
+    assert any(t.data_type == TensorProto.INT4 for t in flavour.graph.initializer)
+
+
+def test_a_quantizer_that_is_not_ops_per_token_scale_is_refused():
+    model, *_ = _linear_graph(48, 32, 16, 1.0, quantized=True, bias=False)
+    for t in model.graph.initializer:
+        if t.name == "seven":
+            t.CopyFrom(numpy_helper.from_array(np.array(127.0, np.float32), "seven"))  # an INT8 scale on INT4 codes
+    with pytest.raises(TrtLoweringError, match="per-token scale"):
+        w4a4_linears(model)
+
+
+def test_unknown_graph_form_is_refused_not_half_rewritten():
+    """A decode graph whose cache is not written by a KV quantizer."""
+    g = helper.make_graph(
+        [helper.make_node("Identity", ["past.0.key"], ["present.0.key"]), helper.make_node("Identity", ["past.0.value"], ["present.0.value"])],
+        "g", [helper.make_tensor_value_info(n, TensorProto.UINT8, ["b", 2, "p", 4]) for n in ("past.0.key", "past.0.value")],
+        [helper.make_tensor_value_info(n, TensorProto.UINT8, ["b", 2, "p", 4]) for n in ("present.0.key", "present.0.value")])
+    with pytest.raises(TrtLoweringError, match="not written by a KV quantizer"):
+        to_tensorrt({"decode": helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])})
+
+
+# ---------------------------------------------------------------- references and kernels
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    """The kernel modules in Triton's CPU interpreter (``TRITON_INTERPRET=1`` before triton is
+    first imported, as tests/test_kernels.py requires; restored afterwards)."""
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    triton = pytest.importorskip("triton")
+    from quota_compile import kernels
+
+    if not kernels.is_interpreted(triton.language.cdiv):
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
+    mods = {}
+    for name, kernel in (("w4a4_linear", "_w4a4_gemm_kernel"), ("kv_attention", "_decode_split_kernel"), ("trt_aot", "kv_quantize_kernel")):
+        mod = importlib.import_module(f"quota_compile.kernels.{name}")
+        mods[name] = mod if kernels.is_interpreted(getattr(mod, kernel)) else importlib.reload(mod)
+    yield triton, mods
+    if previous is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = previous
+
+
+@pytest.mark.parametrize("m,k,n,group,clip", [(7, 64, 48, 16, 1.0), (3, 96, 32, 96, 0.8), (1, 256, 64, 128, 1.0)])
+def test_w4a4_plugin_reference_is_the_kernel_reference_and_the_aot_kernel(interpreted, m, k, n, group, clip):
+    triton, mods = interpreted
+    W, K = mods["w4a4_linear"], mods["trt_aot"]
+    gen = torch.Generator().manual_seed(m * k)
+    x = torch.randn(m, k, generator=gen) * 3
+    x[0, :2] = torch.tensor([3.5, -3.5])  # ties are possible on the INT4 grid
+    codes, scale = ops.quantize_weight_rtn(torch.randn(n, k, generator=gen), 4, group)
+    packed = ops.pack_int4(codes).reshape(k, n // 2)
+    bias = torch.randn(n, generator=gen)
+    ref = W.w4a4_linear_reference(x, packed, scale, group, clip, bias)
+    assert torch.equal(trt_verify.w4a4_linear(x, packed, scale, bias, group, clip, 4), ref)
+    out = torch.empty(m, n)
+    bk = K.block_k(group)
+    K.w4a4_linear_kernel[(triton.cdiv(m, 16) * triton.cdiv(n, 16),)](
+        x, packed, scale, bias, m, n, k, out, GROUP_SIZE=group, CLIP=clip, TILE_GROUPS=bk == group,
+        BLOCK_M=16, BLOCK_N=16, BLOCK_K=bk, GROUP_M=8)
+    assert torch.equal(out, ref)  # same integers, same float32 operations in the same order
+
+
+def _kv_case(b, hkv, t, d, bits, granularity, gen):
+    x = torch.randn(b, hkv, t, d, generator=gen) * 2
+    if granularity == "per_token":
+        codes, s, z = torch.ops.quota.quantize_kv(x, bits)
+        return codes, s, z
+    s = ops.kv_static_scale(x.abs().amax(dim=(0, 2))[:, None, :] * 0.8, bits)  # some values saturate
+    return torch.ops.quota.quantize_kv_static(x, s, bits), s, torch.full((1, 1, 1, 1), 2 ** (bits - 1), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_channel"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kv_plugin_references_are_the_kernel_references_and_the_aot_kernels(interpreted, granularity, bits):
+    triton, mods = interpreted
+    A, K = mods["kv_attention"], mods["trt_aot"]
+    gen = torch.Generator().manual_seed(bits)
+    b, h, hkv, p, d = 2, 6, 2, 19, 8
+    pk, ks, kz = _kv_case(b, hkv, p, d, bits, granularity, gen)
+    pv, vs, vz = _kv_case(b, hkv, p, d, bits, granularity, gen)
+    q = torch.randn(b, h, 1, d, generator=gen)
+    new_k, new_v = torch.randn(b, hkv, 1, d, generator=gen) * 2, torch.randn(b, hkv, 1, d, generator=gen) * 2
+    seqlens = torch.tensor([p + 1, 9], dtype=torch.int32)  # the second sequence sees positions 0..8 only
+    bias = trt_verify.reference_seqlens_bias(seqlens, p + 1)
+    args = (q, new_k, new_v, bias, pk, pv, ks, vs, kz, vz)
+    out = trt_verify.decode_attention(*args, bits, granularity, h, hkv, 0.3)
+
+    # the new entries are the cache quantizer's, and the attention is the kernel reference's
+    # over the cache with them appended
+    nk, nks, nkz, _ = trt_verify.kv_quantize(new_k, ks, kz, bits, granularity)
+    if granularity == "per_token":
+        ck, cks, ckz = torch.ops.quota.quantize_kv(new_k, bits)
+        assert torch.equal(nk, ck) and torch.equal(nks, cks) and torch.equal(nkz, ckz)
+        extra = {"k_scale": torch.cat([ks, out[3]], 2), "v_scale": torch.cat([vs, out[4]], 2),
+                 "k_zero_point": torch.cat([kz, out[5]], 2), "v_zero_point": torch.cat([vz, out[6]], 2)}
+    else:
+        assert torch.equal(nk, torch.ops.quota.quantize_kv_static(new_k, ks, bits))
+        extra = {"k_scale": ks, "v_scale": vs}
+    assert torch.equal(out[1], nk)
+    ref = A.kv_decode_attention_reference(
+        q[:, :, 0], torch.cat([pk, out[1]], 2), torch.cat([pv, out[2]], 2), extra.pop("k_scale"), extra.pop("v_scale"), seqlens,
+        bits=bits, granularity=granularity, sm_scale=0.3, **extra)
+    assert torch.allclose(out[0][:, :, 0], ref, atol=1e-6, rtol=1e-5)
+
+    # the AOT kernels (interpreter): attention within float reassociation, the codes exactly
+    got = [torch.empty_like(r) for r in out]
+    K.decode_attention_kernel[(b * h,)](*args, h, hkv, p, *got, SM_SCALE=0.3, D=d, BITS=bits,
+                                         PER_TOKEN=granularity == "per_token", BLOCK_T=8, BLOCK_D=d)
+    assert (got[0] - out[0]).abs().max() <= 1e-5 * out[0].abs().max()
+    assert all(torch.equal(x, y) for x, y in zip(got[1:], out[1:]))
+
+    x = torch.randn(b, hkv, p, d, generator=gen) * 3
+    s_in, z_in = (ks, kz) if granularity == "per_channel" else (torch.ones(1), torch.zeros(1, dtype=torch.uint8))
+    want = trt_verify.kv_quantize(x, s_in, z_in, bits, granularity)
+    got = [torch.empty_like(r) for r in want]
+    K.kv_quantize_kernel[(b * hkv * p,)](x, s_in, z_in, p, hkv, *got, D=d, BITS=bits, PER_TOKEN=granularity == "per_token",
+                                         BLOCK_P=triton.next_power_of_2(d // 2))
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_aot_kernels_compile_for_hopper_with_the_plugin_calling_convention():
+    """TensorRT launches an AOT kernel with (inputs, int32 extra arguments, outputs); Triton
+    adds two scratch pointers after them, which must be unused (scratch sizes 0)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    script = """
+import re
+from triton.backends.compiler import GPUTarget
+from quota_compile.kernels import trt_aot as K
+t = GPUTarget("cuda", 90, 32)
+for fn, types, consts, warps, n_args, only_rn in [
+    (K.w4a4_linear_kernel, K.w4a4_linear_types("fp16"), dict(GROUP_SIZE=128, CLIP=1.0, TILE_GROUPS=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8), 4, 8, True),
+    (K.kv_quantize_kernel, K.KV_QUANTIZE_TYPES, dict(D=128, BITS=4, PER_TOKEN=True, BLOCK_P=64), 1, 9, True),
+    # the softmax normalisation may divide approximately; the new token's quantizer may not
+    (K.decode_attention_kernel, K.DECODE_ATTENTION_TYPES, dict(SM_SCALE=0.088, D=128, BITS=4, PER_TOKEN=True, BLOCK_T=64, BLOCK_D=128), 4, 20, False),
+]:
+    c = K.compile_kernel(fn, types, consts, warps, target=t)
+    ptx = c.asm["ptx"]
+    params = re.search(r"\\.entry " + c.metadata.name + r"\\(([^)]*)\\)", ptx).group(1).count(".param")
+    assert params == n_args + 2 and c.metadata.global_scratch_size == 0 and c.metadata.profile_scratch_size == 0, (c.metadata.name, params)
+    assert "div.rn.f32" in ptx and not (only_rn and ("div.approx" in ptx or "div.full" in ptx)), c.metadata.name
+    print("ok", c.metadata.name, params)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("ok ") == 3
+
+
+# ---------------------------------------------------------------- plugins module and options
+
+
+def test_plugins_module_imports_without_tensorrt_and_says_why_nothing_is_built(tmp_path: Path):
+    code = ("import sys, quota_compile.trt_plugins as p; print('tensorrt' in sys.modules, 'triton' in sys.modules); "
+            "print(p.build_engines(sys.argv[1], min_length=5))")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr
+    first, second = run.stdout.strip().splitlines()
+    assert first == "False False"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert second.startswith("tensorrt: engines not built: the tensorrt package is not installed")
+        from quota_compile.trt_plugins import register_plugins
+
+        with pytest.raises(ImportError, match="tensorrt"):
+            register_plugins()
+
+
+def test_shape_profiles_follow_the_symbolic_dimensions(per_token):
+    from quota_compile.trt_plugins import shape_profiles
+
+    bundle, _ = per_token
+    decode = onnx.load(bundle / "tensorrt" / "decode.onnx")
+    profiles = shape_profiles(decode, min_length=40, max_batch=4, max_length=512)
+    lo, opt, hi = profiles["attention_mask"]
+    past_lo, _, past_hi = profiles["past.1.key"]
+    first_lo, _, _ = profiles["past.0.key"]
+    assert (lo[0], opt[0], hi[0]) == (1, 1, 4) and past_lo[2] == 40 and past_hi[2] == 512
+    # derived dimensions ('past_1 + 33') follow their symbol: the mask covers the longest
+    # (unpruned) cache and the new token
+    assert first_lo[2] > past_lo[2] and lo[1] == first_lo[2] + 1
+
+
+def test_tensorrt_without_portable_is_refused(tmp_path: Path, capsys):
+    cfg = write_config(tmp_path / "bad.yaml", "builtin:tiny-llava", tmp_path / "out", export={"targets": ["tensorrt"]})
+    assert main([str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "export.targets" in err and "portable" in err and "tensorrt" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensorrt_with_int8_activations_is_refused(tmp_path: Path, capsys):
+    cfg = write_config(tmp_path / "bad.yaml", "builtin:tiny-llava", tmp_path / "out",
+                       quantization={"weights": {"group_size": 16}, "activations": {"bits": 8}}, export={"targets": ["portable", "tensorrt"]})
+    assert main([str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "quantization.activations.bits" in err and "INT4" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tensorrt_without_onnxruntime_extensions_is_refused(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime_extensions", None)  # import fails
+    cfg = write_config(tmp_path / "bad.yaml", "builtin:tiny-llava", tmp_path / "out", export={"targets": ["portable", "tensorrt"]})
+    assert main([str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "export.targets" in err and "onnxruntime-extensions" in err
+
+
+def test_unknown_target_is_refused(tmp_path: Path, capsys):
+    cfg = write_config(tmp_path / "bad.yaml", "builtin:tiny-llava", tmp_path / "out", export={"targets": ["portable", "tensorrt-llm"]})
+    assert main([str(cfg)]) == 2
+    assert "export.targets" in capsys.readouterr().err
