@@ -122,11 +122,13 @@ def kv_quantize_kernel(x_ptr, s_ptr, z_ptr, T, HKV, codes_ptr, scale_ptr, zp_ptr
         tl.store(scale_ptr + row, scale)
         tl.store(zp_ptr + row, zp.to(tl.uint8))
     else:
-        copy = mask & (row < HKV)
+        zeros_p = offs_p * 0  # (block masks from the block itself: see decode_attention_kernel)
+        copy = mask & ((zeros_p + row) < HKV)
         tl.store(scale_ptr + row * D + 2 * offs_p, tl.load(s_ptr + row * D + 2 * offs_p, mask=copy), mask=copy)
         tl.store(scale_ptr + row * D + 2 * offs_p + 1, tl.load(s_ptr + row * D + 2 * offs_p + 1, mask=copy), mask=copy)
         first = offs_p == 0
-        tl.store(zp_ptr + offs_p, tl.load(z_ptr + offs_p, mask=first & (row == 0)), mask=first & (row == 0))
+        first = first & ((zeros_p + row) == 0)
+        tl.store(zp_ptr + offs_p, tl.load(z_ptr + offs_p, mask=first), mask=first)
 
 
 @triton.jit
@@ -146,6 +148,10 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, pk_ptr, pv_ptr, ks_pt
     writer = (h % group) == 0
     offs_p = tl.arange(0, BLOCK_D // 2)
     pmask = offs_p < D // 2
+    # block masks built from the block itself: triton 3.9's interpreter refuses a mask made by
+    # `block & scalar` ("mask has unsupported dtype")
+    zeros_p = offs_p * 0
+    writer_p = (zeros_p + h % group) == 0
     offs_d = tl.arange(0, BLOCK_D)
 
     # the new token's key and value, quantized as the cache stores them
@@ -165,20 +171,20 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, pk_ptr, pv_ptr, ks_pt
     v_o = tl.load(v_ptr + seq * D + 2 * offs_p + 1, mask=pmask, other=0.0).to(tl.float32)
     kq_e, kq_o, k_scale, k_zp, kd_e, kd_o = _quantize_entry(k_e, k_o, pmask, ks_e, ks_o, BITS, PER_TOKEN)
     vq_e, vq_o, v_scale, v_zp, vd_e, vd_o = _quantize_entry(v_e, v_o, pmask, vs_e, vs_o, BITS, PER_TOKEN)
-    _store_codes(nk_ptr, seq, offs_p, pmask & writer, kq_e, kq_o, D, BITS)
-    _store_codes(nv_ptr, seq, offs_p, pmask & writer, vq_e, vq_o, D, BITS)
+    _store_codes(nk_ptr, seq, offs_p, pmask & writer_p, kq_e, kq_o, D, BITS)
+    _store_codes(nv_ptr, seq, offs_p, pmask & writer_p, vq_e, vq_o, D, BITS)
     if PER_TOKEN:
         tl.store(nks_ptr + seq, k_scale, mask=writer)
         tl.store(nvs_ptr + seq, v_scale, mask=writer)
         tl.store(nkz_ptr + seq, k_zp.to(tl.uint8), mask=writer)
         tl.store(nvz_ptr + seq, v_zp.to(tl.uint8), mask=writer)
     else:  # the static parameters, copied by the first sequence's writers
-        copy = pmask & writer & (b == 0)
+        copy = pmask & writer_p & ((zeros_p + b) == 0)
         tl.store(nks_ptr + hk * D + 2 * offs_p, ks_e, mask=copy)
         tl.store(nks_ptr + hk * D + 2 * offs_p + 1, ks_o, mask=copy)
         tl.store(nvs_ptr + hk * D + 2 * offs_p, vs_e, mask=copy)
         tl.store(nvs_ptr + hk * D + 2 * offs_p + 1, vs_o, mask=copy)
-        first = (offs_p == 0) & writer & (pid == 0)
+        first = (offs_p == 0) & writer_p & ((zeros_p + pid) == 0)
         tl.store(nkz_ptr + offs_p, tl.load(kz_ptr + offs_p, mask=first), mask=first)
         tl.store(nvz_ptr + offs_p, tl.load(vz_ptr + offs_p, mask=first), mask=first)
 
