@@ -204,7 +204,7 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
             candidates = weight_grid() if pruning.weights == "auto" else [ScoreWeights(**pruning.weights.model_dump())]
             schedules = [quota_schedule(signals, w, pruning.keep_ratio, pruning.first_full_layers) for w in candidates]
             search: list[SearchPoint] = []
-            best: tuple[float, ScoreWeights, KeepSchedule] = (0.0, candidates[0], schedules[0])
+            best = 0
             if len(candidates) > 1:
                 # the unpruned reference and every candidate's pruned prefill, in one run
                 pruned = [
@@ -212,14 +212,12 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
                     for w, sch in zip(candidates, schedules)
                 ]
                 ref, *logps = _final_log_probs(vision, [unpruned, *pruned], held, place)
-                for w, schedule, logp in zip(candidates, schedules, logps):
-                    kl = kl_divergence(ref, logp)
-                    search.append(SearchPoint(weights=_weights(w), keep=list(schedule.keep), kl=kl))
-                    if not search[:-1] or kl < best[0]:
-                        best = (kl, w, schedule)
+                kls = [kl_divergence(ref, logp) for logp in logps]
+                search = [SearchPoint(weights=_weights(w), keep=list(sch.keep), kl=kl) for w, sch, kl in zip(candidates, schedules, kls)]
+                best = min(range(len(kls)), key=kls.__getitem__)  # ties: the earlier grid point
     except UserError as e:
         raise UserError(f"{config_file}: {e}") from None
-    _, w, schedule = best
+    w, schedule = candidates[best], schedules[best]
     recipe = PruningRecipe(
         method="quota",
         signals=pruning.signals,
@@ -343,8 +341,7 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
         try:
             run(batches[0])
         finally:
-            for h in hooks:
-                h.remove()
+            remove(hooks)
         blocks: dict[str, list[str]] = {}
         for name in order:
             m = re.match(r"(.*\.layers\.\d+)\.", name)

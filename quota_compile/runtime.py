@@ -79,8 +79,12 @@ def make_batch(
     return Batch(ids, enc["attention_mask"].astype(np.int64), enc["pixel_values"].astype(np.float32))
 
 
-def greedy_generate(backend: Backend, batch: Batch, max_new_tokens: int, eos_token_id: int | None, keep_logits: bool = False) -> Generation:
-    """Greedy decoding. With ``eos_token_id=None`` exactly ``max_new_tokens`` are generated."""
+def greedy_generate(
+    backend: Backend, batch: Batch, max_new_tokens: int, eos_token_id: int | None, keep_logits: bool = False, feed: list[np.ndarray] | None = None
+) -> Generation:
+    """Greedy decoding. With ``eos_token_id=None`` exactly ``max_new_tokens`` are generated.
+    ``feed`` (one ``[B]`` array per step) is decoded instead of the greedy tokens (teacher
+    forcing: the logits of each step then follow the given tokens)."""
     feats = backend.vision(batch.pixel_values)
     logits, cache, kept = backend.prefill(batch.input_ids, batch.attention_mask, feats)
     lengths = batch.attention_mask.sum(axis=1)
@@ -91,7 +95,7 @@ def greedy_generate(backend: Backend, batch: Batch, max_new_tokens: int, eos_tok
     for step in range(max_new_tokens):
         if keep_logits:
             out.step_logits.append(logits)
-        nxt = logits.argmax(axis=-1)
+        nxt = logits.argmax(axis=-1) if feed is None else feed[step]
         for i in range(b):
             if not done[i]:
                 out.tokens[i].append(int(nxt[i]))

@@ -35,29 +35,33 @@ from .errors import UserError
 HOST = torch.device("cpu")
 
 
+# The fields of a PrefillState that a step reads. Its outputs so far (``kv``, ``kept``) are
+# only appended to, so they stay where they are while a pass goes to the device and come back
+# with it; sending them at every step would move each layer's cache L times.
+_STEP_INPUTS = ("h", "position_ids", "mask", "visual_index", "cos", "sin", "bias", "probs")
+
+
 def send(value, device: torch.device):
     """``value`` (a tensor, a :class:`~quota_compile.programs.PrefillState`, or tuples and lists
-    of them) on ``device``."""
+    of them) on ``device``; a state's outputs so far move only when it goes to the host."""
     from accelerate.utils import send_to_device
 
     from .programs import PrefillState
 
     if isinstance(value, PrefillState):
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.name != "observe"}
-        return PrefillState(**send_to_device(fields, device), observe=value.observe)
+        names = _STEP_INPUTS + (("kv", "kept") if device == HOST else ())
+        return dataclasses.replace(value, **send_to_device({n: getattr(value, n) for n in names}, device))
     return send_to_device(value, device)
 
 
 class Placement:
     """Where the model computes during calibration (see the module docstring). ``streaming``
-    is true for ``sequential: true``. ``events`` records ``("load" | "offload", layer)`` for
-    every decoder-layer move, in order."""
+    is true for ``sequential: true``."""
 
     def __init__(self, model: torch.nn.Module, device: str, sequential: bool):
         self.model = model  # the LlavaForConditionalGeneration
         self.device = torch.device(device)
         self.streaming = sequential
-        self.events: list[tuple[str, int]] = []
         self.layers = model.model.language_model.layers
 
     def _resident(self) -> list[torch.nn.Module]:
@@ -83,15 +87,10 @@ class Placement:
     def layer(self, i: int) -> Iterator[None]:
         """Decoder layer ``i`` on the device while inside (streaming only)."""
         self.layers[i].to(self.device)
-        self.events.append(("load", i))
         try:
             yield
         finally:
             self.layers[i].to(HOST)
-            self.events.append(("offload", i))
-
-    def inputs(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(t.to(self.device) for t in tensors)
 
     def prefill(self, jobs: list[tuple], before_layer: Callable[[int, list], None] | None = None) -> list[tuple]:
         """Outputs of every job ``(program, input_ids, attention_mask, image_features[,
@@ -99,14 +98,14 @@ class Placement:
         jobs layer-major. ``before_layer(i, states)``, streaming only, is called with layer
         ``i`` on the device before the jobs step through it (GPTQ quantizes the layer there)."""
         if not self.streaming:
-            return [send(job[0].run(*self.inputs(*job[1:4]), *job[4:]), HOST) for job in jobs]
+            return [send(job[0].run(*send(job[1:4], self.device), *job[4:]), HOST) for job in jobs]
         programs = [job[0] for job in jobs]
-        states = [send(p.begin(*self.inputs(*job[1:4]), *job[4:]), HOST) for p, job in zip(programs, jobs)]
+        states = [send(p.begin(*send(job[1:4], self.device), *job[4:]), HOST) for p, job in zip(programs, jobs)]
         for i in range(len(self.layers)):
             with self.layer(i):
                 if before_layer is not None:
-                    before_layer(i, [(p, s) for p, s in zip(programs, states)])
-                states = [send(p.step(send(s, self.device)), HOST) for p, s in zip(programs, states)]
+                    before_layer(i, list(zip(programs, states)))
+                states = [self.step_on_device(p, s) for p, s in zip(programs, states)]
         return [send(p.finish(send(s, self.device)), HOST) for p, s in zip(programs, states)]
 
     def step_on_device(self, program, state):

@@ -9,9 +9,10 @@ plugins on a GPU (:mod:`quota_compile.trt_plugins`; the kernels against these sa
 ``tests/test_kernels.py``, ``tests/test_trt_flavour.py``).
 
 The references here do not import the kernel modules (they import triton, which the test suite
-must first import in its interpreter mode: see ``tests/test_kernels.py``); they repeat the
-kernels' reference arithmetic, and ``tests/test_trt_flavour.py`` checks that they equal
-``w4a4_linear_reference`` and ``kv_decode_attention_reference`` on random inputs.
+must first import in its interpreter mode: see ``tests/test_kernels.py``): the W4A4 product is
+``kernels.reference.w4a4_matmul_reference``, shared with the kernel's reference, and
+``tests/test_trt_flavour.py`` checks that these equal ``w4a4_linear_reference`` and
+``kv_decode_attention_reference`` on random inputs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import onnx
 import torch
 
+from .kernels.reference import w4a4_matmul_reference
 from .lower_trt import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_DOMAIN, PLUGINS, W4A4_LINEAR, _PLUGIN_ATTRS
 from .quant import ops
 from .runtime import GRAPHS, OrtBackend
@@ -49,16 +51,7 @@ def w4a4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     bias."""
     k, n = x.shape[-1], scale.shape[-1]
     codes, row_scale = ops.quantize_per_token(x.reshape(-1, k).to(torch.float32), act_bits, clip_ratio)
-    w = ops.unpack_int4(weight, (k, n)).to(torch.float64)
-    xq = codes.to(torch.float64)
-    acc = torch.zeros((codes.shape[0], n), dtype=torch.float32)
-    for g in range(k // group_size):
-        rows = slice(g * group_size, (g + 1) * group_size)
-        acc = acc + (xq[:, rows] @ w[rows]).to(torch.float32) * scale[g]  # integer sums below 2**24: exact
-    out = acc * row_scale
-    if bias is not None:
-        out = out + bias.to(torch.float32)
-    return out.reshape(*x.shape[:-1], n)
+    return w4a4_matmul_reference(codes, row_scale, weight, scale, group_size, bias).reshape(*x.shape[:-1], n)
 
 
 def kv_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, granularity: str):

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from ..quant import ops as qops
+from ..quant import ops  # noqa: F401  (registers torch.ops.quota.*, used below)
 
 
 def _kernel_module():
@@ -48,5 +48,3 @@ def w4a4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: i
 def _(x, packed, scale, k, n, group_size, clip_ratio):
     return x.new_empty((*x.shape[:-1], n))
 
-
-assert qops  # registers torch.ops.quota.* used above

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from quota_compile.kernels import is_interpreted
+from quota_compile.kernels.reference import w4a4_matmul_reference
 from quota_compile.quant import ops
 
 ACT_BITS = 4
@@ -341,24 +342,6 @@ def w4a4_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
         _launch_gemm(a, a_scale, w_packed.reshape(-1), w_scale.contiguous(),
                      None if bias is None else bias.contiguous(), out, group_size, clip_ratio, fused)
     return out.reshape(*x.shape[:-1], n)
-
-
-def w4a4_matmul_reference(codes: torch.Tensor, scale: torch.Tensor, w_packed: torch.Tensor,
-                          w_scale: torch.Tensor, group_size: int,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 ``[M, N]`` from activation codes ``[M, K]`` (int8) and row scales ``[M, 1]``, in
-    the kernel's order of float operations: per group an exact integer dot, times the weight
-    scale, the groups summed in order; then times the row scale, plus bias. Any device."""
-    k, n = codes.shape[-1], w_scale.shape[-1]
-    w_codes = ops.unpack_int4(w_packed, (k, n)).to(torch.float64)
-    xq = codes.to(torch.float64)
-    acc = torch.zeros((codes.shape[0], n), dtype=torch.float32, device=codes.device)
-    for g in range(k // group_size):
-        rows = slice(g * group_size, (g + 1) * group_size)
-        exact = (xq[:, rows] @ w_codes[rows]).to(torch.float32)  # integers below 2**24: exact
-        acc = acc + exact * w_scale[g]
-    out = acc * scale
-    return out if bias is None else out + bias.to(torch.float32)
 
 
 def w4a4_linear_reference(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,

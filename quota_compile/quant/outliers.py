@@ -86,25 +86,13 @@ def _config(source: str, group_size: int, variant: dict, calibration_samples: in
 
 def _trajectory(programs, batch, steps: int, forced: list[np.ndarray] | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Log-probabilities of ``steps`` next tokens; the decode is fed ``forced`` tokens where
-    given, else its own greedy ones (returned)."""
+    given, else its own greedy ones (returned, one ``[B]`` array per step)."""
+    from ..runtime import greedy_generate
     from ..verify import TorchBackend
 
-    backend = TorchBackend(programs)
-    feats = backend.vision(batch.pixel_values)
-    logits, cache, _ = backend.prefill(batch.input_ids, batch.attention_mask, feats)
-    lengths = batch.attention_mask.sum(axis=1)
-    mask = batch.attention_mask
-    out, tokens = [], []
-    for step in range(steps):
-        out.append(torch.log_softmax(torch.from_numpy(logits).double(), -1).numpy())
-        nxt = forced[step] if forced is not None else logits.argmax(axis=-1)
-        tokens.append(nxt)
-        if step == steps - 1:
-            break
-        mask = np.concatenate([mask, np.ones((len(lengths), 1), dtype=np.int64)], axis=1)
-        positions = (lengths + step)[:, None].astype(np.int64)
-        logits, cache = backend.decode(nxt[:, None].astype(np.int64), positions, mask, cache)
-    return out, tokens
+    gen = greedy_generate(TorchBackend(programs), batch, steps, None, keep_logits=True, feed=forced)
+    logp = [torch.log_softmax(torch.from_numpy(x).double(), -1).numpy() for x in gen.step_logits]
+    return logp, list(np.array(gen.tokens).T)
 
 
 def run_experiment(

@@ -1,0 +1,28 @@
+"""The W4A4 Linear's integer arithmetic in PyTorch, without triton: the reference of the
+Triton kernel (:mod:`quota_compile.kernels.w4a4_linear`, which re-exports it) and of the
+TensorRT plugin (:mod:`quota_compile.trt_verify`, which must not import triton: the test suite
+imports triton in its interpreter mode first)."""
+
+from __future__ import annotations
+
+import torch
+
+from quota_compile.quant import ops
+
+
+def w4a4_matmul_reference(codes: torch.Tensor, scale: torch.Tensor, w_packed: torch.Tensor,
+                          w_scale: torch.Tensor, group_size: int,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 ``[M, N]`` from activation codes ``[M, K]`` (int8) and row scales ``[M, 1]``, in
+    the kernel's order of float operations: per group an exact integer dot, times the weight
+    scale, the groups summed in order; then times the row scale, plus bias. Any device."""
+    k, n = codes.shape[-1], w_scale.shape[-1]
+    w_codes = ops.unpack_int4(w_packed, (k, n)).to(torch.float64)
+    xq = codes.to(torch.float64)
+    acc = torch.zeros((codes.shape[0], n), dtype=torch.float32, device=codes.device)
+    for g in range(k // group_size):
+        rows = slice(g * group_size, (g + 1) * group_size)
+        exact = (xq[:, rows] @ w_codes[rows]).to(torch.float32)  # integers below 2**24: exact
+        acc = acc + exact * w_scale[g]
+    out = acc * scale
+    return out if bias is None else out + bias.to(torch.float32)
