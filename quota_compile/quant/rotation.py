@@ -177,20 +177,22 @@ def _rotate_inner(layer: torch.nn.Module, seed: int) -> None:
     attn, mlp = layer.self_attn, layer.mlp
     head_dim = attn.head_dim
     head = KroneckerRotation(head_dim, seed + _SEED_HEAD)
-    h = head.matrix()
-    # the value heads: v_h -> v_h H on v_proj's output side, o_h H read on o_proj's input side
+    f64 = lambda t: t.detach().to(torch.float64)  # noqa: E731
+    # The weights are multiplied by the rotations through their factors (``rot(W) = W @ R``
+    # row by row), not by dense matrices: 11008² float64 would be 0.97 GB and 5·10¹¹
+    # multiply-adds per 7B layer.
+    # the value heads: v_h -> v_h H on v_proj's output side (W_h -> Hᵀ W_h), o_h H read on
+    # o_proj's input side
     v, o = attn.v_proj, attn.o_proj
     blocks_v = v.out_features // head_dim
-    wv = v.weight.detach().to(torch.float64).reshape(blocks_v, head_dim, -1)
-    _set(v, torch.einsum("ji,bjk->bik", h, wv).reshape(v.out_features, -1),
-         None if v.bias is None else (v.bias.detach().to(torch.float64).reshape(blocks_v, head_dim) @ h).reshape(-1))
-    blocks_o = o.in_features // head_dim
-    wo = o.weight.detach().to(torch.float64).reshape(o.out_features, blocks_o, head_dim)
-    _set(o, (wo @ h).reshape(o.out_features, o.in_features))
+    wv = f64(v.weight).reshape(blocks_v, head_dim, -1).transpose(1, 2)  # [block, input, head_dim]
+    _set(v, head(wv).transpose(1, 2).reshape(v.out_features, -1),
+         None if v.bias is None else head(f64(v.bias).reshape(blocks_v, head_dim)).reshape(-1))
+    _set(o, head(f64(o.weight).reshape(o.out_features, o.in_features // head_dim, head_dim)).reshape(o.out_features, o.in_features))
     attn.qk_rotation = head
     # o_proj and down_proj: rotated input, in the graph; the weight holds the inverse
     for parent, name, s in ((attn, "o_proj", _SEED_OUT), (mlp, "down_proj", _SEED_MLP)):
         lin = getattr(parent, name)
         rot = KroneckerRotation(lin.in_features, seed + s)
-        _set(lin, lin.weight.detach().to(torch.float64) @ rot.matrix())
+        _set(lin, rot(f64(lin.weight)))
         setattr(parent, name, RotatedLinear.wrap(lin, rot))
