@@ -90,12 +90,21 @@ FLAVOUR_KEY = "quota_compile.flavour"  # graph metadata: which flavour a graph i
 FLAVOUR = "tensorrt"
 # What TensorRT's ONNX parser cannot take and this rewrite must therefore remove.
 TRT_UNSUPPORTED = ("BitShift", "BitwiseAnd", "BitwiseOr", "QuantizeLinear")
+# Block sizes TensorRT accepts for a weight-only INT4 DequantizeLinear (../shared/RESEARCH.md).
+TRT_INT4_BLOCKS = (64, 128)
 
 _PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION, "aot": 1}
 
 
 class TrtLoweringError(RuntimeError):
     """The portable graph does not have the form this rewrite expects (a bug)."""
+
+
+def _int4_dequantize_blocks(model: onnx.ModelProto) -> list[int]:
+    """``block_size`` of every DequantizeLinear of an INT4 / UINT4 initializer (0: not blocked)."""
+    int4 = {t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)}
+    return [int(_attrs(n).get("block_size", 0)) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in int4]
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -425,6 +434,10 @@ def to_tensorrt(models: dict[str, onnx.ModelProto]) -> dict[str, onnx.ModelProto
         left = sorted({n.op_type for n in m.graph.node if n.op_type in TRT_UNSUPPORTED})
         if left:
             raise TrtLoweringError(f"TensorRT flavour, {g}: {', '.join(left)} left in the graph (TensorRT's ONNX parser cannot take them)")
+        blocks = sorted(set(_int4_dequantize_blocks(m)) - set(TRT_INT4_BLOCKS))
+        if blocks:
+            raise TrtLoweringError(f"TensorRT flavour, {g}: INT4 DequantizeLinear with block size {blocks} "
+                                   f"(TensorRT takes {TRT_INT4_BLOCKS} only)")
         meta = {p.key: p.value for p in m.metadata_props}
         meta[FLAVOUR_KEY] = FLAVOUR
         if g == "decode":

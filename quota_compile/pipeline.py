@@ -26,7 +26,7 @@ from .config import bundle_name, load_config
 from .errors import UserError, VerificationFailed
 from .lower import export_onnx, save_onnx
 from .lower_ort import ORT_FOLDER, describe_arithmetic, kv_update_of, lower_flavour, uses_group_query_attention
-from .lower_trt import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_FOLDER, plugin_counts, to_tensorrt
+from .lower_trt import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_FOLDER, TRT_INT4_BLOCKS, plugin_counts, to_tensorrt
 from .models import load_model
 from .programs import KV_STATIC, KV_STORED
 from .quant.ops import kv_packed_dim
@@ -75,7 +75,9 @@ def check_calibration_device(cfg, config_file: Path) -> None:
 
 def check_tensorrt_target(cfg, config_file: Path) -> None:
     """``export.targets: [.., tensorrt]`` needs INT4 activations (the W4A4 plugin's Triton
-    kernel quantizes to INT4) and onnxruntime-extensions (the flavour is verified with it)."""
+    kernel quantizes to INT4), an INT4 embedding table (if any) in blocks TensorRT's weight-only
+    INT4 accepts (:data:`TRT_INT4_BLOCKS`) and onnxruntime-extensions (the flavour is verified
+    with it)."""
     if "tensorrt" not in cfg.export.targets:
         return
     if cfg.quantization.activations.bits != 4:
@@ -84,6 +86,15 @@ def check_tensorrt_target(cfg, config_file: Path) -> None:
             f"QuotaW4A4Linear plugin, whose kernel quantizes activations to INT4, not INT{cfg.quantization.activations.bits}; "
             "use bits: 4 or remove tensorrt from export.targets."
         )
+    emb = cfg.quantization.embeddings
+    if emb.bits == 4:
+        g = emb.group_size or cfg.quantization.weights.group_size
+        if g not in TRT_INT4_BLOCKS:
+            raise UserError(
+                f"{config_file}: key 'quantization.embeddings.group_size': the tensorrt target keeps the INT4 "
+                f"embedding table as a blocked DequantizeLinear, which TensorRT accepts with block size 64 or 128 "
+                f"only, not {g}; set group_size: 64 or 128 or embeddings.bits: null."
+            )
     try:
         import onnxruntime_extensions  # noqa: F401
     except ImportError:

@@ -60,7 +60,7 @@ def _constant(expr, what: str) -> int:
     """The build-time value of a shape expression the kernels take as a compile-time constant."""
     if not expr.is_constant:
         raise ValueError(f"{what} must be static in the TensorRT graph")
-    return int(expr.constant_value)
+    return int(expr.constant_value())
 
 
 def register_plugins() -> None:
@@ -69,7 +69,7 @@ def register_plugins() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from typing import List, Tuple
+    from typing import List, Tuple, Union
 
     import tensorrt as trt
     import tensorrt.plugin as trtp
@@ -80,6 +80,10 @@ def register_plugins() -> None:
 
     def as_torch(t):
         return torch.as_tensor(t, device="cuda")
+
+    # what an aot_impl returns: kernel name, PTX, launch parameters, the int32 extra arguments
+    # (tensorrt.plugin requires this annotation on every aot_impl)
+    AotKernel = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
 
     # ---------------------------------------------------------------- QuotaW4A4Linear
 
@@ -110,7 +114,7 @@ def register_plugins() -> None:
 
     @trtp.aot_impl(w4a4)
     def _w4a4_aot(x: trtp.TensorDesc, weight: trtp.TensorDesc, scale: trtp.TensorDesc, bias: trtp.TensorDesc,
-                  group_size: int, clip_ratio: float, act_bits: int, outputs: Tuple[trtp.TensorDesc], tactic: int):
+                  group_size: int, clip_ratio: float, act_bits: int, outputs: Tuple[trtp.TensorDesc], tactic: int) -> AotKernel:
         block_m, block_n, warps, stages = W4A4_TACTICS[tactic]
         bk = K.block_k(group_size)
         compiled = K.compile_kernel(
@@ -164,7 +168,7 @@ def register_plugins() -> None:
 
     @trtp.aot_impl(kvq)
     def _kvq_aot(x: trtp.TensorDesc, scale: trtp.TensorDesc, zero_point: trtp.TensorDesc, bits: int, granularity: str,
-                 outputs: Tuple[trtp.TensorDesc], tactic: int):
+                 outputs: Tuple[trtp.TensorDesc], tactic: int) -> AotKernel:
         d = _constant(x.shape_expr[3], "the head size")
         consts = {"D": d, "BITS": bits, "PER_TOKEN": granularity == "per_token", "BLOCK_P": triton.next_power_of_2(d // 2)}
         compiled = K.compile_kernel(K.kv_quantize_kernel, K.KV_QUANTIZE_TYPES, consts, num_warps=1)
@@ -224,7 +228,7 @@ def register_plugins() -> None:
                   past_key: trtp.TensorDesc, past_value: trtp.TensorDesc, key_scale: trtp.TensorDesc,
                   value_scale: trtp.TensorDesc, key_zero_point: trtp.TensorDesc, value_zero_point: trtp.TensorDesc,
                   bits: int, granularity: str, num_heads: int, kv_num_heads: int, scale: float,
-                  outputs: Tuple[trtp.TensorDesc], tactic: int):
+                  outputs: Tuple[trtp.TensorDesc], tactic: int) -> AotKernel:
         d = _constant(query.shape_expr[3], "the head size")
         compiled = K.compile_kernel(K.decode_attention_kernel, K.DECODE_ATTENTION_TYPES, _attn_consts(d, bits, granularity, scale))
         b, h = query.shape_expr[0], query.shape_expr[1]

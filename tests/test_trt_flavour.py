@@ -151,22 +151,29 @@ def test_flavour_is_verified_like_the_others_and_matches_the_portable_graphs(whi
     assert {f"tensorrt/{g}.onnx" for g in GRAPHS} <= set(m["files"])
 
 
-@pytest.mark.parametrize("which", ["per_token", "per_channel"])
-def test_padded_batch_decodes_like_the_portable_graphs(which, request):
-    """Two prompts of different lengths (right padding: masked positions inside the cache):
-    the flavour gives the portable graphs' tokens, kept indices and (nearly) logits."""
+def _padded_batch(bundle: Path):
+    """Two prompts of different lengths, right-padded (masked positions inside the cache)."""
     from transformers import AutoProcessor
 
-    from quota_compile.runtime import OrtBackend, greedy_generate, make_batch
+    from quota_compile.runtime import make_batch
     from quota_compile.verify import synthetic_images
 
-    bundle, _ = request.getfixturevalue(which)
     m = json.loads((bundle / "manifest.json").read_text())["model"]
     proc = AutoProcessor.from_pretrained(bundle / "tokenizer")
     proc.tokenizer.padding_side = "right"
     images = synthetic_images(2, m["image_size"], 7)
-    batch = make_batch(proc, m["prompt_template"], images, ["What is it?", "Is there a red circle on the left side of the picture?"],
-                       (m["visual_start"], m["visual_tokens"]), m["image_token_id"])
+    return make_batch(proc, m["prompt_template"], images, ["What is it?", "Is there a red circle on the left side of the picture?"],
+                      (m["visual_start"], m["visual_tokens"]), m["image_token_id"])
+
+
+@pytest.mark.parametrize("which", ["per_token", "per_channel"])
+def test_padded_batch_decodes_like_the_portable_graphs(which, request):
+    """Two prompts of different lengths (right padding: masked positions inside the cache):
+    the flavour gives the portable graphs' tokens, kept indices and (nearly) logits."""
+    from quota_compile.runtime import OrtBackend, greedy_generate
+
+    bundle, _ = request.getfixturevalue(which)
+    batch = _padded_batch(bundle)
     assert batch.attention_mask.sum(axis=1).min() < batch.attention_mask.shape[1]
     a = greedy_generate(trt_verify.TensorrtReferenceBackend(bundle / "tensorrt"), batch, 6, None, keep_logits=True)
     b = greedy_generate(OrtBackend(bundle), batch, 6, None, keep_logits=True)
@@ -254,6 +261,19 @@ def test_weight_only_int4_linear_stays_blocked_dequantize_and_matmul():
     flavour, count = w4a4_linears(model)
     assert count == 0 and [x.op_type for x in flavour.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
     assert any(t.data_type == TensorProto.INT4 for t in flavour.graph.initializer)
+
+
+@pytest.mark.parametrize("group", [16, 32, 64, 128])
+def test_the_flavour_keeps_only_int4_blocks_tensorrt_accepts(group):
+    """A weight-only INT4 DequantizeLinear left in the flavour must have a block TensorRT takes
+    (64 or 128); a smaller one is refused when the flavour is made, not at engine build."""
+    model, *_ = _linear_graph(256, 32, group, 1.0, quantized=False, bias=False)
+    if group in (64, 128):
+        (flavour,) = to_tensorrt({"vision": model}).values()
+        assert [n.op_type for n in flavour.graph.node] == ["DequantizeLinear", "MatMul"]
+    else:
+        with pytest.raises(TrtLoweringError, match=f"block size \\[{group}\\]"):
+            to_tensorrt({"vision": model})
 
 
 def test_a_quantizer_that_is_not_ops_per_token_scale_is_refused():
@@ -378,32 +398,230 @@ def test_kv_plugin_references_are_the_kernel_references_and_the_aot_kernels(inte
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
+# ---------------------------------------------------------------- the plugin definitions
+# quota_compile.trt_plugins.register_plugins run against tests/trt_standin.py, a stand-in for
+# the parts of tensorrt.plugin it uses (TensorRT itself cannot be installed here): the
+# decorators' schema rules of TensorRT 11.4, shape expressions, launch parameters.
+
+_TORCH_TRT = {torch.float32: "FLOAT", torch.float16: "HALF", torch.uint8: "UINT8"}
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """register_plugins() with tests/trt_standin.py as ``tensorrt`` / ``tensorrt.plugin``."""
+    from quota_compile import trt_plugins
+
+    from . import trt_standin
+
+    trt_standin.install(monkeypatch)
+    monkeypatch.setattr(trt_plugins, "_REGISTERED", False)
+    trt_plugins.register_plugins()
+    yield trt_standin
+    trt_standin.REGISTRY.clear()
+
+
+def _desc(S, t: torch.Tensor, constant_last: bool = True):
+    """A stand-in TensorDesc of a tensor: dimensions dynamic except the last (head size, K, N)."""
+    dims = [S.dim(v, constant=constant_last and i == t.dim() - 1) for i, v in enumerate(t.shape)]
+    return S.TensorDesc(tuple(dims), S.DataType[_TORCH_TRT[t.dtype]])
+
+
+def _plugin_calls(bundle: Path, plugins) -> list[tuple[str, list, dict, list]]:
+    """``(plugin, inputs, attributes, outputs)`` of every plugin node the TensorRT flavour runs
+    (references, through onnxruntime-extensions) while greedily decoding a right-padded batch
+    of two prompts; attributes named as the plugin definition (``plugins``: the stand-in's
+    registry) names them. Calls with the same input shapes and attributes are kept once."""
+    from quota_compile.runtime import greedy_generate
+
+    refs = {W4A4_LINEAR: "w4a4_linear", KV_QUANTIZE: "kv_quantize", DECODE_ATTENTION: "decode_attention"}
+    calls, seen, depth = [], set(), [0]
+
+    def recording(plugin, fn):
+        spec = plugins[f"quota::{plugin}"]
+
+        def call(*args):
+            depth[0] += 1  # decode_attention quantizes through kv_quantize: record the outer call only
+            try:
+                out = fn(*args)
+            finally:
+                depth[0] -= 1
+            k = len(spec.inputs)
+            attrs = dict(zip(spec.attrs, args[k:]))
+            key = (plugin, tuple(tuple(a.shape) for a in args[:k]), tuple(attrs.items()))
+            if depth[0] == 0 and key not in seen:
+                seen.add(key)
+                calls.append((plugin, [a.clone() for a in args[:k]], attrs, [o.clone() for o in (out if isinstance(out, tuple) else (out,))]))
+            return out
+
+        return call
+
+    with pytest.MonkeyPatch.context() as mp:
+        for plugin, name in refs.items():
+            mp.setattr(trt_verify, name, recording(plugin, getattr(trt_verify, name)))
+        greedy_generate(trt_verify.TensorrtReferenceBackend(bundle / "tensorrt"), _padded_batch(bundle), 3, None)
+    return calls
+
+
+def test_plugin_definitions_follow_tensorrt_plugin_schemas_and_the_graph_nodes(per_token, standin):
+    """Every plugin has register / autotune / impl / aot_impl accepted by the stand-in's
+    schema rules; every plugin node of the flavour's graphs names a registered plugin and gives
+    exactly its inputs, outputs and attributes (names and types), and the verification
+    references take the attributes in the registered order."""
+    import inspect
+
+    bundle, _ = per_token
+    plugins = standin.REGISTRY
+    assert set(plugins) == {f"quota::{p}" for p in (W4A4_LINEAR, KV_QUANTIZE, DECODE_ATTENTION)}
+    assert all(p.impl and p.aot_impl and p.autotune for p in plugins.values())
+    onnx_types = {int: onnx.AttributeProto.INT, float: onnx.AttributeProto.FLOAT, str: onnx.AttributeProto.STRING}
+    seen = set()
+    for g in GRAPHS:
+        for node in onnx.load(bundle / "tensorrt" / f"{g}.onnx").graph.node:
+            if node.domain != PLUGIN_DOMAIN:
+                continue
+            attrs = {a.name: a for a in node.attribute}
+            spec = plugins[f"{helper.get_attribute_value(attrs.pop('plugin_namespace')).decode()}::{node.op_type}"]
+            assert helper.get_attribute_value(attrs.pop("aot")) == 1 and "plugin_version" in attrs.pop("plugin_version").name
+            assert {n: a.type for n, a in attrs.items()} == {n: onnx_types[t] for n, t in spec.attrs.items()}, node.op_type
+            assert (len(node.input), len(node.output)) == (len(spec.inputs), spec.num_outputs), node.op_type
+            seen.add(node.op_type)
+    assert seen == {W4A4_LINEAR, KV_QUANTIZE, DECODE_ATTENTION}
+    for plugin, fn in ((W4A4_LINEAR, trt_verify.w4a4_linear), (KV_QUANTIZE, trt_verify.kv_quantize),
+                       (DECODE_ATTENTION, trt_verify.decode_attention)):
+        spec = plugins[f"quota::{plugin}"]
+        assert list(inspect.signature(fn).parameters) == spec.inputs + list(spec.attrs), plugin
+
+
+def test_the_stand_in_refuses_what_tensorrt_plugin_refuses(standin):
+    """The stand-in's checks can fail: an aot_impl without its return annotation (as
+    trt_plugins had before it was checked against TensorRT 11.4), attributes out of order, a
+    non-constant head size asked for its value."""
+    S = standin
+    # (this module's annotations are strings, as tensorrt.plugin would not accept: compiled apart)
+    source = """
+@S.register("t::p")
+def desc(x: S.TensorDesc, a: int, b: float) -> S.TensorDesc:
+    return x.like()
+
+def aot(x: S.TensorDesc, a: int, b: float, outputs: tuple, tactic: int):
+    return None
+
+def impl(x, b: float, a: int, outputs, stream):
+    return None
+"""
+    space = {"S": S}
+    exec(compile(source, "plugin_definitions", "exec", dont_inherit=True), space)
+    S.autotune("t::p")(lambda x, outputs: [])  # the schema's order: accepted
+    with pytest.raises(ValueError, match="no return annotation"):
+        S.aot_impl("t::p")(space["aot"])
+    with pytest.raises(ValueError, match="schema"):
+        S.impl("t::p")(space["impl"])
+    with pytest.raises(RuntimeError, match="non-constant"):
+        S.dim(4, constant=False).constant_value()
+
+
+@pytest.mark.parametrize("which", ["per_token", "per_channel"])
+def test_plugins_give_the_references_shapes_types_and_launch_their_aot_kernels_as_tensorrt_would(which, request, standin, interpreted):
+    """For every distinct plugin call of a padded-batch decode through the references: the
+    registration gives the reference outputs' shapes and dtypes, autotune offers the call's
+    types, and the aot_impl's kernel, launched as TensorRT launches it (its grid, the input
+    pointers, its extra int32 arguments, the output pointers, the compile-time constants it
+    compiled with; run here by Triton's interpreter), computes the reference outputs: codes and
+    the W4A4 products exactly, attention within float reassociation."""
+    triton, mods = interpreted
+    K = mods["trt_aot"]
+    bundle, _ = request.getfixturevalue(which)
+    plugins = standin.REGISTRY
+    calls = _plugin_calls(bundle, plugins)
+    assert {c[0] for c in calls} == {W4A4_LINEAR, KV_QUANTIZE, DECODE_ATTENTION}
+    compiled = {}
+
+    class Compiled:  # what trt_plugins reads of triton.compile's result
+        def __init__(self, fn, consts, warps):
+            self.metadata = type("M", (), {"name": fn.fn.__name__ if hasattr(fn, "fn") else fn.__name__, "num_warps": warps, "shared": 0})
+            self.asm = {"ptx": "(not compiled: interpreter)"}
+            compiled["last"] = (fn, consts)
+
+    def fake_compile(fn, types, constexprs, num_warps=4, num_stages=3, target=None):
+        assert set(types) <= set(fn.arg_names) and set(constexprs) <= set(fn.arg_names)
+        return Compiled(fn, constexprs, num_warps)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(K, "compile_kernel", fake_compile)
+        for plugin, inputs, attrs, outputs in calls:
+            spec = plugins[f"quota::{plugin}"]
+            descs = [_desc(standin, t) for t in inputs]
+            got = spec.register_func(*descs, *attrs.values())
+            got = got if isinstance(got, tuple) else (got,)
+            assert [(d.values, d.dtype.name) for d in got] == [(tuple(o.shape), _TORCH_TRT[o.dtype]) for o in outputs], plugin
+            types = [_TORCH_TRT[t.dtype] for t in inputs + outputs]
+            combos = spec.autotune(*descs, got)
+            assert any(all(S.DataType[t].value in c.io_types[i].replace("*", "|").split("|") for i, t in enumerate(types))
+                       for c in combos for S in [standin] if len(c.io_types) == len(types)), plugin
+            tactics = [t for c in combos for t in (c.tactics or [0])]
+            for tactic in tactics if plugin != W4A4_LINEAR or inputs[0].numel() < 4096 else tactics[:1]:
+                name, _, launch, extra = standin.run_aot(f"quota::{plugin}", descs, attrs, list(got), tactic)
+                fn, consts = compiled["last"]
+                assert launch["block_x"] % 32 == 0 and launch["grid_y"] == launch["grid_z"] == 1
+                outs = [torch.empty_like(o) for o in outputs]
+                fn[(launch["grid_x"],)](*inputs, *extra, *outs, **consts)
+                for o, ref in zip(outs, outputs):
+                    if plugin == DECODE_ATTENTION and o.dtype == torch.float32 and o.dim() == 4 and o.shape[-1] == ref.shape[-1] and o is outs[0]:
+                        assert (o - ref).abs().max() <= 1e-5 * ref.abs().max(), (plugin, tactic)
+                    else:
+                        assert torch.equal(o, ref), (plugin, name, tactic)
+
+
 def test_aot_kernels_compile_for_hopper_with_the_plugin_calling_convention():
-    """TensorRT launches an AOT kernel with (inputs, int32 extra arguments, outputs); Triton
-    adds two scratch pointers after them, which must be unused (scratch sizes 0)."""
+    """Each plugin's aot_impl (through the stand-in, every tactic its autotune offers) compiles
+    its kernel for sm_90 at LLaVA-1.5-7B sizes, and the PTX entry takes what TensorRT passes:
+    the input pointers, the aot_impl's extra int32 arguments, the output pointers; Triton adds
+    two scratch pointers after them, which must be unused (scratch sizes 0). The launch's
+    block and shared memory are the compiled kernel's."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     script = """
 import re
 from triton.backends.compiler import GPUTarget
+from tests import trt_standin as S
+S.install()
+from quota_compile import trt_plugins
 from quota_compile.kernels import trt_aot as K
-t = GPUTarget("cuda", 90, 32)
-for fn, types, consts, warps, n_args, only_rn in [
-    (K.w4a4_linear_kernel, K.w4a4_linear_types("fp16"), dict(GROUP_SIZE=128, CLIP=1.0, TILE_GROUPS=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8), 4, 8, True),
-    (K.kv_quantize_kernel, K.KV_QUANTIZE_TYPES, dict(D=128, BITS=4, PER_TOKEN=True, BLOCK_P=64), 1, 9, True),
+compile_kernel, last = K.compile_kernel, {}
+def for_hopper(*args, **kw):
+    last["c"] = compile_kernel(*args, target=GPUTarget("cuda", 90, 32), **kw)
+    return last["c"]
+K.compile_kernel = for_hopper
+trt_plugins.register_plugins()
+F, H, U = S.DataType.FLOAT, S.DataType.HALF, S.DataType.UINT8
+def d(shape, dt, dynamic=()):
+    return S.TensorDesc(tuple(S.dim(v, i not in dynamic) for i, v in enumerate(shape)), dt)
+cache = [d((1, 32, 40, 64), U, (0, 2))] * 2 + [d((1, 32, 40, 1), F, (0, 2))] * 2 + [d((1, 32, 40, 1), U, (0, 2))] * 2
+new = [d((1, 32, 1, 128), F, (0,))] * 3 + [d((1, 1, 1, 41), F, (0, 3))]
+cases = [  # plugin, inputs, attributes, whether every division must be correctly rounded
+    ("QuotaW4A4Linear", [d((1, 40, 4096), H, (0, 1)), d((4096, 2048), U), d((32, 4096), F), d((4096,), F)],
+     dict(group_size=128, clip_ratio=1.0, act_bits=4), True),
+    ("QuotaKVQuantize", [d((1, 32, 40, 128), F, (0, 2)), d((1,), F), d((1,), U)], dict(bits=4, granularity="per_token"), True),
     # the softmax normalisation may divide approximately; the new token's quantizer may not
-    (K.decode_attention_kernel, K.DECODE_ATTENTION_TYPES, dict(SM_SCALE=0.088, D=128, BITS=4, PER_TOKEN=True, BLOCK_T=64, BLOCK_D=128), 4, 20, False),
-]:
-    c = K.compile_kernel(fn, types, consts, warps, target=t)
-    ptx = c.asm["ptx"]
-    params = re.search(r"\\.entry " + c.metadata.name + r"\\(([^)]*)\\)", ptx).group(1).count(".param")
-    assert params == n_args + 2 and c.metadata.global_scratch_size == 0 and c.metadata.profile_scratch_size == 0, (c.metadata.name, params)
-    assert "div.rn.f32" in ptx and not (only_rn and ("div.approx" in ptx or "div.full" in ptx)), c.metadata.name
-    print("ok", c.metadata.name, params)
+    ("QuotaKVDecodeAttention", new + cache, dict(bits=4, granularity="per_token", num_heads=32, kv_num_heads=32, scale=0.088), False),
+]
+for plugin, ins, attrs, only_rn in cases:
+    spec = S.REGISTRY["quota::" + plugin]
+    outs = spec.register_func(*ins, *attrs.values())
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    for tactic in [t for c in spec.autotune(*ins, outs) for t in (c.tactics or [0])]:
+        name, ptx, launch, extra = S.run_aot("quota::" + plugin, ins, attrs, list(outs), tactic)
+        c = last["c"]
+        params = re.search(r"\\.entry " + name + r"\\(([^)]*)\\)", ptx).group(1).count(".param")
+        assert params == len(ins) + len(extra) + len(outs) + 2, (name, params)
+        assert c.metadata.global_scratch_size == 0 and c.metadata.profile_scratch_size == 0, name
+        assert launch["block_x"] == 32 * c.metadata.num_warps and launch["shared_mem"] == c.metadata.shared, name
+        assert "div.rn.f32" in ptx and not (only_rn and ("div.approx" in ptx or "div.full" in ptx)), name
+        print("ok", plugin, tactic, params, launch["grid_x"], extra)
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok ") == 3
+    assert run.stdout.count("ok ") == 5, run.stdout  # the GEMM's three tactics, the two KV plugins
 
 
 # ---------------------------------------------------------------- plugins module and options
@@ -456,6 +674,16 @@ def test_tensorrt_with_int8_activations_is_refused(tmp_path: Path, capsys):
     err = capsys.readouterr().err
     assert "quantization.activations.bits" in err and "INT4" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_tensorrt_with_int4_embeddings_in_small_blocks_is_refused(tmp_path: Path, capsys):
+    cfg = write_config(tmp_path / "bad.yaml", "builtin:tiny-llava", tmp_path / "out",
+                       quantization={"weights": {"group_size": 16}, "embeddings": {"bits": 4}},
+                       export={"targets": ["portable", "tensorrt"]})
+    assert main([str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "quantization.embeddings.group_size" in err and "64 or 128" in err and "not 16" in err
+    assert sum("error" in line for line in err.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_tensorrt_without_onnxruntime_extensions_is_refused(tmp_path: Path, capsys, monkeypatch):
