@@ -241,6 +241,8 @@ def compile_model(
                     engines = build_engines(tmp, min_length=span[0] + span[1] + 1)
                     if isinstance(engines, str):
                         console.print(engines, highlight=False, soft_wrap=True, markup=False)
+                    else:
+                        engines["comparison"] = check_engines(tmp, trt_models, samples[0], report)
                 recipe = Recipe(
                     tool_version=__version__,
                     model=ModelIdentity(source=cfg.model.source, sha256=model_hash, num_layers=vlm.num_layers, visual_tokens=span[1]),
@@ -285,6 +287,21 @@ def kv_cache_bytes(vlm, bits: int, keep: list[int], prompt_len: int, generated: 
     ours = sum(2 * per_token * n for n in lengths)
     fp16 = vlm.num_layers * 2 * vlm.num_kv_heads * vlm.head_dim * 2 * (prompt_len + generated)
     return {"prompt_length": prompt_len, "generated": generated, "bundle": ours, "fp16_unpruned": fp16, "ratio": fp16 / ours}
+
+
+def check_engines(folder: Path, trt_models: dict, sample, report: dict) -> dict:
+    """Polygraphy ``--trt`` against ``--onnxrt`` for freshly built engines
+    (:func:`quota_compile.trt_plugins.compare_engines`), recorded in verify.json; a graph that
+    disagrees fails the compile like any other verification failure."""
+    from .trt_plugins import compare_engines
+
+    comparison = compare_engines(folder, trt_models, sample)
+    report["flavours"]["tensorrt"]["engines"] = comparison
+    failed = sorted(g for g, r in comparison.items() if not r["passed"])
+    if failed:
+        raise VerificationFailed(f"tensorrt engines: Polygraphy --trt against --onnxrt disagrees on {', '.join(failed)}")
+    write_json(folder / "verify.json", report)
+    return comparison
 
 
 def verify_tensorrt_flavour(reference, folder: Path, trt_models: dict, samples, cfg) -> dict:

@@ -16,16 +16,30 @@
 :func:`build_engines` builds the vision, prefill and decode engines from a bundle's
 ``tensorrt/*.onnx`` where ``tensorrt`` imports and a CUDA GPU is visible, writing
 ``tensorrt/<graph>.engine`` and ``tensorrt/build.log``; elsewhere it returns one line saying
-why.
+why. :func:`compare_engines` then runs Polygraphy's ``--trt`` against ``--onnxrt`` on them.
 
-What has and has not been executed: this module imports without ``tensorrt`` (every TensorRT
-import is inside a function), and that is all that runs on a machine without TensorRT and an
-NVIDIA GPU, e.g. the CPU machine this project is developed and tested on: the plugin
-definitions, the AOT launch parameters and the engine build have never been run there. What
-is checked there: the kernels they launch compute the plugins' references (Triton's CPU
-interpreter, ``tests/test_trt_flavour.py``), the kernels compile to sm_90 PTX, and the
-flavour's graphs match the portable graphs with the plugins executed by those references
-(:mod:`quota_compile.trt_verify`).
+What has and has not been executed. This module imports without ``tensorrt`` (every TensorRT
+import is inside a function). TensorRT cannot be installed where this project is developed
+(CPU only; its native libraries are not reachable), so neither TensorRT nor a GPU has run any
+of this. What is checked there (``tests/test_trt_flavour.py``):
+
+- :func:`register_plugins` against ``tests/trt_standin.py``, a stand-in for the parts of
+  ``tensorrt.plugin`` used here, written from the Python layer of TensorRT 11.4.0.106 (the
+  ``tensorrt-cu12-bindings`` wheel): the decorators' schema rules (argument order, required
+  annotations; the aot_impl return annotation and ``constant_value()`` being a method were
+  found this way), that every plugin node of the flavour's graphs has exactly the registered
+  inputs, outputs and attributes, that the registered output shapes and types are the
+  references' at every plugin call of a padded-batch decode, and that each aot_impl's kernel,
+  launched as TensorRT launches it (grid, input pointers, extra int32 arguments, output
+  pointers), computes the references (Triton's CPU interpreter);
+- the aot_impls compile their kernels for sm_90, with the PTX parameters TensorRT passes
+  (plus Triton's two scratch pointers, unused);
+- the flavour's graphs match the portable graphs with the plugins executed by the
+  references (:mod:`quota_compile.trt_verify`).
+
+Not checked anywhere: that TensorRT's ONNX parser accepts the graphs, the plugin registration
+in TensorRT itself, the engine build and its shape profile, the impl functions, the engines'
+outputs (:func:`compare_engines`), and whether TensorRT tolerates the scratch pointers.
 
 Sources for the API as used here (decorator schemas, type strings, the AOT return value and
 launch convention): https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/trt_plugin_register.html,
@@ -358,5 +372,31 @@ def build_engines(bundle: Path, min_length: int | None = None, max_batch: int = 
             built[g] = f"{TRT_FOLDER}/{g}.engine"
     finally:
         logger.file.close()
-    return {"engines": built, "log": f"{TRT_FOLDER}/{ENGINE_LOG}", "tensorrt": trt.__version__,
+    return {"built": True, "engines": built, "log": f"{TRT_FOLDER}/{ENGINE_LOG}", "tensorrt": trt.__version__,
             "device": torch.cuda.get_device_name(), "profile": {"max_batch": max_batch, "max_length": max_length}}
+
+
+def compare_engines(bundle: Path, models: dict, sample) -> dict:
+    """Polygraphy's ``--trt`` against ``--onnxrt``, graph by graph, on one verification sample:
+    each engine of :func:`build_engines` (``TrtRunner``, the plugins' AOT kernels) against the
+    same TensorRT-flavour graph in onnxruntime with the plugins run by their references
+    (:func:`quota_compile.trt_verify.session`), fed what the portable graphs produce for the
+    sample (:func:`~quota_compile.trt_verify.feeds_of`) and judged as the flavour is judged
+    against the portable graphs (:func:`~quota_compile.trt_verify.compare_runners`).
+    Needs ``tensorrt``, ``polygraphy`` and a CUDA GPU; never executed where this project is
+    developed (no TensorRT there)."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    from .trt_verify import compare_runners, feeds_of, session
+
+    register_plugins()
+    folder = Path(bundle) / TRT_FOLDER
+    out = {}
+    for graph, values in feeds_of(Path(bundle), sample).items():
+        sess = session(models[graph])
+        onnxrt = OnnxrtRunner(sess, name=f"onnxrt-{graph}")
+        engine = TrtRunner(EngineFromBytes((folder / f"{graph}.engine").read_bytes()), name=f"trt-{graph}")
+        out[graph] = compare_runners(onnxrt, engine, [i.name for i in sess.get_inputs()],
+                                     [o.name for o in sess.get_outputs()], values)
+    return out

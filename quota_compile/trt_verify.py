@@ -202,47 +202,52 @@ def polygraphy_compare(portable_folder: Path, models: dict[str, onnx.ModelProto]
                        sample=None) -> dict:
     """Polygraphy's Comparator on one sample: each TensorRT-flavour graph (plugins as custom ops)
     against the portable graph in ``portable_folder``, same inputs (the vision features and the
-    cache come from the portable graphs). Kept indices must be identical; float outputs agree
-    in mean error within rtol 1e-2 / atol 1e-4. KV codes are compared apart (share of identical
-    bytes, reported): the plugins' exact-integer W4A4 sums and the portable float32 MatMul may
-    put a value on either side of a rounding boundary, which the greedy decode then judges."""
+    cache come from the portable graphs); :func:`compare_runners` judges each pair."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc, RunResults
-    from polygraphy.comparator.struct import IterationResult
-    from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR
     if feeds is None:
-        feeds = _feeds(portable_folder, sample)
+        feeds = feeds_of(portable_folder, sample)
     results = {}
     for graph, values in feeds.items():
         portable = OnnxrtRunner(SessionFromOnnx(str(portable_folder / f"{graph}.onnx")), name=f"portable-{graph}")
         sess = session(models[graph])
         flavour = OnnxrtRunner(sess, name=f"tensorrt-{graph}")
-        names_in = [i.name for i in sess.get_inputs()]
-        names_out = [o.name for o in sess.get_outputs()]
-        feed = {n: np.ascontiguousarray(v) for n, v in zip(names_in, values)}
-        run = Comparator.run([portable, flavour], data_loader=[feed])
-        codes = [n for n in names_out if n.endswith((".key", ".value", "zero_point"))]
-        compared = [n for n in names_out if n not in codes]
-        kept = [n for n in compared if n.startswith("kept.")]
-        atol = {"": 1e-4, **dict.fromkeys(kept, 0.0)}
-        rtol = {"": 1e-2, **dict.fromkeys(kept, 0.0)}
-        stat = {"": "mean", **dict.fromkeys(kept, "elemwise")}
-        a, b = (dict(run[r.name][0].items()) for r in (portable, flavour))
-        floats = RunResults()
-        for r, out in ((portable, a), (flavour, b)):
-            floats.append((r.name, [IterationResult({n: out[n] for n in compared}, runner_name=r.name)]))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            acc = Comparator.compare_accuracy(floats, compare_func=CompareFunc.simple(rtol=rtol, atol=atol, check_error_stat=stat))
-        same = sum(int(np.sum(a[n] == b[n])) for n in codes)
-        total = sum(a[n].size for n in codes)
-        results[graph] = {"passed": bool(acc), "outputs_compared": len(compared),
-                          "identical_kv_bytes": (same / total) if total else None}
+        results[graph] = compare_runners(portable, flavour, [i.name for i in sess.get_inputs()],
+                                         [o.name for o in sess.get_outputs()], values)
     return results
 
 
-def _feeds(folder: Path, sample) -> dict[str, list[np.ndarray]]:
+def compare_runners(reference, candidate, names_in: list[str], names_out: list[str], values: list[np.ndarray]) -> dict:
+    """Run two Polygraphy runners of the same graph on one feed and compare their outputs: kept
+    indices must be identical; float outputs agree in mean error within rtol 1e-2 / atol 1e-4.
+    KV codes are compared apart (share of identical bytes, reported): exact-integer W4A4 sums
+    and a float32 MatMul may put a value on either side of a rounding boundary, which the
+    greedy decode then judges."""
+    from polygraphy.comparator import Comparator, CompareFunc, RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    feed = {n: np.ascontiguousarray(v) for n, v in zip(names_in, values)}
+    run = Comparator.run([reference, candidate], data_loader=[feed])
+    codes = [n for n in names_out if n.endswith((".key", ".value", "zero_point"))]
+    compared = [n for n in names_out if n not in codes]
+    kept = [n for n in compared if n.startswith("kept.")]
+    atol = {"": 1e-4, **dict.fromkeys(kept, 0.0)}
+    rtol = {"": 1e-2, **dict.fromkeys(kept, 0.0)}
+    stat = {"": "mean", **dict.fromkeys(kept, "elemwise")}
+    a, b = (dict(run[r.name][0].items()) for r in (reference, candidate))
+    floats = RunResults()
+    for r, out in ((reference, a), (candidate, b)):
+        floats.append((r.name, [IterationResult({n: out[n] for n in compared}, runner_name=r.name)]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        acc = Comparator.compare_accuracy(floats, compare_func=CompareFunc.simple(rtol=rtol, atol=atol, check_error_stat=stat))
+    same = sum(int(np.sum(a[n] == b[n])) for n in codes)
+    total = sum(a[n].size for n in codes)
+    return {"passed": bool(acc), "outputs_compared": len(compared), "identical_kv_bytes": (same / total) if total else None}
+
+
+def feeds_of(folder: Path, sample) -> dict[str, list[np.ndarray]]:
     """Inputs of the three graphs for one verification sample, from the portable graphs."""
     backend = OrtBackend(folder)
     batch = sample.batch

@@ -659,6 +659,49 @@ def test_shape_profiles_follow_the_symbolic_dimensions(per_token):
     assert first_lo[2] > past_lo[2] and lo[1] == first_lo[2] + 1
 
 
+def _fake_engines(monkeypatch, agree: bool) -> list:
+    """build_engines and compare_engines replaced (TensorRT is not installed here); the
+    comparison disagrees on the decode graph unless ``agree``. Returns the comparisons' calls."""
+    from quota_compile import trt_plugins
+
+    calls = []
+
+    def built(bundle, min_length=None, **_):
+        assert {f"{g}.onnx" for g in GRAPHS} <= {p.name for p in (Path(bundle) / "tensorrt").iterdir()}
+        return {"built": True, "engines": {g: f"tensorrt/{g}.engine" for g in GRAPHS}, "tensorrt": "stand-in"}
+
+    def compared(bundle, models, sample):
+        calls.append((Path(bundle), set(models), sample))
+        return {g: {"passed": agree or g != "decode", "outputs_compared": 1, "identical_kv_bytes": None} for g in GRAPHS}
+
+    monkeypatch.setattr(trt_plugins, "build_engines", built)
+    monkeypatch.setattr(trt_plugins, "compare_engines", compared)
+    return calls
+
+
+def test_built_engines_that_disagree_fail_the_compile(tmp_path: Path, monkeypatch, capsys):
+    """Where engines are built, Polygraphy's --trt / --onnxrt comparison gates the bundle: a
+    graph that disagrees fails the compile (exit 1) and leaves no bundle."""
+    calls = _fake_engines(monkeypatch, agree=False)
+    cfg = write_config(tmp_path / "c.yaml", "builtin:tiny-llava", tmp_path / "out",
+                       quantization={"weights": {"group_size": 16}}, export={"targets": ["portable", "tensorrt"]},
+                       verify={"samples": 1, "new_tokens": 2})
+    assert main([str(cfg)]) == 1
+    assert len(calls) == 1 and calls[0][1] == set(GRAPHS) and calls[0][2].batch.input_ids.shape[0] == 1
+    assert "Polygraphy --trt against --onnxrt disagrees on decode" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "c").exists()
+
+
+def test_engine_comparison_is_recorded_in_verify_json(tmp_path: Path, monkeypatch):
+    from quota_compile.pipeline import check_engines
+
+    _fake_engines(monkeypatch, agree=True)
+    report = {"passed": True, "flavours": {"tensorrt": {"passed": True}}}
+    got = check_engines(tmp_path, {g: None for g in GRAPHS}, None, report)
+    written = json.loads((tmp_path / "verify.json").read_text())
+    assert set(got) == set(GRAPHS) and written["flavours"]["tensorrt"]["engines"] == got
+
+
 def test_tensorrt_without_portable_is_refused(tmp_path: Path, capsys):
     cfg = write_config(tmp_path / "bad.yaml", "builtin:tiny-llava", tmp_path / "out", export={"targets": ["tensorrt"]})
     assert main([str(cfg)]) == 2
