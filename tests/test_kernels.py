@@ -22,6 +22,9 @@ Tolerances are bounds on float rounding only; the integers are compared exactly.
 - Decode attention: the dequantized K/V are bit-identical; the dot products (D terms), the
   exponentials and the sums (T terms) differ in order: ``1e-4 * max|V|`` absolute (observed
   ~1e-7 * max|V|); a wrong code, zero point, nibble or mask moves outputs by ~1e-1 * max|V|.
+  The same with the additive bias and the new entry (its values count in ``max|V|``).
+- The PyTorch path against the simulation: logits within ``1e-4`` of their largest magnitude
+  (as the verification's relative error), tokens and kept indices equal.
 """
 
 from __future__ import annotations
@@ -266,9 +269,12 @@ def _cache(x: torch.Tensor, bits: int, granularity: str, valid: torch.Tensor) ->
     return {"codes": ops.quantize_kv_static(x, scale, bits), "scale": scale, "zero_point": None}
 
 
-def _attention_inputs(b, h, hkv, t, d, seqlens, bits, granularity, seed, q_dtype=torch.float32):
+def _attention_inputs(b, h, hkv, t, d, seqlens, bits, granularity, seed, q_dtype=torch.float32, valid=None):
+    """Random cache and query; the positions outside ``valid`` (default: ``t >= seqlens[b]``)
+    hold large garbage that would dominate the output if attended."""
     gen = torch.Generator().manual_seed(seed)
-    valid = torch.arange(t)[None, :] < torch.tensor(seqlens)[:, None]
+    if valid is None:
+        valid = torch.arange(t)[None, :] < torch.tensor(seqlens)[:, None]
     k, v = (torch.randn(b, hkv, t, d, generator=gen) for _ in range(2))
     pad = ~valid[:, None, :, None]
     k, v = k.masked_fill(pad, 1e3), v.masked_fill(pad, -1e3)  # garbage that would dominate if attended
@@ -319,6 +325,51 @@ def test_decode_attention_ignores_padding_and_empty_sequences_give_nan():
     assert torch.isnan(out[1]).all() and torch.isnan(ref[1]).all()
 
 
+def _holes(b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bias [B, T + 1], valid [B, T])`` of three rows, with T = 37 and splits of 16 positions:
+    row 0: masked (finfo.min) holes at 5..11 and 36 and a masked new entry, small finite biases
+    elsewhere; row 1: positions 0..2 at -inf and 16..31 (the whole second split) at finfo.min;
+    row 2: the whole cache masked, only the new entry attended."""
+    assert (b, t) == (3, 37)
+    fmin = torch.finfo(torch.float32).min
+    bias = -torch.rand(b, t + 1, generator=torch.Generator().manual_seed(21))
+    bias[0, 5:12] = fmin
+    bias[0, 36] = fmin
+    bias[0, t] = fmin
+    bias[1, 0:3] = float("-inf")
+    bias[1, 16:32] = fmin
+    bias[2, :t] = fmin
+    return bias, bias[:, :t] > fmin
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # row 2 without the new entry
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("granularity", ["per_token", "per_channel"])
+def test_decode_attention_with_mask_bias_and_the_new_entry(granularity, bits):
+    """The decode graph's form: holes in the cache masked by the additive bias (a split with no
+    unmasked position, a whole row masked but for the new entry), the new entry merged after
+    the cache; GQA, 3 splits and 1."""
+    b, h, hkv, t, d = 3, 4, 2, 37, 32
+    bias, valid = _holes(b, t)
+    args, kw = _attention_inputs(b, h, hkv, t, d, [t] * b, bits, granularity, seed=20 + bits, valid=valid)
+    gen = torch.Generator().manual_seed(22)
+    k_new, v_new = torch.randn(b, hkv, d, generator=gen), 2 * torch.randn(b, hkv, d, generator=gen)
+    extra = {"bias": bias, "k_new": k_new, "v_new": v_new, "sm_scale": 0.3}
+    ref = A.kv_decode_attention_reference(*args, **kw, **extra)
+    assert ref.abs().max().item() < 10  # the 1e3 garbage in the holes is masked out
+    torch.testing.assert_close(ref[2], v_new[2].repeat_interleave(h // hkv, dim=0), rtol=0, atol=1e-6)
+    tol = 1e-4 * max(_v_max(args, kw), v_new.abs().max().item())
+    for splits in (3, 1):
+        out = A.kv_decode_attention(*args, **kw, **extra, num_splits=splits)
+        assert out.shape == (b, h, d) and not out.isnan().any()
+        torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+    # the bias without a new entry: row 2 has no position left (NaN, as the reference's)
+    ref = A.kv_decode_attention_reference(*args, **kw, bias=bias[:, :t])
+    out = A.kv_decode_attention(*args, **kw, bias=bias[:, :t], num_splits=3)
+    assert out[2].isnan().all() and ref[2].isnan().all()
+    torch.testing.assert_close(out[:2], ref[:2], rtol=0, atol=1e-4 * _v_max(args, kw))
+
+
 def test_decode_attention_rejects_inconsistent_arguments():
     args, kw = _attention_inputs(1, 3, 2, 8, 32, [8], 4, "per_token", seed=13)
     with pytest.raises(ValueError, match="multiple"):
@@ -326,6 +377,13 @@ def test_decode_attention_rejects_inconsistent_arguments():
     args, kw = _attention_inputs(1, 2, 2, 8, 32, [8], 4, "per_token", seed=13)
     with pytest.raises(ValueError, match="zero_point"):
         A.kv_decode_attention(*args, **{**kw, "k_zero_point": None})
+    new = torch.zeros(1, 2, 32)
+    with pytest.raises(ValueError, match="k_new and v_new"):
+        A.kv_decode_attention(*args, **kw, k_new=new)
+    with pytest.raises(ValueError, match=r"bias must be float32 \[B=1, 9\]"):
+        A.kv_decode_attention(*args, **kw, k_new=new, v_new=new, bias=torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="v_new must be"):
+        A.kv_decode_attention_reference(*args, **kw, k_new=new, v_new=new[:, :1])
 
 
 # ---------------------------------------------------------------------------- GPU code generation
@@ -346,50 +404,183 @@ def test_kernels_compile_for_hopper():
     assert "div.rn.f32" in run.stdout and "FAIL" not in run.stdout
 
 
+_BIAS_KERNELS_FOR_HOPPER = """
+from triton.backends.compiler import GPUTarget
+from quota_compile.kernels import kv_attention as A
+from quota_compile.kernels.trt_aot import compile_kernel
+sm90 = GPUTarget("cuda", 90, 32)
+split = {"q_ptr": "*fp16", "kc_ptr": "*u8", "ks_ptr": "*fp32", "kz_ptr": "*u8", "vc_ptr": "*u8", "vs_ptr": "*fp32",
+         "vz_ptr": "*u8", "seqlens_ptr": "*i32", "bias_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
+         "part_acc_ptr": "*fp32", "sm_scale": "fp32"}
+combine = {"part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": "*fp16", "q_ptr": "*fp16",
+           "kn_ptr": "*fp32", "vn_ptr": "*fp32", "bias_ptr": "*fp32", "sm_scale": "fp32"}
+bt, warps = A._SPLIT_TILES[1]
+for per_token in (True, False):
+    k = compile_kernel(A._decode_split_bias_kernel, split, {"PER_TOKEN": per_token, "BITS": 4, "BLOCK_T": bt,
+                       "BLOCK_D": 128}, warps, target=sm90)
+    print("split_bias", per_token, "masked" if "0fFF7FFFFF" in k.asm["ptx"] else "-")
+for has_bias in (True, False):
+    k = compile_kernel(A._decode_combine_new_kernel, combine, {"HAS_BIAS": has_bias, "BLOCK_S": 8, "BLOCK_D": 128}, 4,
+                       target=sm90)
+    print("combine_new", has_bias, "masked" if "0fFF7FFFFF" in k.asm["ptx"] else "-")
+"""
+
+
+def test_bias_and_new_entry_kernels_compile_for_hopper():
+    """The kernel variants of the decode graph's op (the bias in the splits, the new entry merged
+    in the combine; the benchmark script's ``--compile-only`` covers the others) compile for
+    sm_90, and the "masked" comparison is against ``-FLT_MAX`` (``0fFF7FFFFF``), not ``-inf``."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _BIAS_KERNELS_FOR_HOPPER], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.split() == ["split_bias", "True", "masked", "split_bias", "False", "masked",
+                                  "combine_new", "True", "masked", "combine_new", "False", "-"]
+
+
 # ---------------------------------------------------------------------------- the PyTorch path
 
 
-def test_torch_path_runs_the_traced_programs_with_the_kernel(small_folder):
-    """quota_compile.kernels.torch_path on the 2-layer model with QUOTA-style pruning (fastv):
-    every W4A4 Linear of the traced graphs becomes one quota.w4a4_linear, run here by the Triton
-    kernel in the interpreter; greedy decoding through it matches the simulation (same tokens
-    and kept indices, logits within float-summation error)."""
+@pytest.fixture(scope="module")
+def torch_path_build(small_folder):
+    """``build(granularity) -> (vlm, span, programs, traced)``: the 2-layer model (4 query heads
+    on 2 KV heads) W4A4 with an INT4 KV cache of that granularity (``per_channel``: its static
+    scales calibrated) and QUOTA-style pruning (fastv), its eager simulation programs and
+    traced programs; built once per granularity for this module."""
     import contextlib
 
-    from passes.use_triton_kernels import _w4a4_matmuls
     from quota_compile.calibrate import quantize_model
-    from quota_compile.config import VerifySection, parse_config
-    from quota_compile.kernels.torch_path import KernelBackend
+    from quota_compile.config import parse_config
     from quota_compile.models import load_model
     from quota_compile.pipeline import decide_pruning
-    from quota_compile.runtime import greedy_generate
     from quota_compile.trace import build_programs, trace_programs
+
+    built = {}
+
+    def build(granularity: str):
+        if granularity not in built:
+            doc = {"version": 1, "model": {"source": str(small_folder)},
+                   "quantization": {"weights": {"group_size": 16}, "kv_cache": {"bits": 4, "granularity": granularity}},
+                   "pruning": {"method": "fastv", "keep_ratio": 0.6, "fastv_layer": 1}}
+            cfg = parse_config(doc, Path("t.yaml"))
+            vlm = load_model(cfg, Path("t.yaml"), contextlib.ExitStack())
+            span = vlm.visual_span()
+            qm = quantize_model(vlm, cfg, span)
+            _, _, spec = decide_pruning(cfg, vlm, qm, span, None, Path("t.yaml"))
+            programs = build_programs(vlm, qm, spec)
+            built[granularity] = (vlm, span, programs, trace_programs(vlm, qm, programs))
+        return built[granularity]
+
+    return build
+
+
+def _count(gm, *targets) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in targets)
+
+
+SOFTMAX = (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
+
+
+def _attention_calls(monkeypatch) -> list:
+    """Records every call of the Triton decode-attention kernel (``A.kv_decode_attention``,
+    which ``quota.kv_decode_attention`` calls when the kernel runs)."""
+    calls = []
+    kernel = A.kv_decode_attention
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(A, "kv_decode_attention", spy)
+    return calls
+
+
+def _assert_decode_graph(backend, traced, layers: int) -> None:
+    """One quota.kv_decode_attention per decoder layer and no softmax in the decode program; the
+    prefill keeps its attention (QUOTA reads its probabilities); the vision program none."""
+    attention = torch.ops.quota.kv_decode_attention.default
+    assert _count(backend.programs["decode"], attention) == layers
+    assert _count(backend.programs["decode"], *SOFTMAX) == 0 < _count(traced["decode"].module, *SOFTMAX)
+    assert _count(backend.programs["prefill"], *SOFTMAX) == _count(traced["prefill"].module, *SOFTMAX) >= layers
+    assert _count(backend.programs["prefill"], attention) == _count(backend.programs["vision"], attention) == 0
+    # the past cache is read as stored, never dequantized; the new entries are still quantized
+    dequantize = (torch.ops.quota.dequantize_kv.default, torch.ops.quota.dequantize_kv_static.default)
+    quantize = (torch.ops.quota.quantize_kv.default, torch.ops.quota.quantize_kv_static.default)
+    assert _count(backend.programs["decode"], *dequantize) == _count(backend.programs["decode"], *quantize) == 2 * layers
+
+
+def _assert_same_generation(got, ref) -> None:
+    assert got.tokens == ref.tokens
+    assert len(got.kept) == len(ref.kept) == 1 and all(np.array_equal(a, b) for a, b in zip(got.kept, ref.kept))
+    for a, b in zip(got.step_logits, ref.step_logits):
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_torch_path_runs_the_traced_programs_with_the_kernel(torch_path_build, monkeypatch):
+    """quota_compile.kernels.torch_path on the 2-layer model with QUOTA-style pruning (fastv):
+    every W4A4 Linear of the traced graphs becomes one quota.w4a4_linear and each decode layer's
+    attention one quota.kv_decode_attention, run here by the Triton kernels in the interpreter;
+    greedy decoding through them matches the simulation (same tokens and kept indices, logits
+    within float-summation error)."""
+    from passes.use_triton_kernels import _w4a4_matmuls
+    from quota_compile.config import VerifySection
+    from quota_compile.kernels.ops import _cpu_uses_attention_kernel, _cpu_uses_kernel
+    from quota_compile.kernels.torch_path import KernelBackend
+    from quota_compile.runtime import greedy_generate
     from quota_compile.verify import TorchBackend, held_out_samples
 
-    doc = {"version": 1, "model": {"source": str(small_folder)}, "quantization": {"weights": {"group_size": 16}},
-           "pruning": {"method": "fastv", "keep_ratio": 0.6, "fastv_layer": 1}}
-    cfg = parse_config(doc, Path("t.yaml"))
-    vlm = load_model(cfg, Path("t.yaml"), contextlib.ExitStack())
-    span = vlm.visual_span()
-    qm = quantize_model(vlm, cfg, span)
-    _, _, spec = decide_pruning(cfg, vlm, qm, span, None, Path("t.yaml"))
-    programs = build_programs(vlm, qm, spec)
-    traced = trace_programs(vlm, qm, programs)
+    vlm, span, programs, traced = torch_path_build("per_token")
     linears = {g: len(_w4a4_matmuls(t.module)) for g, t in traced.items()}
-    from quota_compile.kernels.ops import _cpu_uses_kernel
-
-    assert _cpu_uses_kernel()  # quota.w4a4_linear runs the Triton kernel here, not the simulation's ops
+    # quota.w4a4_linear and quota.kv_decode_attention run the Triton kernels here, not the simulation's ops
+    assert _cpu_uses_kernel() and _cpu_uses_attention_kernel()
     backend = KernelBackend(traced, "cpu")
     for g, gm in backend.programs.items():
         assert count_w4a4(gm) == linears[g] and not _w4a4_matmuls(gm), g
     assert linears["prefill"] == 2 * 7 and linears["vision"] == 2  # decoder layers, projector
+    _assert_decode_graph(backend, traced, vlm.num_layers)
+    calls = _attention_calls(monkeypatch)
     sample = held_out_samples(vlm, VerifySection(samples=1, new_tokens=6), span)[0]
     ref = greedy_generate(TorchBackend(programs), sample.batch, 6, None, keep_logits=True)
     got = greedy_generate(backend, sample.batch, 6, None, keep_logits=True)
-    assert got.tokens == ref.tokens
-    assert all(np.array_equal(a, b) for a, b in zip(got.kept, ref.kept)) and len(got.kept) == 1
-    for a, b in zip(got.step_logits, ref.step_logits):
-        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    assert len(calls) == 5 * vlm.num_layers  # every decode step, every layer
+    _assert_same_generation(got, ref)
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_channel"])
+def test_torch_path_decodes_a_right_padded_batch_like_the_simulation(granularity, torch_path_build, monkeypatch):
+    """Two prompts of different lengths, right-padded (masked holes inside every layer's cache
+    once tokens are generated), through the kernel path with the ``per_token`` and the
+    ``per_channel`` (static scales, codes only) cache: one quota.kv_decode_attention per decode
+    layer, run by the Triton kernel in the interpreter; tokens, kept indices and logits as the
+    simulation's. The W4A4 Linears run as the simulation's ops here (the W4A4 kernel is the
+    test above's), which keeps this test at a few seconds."""
+    from quota_compile.kernels import ops as kernel_ops
+    from quota_compile.kernels.torch_path import KernelBackend
+    from quota_compile.runtime import greedy_generate, make_batch
+    from quota_compile.verify import TorchBackend, synthetic_images
+
+    vlm, span, programs, traced = torch_path_build(granularity)
+    backend = KernelBackend(traced, "cpu")
+    _assert_decode_graph(backend, traced, vlm.num_layers)
+    assert ("past.0.key_scale" in traced["decode"].input_names) == (granularity == "per_token")
+    monkeypatch.setattr(kernel_ops, "_cpu_uses_kernel", lambda: False)
+    assert kernel_ops._cpu_uses_attention_kernel()
+    calls = _attention_calls(monkeypatch)
+    monkeypatch.setattr(vlm.processor.tokenizer, "padding_side", "right")
+    batch = make_batch(vlm.processor, vlm.prompt_template, synthetic_images(2, vlm.image_size, 7),
+                       ["What is it?", "Is there a red circle on the left side of the picture?"], span, vlm.image_token_id)
+    lengths = batch.attention_mask.sum(axis=1)
+    assert lengths.min() < lengths.max() == batch.attention_mask.shape[1]
+    ref = greedy_generate(TorchBackend(programs), batch, 4, None, keep_logits=True)
+    got = greedy_generate(backend, batch, 4, None, keep_logits=True)
+    assert len(calls) == 3 * vlm.num_layers and all(c[0] == 2 for c in calls)
+    _assert_same_generation(got, ref)
+    # without the interpreter, the op computes the graph's own attention (no kernel call)
+    monkeypatch.setattr(kernel_ops, "_cpu_uses_attention_kernel", lambda: False)
+    plain = greedy_generate(backend, batch, 4, None, keep_logits=True)
+    assert len(calls) == 3 * vlm.num_layers
+    _assert_same_generation(plain, ref)
 
 
 def count_w4a4(gm) -> int:

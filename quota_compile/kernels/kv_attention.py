@@ -19,11 +19,34 @@ Hugging Face's ``repeat_kv``). ``seqlens [B]`` (int32): sequence ``b`` attends t
 positions ``t < min(seqlens[b], T)``; a sequence with no position gives NaN, as the
 reference's softmax over nothing does. Output ``[B, H, D]`` in ``out_dtype`` (default ``q``'s).
 
+Optional, for the decode graph of the PyTorch execution path (``quota.kv_decode_attention``,
+:mod:`quota_compile.kernels.ops`):
+- ``k_new``, ``v_new`` (float ``[B, Hkv, D]``): the new token's key and value, already
+  dequantized (what the cache will hold), attended as one more position after the ``T``
+  cache positions (whatever ``seqlens`` says); the cache is read in place, never concatenated.
+- ``bias`` (float32 ``[B, T + 1]`` with the new entry, ``[B, T]`` without): added to the
+  scaled scores (the decode graph's additive mask; right-padded batches leave masked holes
+  inside the cache). A position whose biased score is ``-inf`` or whose bias is
+  ``finfo(float32).min`` (the graph's "masked") contributes nothing, exactly as in the
+  graph's float32 softmax, where ``exp(finfo.min - max)`` is 0 once any position is unmasked.
+
 Kernel: grid ``(B * H, splits)``. Each program runs an online softmax (running maximum, sum
 and weighted value sum, float32) over its chunk of the context in tiles of ``BLOCK_T``
-positions; a second kernel merges the splits' partial results. GQA heads of one group read the
-same KV tiles (from L2 after the first), the price of keeping every program a plain
-``[BLOCK_T, D]`` tile loop that also serves ``H == Hkv`` (LLaVA-1.5-7B) at full width.
+positions (``_decode_split_kernel``; ``_decode_split_bias_kernel`` adds the bias); while every
+position so far is masked the running maximum is ``-inf`` and the tile changes nothing (the
+exponentials are taken against 0 instead: no ``-inf - -inf``, as the ``live`` guard of
+``trt_aot.decode_attention_kernel``), so a split with no unmasked position returns
+``m = -inf, l = 0, acc = 0`` and weighs 0 in the merge. A second kernel merges the splits'
+partial results (``_decode_combine_kernel``) and, with ``k_new`` (``_decode_combine_new_kernel``),
+the new entry as one more partial state ``m = s_new, l = 1, acc = v_new``: it is one dot product
+per query head, and keeping it out of the splits leaves every split a plain tile loop over the
+stored cache. GQA heads of one group read the same KV tiles (from L2 after the first), the price
+of keeping every program a plain ``[BLOCK_T, D]`` tile loop that also serves ``H == Hkv``
+(LLaVA-1.5-7B) at full width.
+
+Verified (``tests/test_kernels.py``): every variant against the reference in Triton's CPU
+interpreter; the bias and new-entry variants compiled for sm_90 there, the others by
+``benchmarks/gpu_kernels.py --compile-only``.
 """
 
 from __future__ import annotations
@@ -40,6 +63,8 @@ from quota_compile.quant import ops
 GRANULARITIES = ("per_token", "per_channel")
 _INTERPRET_BLOCK_T = 16
 _CHUNK_ALIGN = 128  # split boundaries are multiples of every BLOCK_T the autotuner tries
+MASKED = float(torch.finfo(torch.float32).min)  # a bias at or below this masks its position
+_MASKED = tl.constexpr(MASKED)
 
 
 # ---------------------------------------------------------------------------- jit helpers
@@ -88,12 +113,13 @@ def _channel_scale(s_ptr, hk, offs_d, D, PER_TOKEN: tl.constexpr):
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_ptr,
-                         part_m_ptr, part_l_ptr, part_acc_ptr, H, H_KV, T, D, chunk, sm_scale,
-                         stride_qb, stride_qh, PER_TOKEN: tl.constexpr, BITS: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _split_body(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_ptr, bias_ptr,
+                part_m_ptr, part_l_ptr, part_acc_ptr, H, H_KV, T, D, chunk, sm_scale,
+                stride_qb, stride_qh, stride_bias, PER_TOKEN: tl.constexpr, BITS: tl.constexpr,
+                HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Partial softmax state (max ``m``, sum ``l``, weighted values ``acc [D]``) of query head
-    ``program_id(0) = b*H + h`` over positions ``[split*chunk, (split+1)*chunk)`` of its row."""
+    ``program_id(0) = b*H + h`` over positions ``[split*chunk, (split+1)*chunk)`` of its row;
+    with ``HAS_BIAS`` the row ``b`` of ``bias`` is added to the scaled scores."""
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // H
@@ -114,10 +140,17 @@ def _decode_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, 
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < stop
         k = _kv_tile(kc_ptr, ks_ptr, kz_ptr, seq, k_cs, offs_t, t_mask, T, D, PER_TOKEN, BITS, BLOCK_D)
-        s = tl.where(t_mask, tl.sum(k * q[None, :], axis=1) * sm_scale, -float("inf"))
+        s = tl.sum(k * q[None, :], axis=1) * sm_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b.to(tl.int64) * stride_bias + offs_t, mask=t_mask, other=0.0)
+            s = tl.where(bias > _MASKED, s + bias, -float("inf"))
+        s = tl.where(t_mask, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
+        # while every position so far is masked (m_new = -inf), subtract 0 instead: p = 0 and
+        # l_i = acc = 0 stay, no -inf - -inf
+        m_ref = tl.where(m_new > -float("inf"), m_new, 0.0)
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(s - m_ref)
         v = _kv_tile(vc_ptr, vs_ptr, vz_ptr, seq, v_cs, offs_t, t_mask, T, D, PER_TOKEN, BITS, BLOCK_D)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
@@ -129,10 +162,39 @@ def _decode_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, 
 
 
 @triton.jit
-def _decode_combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, H, D, n_splits,
-                           stride_ob, stride_oh, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``out[b, h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s`` over the splits."""
+def _decode_split_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_ptr,
+                         part_m_ptr, part_l_ptr, part_acc_ptr, H, H_KV, T, D, chunk, sm_scale,
+                         stride_qb, stride_qh, PER_TOKEN: tl.constexpr, BITS: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """:func:`_split_body` without a bias (positions ``t < seqlens[b]``)."""
+    _split_body(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_ptr, part_m_ptr,
+                part_m_ptr, part_l_ptr, part_acc_ptr, H, H_KV, T, D, chunk, sm_scale, stride_qb, stride_qh,
+                0, PER_TOKEN, BITS, False, BLOCK_T, BLOCK_D)
+
+
+@triton.jit
+def _decode_split_bias_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_ptr, bias_ptr,
+                              part_m_ptr, part_l_ptr, part_acc_ptr, H, H_KV, T, D, chunk, sm_scale,
+                              stride_qb, stride_qh, stride_bias, PER_TOKEN: tl.constexpr, BITS: tl.constexpr,
+                              BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """:func:`_split_body` with the additive bias ``[B, stride_bias]`` (row ``b``, positions ``t``)."""
+    _split_body(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_ptr, bias_ptr,
+                part_m_ptr, part_l_ptr, part_acc_ptr, H, H_KV, T, D, chunk, sm_scale, stride_qb, stride_qh,
+                stride_bias, PER_TOKEN, BITS, True, BLOCK_T, BLOCK_D)
+
+
+@triton.jit
+def _combine_body(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, q_ptr, kn_ptr, vn_ptr, bias_ptr,
+                  H, H_KV, D, T, n_splits, sm_scale, stride_qb, stride_qh, stride_bias,
+                  stride_ob, stride_oh, HAS_NEW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out[b, h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s`` over the splits and, with
+    ``HAS_NEW``, the new entry (``m = s_new``, ``l = 1``, ``acc = v_new``; its bias at ``T``).
+    A split with no unmasked position (``m = -inf``) weighs 0; all of them and a masked new
+    entry give NaN (no position, as the reference's softmax over nothing)."""
     pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < n_splits
@@ -140,21 +202,57 @@ def _decode_combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, H, D, 
     m = tl.load(part_m_ptr + part, mask=s_mask, other=-float("inf"))
     l = tl.load(part_l_ptr + part, mask=s_mask, other=0.0)
     acc = tl.load(part_acc_ptr + part[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-    w = tl.exp(m - tl.max(m, axis=0))
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
-    b = pid_bh // H
-    h = pid_bh % H
+    m_max = tl.max(m, axis=0)
+    if HAS_NEW:
+        seq = (b * H_KV + h // (H // H_KV)).to(tl.int64)
+        d_mask = offs_d < D
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        k_new = tl.load(kn_ptr + seq * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        v_new = tl.load(vn_ptr + seq * D + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+        s_new = tl.sum(k_new * q, axis=0) * sm_scale
+        if HAS_BIAS:
+            bias_new = tl.load(bias_ptr + b.to(tl.int64) * stride_bias + T)
+            s_new = tl.where(bias_new > _MASKED, s_new + bias_new, -float("inf"))
+        m_max = tl.maximum(m_max, s_new)
+    w = tl.exp(m - m_max)
+    num = tl.sum(w[:, None] * acc, axis=0)
+    den = tl.sum(w * l, axis=0)
+    if HAS_NEW:
+        w_new = tl.exp(s_new - m_max)
+        num = num + w_new * v_new
+        den = den + w_new
+    out = num / den
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < D)
+
+
+@triton.jit
+def _decode_combine_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, H, D, n_splits,
+                           stride_ob, stride_oh, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """:func:`_combine_body` of the splits alone."""
+    _combine_body(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, part_m_ptr, part_m_ptr, part_m_ptr, part_m_ptr,
+                  H, 1, D, 0, n_splits, 1.0, 0, 0, 0, stride_ob, stride_oh, False, False, BLOCK_S, BLOCK_D)
+
+
+@triton.jit
+def _decode_combine_new_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, q_ptr, kn_ptr, vn_ptr, bias_ptr,
+                               H, H_KV, D, T, n_splits, sm_scale, stride_qb, stride_qh, stride_bias,
+                               stride_ob, stride_oh, HAS_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
+    """:func:`_combine_body` of the splits and the new entry ``k_new``, ``v_new`` ``[B, H_KV, D]``
+    (with ``HAS_BIAS``, its bias ``bias[b, T]``)."""
+    _combine_body(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, q_ptr, kn_ptr, vn_ptr, bias_ptr,
+                  H, H_KV, D, T, n_splits, sm_scale, stride_qb, stride_qh, stride_bias, stride_ob, stride_oh,
+                  True, HAS_BIAS, BLOCK_S, BLOCK_D)
 
 
 # GPU tiles: (BLOCK_T, warps). At head_dim 128, ptxas (sm_90) reports no spills for these and
 # spills for (128, 4).
 _SPLIT_TILES = ((32, 4), (64, 4), (64, 8), (128, 8))
-_decode_split_tuned = triton.autotune(
+_decode_split_tuned, _decode_split_bias_tuned = (triton.autotune(
     configs=[triton.Config({"BLOCK_T": bt}, num_warps=w) for bt, w in _SPLIT_TILES],
     key=["chunk", "D", "PER_TOKEN", "BITS"],
-)(_decode_split_kernel)
+)(kernel) for kernel in (_decode_split_kernel, _decode_split_bias_kernel))
 
 
 # ---------------------------------------------------------------------------- host side
@@ -187,6 +285,24 @@ def _check_attention_args(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch
     return b, h, hkv, t, d
 
 
+def _check_extra_args(q: torch.Tensor, b: int, hkv: int, t: int, d: int, bias: torch.Tensor | None,
+                      k_new: torch.Tensor | None, v_new: torch.Tensor | None) -> None:
+    """The optional ``bias`` / ``k_new`` / ``v_new`` (module docstring); raises ``ValueError``."""
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new go together: give both (the new entry) or neither")
+    if k_new is not None:
+        for name, x in (("k_new", k_new), ("v_new", v_new)):
+            if x.shape != (b, hkv, d) or not x.is_floating_point() or x.device != q.device:
+                raise ValueError(f"{name} must be a float [B={b}, Hkv={hkv}, D={d}] tensor on {q.device}, "
+                                 f"got {x.dtype} {list(x.shape)} on {x.device}")
+    if bias is not None:
+        n = t + (k_new is not None)
+        if bias.shape != (b, n) or bias.dtype != torch.float32 or bias.device != q.device:
+            what = "T + 1 (the cache, then the new entry)" if k_new is not None else "T (no new entry)"
+            raise ValueError(f"bias must be float32 [B={b}, {n}] on {q.device}: {what} positions; got "
+                             f"{bias.dtype} {list(bias.shape)} on {bias.device}")
+
+
 def _split_plan(device: torch.device, rows: int, t: int, num_splits: int | None) -> tuple[int, int]:
     """``(splits, chunk)``: enough programs to fill the GPU twice over (or ``num_splits``), each
     chunk a multiple of the tile sizes."""
@@ -203,12 +319,15 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.T
                         bits: int, granularity: str = "per_token",
                         k_zero_point: torch.Tensor | None = None, v_zero_point: torch.Tensor | None = None,
                         sm_scale: float | None = None, out_dtype: torch.dtype | None = None,
-                        num_splits: int | None = None) -> torch.Tensor:
+                        num_splits: int | None = None, bias: torch.Tensor | None = None,
+                        k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over the quantized cache (module docstring):
     ``[B, H, D]``. ``sm_scale`` defaults to ``1/sqrt(D)``; ``num_splits`` (launch option) fixes
-    the number of context chunks (default: enough programs to fill the GPU)."""
+    the number of context chunks (default: enough programs to fill the GPU); ``bias``,
+    ``k_new``, ``v_new``: the additive mask and the new entry (module docstring)."""
     b, h, hkv, t, d = _check_attention_args(q, k_codes, v_codes, k_scale, v_scale, seqlens, bits,
                                              granularity, k_zero_point, v_zero_point)
+    _check_extra_args(q, b, hkv, t, d, bias, k_new, v_new)
     if not q.is_cuda and not is_interpreted(_decode_split_kernel):
         raise RuntimeError("the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
                            "triton is first imported (CPU interpreter)")
@@ -224,17 +343,32 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.T
     per_token = granularity == "per_token"
     k_zp = k_zero_point if per_token else k_scale  # placeholders, unused per channel
     v_zp = v_zero_point if per_token else v_scale
-    args = (q, k_codes.contiguous(), k_scale.contiguous(), k_zp.contiguous(), v_codes.contiguous(),
+    has_bias, has_new = bias is not None, k_new is not None
+    scale = float(1.0 / math.sqrt(d) if sm_scale is None else sm_scale)
+    args = [q, k_codes.contiguous(), k_scale.contiguous(), k_zp.contiguous(), v_codes.contiguous(),
             v_scale.contiguous(), v_zp.contiguous(), seqlens.to(torch.int32).contiguous(),
-            part_m, part_l, part_acc, h, hkv, t, d, chunk,
-            float(1.0 / math.sqrt(d) if sm_scale is None else sm_scale), q.stride(0), q.stride(1))
+            part_m, part_l, part_acc, h, hkv, t, d, chunk, scale, q.stride(0), q.stride(1)]
+    if has_bias:
+        bias = bias.contiguous()
+        args.insert(8, bias)
+        args.append(bias.stride(0))
     flags = {"PER_TOKEN": per_token, "BITS": bits, "BLOCK_D": block_d}
     if is_interpreted(_decode_split_kernel):
-        _decode_split_kernel[(b * h, splits)](*args, **flags, BLOCK_T=_INTERPRET_BLOCK_T)
+        kernel = _decode_split_bias_kernel if has_bias else _decode_split_kernel
+        kernel[(b * h, splits)](*args, **flags, BLOCK_T=_INTERPRET_BLOCK_T)
     else:
-        _decode_split_tuned[(b * h, splits)](*args, **flags)
-    _decode_combine_kernel[(b * h,)](part_m, part_l, part_acc, out, h, d, splits, out.stride(0),
-                                     out.stride(1), BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
+        kernel = _decode_split_bias_tuned if has_bias else _decode_split_tuned
+        kernel[(b * h, splits)](*args, **flags)
+    block_s = triton.next_power_of_2(splits)
+    if has_new:
+        bias_arg = bias if has_bias else part_m  # placeholder, unused without bias
+        _decode_combine_new_kernel[(b * h,)](
+            part_m, part_l, part_acc, out, q, k_new.contiguous(), v_new.contiguous(), bias_arg, h, hkv, d, t, splits,
+            scale, q.stride(0), q.stride(1), bias_arg.stride(0), out.stride(0), out.stride(1), HAS_BIAS=has_bias,
+            BLOCK_S=block_s, BLOCK_D=block_d)
+    else:
+        _decode_combine_kernel[(b * h,)](part_m, part_l, part_acc, out, h, d, splits, out.stride(0),
+                                         out.stride(1), BLOCK_S=block_s, BLOCK_D=block_d)
     return out
 
 
@@ -252,16 +386,29 @@ def kv_decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, v_code
                                   k_zero_point: torch.Tensor | None = None,
                                   v_zero_point: torch.Tensor | None = None,
                                   sm_scale: float | None = None,
-                                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """PyTorch reference of :func:`kv_decode_attention`: dequantize with ``quant.ops``, repeat
-    the KV heads, float32 softmax attention masked to ``t < seqlens[b]``."""
+                                  out_dtype: torch.dtype | None = None, bias: torch.Tensor | None = None,
+                                  k_new: torch.Tensor | None = None,
+                                  v_new: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch reference of :func:`kv_decode_attention`: dequantize with ``quant.ops``, append
+    the new entry (if any), repeat the KV heads, float32 softmax attention over the positions
+    ``t < seqlens[b]`` (and the new entry) whose bias (if any) is above ``finfo.min``, with the
+    bias added to the scaled scores."""
     b, h, hkv, t, d = _check_attention_args(q, k_codes, v_codes, k_scale, v_scale, seqlens, bits,
                                              granularity, k_zero_point, v_zero_point)
-    k = dequantize_cache(k_codes, k_scale, k_zero_point, bits, granularity).repeat_interleave(h // hkv, dim=1)
-    v = dequantize_cache(v_codes, v_scale, v_zero_point, bits, granularity).repeat_interleave(h // hkv, dim=1)
+    _check_extra_args(q, b, hkv, t, d, bias, k_new, v_new)
+    k = dequantize_cache(k_codes, k_scale, k_zero_point, bits, granularity)
+    v = dequantize_cache(v_codes, v_scale, v_zero_point, bits, granularity)
+    valid = torch.arange(t, device=q.device)[None, :] < seqlens.to(q.device).long()[:, None]
+    if k_new is not None:
+        k = torch.cat([k, k_new[:, :, None].to(torch.float32)], dim=2)
+        v = torch.cat([v, v_new[:, :, None].to(torch.float32)], dim=2)
+        valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
+    k, v = k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1)
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
     scores = torch.einsum("bhd,bhtd->bht", q.to(torch.float32), k) * scale
-    valid = torch.arange(t, device=q.device)[None, :] < seqlens.to(q.device).long()[:, None]
+    if bias is not None:
+        scores = scores + bias[:, None, :]
+        valid = valid & (bias > MASKED)
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     out = torch.einsum("bht,bhtd->bhd", torch.softmax(scores, dim=-1), v)
     return out.to(out_dtype or q.dtype)

@@ -1,15 +1,28 @@
-"""``torch.ops.quota.w4a4_linear``: the W4A4 Linear as one operator, for the PyTorch execution
-path (:mod:`quota_compile.kernels.torch_path`).
+"""``torch.ops.quota.w4a4_linear`` and ``torch.ops.quota.kv_decode_attention``: the W4A4 Linear
+and the decode attention over the quantized KV cache as one operator each, for the PyTorch
+execution path (:mod:`quota_compile.kernels.torch_path`).
 
 ``w4a4_linear(x, packed, scale, k, n, group_size, clip_ratio) = qdq_per_token(x, 4,
 clip_ratio) @ dequantize_int4(packed, scale, k, n, group_size)``: the same codes, the product
 computed as integers per weight group (``quota_compile.kernels.w4a4_linear``).
 
-- CUDA tensors: the Triton kernel.
-- CPU tensors: the Triton kernel too when triton runs in its interpreter
+``kv_decode_attention(q, k_codes, v_codes, k_scale, v_scale, k_zero_point, v_zero_point,
+k_new, v_new, bias, sm_scale, bits, granularity)``: one decode layer's attention as the decode
+program builds it (``programs._Program._layer``): the past cache as stored (``per_token``:
+codes, scales, zero points; ``per_channel``: codes and the static ``[Hkv, 1, D]`` scales, no
+zero points), the new token's dequantized key and value ``[B, Hkv, 1, D]`` appended after it,
+the KV heads repeated for the ``H`` query heads of ``q [B, H, 1, D]``, scores times
+``sm_scale`` plus the additive mask ``bias [B, 1, 1, T + 1]``, float32 softmax, times the
+values: ``[B, H, 1, D]`` in ``q``'s dtype (where the graph's last attention matmul was). The
+kernel (``quota_compile.kernels.kv_attention.kv_decode_attention``) reads the cache in place:
+no concatenation, no dequantized copy.
+
+Each runs
+- on CUDA tensors: the Triton kernel;
+- on CPU tensors: the Triton kernel too when triton runs in its interpreter
   (``TRITON_INTERPRET=1`` before triton is first imported: how the tests check the kernel
-  path on a machine without a GPU); otherwise the simulation's own arithmetic (the two
-  quota ops above), so a CPU run needs no triton.
+  path on a machine without a GPU); otherwise the simulation's own arithmetic (the quota ops
+  and PyTorch operations the traced graph had), so a CPU run needs no triton.
 """
 
 from __future__ import annotations
@@ -27,12 +40,28 @@ def _kernel_module():
     return mod
 
 
-def _cpu_uses_kernel() -> bool:
+def _attention_module():
+    from . import kv_attention as mod
+
+    return mod
+
+
+def _interpreted(kernel_of) -> bool:
     if os.environ.get("TRITON_INTERPRET") != "1":
         return False
     from . import available, is_interpreted
 
-    return available() and is_interpreted(_kernel_module()._w4a4_gemm_kernel)
+    return available() and is_interpreted(kernel_of())
+
+
+def _cpu_uses_kernel() -> bool:
+    """Whether ``quota.w4a4_linear`` runs the Triton kernel (interpreted) on CPU tensors."""
+    return _interpreted(lambda: _kernel_module()._w4a4_gemm_kernel)
+
+
+def _cpu_uses_attention_kernel() -> bool:
+    """Whether ``quota.kv_decode_attention`` runs the Triton kernel (interpreted) on CPU tensors."""
+    return _interpreted(lambda: _attention_module()._decode_split_kernel)
 
 
 @torch.library.custom_op("quota::w4a4_linear", mutates_args=())
@@ -44,7 +73,61 @@ def w4a4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: i
     return torch.ops.quota.qdq_per_token(x, 4, clip_ratio) @ w
 
 
+def _dequantize_past(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int,
+                     granularity: str) -> torch.Tensor:
+    if granularity == "per_token":
+        return torch.ops.quota.dequantize_kv(codes, scale, zero_point, bits)
+    return torch.ops.quota.dequantize_kv_static(codes, scale, bits)
+
+
+def _check_decode_attention(q, k_codes, v_codes, k_zero_point, v_zero_point, k_new, v_new, bias, granularity) -> tuple[int, int, int, int, int]:
+    """``(B, H, Hkv, T, D)``; raises ``ValueError`` where the graph-level shapes disagree (the
+    kernel checks the cache layouts itself)."""
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"kv_decode_attention: the query must be [B, H, 1, D] (one new token), got {list(q.shape)}")
+    b, h, _, d = q.shape
+    if k_codes.dim() != 4 or v_codes.shape != k_codes.shape:
+        raise ValueError(f"kv_decode_attention: past codes must be [B, Hkv, T, D or D/2], got {list(k_codes.shape)}, {list(v_codes.shape)}")
+    hkv, t = k_codes.shape[1], k_codes.shape[2]
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if x.shape != (b, hkv, 1, d):
+            raise ValueError(f"kv_decode_attention: {name} must be [B={b}, Hkv={hkv}, 1, D={d}], got {list(x.shape)}")
+    if bias.dim() != 4 or bias.shape[1:3] != (1, 1) or bias.shape[0] not in (1, b) or bias.shape[3] != t + 1:
+        raise ValueError(f"kv_decode_attention: bias must be [B={b} or 1, 1, 1, T+1={t + 1}], got {list(bias.shape)}")
+    if (k_zero_point is None or v_zero_point is None) and granularity == "per_token":
+        raise ValueError("kv_decode_attention: the per_token cache needs its zero points")
+    return b, h, hkv, t, d
+
+
+@torch.library.custom_op("quota::kv_decode_attention", mutates_args=())
+def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor, k_scale: torch.Tensor,
+                        v_scale: torch.Tensor, k_zero_point: torch.Tensor | None, v_zero_point: torch.Tensor | None,
+                        k_new: torch.Tensor, v_new: torch.Tensor, bias: torch.Tensor, sm_scale: float, bits: int,
+                        granularity: str) -> torch.Tensor:
+    """``[B, H, 1, D]``: one decode step's attention over the stored past and the new entry."""
+    b, h, hkv, t, d = _check_decode_attention(q, k_codes, v_codes, k_zero_point, v_zero_point, k_new, v_new, bias, granularity)
+    if q.is_cuda or _cpu_uses_attention_kernel():
+        out = _attention_module().kv_decode_attention(
+            q.reshape(b, h, d), k_codes, v_codes, k_scale, v_scale,
+            torch.full((b,), t, dtype=torch.int32, device=q.device), bits=bits, granularity=granularity,
+            k_zero_point=k_zero_point, v_zero_point=v_zero_point, sm_scale=sm_scale, out_dtype=q.dtype,
+            bias=bias.to(torch.float32).expand(b, 1, 1, t + 1).reshape(b, t + 1),
+            k_new=k_new.reshape(b, hkv, d), v_new=v_new.reshape(b, hkv, d))
+        return out.reshape(b, h, 1, d)
+    # the decode graph's own operations (programs._Program._layer)
+    k = torch.cat([_dequantize_past(k_codes, k_scale, k_zero_point, bits, granularity), k_new.to(torch.float32)], dim=2)
+    v = torch.cat([_dequantize_past(v_codes, v_scale, v_zero_point, bits, granularity), v_new.to(torch.float32)], dim=2)
+    k = k[:, :, None].expand(b, hkv, h // hkv, t + 1, d).reshape(b, h, t + 1, d).to(q.dtype)
+    v = v[:, :, None].expand(b, hkv, h // hkv, t + 1, d).reshape(b, h, t + 1, d).to(q.dtype)
+    scores = torch.matmul(q, k.transpose(2, 3)) * sm_scale + bias
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
 @w4a4_linear.register_fake
 def _(x, packed, scale, k, n, group_size, clip_ratio):
     return x.new_empty((*x.shape[:-1], n))
 
+
+@kv_decode_attention.register_fake
+def _(q, k_codes, v_codes, k_scale, v_scale, k_zero_point, v_zero_point, k_new, v_new, bias, sm_scale, bits, granularity):
+    return q.new_empty(q.shape)
