@@ -13,7 +13,9 @@ FP16 baseline with ``triton.testing.do_bench`` (median of repeated runs, L2 flus
   (K, N) in {(4096, 4096), (4096, 11008), (11008, 4096)};
 - ``kv_decode_attention`` with INT4 ``per_token`` and ``per_channel`` caches vs
   ``scaled_dot_product_attention`` on an fp16 cache: context 4096, 32 heads, head_dim 128,
-  batch 1 and 8.
+  batch 1 and 8; and as the PyTorch path's decode step calls it (``+mask+new``: the additive
+  mask bias with masked holes, the new token's entry merged in) vs SDPA with the same mask
+  over the fp16 cache and the new entry.
 The floor of each row is ``max(FLOPs / measured peak rate, bytes / measured bandwidth)``, with
 the INT8 rate for the W4A4 GEMM and the FP16 rate otherwise. Exit status: 0 when every check
 passes, 1 when one fails, 2 without a CUDA GPU (unless ``--interpret`` / ``--compile-only``).
@@ -172,8 +174,11 @@ def run_linear(shapes: list[tuple[int, int, int]], group: int, device: str, peak
 
 
 def attention_case(b: int, h: int, hkv: int, t: int, d: int, granularity: str, device: str,
-                   seed: int = 0) -> dict:
-    """Random K/V quantized to an INT4 cache of the given granularity; fp16 copies for SDPA."""
+                   seed: int = 0, graph: bool = False) -> dict:
+    """Random K/V quantized to an INT4 cache of the given granularity; fp16 copies for SDPA.
+    ``graph``: as the PyTorch path's decode step calls it (``quota.kv_decode_attention``): an
+    additive mask bias with a hole of masked positions in every other sequence (right
+    padding) and the new token's key and value after the cache."""
     from quota_compile.quant import ops
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -190,7 +195,16 @@ def attention_case(b: int, h: int, hkv: int, t: int, d: int, granularity: str, d
     args = (q, caches["k"][0], caches["v"][0], caches["k"][1], caches["v"][1],
             torch.full((b,), t, dtype=torch.int32, device=device))
     kw = {"bits": 4, "granularity": granularity, "k_zero_point": caches["k"][2], "v_zero_point": caches["v"][2]}
-    return {"args": args, "kw": kw, "k16": k.to(torch.float16), "v16": v.to(torch.float16)}
+    case = {"args": args, "kw": kw, "k16": k.to(torch.float16), "v16": v.to(torch.float16), "mask16": None}
+    if graph:
+        bias = torch.zeros(b, t + 1, device=device)
+        bias[1::2, t // 2 : min(t // 2 + 64, t)] = torch.finfo(torch.float32).min  # never the new entry
+        k_new, v_new = (torch.randn(b, hkv, d, generator=gen).to(device) for _ in range(2))
+        kw.update(bias=bias, k_new=k_new, v_new=v_new)
+        case["k16"] = torch.cat([case["k16"], k_new[:, :, None].to(torch.float16)], dim=2)
+        case["v16"] = torch.cat([case["v16"], v_new[:, :, None].to(torch.float16)], dim=2)
+        case["mask16"] = bias.clamp(min=torch.finfo(torch.float16).min).to(torch.float16)[:, None, None, :]
+    return case
 
 
 def check_attention(case: dict) -> dict:
@@ -211,10 +225,11 @@ def time_attention(case: dict, peaks: dict) -> dict:
     t = k16.shape[2]
     q4 = q[:, :, None, :]
     t_kernel = bench(lambda: A.kv_decode_attention(*case["args"], **case["kw"]))
-    t_fp16 = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k16, v16))
+    t_fp16 = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k16, v16, attn_mask=case["mask16"]))
     flops = 4 * b * h * t * d
     stats = sum(s.numel() * s.element_size() for s in case["args"][3:5])
     stats += sum(z.numel() for z in (case["kw"]["k_zero_point"], case["kw"]["v_zero_point"]) if z is not None)
+    stats += sum(case["kw"][n].numel() * 4 for n in ("bias", "k_new", "v_new") if n in case["kw"])
     bytes_q = 2 * case["args"][1].numel() + stats + 2 * q.numel() * 2
     bytes_fp16 = 2 * k16.numel() * 2 + 2 * q.numel() * 2
     return {
@@ -228,9 +243,10 @@ def time_attention(case: dict, peaks: dict) -> dict:
 def run_attention(shapes: list[tuple[int, int, int, int, int]], device: str, peaks: dict | None) -> list[dict]:
     rows = []
     for b, h, hkv, t, d in shapes:
-        for granularity in ("per_token", "per_channel"):
-            case = attention_case(b, h, hkv, t, d, granularity, device)
-            row = {"B": b, "H": h, "Hkv": hkv, "T": t, "D": d, "cache": f"int4 {granularity}"}
+        for granularity, graph in (("per_token", False), ("per_channel", False), ("per_token", True)):
+            case = attention_case(b, h, hkv, t, d, granularity, device, graph=graph)
+            row = {"B": b, "H": h, "Hkv": hkv, "T": t, "D": d,
+                   "cache": f"int4 {granularity}" + (" +mask+new" if graph else "")}
             row.update(check_attention(case))
             if peaks is not None:
                 row.update(time_attention(case, peaks))
@@ -319,6 +335,16 @@ def compile_variants(quick: bool) -> list[tuple[str, Callable[[], object], bool]
     out.append(("decode_combine", lambda: _compile(A._decode_combine_kernel, {
         "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": "*fp16"},
         {"BLOCK_S": 8, "BLOCK_D": 128}, 4), False))
+    # the PyTorch path's decode step: the additive mask in the splits, the new entry in the merge
+    for bt, warps in tiles:
+        consts = {"PER_TOKEN": True, "BITS": 4, "BLOCK_T": bt, "BLOCK_D": 128}
+        out.append((f"decode_split_bias per_token=True bits=4 BLOCK_T={bt} w{warps}",
+                    lambda k=consts, w=warps: _compile(A._decode_split_bias_kernel, dict(attn_types, bias_ptr="*fp32"), k, w),
+                    False))
+    out.append(("decode_combine_new", lambda: _compile(A._decode_combine_new_kernel, {
+        "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": "*fp16", "q_ptr": "*fp16",
+        "kn_ptr": "*fp32", "vn_ptr": "*fp32", "bias_ptr": "*fp32", "sm_scale": "fp32"},
+        {"HAS_BIAS": True, "BLOCK_S": 8, "BLOCK_D": 128}, 4), False))
     return out
 
 

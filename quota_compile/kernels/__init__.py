@@ -5,7 +5,13 @@
   packed INT4 with group-wise scales, int8 ``tl.dot`` with int32 accumulation per group.
 - :mod:`quota_compile.kernels.kv_attention`: ``kv_decode_attention`` — one query token over a
   quantized KV cache (``per_token`` or ``per_channel``, INT4 or INT8, grouped-query heads),
-  flash-decoding split over the context with an online softmax.
+  flash-decoding split over the context with an online softmax; optionally with an additive
+  mask bias (holes of right-padded batches) and the new token's entry merged after the cache.
+- :mod:`quota_compile.kernels.trt_aot`: single-launch variants with TensorRT's AOT calling
+  convention, for the TensorRT plugins.
+- :mod:`quota_compile.kernels.ops`: ``torch.ops.quota.w4a4_linear`` and
+  ``torch.ops.quota.kv_decode_attention``, the operators the PyTorch execution path
+  (:mod:`quota_compile.kernels.torch_path`) puts in the traced graphs.
 
 What is verified where
 - Correctness: ``tests/test_kernels.py`` runs every kernel against its reference under
