@@ -123,21 +123,21 @@ class SymExprs:
     def __len__(self):
         return len(self._exprs)
 
+    item = SymIntExpr  # what from_tuple wraps a plain int in (an expression is kept as it is)
 
-class SymIntExprs(SymExprs):
     @classmethod
     def from_tuple(cls, exprs):
         inst = cls(len(exprs))
-        inst._exprs = [e if isinstance(e, SymIntExpr) else SymIntExpr(e) for e in exprs]
+        inst._exprs = [e if isinstance(e, cls.item) else cls.item(e) for e in exprs]
         return inst
+
+
+class SymIntExprs(SymExprs):
+    item = SymIntExpr
 
 
 class ShapeExprs(SymExprs):
-    @classmethod
-    def from_tuple(cls, exprs):
-        inst = cls(len(exprs))
-        inst._exprs = [e if isinstance(e, ShapeExpr) else ShapeExpr(e) for e in exprs]
-        return inst
+    item = ShapeExpr
 
 
 class TensorDesc:
@@ -277,49 +277,47 @@ def _plugin(plugin_id: str) -> PluginDef:
     return REGISTRY[plugin_id]
 
 
-def impl(plugin_id: str):
-    def deco(fn):
-        plugin = _plugin(plugin_id)
-        _check_schema(fn, plugin, ("outputs", "stream"), True, "impl")
-        ret = inspect.signature(fn).return_annotation
-        if ret is not inspect.Parameter.empty and ret is not None:
-            raise ValueError("impl: the return annotation must be None")
-        plugin.impl = fn
-        return fn
-
-    return deco
+def _impl_return(fn) -> None:
+    ret = inspect.signature(fn).return_annotation
+    if ret is not inspect.Parameter.empty and ret is not None:
+        raise ValueError("impl: the return annotation must be None")
 
 
-def aot_impl(plugin_id: str):
-    def deco(fn):
-        plugin = _plugin(plugin_id)
-        _check_schema(fn, plugin, ("outputs", "tactic"), False, "aot_impl")
-        ret = inspect.signature(fn).return_annotation
-        if ret is inspect.Parameter.empty:
-            raise ValueError("aot_impl: no return annotation")
-        args = typing.get_args(ret) if typing.get_origin(ret) is tuple else ()
-        if len(args) != 4:
-            raise ValueError(f"aot_impl: returns a 4-tuple, annotated {ret}")
-        for a in args[:2]:
-            alts = typing.get_args(a) if typing.get_origin(a) in (typing.Union, types.UnionType) else (a,)
-            if any(x not in (str, bytes) for x in alts):
-                raise ValueError(f"aot_impl: kernel name and PTX are str or bytes, annotated {a}")
-        if not (issubclass(args[2], KernelLaunchParams) and issubclass(args[3], SymExprs)):
-            raise ValueError(f"aot_impl: annotated {ret}")
-        plugin.aot_impl = fn
-        return fn
-
-    return deco
+def _aot_return(fn) -> None:
+    ret = inspect.signature(fn).return_annotation
+    if ret is inspect.Parameter.empty:
+        raise ValueError("aot_impl: no return annotation")
+    args = typing.get_args(ret) if typing.get_origin(ret) is tuple else ()
+    if len(args) != 4:
+        raise ValueError(f"aot_impl: returns a 4-tuple, annotated {ret}")
+    for a in args[:2]:
+        alts = typing.get_args(a) if typing.get_origin(a) in (typing.Union, types.UnionType) else (a,)
+        if any(x not in (str, bytes) for x in alts):
+            raise ValueError(f"aot_impl: kernel name and PTX are str or bytes, annotated {a}")
+    if not (issubclass(args[2], KernelLaunchParams) and issubclass(args[3], SymExprs)):
+        raise ValueError(f"aot_impl: annotated {ret}")
 
 
-def autotune(plugin_id: str):
-    def deco(fn):
-        plugin = _plugin(plugin_id)
-        _check_schema(fn, plugin, ("outputs",), False, "autotune")
-        plugin.autotune = fn
-        return fn
+def _decorator(what: str, tail: tuple[str, ...], optional_tactic: bool, check_return=None):
+    """``tensorrt.plugin.<what>``: checks the function against the registered plugin's schema
+    (then its return annotation) and records it on the plugin."""
+    def decorator(plugin_id: str):
+        def deco(fn):
+            plugin = _plugin(plugin_id)
+            _check_schema(fn, plugin, tail, optional_tactic, what)
+            if check_return is not None:
+                check_return(fn)
+            setattr(plugin, what, fn)
+            return fn
 
-    return deco
+        return deco
+
+    return decorator
+
+
+impl = _decorator("impl", ("outputs", "stream"), True, _impl_return)
+aot_impl = _decorator("aot_impl", ("outputs", "tactic"), False, _aot_return)
+autotune = _decorator("autotune", ("outputs",), False)
 
 
 def run_aot(plugin_id: str, inputs: list[TensorDesc], attrs: dict, outputs: list[TensorDesc], tactic: int = 0):
