@@ -679,27 +679,26 @@ def _fake_engines(monkeypatch, agree: bool) -> list:
     return calls
 
 
-def test_built_engines_that_disagree_fail_the_compile(tmp_path: Path, monkeypatch, capsys):
-    """Where engines are built, Polygraphy's --trt / --onnxrt comparison gates the bundle: a
-    graph that disagrees fails the compile (exit 1) and leaves no bundle."""
-    calls = _fake_engines(monkeypatch, agree=False)
-    cfg = write_config(tmp_path / "c.yaml", "builtin:tiny-llava", tmp_path / "out",
-                       quantization={"weights": {"group_size": 16}}, export={"targets": ["portable", "tensorrt"]},
-                       verify={"samples": 1, "new_tokens": 2})
-    assert main([str(cfg)]) == 1
-    assert len(calls) == 1 and calls[0][1] == set(GRAPHS) and calls[0][2].batch.input_ids.shape[0] == 1
-    assert "Polygraphy --trt against --onnxrt disagrees on decode" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "c").exists()
-
-
-def test_engine_comparison_is_recorded_in_verify_json(tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("agree", [True, False])
+def test_engine_comparison_is_recorded_and_a_disagreement_fails_verification(tmp_path: Path, monkeypatch, agree):
+    """Where engines are built, the compile's bundle stage calls check_engines: Polygraphy's
+    --trt / --onnxrt result goes to verify.json; a graph that disagrees raises
+    VerificationFailed (exit 1, the bundle's temporary folder dropped, as for every other
+    verification failure: tests/test_e2e.py) and writes nothing."""
+    from quota_compile.errors import VerificationFailed
     from quota_compile.pipeline import check_engines
 
-    _fake_engines(monkeypatch, agree=True)
+    calls = _fake_engines(monkeypatch, agree)
     report = {"passed": True, "flavours": {"tensorrt": {"passed": True}}}
-    got = check_engines(tmp_path, {g: None for g in GRAPHS}, None, report)
-    written = json.loads((tmp_path / "verify.json").read_text())
-    assert set(got) == set(GRAPHS) and written["flavours"]["tensorrt"]["engines"] == got
+    if agree:
+        got = check_engines(tmp_path, {g: None for g in GRAPHS}, "sample", report)
+        written = json.loads((tmp_path / "verify.json").read_text())
+        assert set(got) == set(GRAPHS) and written["flavours"]["tensorrt"]["engines"] == got
+    else:
+        with pytest.raises(VerificationFailed, match="Polygraphy --trt against --onnxrt disagrees on decode"):
+            check_engines(tmp_path, {g: None for g in GRAPHS}, "sample", report)
+        assert not (tmp_path / "verify.json").exists()
+    assert calls == [(tmp_path, set(GRAPHS), "sample")]
 
 
 def test_tensorrt_without_portable_is_refused(tmp_path: Path, capsys):
