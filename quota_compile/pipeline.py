@@ -196,14 +196,11 @@ def compile_model(
         with atomic_folder(final, force) as tmp:
             for g, m in models.items():
                 save_onnx(m, tmp / f"{g}.onnx")
-            if ort_models:
-                (tmp / ORT_FOLDER).mkdir()
-                for g, m in ort_models.items():
-                    save_onnx(m, tmp / ORT_FOLDER / f"{g}.onnx")
-            if trt_models:
-                (tmp / TRT_FOLDER).mkdir()
-                for g, m in trt_models.items():
-                    save_onnx(m, tmp / TRT_FOLDER / f"{g}.onnx")
+            for folder, flavour in ((ORT_FOLDER, ort_models), (TRT_FOLDER, trt_models)):
+                if flavour:
+                    (tmp / folder).mkdir()
+                    for g, m in flavour.items():
+                        save_onnx(m, tmp / folder / f"{g}.onnx")
             vlm.processor.save_pretrained(tmp / "tokenizer")
             if qm.kv_scales is not None:
                 import numpy as np
@@ -221,14 +218,9 @@ def compile_model(
                     ort = verify(reference, OrtBackend(tmp / ORT_FOLDER), samples, cfg.verify.for_flavour("onnxruntime"))
                     ort["flavour"] = "onnxruntime"
                     ort["arithmetic"] = describe_arithmetic(cfg)
-                    report["flavours"]["onnxruntime"] = ort
-                    report["failures"] += [f"onnxruntime flavour: {f}" for f in ort["failures"]]
-                    report["passed"] = report["passed"] and ort["passed"]
+                    add_flavour(report, ort)
                 if trt_models:
-                    trt = verify_tensorrt_flavour(reference, tmp, trt_models, samples, cfg)
-                    report["flavours"]["tensorrt"] = trt
-                    report["failures"] += [f"tensorrt flavour: {f}" for f in trt["failures"]]
-                    report["passed"] = report["passed"] and trt["passed"]
+                    add_flavour(report, verify_tensorrt_flavour(reference, tmp, trt_models, samples, cfg))
                 if not report["passed"]:
                     raise VerificationFailed("; ".join(report["failures"]))
                 write_json(tmp / "verify.json", report)
@@ -287,6 +279,15 @@ def kv_cache_bytes(vlm, bits: int, keep: list[int], prompt_len: int, generated: 
     ours = sum(2 * per_token * n for n in lengths)
     fp16 = vlm.num_layers * 2 * vlm.num_kv_heads * vlm.head_dim * 2 * (prompt_len + generated)
     return {"prompt_length": prompt_len, "generated": generated, "bundle": ours, "fp16_unpruned": fp16, "ratio": fp16 / ours}
+
+
+def add_flavour(report: dict, result: dict) -> None:
+    """A derived flavour's verification into the portable graphs' report: under
+    ``flavours.<name>``, its failures prefixed with the flavour, the verdict the conjunction."""
+    name = result["flavour"]
+    report["flavours"][name] = result
+    report["failures"] += [f"{name} flavour: {f}" for f in result["failures"]]
+    report["passed"] = report["passed"] and result["passed"]
 
 
 def check_engines(folder: Path, trt_models: dict, sample, report: dict) -> dict:
