@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -298,10 +299,7 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
     layer_of = {name: i for name, m in vlm.model.named_modules() for i, layer in enumerate(place.layers) if m is layer}
 
     def run(batch: Batch) -> None:
-        try:
-            place.prefill([(prefill, *_prefill_args(vision, batch))])
-        except _BlockDone:
-            pass
+        place.prefill([(prefill, *_prefill_args(vision, batch))])
 
     def collect(names: list[str], stop: bool):
         """Hooks that accumulate the Hessians of ``names`` (and, with ``stop``, end the pass
@@ -327,6 +325,20 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
         for h in hooks:
             h.remove()
 
+    def quantize_block(names: list[str], feed: Callable[[Batch], object]) -> None:
+        """Hessians of the block ``names`` from every batch fed through ``feed`` (each pass
+        stopped once the block has run), then its GPTQ weights."""
+        acc, hooks = collect(names, stop=True)
+        try:
+            for batch in batches:
+                try:
+                    feed(batch)
+                except _BlockDone:
+                    pass
+        finally:
+            remove(hooks)
+        replace(names, acc)
+
     def replace(names: list[str], acc: dict) -> None:
         for n in names:
             old = qm.weights[n]
@@ -349,29 +361,14 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
 
         if not place.streaming:
             for names in blocks.values():
-                acc, hooks = collect(names, stop=True)
-                try:
-                    for batch in batches:
-                        run(batch)
-                finally:
-                    remove(hooks)
-                replace(names, acc)
+                quantize_block(names, run)
             return
 
         decoder = {layer_of[b]: names for b, names in blocks.items() if b in layer_of}
         first = next(k for k, b in enumerate(blocks) if b in layer_of) if decoder else len(blocks)
         before, after = list(blocks.values())[:first], [names for b, names in list(blocks.items())[first:] if b not in layer_of]
         for names in before:  # the vision tower's and the projector's: the vision program only
-            acc, hooks = collect(names, stop=True)
-            try:
-                for batch in batches:
-                    try:
-                        _features(vision, batch)
-                    except _BlockDone:
-                        pass
-            finally:
-                remove(hooks)
-            replace(names, acc)
+            quantize_block(names, lambda batch: _features(vision, batch))
 
         def before_layer(i: int, jobs: list) -> None:
             if i in decoder:
