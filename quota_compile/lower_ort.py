@@ -167,8 +167,8 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
             continue
         if len(consumers.get(q.output[0], [])) != 1:
             continue
-        qa = {a.name: helper.get_attribute_value(a) for a in q.attribute}
-        da = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        qa = _attrs(q)
+        da = _attrs(node)
         dtype = qa.get("output_dtype")
         if dtype not in (TensorProto.INT4, TensorProto.INT8) or qa.get("axis") != -1 or da.get("axis") != -1:
             continue
@@ -198,7 +198,7 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
         w = inits[dq.input[0]]
         if w.data_type != TensorProto.INT4 or len(w.dims) != 2 or len(dq.input) > 2 or dq.input[1] not in inits:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
+        attrs = _attrs(dq)
         block = int(attrs.get("block_size", 0))
         k, n = w.dims
         if attrs.get("axis", 1) != 0:
@@ -275,8 +275,8 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or len(dq.input) > 2:
             continue
         w = inits[dq.input[0]]
-        attrs = {a.name: helper.get_attribute_value(a) for a in dq.attribute}
-        gattrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(dq)
+        gattrs = _attrs(node)
         if w.data_type != TensorProto.INT4 or len(w.dims) != 2 or attrs.get("axis") != 1 or gattrs.get("axis", 0) != 0:
             continue
         block = int(attrs["block_size"])
@@ -350,6 +350,11 @@ def kv_update_of(model_or_meta) -> str:
     else:
         meta = dict(model_or_meta)
     return meta.get(KV_UPDATE_KEY, KV_APPEND)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    """A node's attributes by name, as Python values."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _chain_to(consumers: dict, tensor: str, op_type: str, fail) -> list[onnx.NodeProto]:

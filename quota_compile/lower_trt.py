@@ -76,7 +76,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .lower_ort import KV_APPEND, KV_UPDATE_KEY, _chain_to as chain_to, _downstream, _indexed_copy, _is_cache_concat, _live, _toposort, _write_back
+from .lower_ort import KV_APPEND, KV_UPDATE_KEY, _attrs, _chain_to as chain_to, _downstream, _indexed_copy, _is_cache_concat, _live, _toposort, _write_back
 
 TRT_FOLDER = "tensorrt"  # the flavour's graphs (and engines, build log) inside a bundle
 PLUGIN_DOMAIN = "quota"
@@ -105,10 +105,6 @@ def _int4_dequantize_blocks(model: onnx.ModelProto) -> list[int]:
     int4 = {t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)}
     return [int(_attrs(n).get("block_size", 0)) for n in model.graph.node
             if n.op_type == "DequantizeLinear" and n.input[0] in int4]
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _scalar(inits: dict, name: str) -> float | None:
