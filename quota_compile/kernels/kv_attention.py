@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from quota_compile.kernels import is_interpreted
+from quota_compile.kernels.reference import dequantize_cache
 from quota_compile.quant import ops
 
 GRANULARITIES = ("per_token", "per_channel")
@@ -370,14 +371,6 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.T
         _decode_combine_kernel[(b * h,)](part_m, part_l, part_acc, out, h, d, splits, out.stride(0),
                                          out.stride(1), BLOCK_S=block_s, BLOCK_D=block_d)
     return out
-
-
-def dequantize_cache(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                     bits: int, granularity: str) -> torch.Tensor:
-    """Float32 K or V ``[B, Hkv, T, D]`` through ``quant.ops`` (the reference's dequantizer)."""
-    if granularity == "per_token":
-        return ops.dequantize_kv(codes, scale, zero_point, bits)
-    return ops.dequantize_kv_static(codes, scale, bits)
 
 
 def kv_decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.Tensor,

@@ -32,6 +32,7 @@ import os
 import torch
 
 from ..quant import ops  # noqa: F401  (registers torch.ops.quota.*, used below)
+from .reference import dequantize_cache
 
 
 def _kernel_module():
@@ -73,13 +74,6 @@ def w4a4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: i
     return torch.ops.quota.qdq_per_token(x, 4, clip_ratio) @ w
 
 
-def _dequantize_past(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int,
-                     granularity: str) -> torch.Tensor:
-    if granularity == "per_token":
-        return torch.ops.quota.dequantize_kv(codes, scale, zero_point, bits)
-    return torch.ops.quota.dequantize_kv_static(codes, scale, bits)
-
-
 def _check_decode_attention(q, k_codes, v_codes, k_zero_point, v_zero_point, k_new, v_new, bias, granularity) -> tuple[int, int, int, int, int]:
     """``(B, H, Hkv, T, D)``; raises ``ValueError`` where the graph-level shapes disagree (the
     kernel checks the cache layouts itself)."""
@@ -115,8 +109,8 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.T
             k_new=k_new.reshape(b, hkv, d), v_new=v_new.reshape(b, hkv, d))
         return out.reshape(b, h, 1, d)
     # the decode graph's own operations (programs._Program._layer)
-    k = torch.cat([_dequantize_past(k_codes, k_scale, k_zero_point, bits, granularity), k_new.to(torch.float32)], dim=2)
-    v = torch.cat([_dequantize_past(v_codes, v_scale, v_zero_point, bits, granularity), v_new.to(torch.float32)], dim=2)
+    k = torch.cat([dequantize_cache(k_codes, k_scale, k_zero_point, bits, granularity), k_new.to(torch.float32)], dim=2)
+    v = torch.cat([dequantize_cache(v_codes, v_scale, v_zero_point, bits, granularity), v_new.to(torch.float32)], dim=2)
     k = k[:, :, None].expand(b, hkv, h // hkv, t + 1, d).reshape(b, h, t + 1, d).to(q.dtype)
     v = v[:, :, None].expand(b, hkv, h // hkv, t + 1, d).reshape(b, h, t + 1, d).to(q.dtype)
     scores = torch.matmul(q, k.transpose(2, 3)) * sm_scale + bias

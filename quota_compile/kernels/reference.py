@@ -1,7 +1,9 @@
-"""The W4A4 Linear's integer arithmetic in PyTorch, without triton: the reference of the
-Triton kernel (:mod:`quota_compile.kernels.w4a4_linear`, which re-exports it) and of the
-TensorRT plugin (:mod:`quota_compile.trt_verify`, which must not import triton: the test suite
-imports triton in its interpreter mode first)."""
+"""The kernels' arithmetic in PyTorch, without triton: the W4A4 Linear's integer product, the
+reference of the Triton kernel (:mod:`quota_compile.kernels.w4a4_linear`, which re-exports it)
+and of the TensorRT plugin (:mod:`quota_compile.trt_verify`, which must not import triton: the
+test suite imports triton in its interpreter mode first); the KV cache's dequantizer, for the
+decode-attention reference (:mod:`quota_compile.kernels.kv_attention`) and the CPU fallback of
+``quota.kv_decode_attention`` (:mod:`quota_compile.kernels.ops`)."""
 
 from __future__ import annotations
 
@@ -26,3 +28,12 @@ def w4a4_matmul_reference(codes: torch.Tensor, scale: torch.Tensor, w_packed: to
         acc = acc + exact * w_scale[g]
     out = acc * scale
     return out if bias is None else out + bias.to(torch.float32)
+
+
+def dequantize_cache(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                     bits: int, granularity: str) -> torch.Tensor:
+    """Float32 K or V ``[B, Hkv, T, D]`` through ``quant.ops`` (``per_token``: codes, scales, zero
+    points; ``per_channel``: codes and the static scales)."""
+    if granularity == "per_token":
+        return ops.dequantize_kv(codes, scale, zero_point, bits)
+    return ops.dequantize_kv_static(codes, scale, bits)
