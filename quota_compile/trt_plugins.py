@@ -99,6 +99,16 @@ def register_plugins() -> None:
     # (tensorrt.plugin requires this annotation on every aot_impl)
     AotKernel = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymIntExprs]
 
+    def aot_kernel(compiled, grid, extra) -> AotKernel:
+        """An aot_impl's result: ``compiled``'s name and PTX, launched on ``grid`` programs of
+        its warps with its shared memory, the ``extra`` expressions as int32 arguments."""
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = grid
+        launch.block_x = compiled.metadata.num_warps * 32
+        launch.shared_mem = compiled.metadata.shared
+        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in extra])
+        return compiled.metadata.name.encode(), compiled.asm["ptx"].encode(), launch, extra
+
     # ---------------------------------------------------------------- QuotaW4A4Linear
 
     w4a4 = f"{PLUGIN_NAMESPACE}::{W4A4_LINEAR}"
@@ -140,12 +150,7 @@ def register_plugins() -> None:
         for i in range(1, x.ndim - 1):
             m = m * x.shape_expr[i]
         n, k = scale.shape_expr[1], x.shape_expr[x.ndim - 1]
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = trtp.cdiv(m, block_m) * trtp.cdiv(n, block_n)
-        launch.block_x = compiled.metadata.num_warps * 32
-        launch.shared_mem = compiled.metadata.shared
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (m, n, k)])
-        return compiled.metadata.name.encode(), compiled.asm["ptx"].encode(), launch, extra
+        return aot_kernel(compiled, trtp.cdiv(m, block_m) * trtp.cdiv(n, block_n), (m, n, k))
 
     # ---------------------------------------------------------------- QuotaKVQuantize
 
@@ -187,12 +192,7 @@ def register_plugins() -> None:
         consts = {"D": d, "BITS": bits, "PER_TOKEN": granularity == "per_token", "BLOCK_P": triton.next_power_of_2(d // 2)}
         compiled = K.compile_kernel(K.kv_quantize_kernel, K.KV_QUANTIZE_TYPES, consts, num_warps=1)
         b, h, t = (x.shape_expr[i] for i in range(3))
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = b * h * t
-        launch.block_x = compiled.metadata.num_warps * 32
-        launch.shared_mem = compiled.metadata.shared
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(t), trtp.SymInt32(h)])
-        return compiled.metadata.name.encode(), compiled.asm["ptx"].encode(), launch, extra
+        return aot_kernel(compiled, b * h * t, (t, h))
 
     # ---------------------------------------------------------------- QuotaKVDecodeAttention
 
@@ -246,12 +246,7 @@ def register_plugins() -> None:
         d = _constant(query.shape_expr[3], "the head size")
         compiled = K.compile_kernel(K.decode_attention_kernel, K.DECODE_ATTENTION_TYPES, _attn_consts(d, bits, granularity, scale))
         b, h = query.shape_expr[0], query.shape_expr[1]
-        launch = trtp.KernelLaunchParams()
-        launch.grid_x = b * h
-        launch.block_x = compiled.metadata.num_warps * 32
-        launch.shared_mem = compiled.metadata.shared
-        extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (h, past_key.shape_expr[1], past_key.shape_expr[2])])
-        return compiled.metadata.name.encode(), compiled.asm["ptx"].encode(), launch, extra
+        return aot_kernel(compiled, b * h, (h, past_key.shape_expr[1], past_key.shape_expr[2]))
 
     _REGISTERED = True
 
