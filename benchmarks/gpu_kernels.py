@@ -279,21 +279,14 @@ def print_row(kind: str, row: dict) -> None:
 # ---------------------------------------------------------------------------- compile-only
 
 
-def _signature(fn, types: dict[str, str], constexprs: dict) -> dict[str, str]:
-    """Triton signature of ``fn``: given types, ``constexpr`` for ``constexprs``, else i32."""
-    return {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in fn.arg_names}
-
-
 def _compile(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 3):
-    """Compile ``fn`` for sm_90 (pointers 16-byte aligned, as the launcher specializes them)."""
-    import triton
+    """Compile ``fn`` for sm_90 (``trt_aot.compile_kernel``: pointers 16-byte aligned, as the
+    launcher specializes them; every other non-constexpr argument i32 unless typed)."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    sig = _signature(fn, types, constexprs)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if sig[n].startswith("*")}
-    return triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    from quota_compile.kernels.trt_aot import compile_kernel
+
+    return compile_kernel(fn, types, constexprs, num_warps, num_stages, target=GPUTarget("cuda", 90, 32))
 
 
 def _ptx_summary(ptx: str) -> str:
