@@ -476,7 +476,9 @@ def torch_path_build(small_folder):
 
 
 def _count(gm, *targets) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in targets)
+    from passes import count_calls
+
+    return sum(count_calls(gm, t) for t in targets)
 
 
 SOFTMAX = (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
@@ -536,7 +538,7 @@ def test_torch_path_runs_the_traced_programs_with_the_kernel(torch_path_build, m
     assert _cpu_uses_kernel() and _cpu_uses_attention_kernel()
     backend = KernelBackend(traced, "cpu")
     for g, gm in backend.programs.items():
-        assert count_w4a4(gm) == linears[g] and not _w4a4_matmuls(gm), g
+        assert _count(gm, torch.ops.quota.w4a4_linear.default) == linears[g] and not _w4a4_matmuls(gm), g
     assert linears["prefill"] == 2 * 7 and linears["vision"] == 2  # decoder layers, projector
     _assert_decode_graph(backend, traced, vlm.num_layers)
     calls = _attention_calls(monkeypatch)
@@ -581,7 +583,3 @@ def test_torch_path_decodes_a_right_padded_batch_like_the_simulation(granularity
     plain = greedy_generate(backend, batch, 4, None, keep_logits=True)
     assert len(calls) == 3 * vlm.num_layers
     _assert_same_generation(plain, ref)
-
-
-def count_w4a4(gm) -> int:
-    return sum(1 for n in gm.graph.nodes if n.target == torch.ops.quota.w4a4_linear.default)
