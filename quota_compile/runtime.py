@@ -131,6 +131,20 @@ def choose_providers(device: str = "auto") -> list[str]:
     return ([] if device == "cpu" else gpu) + ["CPUExecutionProvider"]
 
 
+def session_options(threads: int | None = None):
+    """The onnxruntime session options every bundle graph runs with."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Keep fp32 arithmetic if DQ(INT4)+MatMul is fused into MatMulNBits (the default
+    # accuracy level 4 would quantize activations to int8, which is not the deployed W4A4).
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
 class OrtBackend:
     """The bundle's three graphs in onnxruntime sessions."""
 
@@ -138,16 +152,10 @@ class OrtBackend:
         """``profile_prefix``: turn onnxruntime's profiler on, writing ``<prefix>*.json``."""
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
+        opts = session_options(threads)
         if profile_prefix:
             opts.enable_profiling = True
             opts.profile_file_prefix = profile_prefix
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Keep fp32 arithmetic if DQ(INT4)+MatMul is fused into MatMulNBits (the default
-        # accuracy level 4 would quantize activations to int8, which is not the deployed W4A4).
-        opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        if threads:
-            opts.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
         self.folder = Path(bundle)
         with warnings.catch_warnings():  # (an unavailable provider: reported by ``missing``)

@@ -27,7 +27,7 @@ import torch
 from .kernels.reference import w4a4_matmul_reference
 from .lower_trt import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_DOMAIN, PLUGINS, W4A4_LINEAR, _PLUGIN_ATTRS
 from .quant import ops
-from .runtime import GRAPHS, OrtBackend
+from .runtime import GRAPHS, OrtBackend, session_options
 from .lower_ort import kv_update_of
 
 CONTRIB_DOMAIN = "ai.onnx.contrib"
@@ -163,12 +163,8 @@ def session(model: onnx.ModelProto, threads: int | None = None):
     options :class:`~quota_compile.runtime.OrtBackend` uses."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    opts = session_options(threads)
     opts.register_custom_ops_library(register_custom_ops())
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")  # as OrtBackend
-    if threads:
-        opts.intra_op_num_threads = threads
     return ort.InferenceSession(contrib_copy(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
