@@ -115,19 +115,24 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 
 def _unrepeat(node: fx.Node, inner: list[fx.Node]) -> fx.Node | None:
-    """The ``[B, Hkv, S, D]`` tensor whose heads ``node`` repeats (``programs._layer``:
-    ``x[:, :, None].expand(B, Hkv, rep, S, D).reshape(B, H, S, D)``, query head ``h`` on KV head
-    ``h // rep``), or ``node`` itself when it repeats nothing."""
-    if not _is(node, *_RESHAPES):
+    """The ``[B, Hkv, S, D]`` tensor whose heads ``node`` repeats (``programs._repeat_kv``:
+    ``x.transpose(1, 2)[:, :, :, None].expand(B, S, Hkv, rep, D).reshape(B, S, H, D)
+    .transpose(1, 2)``, query head ``h`` on KV head ``h // rep``), or ``node`` itself when it
+    repeats nothing."""
+    if not _is(node, torch.ops.aten.transpose.int) or not _is(node.args[0], *_RESHAPES):
         return node
-    expand = node.args[0]
+    reshape = node.args[0]
+    expand = reshape.args[0]
     if not _is(expand, torch.ops.aten.expand.default):
         return None
     unsq = expand.args[0]
-    if not _is(unsq, torch.ops.aten.unsqueeze.default) or unsq.args[1] not in (2, -3):
+    if not _is(unsq, torch.ops.aten.unsqueeze.default) or unsq.args[1] not in (3, -2):
         return None
-    inner.extend([node, expand, unsq])
-    return unsq.args[0]
+    outer = unsq.args[0]
+    if not _is(outer, torch.ops.aten.transpose.int) or {outer.args[1], outer.args[2]} != {1, 2}:
+        return None
+    inner.extend([node, reshape, expand, unsq, outer])
+    return outer.args[0]
 
 
 def _cache_read(node: fx.Node, inner: list[fx.Node]) -> tuple[fx.Node, fx.Node] | None:

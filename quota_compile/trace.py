@@ -134,8 +134,8 @@ def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs, quantized: 
     batch = Dim("batch", min=1, max=4096)
     # The text after the image is at least 2 tokens (a size-1 slice would be specialised).
     seq = Dim("seq", min=start + count + 2, max=max_pos)
-    # The past length is left to the exporter (Dim.DYNAMIC): with a named range it fails to
-    # prove a guard the GQA reshape produces, min(16 + 16p, 32 + 32p) == 16 + 16p.
+    # Each layer's past has a length of its own (a pruned layer holds fewer visual tokens), so
+    # each is left to the exporter (Dim.DYNAMIC) rather than tied to one named dimension.
     past = Dim.DYNAMIC
     size = vlm.image_size
     out: dict[str, TracedProgram] = {}
