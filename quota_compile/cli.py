@@ -18,6 +18,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from .environment import check_versions
 from .errors import UserError, VerificationFailed
 
 COMMANDS = ("compile", "eval", "bench", "run", "write-builtin")
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         args = _parser().parse_args(argv)
+        for note in check_versions():
+            print(note, file=sys.stderr)
         handlers = {"compile": _compile, "eval": _eval, "bench": _bench, "run": _run, "write-builtin": _write_builtin}
         return handlers[args.command](args)
     except UserError as e:
