@@ -44,7 +44,7 @@ from .bundle import atomic_folder, check_destination, versions, write_json
 from .config import bundle_name, load_config
 from .evaluate import Variant, build_variant, flavour_of, quant_name
 from .models import load_model
-from .calibrate import quantize_model
+from .calibrate import quantize_model, settle_quantization
 from .pipeline import kv_cache_bytes
 from .quant.simulate import QuantEmbedding, QuantLinear
 from .runtime import OrtBackend, greedy_generate, make_batch
@@ -177,6 +177,7 @@ def prepared(cfg, config_file, stack: contextlib.ExitStack):
     model's Linears in place, so anything that times the Hugging Face model itself must run
     before this (as :func:`run_bench` does)."""
     vlm = load_model(cfg, config_file, stack)
+    cfg = settle_quantization(cfg, vlm, config_file)
     span = vlm.visual_span()
     return vlm, span, bench_prompt(vlm, span, cfg.bench.prompt_tokens), quantize_model(vlm, cfg, span)
 
@@ -214,6 +215,7 @@ def run_bench(config_path, force: bool = False, console: Console | None = None) 
     try:
         with contextlib.ExitStack() as stack:
             vlm = load_model(cfg, config_file, stack)
+            cfg = settle_quantization(cfg, vlm, config_file)
             span = vlm.visual_span()
             batch = bench_prompt(vlm, span, b.prompt_tokens)
             prompt_len = int(batch.attention_mask.sum())

@@ -28,6 +28,7 @@ import hashlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +40,7 @@ from .models.llava import VLM
 from .programs import PrefillProgram, PruneSpec
 from .pruning import ScoreWeights, token_score, visual_signals
 from .quant import ops
-from .quant.simulate import QuantizedModel
+from .quant.simulate import QuantizedModel, settle_group_size
 from .recipe import CalibrationProvenance, PruningRecipe, SearchPoint, Weights
 from .runtime import Batch, make_batch
 from .sequential import Placement
@@ -388,6 +389,13 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
                 remove(hooks)
         for names, (acc, _) in zip(after, tail):
             replace(names, acc)
+
+
+def settle_quantization(cfg, vlm: VLM, config_file: Path):
+    """``cfg`` with the weight group size settled for this model
+    (:func:`quota_compile.quant.simulate.settle_group_size`): what the recipe, the manifest and
+    the progress line state."""
+    return cfg.model_copy(update={"quantization": settle_group_size(vlm.model, cfg.quantization, config_file)})
 
 
 def quantize_model(vlm: VLM, cfg, span: tuple[int, int]) -> QuantizedModel:

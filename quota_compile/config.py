@@ -47,7 +47,9 @@ class WeightQuant(_Section):
     # output channel (the group is the whole input), which the onnxruntime flavour runs as an
     # exact integer product on its uint8 x int8 kernels.
     granularity: Literal["group", "per_channel"] = "group"
-    group_size: int = Field(128, gt=0)
+    # Unset: the largest of 128, 64, 32, 16 that divides every quantized Linear's input size
+    # (chosen when the model is loaded, said in the compile's progress, written in the recipe).
+    group_size: int | None = Field(None, gt=0)
     # rtn: round to nearest. gptq: GPTQ on the calibration set (quota_compile/quant/gptq.py),
     # decoder layer by decoder layer, each seeing the inputs of the already-quantized layers
     # before it; same grid and layout as rtn.

@@ -48,7 +48,7 @@ from .errors import UserError
 from .lower import export_onnx, save_onnx
 from .models import load_model
 from .pipeline import decide_pruning
-from .calibrate import quantize_model
+from .calibrate import quantize_model, settle_quantization
 from .lower_ort import lower_flavour, uses_group_query_attention
 from .runtime import OrtBackend, greedy_generate, make_batch
 from .trace import build_programs, trace_programs
@@ -261,6 +261,7 @@ def run_eval(config_path: str | Path, force: bool = False, console: Console | No
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         vlm = load_model(cfg, config_file, stack)
+        cfg = settle_quantization(cfg, vlm, config_file)
         span = vlm.visual_span()
         side = vlm.image_size // vlm.patch_size
         if span[1] != side * side:

@@ -30,8 +30,8 @@ from .lower_trt import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_FOLDER, TRT_INT4_BL
 from .models import load_model
 from .programs import KV_STATIC, KV_STORED
 from .quant.ops import kv_packed_dim
-from .quant.simulate import quantizable_linears
-from .calibrate import calibrate, prune_spec_from_recipe, quantize_model
+from .quant.simulate import GROUP_SIZES
+from .calibrate import calibrate, prune_spec_from_recipe, quantize_model, settle_quantization
 from .recipe import CalibrationProvenance, ModelIdentity, PruningRecipe, Recipe
 from .runtime import OrtBackend
 from .trace import build_programs, trace_programs
@@ -86,15 +86,6 @@ def check_tensorrt_target(cfg, config_file: Path) -> None:
             f"QuotaW4A4Linear plugin, whose kernel quantizes activations to INT4, not INT{cfg.quantization.activations.bits}; "
             "use bits: 4 or remove tensorrt from export.targets."
         )
-    emb = cfg.quantization.embeddings
-    if emb.bits == 4:
-        g = emb.group_size or cfg.quantization.weights.group_size
-        if g not in TRT_INT4_BLOCKS:
-            raise UserError(
-                f"{config_file}: key 'quantization.embeddings.group_size': the tensorrt target keeps the INT4 "
-                f"embedding table as a blocked DequantizeLinear, which TensorRT accepts with block size 64 or 128 "
-                f"only, not {g}; set group_size: 64 or 128 or embeddings.bits: null."
-            )
     try:
         import onnxruntime_extensions  # noqa: F401
     except ImportError:
@@ -104,16 +95,19 @@ def check_tensorrt_target(cfg, config_file: Path) -> None:
         ) from None
 
 
-def check_group_size(model, cfg, config_file: Path) -> None:
-    g = cfg.quantization.weights.group_size
-    if cfg.quantization.weights.granularity == "per_channel":
+def check_tensorrt_embeddings(cfg, config_file: Path) -> None:
+    """With the tensorrt target, an INT4 embedding table (if any) must be in blocks TensorRT's
+    weight-only INT4 accepts (:data:`TRT_INT4_BLOCKS`); checked once the group size is settled."""
+    emb = cfg.quantization.embeddings
+    if "tensorrt" not in cfg.export.targets or emb.bits != 4:
         return
-    for name, lin in quantizable_linears(model, cfg.quantization.ignore).items():
-        if lin.in_features % g:
-            raise UserError(
-                f"{config_file}: key 'quantization.weights.group_size': {g} does not divide the input size "
-                f"{lin.in_features} of {name}; choose a divisor of every quantized Linear's input size."
-            )
+    g = emb.group_size or cfg.quantization.weights.group_size
+    if g not in TRT_INT4_BLOCKS:
+        raise UserError(
+            f"{config_file}: key 'quantization.embeddings.group_size': the tensorrt target keeps the INT4 "
+            f"embedding table as a blocked DequantizeLinear, which TensorRT accepts with block size 64 or 128 "
+            f"only, not {g}; set group_size: 64 or 128 or embeddings.bits: null."
+        )
 
 
 def load_recipe(path: Path, cfg, vlm, span: tuple[int, int], config_file: Path) -> Recipe:
@@ -140,6 +134,20 @@ def load_recipe(path: Path, cfg, vlm, span: tuple[int, int], config_file: Path) 
     return recipe
 
 
+def describe_quantization(q, given_group: bool = True) -> str:
+    """The quantize stage's progress line, e.g. ``W4A4 RTN weights (group 32, chosen: ...)``."""
+    w = q.weights
+    if w.granularity == "per_channel":
+        group = "per output channel"
+    elif given_group:
+        group = f"group {w.group_size}"
+    else:
+        group = f"group {w.group_size}, the largest of {'/'.join(map(str, GROUP_SIZES))} dividing every quantized input size"
+    rotated = ", Hadamard-rotated" if q.rotation == "hadamard" else ""
+    return (f"W{w.bits}A{q.activations.bits} {w.method.upper()} weights ({group}){rotated}, per-token activations, "
+            f"INT{q.kv_cache.bits} KV cache ({q.kv_cache.granularity})")
+
+
 def compile_model(
     config_path: str | Path, force: bool = False, console: Console | None = None, recipe_path: str | Path | None = None
 ) -> CompileResult:
@@ -155,17 +163,19 @@ def compile_model(
         final = Path(cfg.output.dir) / name
         check_destination(final, force, config_file)
 
+    given_group = cfg.quantization.weights.group_size is not None
     with contextlib.ExitStack() as stack:
         with progress.stage("load", cfg.model.source):
             vlm = load_model(cfg, config_file, stack)
-            check_group_size(vlm.model, cfg, config_file)
+            cfg = settle_quantization(cfg, vlm, config_file)
+            check_tensorrt_embeddings(cfg, config_file)
             if cfg.quantization.kv_cache.bits == 4 and vlm.head_dim % 2:
                 raise UserError(f"{config_file}: key 'quantization.kv_cache.bits': INT4 packing needs an even head size, the model has {vlm.head_dim}.")
             model_hash = vlm.weights_sha256()
             span = vlm.visual_span()
             given = load_recipe(Path(recipe_path), cfg, vlm, span, config_file) if recipe_path else None
 
-        with progress.stage("quantize", f"W4A4 {cfg.quantization.weights.method.upper()} weights{', Hadamard-rotated' if cfg.quantization.rotation == 'hadamard' else ''}, per-token activations, INT{cfg.quantization.kv_cache.bits} KV cache ({cfg.quantization.kv_cache.granularity})"):
+        with progress.stage("quantize", describe_quantization(cfg.quantization, given_group)):
             qm = quantize_model(vlm, cfg, span)
 
         method = given.pruning.method if given else cfg.pruning.method

@@ -17,7 +17,6 @@ def write_config(path: Path, source: str, out_dir: Path, **sections) -> Path:
     doc = {
         "version": 1,
         "model": {"source": source},
-        "quantization": {"weights": {"group_size": 16}},
         "verify": {"samples": 4, "new_tokens": 16},
         "output": {"dir": str(out_dir)},
     }

@@ -17,12 +17,18 @@ import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..config import QuantizationSection
+from ..errors import UserError
 from . import ops
+
+# Group sizes tried, largest first, when model.yaml leaves quantization.weights.group_size
+# unset: the largest one that divides every quantized Linear's input size is used.
+GROUP_SIZES = (128, 64, 32, 16)
 
 
 @dataclass(frozen=True)
@@ -162,8 +168,37 @@ def quantizable_linears(model: torch.nn.Module, ignore: list[str]) -> dict[str, 
     }
 
 
+def settle_group_size(model: torch.nn.Module, spec: QuantizationSection, config_file: Path | str = "model.yaml") -> QuantizationSection:
+    """``spec`` with ``weights.group_size`` a number: the YAML's, checked against the input size
+    of every Linear it quantizes, or, where the YAML leaves it unset, the largest of
+    :data:`GROUP_SIZES` that divides all of them."""
+    linears = quantizable_linears(model, spec.ignore)
+    sizes = sorted({lin.in_features for lin in linears.values()})
+    g = spec.weights.group_size
+    grouped = spec.weights.granularity == "group"
+    if g is not None:
+        bad = next((name for name, lin in linears.items() if lin.in_features % g), None)
+        if grouped and bad is not None:
+            raise UserError(
+                f"{config_file}: key 'quantization.weights.group_size': {g} does not divide the input size "
+                f"{linears[bad].in_features} of {bad}; choose a divisor of every quantized Linear's input size "
+                f"({', '.join(map(str, sizes))}), or leave the key out to have one chosen."
+            )
+        return spec
+    g = next((c for c in GROUP_SIZES if all(n % c == 0 for n in sizes)), None)
+    if g is None and (grouped or (spec.embeddings.bits and spec.embeddings.group_size is None)):
+        raise UserError(
+            f"{config_file}: key 'quantization.weights.group_size': none of {', '.join(map(str, GROUP_SIZES))} divides "
+            f"every quantized Linear's input size ({', '.join(map(str, sizes))}); set a group_size that does, "
+            "or granularity: per_channel."
+        )
+    weights = spec.weights.model_copy(update={"group_size": g})
+    return spec.model_copy(update={"weights": weights})
+
+
 def quantize(model: torch.nn.Module, spec: QuantizationSection) -> QuantizedModel:
     """Swap the quantized Linears in place (RTN weights) and return the simulation handle."""
+    spec = settle_group_size(model, spec)
     qm = QuantizedModel(model=model, spec=spec)
     g = spec.weights.group_size
     for name, lin in quantizable_linears(model, spec.ignore).items():
