@@ -2,7 +2,7 @@
 
 TensorRT executes INT4 only as weight-only blocked ``DequantizeLinear`` and has no quantized
 KV cache; its ONNX parser knows no ``BitShift`` / ``BitwiseAnd`` / ``BitwiseOr`` and takes
-``uint8`` only at the network's edges (../shared/RESEARCH.md; TensorRT's ``DataType.UINT8``:
+``uint8`` only at the network's edges (TensorRT's support matrix; ``DataType.UINT8``:
 https://docs.nvidia.com/deeplearning/tensorrt/api/python_api/infer/FoundationalTypes/DataType.html;
 onnx-tensorrt ``docs/operators.md``: BitShift unsupported). So everything that computes on the
 INT4 activations or on the packed cache becomes a plugin node, and everything else stays the
@@ -90,7 +90,8 @@ FLAVOUR_KEY = "quota_compile.flavour"  # graph metadata: which flavour a graph i
 FLAVOUR = "tensorrt"
 # What TensorRT's ONNX parser cannot take and this rewrite must therefore remove.
 TRT_UNSUPPORTED = ("BitShift", "BitwiseAnd", "BitwiseOr", "QuantizeLinear")
-# Block sizes TensorRT accepts for a weight-only INT4 DequantizeLinear (../shared/RESEARCH.md).
+# Block sizes TensorRT accepts for a weight-only INT4 DequantizeLinear (TensorRT's ONNX operator
+# documentation for DequantizeLinear: blocked INT4 with block size 64 or 128).
 TRT_INT4_BLOCKS = (64, 128)
 
 _PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION, "aot": 1}
