@@ -135,7 +135,7 @@ class _Program(torch.nn.Module):
         torch before 2.13 cannot do for a ranged S (the export then fails)."""
         b, hkv, s, d = x.shape
         rep = self.num_heads // hkv
-        return x.transpose(1, 2)[:, :, :, None].expand(b, s, hkv, rep, d).reshape(b, s, self.num_heads, d).transpose(1, 2)
+        return x.transpose(1, 2).unsqueeze(3).expand(b, s, hkv, rep, d).reshape(b, s, self.num_heads, d).transpose(1, 2)
 
     def _rope(self, h: torch.Tensor, position_ids: torch.Tensor):
         cos, sin = self.lm.rotary_emb(h, position_ids)
