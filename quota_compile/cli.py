@@ -71,7 +71,8 @@ Results go to stdout, progress lines and errors to stderr. Exit codes: 0 success
 naming the file and the key, nothing written)."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser (every command and argument, with help texts)."""
     p = _Parser(
         prog="quota-compile", usage=USAGE, epilog=EPILOG, formatter_class=_Help,
         description="Compile a LLaVA-family VLM into a verified W4A4 + quantized-KV ONNX bundle, run it, evaluate and time it.",
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         try:
-            args = _parser().parse_args(argv)
+            args = build_parser().parse_args(argv)
         except SystemExit as e:  # --help, --version (argparse's errors are UserErrors: see _Parser)
             return e.code if isinstance(e.code, int) else 0
         handlers = {"compile": _compile, "eval": _eval, "bench": _bench, "run": _run, "write-builtin": _write_builtin}

@@ -183,6 +183,20 @@ class OrtBackend:
         return out[0], (out[1:] if self.kv_update == KV_REPLACE else append_kv(past, out[1:]))
 
 
+def prompt_warnings(tokenizer, questions: list[str]) -> list[str]:
+    """One line per question the model cannot read: empty, or made only of words the
+    tokenizer maps to its unknown token (the answer then ignores the question)."""
+    out = []
+    unk = tokenizer.unk_token_id
+    for q in questions:
+        ids = tokenizer(q, add_special_tokens=False)["input_ids"] if q.strip() else []
+        if not ids:
+            out.append(f"the prompt {q!r} is empty; the model sees only the image and the prompt template.")
+        elif unk is not None and all(i == unk for i in ids):
+            out.append(f"the bundle's tokenizer knows none of the words of the prompt {q!r} (all become {tokenizer.unk_token}); the answer ignores the question.")
+    return out
+
+
 def load_image(path: str | Path, option: str = "--image"):
     """An image file as an RGB PIL image; a file PIL cannot decode is a :class:`UserError`."""
     from PIL import Image
@@ -244,17 +258,8 @@ class BundleRunner:
             say(f"note: {', '.join(gpu_missing)} could not start (no usable GPU or CUDA libraries); running on the CPU.")
 
     def prompt_warnings(self, questions: list[str]) -> list[str]:
-        """One line per question the model cannot read: empty, or only words this tokenizer
-        maps to its unknown token (the answer then ignores the question)."""
-        tok = self.processor.tokenizer
-        out = []
-        for q in questions:
-            ids = tok(q, add_special_tokens=False)["input_ids"] if q.strip() else []
-            if not ids:
-                out.append(f"the prompt {q!r} is empty; the model sees only the image and the prompt template.")
-            elif tok.unk_token_id is not None and all(i == tok.unk_token_id for i in ids):
-                out.append(f"the bundle's tokenizer knows none of the words of the prompt {q!r} (all become {tok.unk_token}); the answer ignores the question.")
-        return out
+        """:func:`prompt_warnings` with this bundle's tokenizer."""
+        return prompt_warnings(self.processor.tokenizer, questions)
 
     def answer(self, images: list, questions: list[str], max_new_tokens: int = 32) -> list[str]:
         pics = [load_image(i) if isinstance(i, (str, Path)) else i for i in images]
