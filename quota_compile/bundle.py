@@ -395,8 +395,9 @@ def check_graphs(folder: Path, manifest: dict) -> None:
         key = io["decode"]["inputs"][f"past.{layer}.key"]["shape"]
         if key[1] != entry["num_kv_heads"]:
             refuse(f"kv_cache[{layer}].num_kv_heads", f"is {entry['num_kv_heads']}, the cache of the decode graph has {key[1]} heads")
-        if key[-1] != entry["codes"]["shape"][-1]:
-            refuse(f"kv_cache[{layer}].codes.shape", f"ends in {entry['codes']['shape'][-1]}, the decode graph's codes have {key[-1]} bytes per head")
+        codes = entry["codes"]["shape"][-1] if entry["codes"]["shape"] else None
+        if key[-1] != codes:
+            refuse(f"kv_cache[{layer}].codes.shape", f"ends in {codes}, the decode graph's codes have {key[-1]} bytes per head")
 
 
 def write_json(path: Path, doc: dict) -> Path:

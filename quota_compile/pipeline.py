@@ -126,11 +126,6 @@ def read_recipe(path: Path) -> Recipe:
     return Recipe.load(path)
 
 
-def load_recipe(path: Path, cfg, vlm, span: tuple[int, int], config_file: Path) -> Recipe:
-    """A recipe given with ``--recipe``: it must describe this model and this quantization."""
-    return check_recipe(read_recipe(path), path, cfg, vlm, span, config_file)
-
-
 def check_recipe(recipe: Recipe, path: Path, cfg, vlm, span: tuple[int, int], config_file: Path) -> Recipe:
     """A parsed ``--recipe`` must describe this model and this quantization."""
     if recipe.model.num_layers != vlm.num_layers or len(recipe.pruning.keep) != vlm.num_layers:
