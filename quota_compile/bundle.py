@@ -7,14 +7,26 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
 from .errors import UserError
+
+FORMAT = "quota-compile bundle"
+# 2: manifest.json records the sha256 of each of its own keys (``key_sha256``).
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+GRAPHS = ("vision", "prefill", "decode")
+# ``atomic_folder``'s work folders beside the destination: ``.<name>.tmp-<pid>`` (being written)
+# and ``.<name>.old-<pid>`` (the replaced bundle, between two renames).
+_WORK_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)$")
 
 _DTYPES = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()} | {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.DOUBLE: "float64"}
 
@@ -35,11 +47,48 @@ def check_destination(final: Path, force: bool, config_file: Path) -> None:
         raise UserError(f"{config_file}: key 'output': {final} exists and is not a folder.")
 
 
+def is_work_folder(folder: Path) -> bool:
+    """A temporary folder of :func:`atomic_folder` (never a bundle, even a complete-looking one)."""
+    return _WORK_FOLDER.match(Path(folder).name) is not None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: the process exists but belongs to someone else
+        return True
+    return True
+
+
+def remove_stale_work_folders(parent: Path) -> list[Path]:
+    """Remove the work folders in ``parent`` left by a compile that was killed (SIGKILL, power
+    loss: no ``finally`` ran), i.e. those whose pid is no longer a running process; a running
+    compile's folders are left alone. A ``.old-`` folder is removed only once its bundle exists
+    again (killed between the two renames, it holds the only copy of the previous bundle).
+    (Pids are those of this machine: do not share an output folder between machines.)"""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for p in sorted(parent.iterdir()):
+        m = _WORK_FOLDER.match(p.name)
+        if m is None or not p.is_dir() or p.is_symlink() or _pid_alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not (parent / m["name"]).is_dir():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_folder(final: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary folder beside ``final``; on success it replaces ``final``, on any
-    error it is removed and ``final`` is left as it was."""
+    error it is removed and ``final`` is left as it was. Work folders that killed runs left in
+    ``final``'s parent are removed first (:func:`remove_stale_work_folders`)."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_folders(final.parent)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -102,6 +151,253 @@ def file_hashes(folder: Path, exclude: tuple[str, ...] = ("manifest.json",)) -> 
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.relative_to(folder).as_posix() not in exclude
     }
+
+
+def _canonical_sha256(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def key_hashes(manifest: dict) -> dict[str, str]:
+    """sha256 of every top-level key of a manifest and of every key of its mapping sections
+    (``model.prompt_template``, ``pruning.visual_tokens_per_layer``, ...), ``key_sha256``
+    itself excepted."""
+    out = {}
+    for k, v in manifest.items():
+        if k == "key_sha256":
+            continue
+        if isinstance(v, dict):
+            out.update({f"{k}.{kk}": _canonical_sha256(vv) for kk, vv in v.items()})
+        else:
+            out[k] = _canonical_sha256(v)
+    return out
+
+
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    """manifest.json, with the sha256 of every other file of ``folder`` (``files``) and of each
+    of its own keys (``key_sha256``).
+
+    Why hash the manifest's keys: the runtime trusts facts only the manifest holds (the prompt
+    template, the image-token span, the EOS id, the KV layout, the per-layer visual-token
+    counts), and manifest.json cannot hold its own file's hash. Checking each fact against
+    something else (the tokenizer, the graphs) covers only some of them and only some edits
+    (a reworded template with the same token count passes every such check), while a hash of
+    each key catches any edit or damage of any key and names the key. It is a checksum, not a
+    signature: whoever rewrites a key and its hash on purpose is not stopped (nothing inside
+    a bundle could stop that); :func:`check_bundle` also compares the manifest with the graphs."""
+    manifest = {k: v for k, v in manifest.items() if k not in ("files", "key_sha256")}
+    manifest["files"] = file_hashes(folder)
+    manifest["key_sha256"] = key_hashes(manifest)
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------- reading a bundle
+
+
+class _Open(BaseModel):
+    """The keys a reader relies on, with their JSON types (other keys are allowed)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _TensorIO(_Open):
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+class _GraphFacts(_Open):
+    file: str
+    inputs: list[_TensorIO]
+    outputs: list[_TensorIO]
+
+
+class _ModelFacts(_Open):
+    num_layers: int = Field(ge=1)
+    visual_start: int = Field(ge=0)
+    visual_tokens: int = Field(ge=1)
+    image_token_id: int
+    eos_token_id: int | None
+    prompt_template: str
+
+
+class _PruningFacts(_Open):
+    visual_tokens_per_layer: list[int]
+    pruning_layers: list[int]
+
+
+class _KVCodes(_Open):
+    shape: list[int | str]
+
+
+class _KVLayer(_Open):
+    layer: int
+    visual_tokens: int
+    num_kv_heads: int
+    head_dim: int
+    bits: int
+    tensors: list[str]
+    codes: _KVCodes
+
+
+class _FlavourFacts(_Open):
+    folder: str
+    graphs: list[str]
+
+
+class _ManifestFacts(_Open):
+    format: str
+    format_version: int
+    model: _ModelFacts
+    pruning: _PruningFacts
+    graphs: dict[str, _GraphFacts]
+    flavours: dict[str, _FlavourFacts]
+    kv_cache: list[_KVLayer]
+    files: dict[str, str]
+    key_sha256: dict[str, str]
+
+
+def check_bundle(folder: str | Path) -> dict:
+    """Everything a reader of a bundle (``quota-compile run``, :class:`~quota_compile.runtime.BundleRunner`)
+    checks before loading anything from it; returns the manifest. Bad input is a
+    :class:`UserError` naming the file (and the manifest key):
+
+    - the folder is a bundle: not a compile's work folder, has a manifest.json that is JSON, of
+      this ``format`` and ``format_version``, with the keys readers use (their JSON types);
+    - every file the manifest lists is there with its sha256, and there is no other file;
+    - the manifest agrees with the graphs: recorded inputs and outputs, layer count, KV layout,
+      per-layer visual-token counts and pruning layers (:func:`check_graphs`);
+    - no other key of the manifest changed since it was written (``key_sha256``, :func:`write_manifest`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such bundle folder.")
+    if is_work_folder(folder):
+        raise UserError(f"{folder}: the work folder of a running or interrupted compile, not a bundle.")
+    manifest = read_manifest(folder)
+    check_files(folder, manifest)
+    check_graphs(folder, manifest)
+    check_key_hashes(folder, manifest)
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict:
+    """manifest.json, checked for format, version and the keys readers use."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{folder}: not a quota-compile bundle (no {MANIFEST}).")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file; the bundle is damaged.") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); the bundle is damaged.") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path}: expected a JSON object at the top level, got {type(doc).__name__}; the bundle is damaged.")
+    if doc.get("format") != FORMAT:
+        raise UserError(f"{path}: key 'format' must be {FORMAT!r}, got {doc.get('format')!r}; not a quota-compile bundle.")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{path}: key 'format_version' is {doc.get('format_version')!r}, quota-compile {__version__} reads bundles of "
+            f"format_version {FORMAT_VERSION}; compile the bundle again with this version."
+        )
+    from .config import validation_message
+
+    try:
+        facts = _ManifestFacts.model_validate(doc)
+    except ValidationError as e:
+        raise UserError(f"{path}: {validation_message(e)}; the bundle is damaged or was edited.") from None
+    for g in GRAPHS:
+        if g not in facts.graphs:
+            raise UserError(f"{path}: key 'graphs.{g}' is required but missing; the bundle is damaged or was edited.")
+    return doc
+
+
+def check_key_hashes(folder: Path, manifest: dict) -> None:
+    """No key of the manifest changed since :func:`write_manifest` wrote it."""
+    recorded, actual = manifest["key_sha256"], key_hashes(manifest)
+    for key in [*recorded, *(k for k in actual if k not in recorded)]:
+        if recorded.get(key) != actual.get(key):
+            what = "is missing" if key not in actual else ("was added" if key not in recorded else "was changed")
+            raise UserError(
+                f"{folder / MANIFEST}: key '{key}' {what} after the bundle was compiled (its sha256 in 'key_sha256' does not match); "
+                "the manifest was edited or damaged: restore it or compile the bundle again."
+            )
+
+
+def check_files(folder: Path, manifest: dict) -> None:
+    """Every file listed in the manifest exists with its sha256; no other file is there."""
+    listed = manifest["files"]
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
+    for rel in sorted(listed):
+        if rel not in present:
+            raise UserError(f"{folder / rel}: missing; {MANIFEST} lists it, so the bundle is incomplete.")
+    for rel in sorted(present - set(listed)):
+        raise UserError(f"{folder / rel}: not listed in {MANIFEST}; the bundle was modified (remove the file or compile the bundle again).")
+    for rel in sorted(listed):
+        if sha256_file(folder / rel) != listed[rel]:
+            raise UserError(f"{folder / rel}: sha256 does not match {MANIFEST}; the bundle was modified or damaged.")
+
+
+def check_graphs(folder: Path, manifest: dict) -> None:
+    """The manifest's description of the graphs is the graphs' own: inputs and outputs (names,
+    dtypes, shapes) as :func:`graph_io` reads them, one KV layout per decoder layer, and per-layer
+    visual-token counts equal to what the graphs keep (``kept.{l}``'s static size from each
+    pruning layer on, all visual tokens before the first). Run after :func:`check_files`: the
+    graphs are then the compiled ones, so a disagreement means the manifest is wrong."""
+    path = folder / MANIFEST
+
+    def refuse(key: str, what: str):
+        raise UserError(f"{path}: key '{key}' {what}; the manifest was edited or damaged.")
+
+    io = {}
+    for g in GRAPHS:
+        info = manifest["graphs"][g]
+        if info["file"] != f"{g}.onnx":
+            refuse(f"graphs.{g}.file", f"is {info['file']!r}, expected {g}.onnx")
+        actual = graph_io(onnx.load(str(folder / info["file"]), load_external_data=False))
+        for side in ("inputs", "outputs"):
+            if info[side] != actual[side]:
+                i = next((i for i, (a, b) in enumerate(zip(info[side], actual[side])) if a != b), min(len(info[side]), len(actual[side])))
+                refuse(f"graphs.{g}.{side}", f"does not describe {g}.onnx (entry {i} differs; the graph has {len(actual[side])} {side})")
+        io[g] = {side: {v["name"]: v for v in actual[side]} for side in ("inputs", "outputs")}
+
+    model, pruning, kv = manifest["model"], manifest["pruning"], manifest["kv_cache"]
+    layers = sorted({int(n.split(".")[1]) for n in io["decode"]["inputs"] if n.startswith("past.")})
+    if layers != list(range(model["num_layers"])):
+        refuse("model.num_layers", f"is {model['num_layers']}, the decode graph takes the KV cache of {len(layers)} layers")
+    v = model["visual_tokens"]
+    features = io["vision"]["outputs"].get("image_features")
+    if features is None or features["shape"][1] != v:
+        refuse("model.visual_tokens", f"is {v}, the vision graph gives {features['shape'][1] if features else 'no'} visual tokens")
+    kept = {int(n.split(".")[1]): o["shape"][1] for n, o in io["prefill"]["outputs"].items() if n.startswith("kept.")}
+    if pruning["pruning_layers"] != sorted(kept):
+        refuse("pruning.pruning_layers", f"is {pruning['pruning_layers']}, the prefill graph prunes at layers {sorted(kept)}")
+    counts, current = [], v
+    for layer in layers:
+        current = kept.get(layer, current)
+        counts.append(current)
+    per_layer = pruning["visual_tokens_per_layer"]
+    if len(per_layer) != len(counts):
+        refuse("pruning.visual_tokens_per_layer", f"has {len(per_layer)} entries for {len(counts)} decoder layers")
+    for layer, (said, real) in enumerate(zip(per_layer, counts)):
+        if said != real:
+            refuse(f"pruning.visual_tokens_per_layer[{layer}]", f"is {said}, the graphs process {real} visual tokens at layer {layer}")
+    if len(kv) != len(counts):
+        refuse("kv_cache", f"describes {len(kv)} layers, the graphs have {len(counts)}")
+    for layer, (entry, real) in enumerate(zip(kv, counts)):
+        if entry["layer"] != layer:
+            refuse(f"kv_cache[{layer}].layer", f"is {entry['layer']}, expected {layer}")
+        if entry["visual_tokens"] != real:
+            refuse(f"kv_cache[{layer}].visual_tokens", f"is {entry['visual_tokens']}, the graphs process {real} visual tokens at layer {layer}")
+        names = [n.split(".", 2)[2] for n in io["decode"]["inputs"] if n.startswith(f"past.{layer}.")]
+        if entry["tensors"] != names:
+            refuse(f"kv_cache[{layer}].tensors", f"is {entry['tensors']}, the decode graph takes {names}")
+        key = io["decode"]["inputs"][f"past.{layer}.key"]["shape"]
+        if key[1] != entry["num_kv_heads"]:
+            refuse(f"kv_cache[{layer}].num_kv_heads", f"is {entry['num_kv_heads']}, the cache of the decode graph has {key[1]} heads")
+        codes = entry["codes"]["shape"][-1] if entry["codes"]["shape"] else None
+        if key[-1] != codes:
+            refuse(f"kv_cache[{layer}].codes.shape", f"ends in {codes}, the decode graph's codes have {key[-1]} bytes per head")
 
 
 def write_json(path: Path, doc: dict) -> Path:

@@ -5,6 +5,9 @@
     quota-compile bench CONFIG.yaml [--force]    speed of PyTorch eager, onnxruntime fp32 / quantized / bundle
     quota-compile run BUNDLE --image I --prompt P [--image I --prompt P ...]
     quota-compile write-builtin NAME DIR [--seed N]
+    quota-compile --version
+
+Results go to stdout; progress lines, warnings and errors to stderr.
 
 Exit codes: 0 success; 1 verification failure or internal error (no bundle is written);
 2 bad input (one sentence naming the file and the key).
@@ -30,32 +33,80 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"command line: {message}.")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="quota-compile", description="Compile a LLaVA-family VLM into a verified W4A4 + quantized-KV ONNX bundle.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    c = sub.add_parser("compile", help="compile a model.yaml into exported/<name>/")
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help of every option that has one (not of flags and repeatable
+    options, whose default says nothing); the description and epilog as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Version(argparse.Action):
+    """``--version``: quota-compile's version and those of the libraries a bundle depends on."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .bundle import versions
+
+        v = versions()
+        tool = v.pop("quota-compile")
+        print(f"quota-compile {tool} ({', '.join(f'{k} {x}' for k, x in v.items())})")
+        parser.exit()
+
+
+USAGE = """\
+%(prog)s CONFIG.yaml [--force] [--recipe RECIPE.yaml]   (same as: compile CONFIG.yaml ...)
+       %(prog)s {compile,eval,bench,run,write-builtin} ...
+       %(prog)s --version"""
+
+EPILOG = """\
+quota-compile CONFIG.yaml is short for quota-compile compile CONFIG.yaml.
+'%(prog)s COMMAND --help' describes each command's arguments.
+
+Results go to stdout, progress lines and errors to stderr. Exit codes: 0 success;
+1 verification failure or internal error (no bundle is written); 2 bad input (one sentence
+naming the file and the key, nothing written)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser (every command and argument, with help texts)."""
+    p = _Parser(
+        prog="quota-compile", usage=USAGE, epilog=EPILOG, formatter_class=_Help,
+        description="Compile a LLaVA-family VLM into a verified W4A4 + quantized-KV ONNX bundle, run it, evaluate and time it.",
+    )
+    p.add_argument("--version", action=_Version, help="print the versions of quota-compile, python, torch, onnx, onnxruntime and transformers, and exit")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, title="commands")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, prog=f"quota-compile {name}", help=help, description=help[0].upper() + help[1:] + ".", formatter_class=_Help)
+
+    c = command("compile", "compile a model.yaml into <output.dir>/<name>/ (the default command)")
     c.add_argument("config", type=Path, help="the model.yaml to compile")
-    c.add_argument("--force", action="store_true", help="replace an existing bundle of the same name")
-    c.add_argument("--recipe", type=Path, help="export from this recipe.yaml instead of calibrating")
-    e = sub.add_parser("eval", help="accuracy and retention of FP, quantized and pruned variants through their ONNX graphs")
+    c.add_argument("--force", action="store_true", help="replace an existing bundle of the same name (after the new one is verified)")
+    c.add_argument("--recipe", type=Path, help="export from this recipe.yaml (e.g. another bundle's) instead of calibrating")
+    e = command("eval", "accuracy and retention of FP, quantized and pruned variants through their ONNX graphs")
     e.add_argument("config", type=Path, help="the model.yaml (its eval section sets questions, keep ratios, methods)")
     e.add_argument("--force", action="store_true", help="replace an existing <name>-eval folder")
-    bb = sub.add_parser("bench", help="prefill latency, decode tokens/s, KV bytes and size of PyTorch eager, onnxruntime fp32, quantized and the bundle")
+    bb = command("bench", "prefill latency, decode tokens/s, KV bytes and size of PyTorch eager, onnxruntime fp32, quantized and the bundle")
     bb.add_argument("config", type=Path, help="the model.yaml (its bench section sets repeats, tokens, threads)")
     bb.add_argument("--force", action="store_true", help="replace an existing <name>-bench folder")
-    r = sub.add_parser("run", help="answer questions about images with a compiled bundle (onnxruntime)")
-    r.add_argument("bundle", type=Path)
+    r = command("run", "answer questions about images with a compiled bundle (onnxruntime)")
+    r.add_argument("bundle", type=Path, help="the bundle folder (<output.dir>/<name>/); it is checked against its manifest.json first")
     r.add_argument("--image", action="append", required=True, type=Path, help="an image file; repeat for a batch")
-    r.add_argument("--prompt", action="append", required=True, help="the question for the image at the same position")
-    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--prompt", action="append", required=True, help="the question for the image at the same position (fills {question} in the bundle's prompt template)")
+    r.add_argument("--max-new-tokens", type=int, default=32, help="generate at most this many tokens per answer (greedy; fewer at EOS)")
     r.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto",
         help="auto: onnxruntime's CUDA/TensorRT providers where installed (quota-compile[gpu]), else the CPU; cuda: refuse to run without them",
     )
-    w = sub.add_parser("write-builtin", help="write a builtin model as a Hugging Face checkpoint folder")
-    w.add_argument("name", help="builtin model name, e.g. tiny-llava")
-    w.add_argument("folder", type=Path)
-    w.add_argument("--seed", type=int, default=0)
+    w = command("write-builtin", "write a builtin model as a Hugging Face checkpoint folder")
+    w.add_argument("name", help="builtin model name, e.g. tiny-llava (an unknown name gets the list)")
+    w.add_argument("folder", type=Path, help="the folder to write (created if missing)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the random initialisation (random-weight builtins only)")
     return p
 
 
@@ -66,20 +117,19 @@ def _compile(args) -> int:
     from .bundle import human_size
     from .pipeline import compile_model
 
-    console = Console(stderr=True)
-    result = compile_model(args.config, force=args.force, console=console, recipe_path=args.recipe)
+    result = compile_model(args.config, force=args.force, console=Console(stderr=True), recipe_path=args.recipe)
+    # the result (stdout): the graphs and the verification; the stage lines went to stderr
     table = Table(title=f"bundle {result.bundle}")
     for col in ("graph", "size", "nodes", "Q", "DQ", "INT4 weights"):
         table.add_column(col, justify="left" if col == "graph" else "right")
     for g, info in result.manifest["graphs"].items():
         table.add_row(g, human_size(info["bytes"]), str(info["nodes"]), str(info["quantize_linear"]), str(info["dequantize_linear"]), str(info["int4_initializers"]))
-    console.print(table)
+    Console().print(table)
     v = result.verify
-    console.print(
+    print(
         f"verified: {v['samples']} samples x {v['new_tokens']} tokens, greedy agreement {v['greedy_agreement']:.0%}, "
         f"worst logits rel. error {v['max_logits_rel_error']:.2e} (limit {v['thresholds']['max_logits_rel_error']:g}); "
-        f"total {result.seconds:.1f} s",
-        highlight=False,
+        f"total {result.seconds:.1f} s"
     )
     return 0
 
@@ -99,7 +149,7 @@ def _eval(args) -> int:
     for row in retention_table(doc):
         table.add_row(*row)
     Console().print(table)
-    console.print(f"results: {folder / 'eval.json'}, {folder / 'eval.md'}, {folder / 'retention.png'} ({doc['seconds']:.0f} s)", highlight=False)
+    print(f"results: {folder / 'eval.json'}, {folder / 'eval.md'}, {folder / 'retention.png'} ({doc['seconds']:.0f} s)")
     return 0
 
 
@@ -133,22 +183,22 @@ def _bench(args) -> int:
     if not out.is_terminal:
         out = Console(width=160)
     out.print(table)
-    console.print(f"results: {folder / 'bench.json'} ({doc['seconds']:.0f} s)", highlight=False)
+    print(f"results: {folder / 'bench.json'} ({doc['seconds']:.0f} s)")
     return 0
 
 
 def _run(args) -> int:
-    from .runtime import BundleRunner
+    from .runtime import BundleRunner, load_image
 
     if len(args.image) != len(args.prompt):
         raise UserError(f"command line: {len(args.image)} --image but {len(args.prompt)} --prompt; give one prompt per image.")
-    for img in args.image:
-        if not img.is_file():
-            raise UserError(f"{img}: no such image file (option --image).")
     if args.max_new_tokens < 1:
         raise UserError("command line: --max-new-tokens must be at least 1.")
+    images = [load_image(img) for img in args.image]  # every image decodes, before the bundle is loaded
     runner = BundleRunner(args.bundle, device=args.device, say=lambda line: print(line, file=sys.stderr))
-    for answer in runner.answer(list(args.image), list(args.prompt), args.max_new_tokens):
+    for warning in runner.prompt_warnings(list(args.prompt)):
+        print(f"quota-compile: warning: {warning}", file=sys.stderr)
+    for answer in runner.answer(images, list(args.prompt), args.max_new_tokens):
         print(answer)
     return 0
 
@@ -176,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
     try:
-        args = _parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help, --version (argparse's errors are UserErrors: see _Parser)
+            return e.code if isinstance(e.code, int) else 0
         for note in check_versions():
             print(note, file=sys.stderr)
         handlers = {"compile": _compile, "eval": _eval, "bench": _bench, "run": _run, "write-builtin": _write_builtin}

@@ -358,8 +358,15 @@ def parse_config(data: Any, path: Path) -> CompileConfig:
     try:
         return CompileConfig.model_validate(data)
     except ValidationError as e:
-        err = _most_specific(e.errors())
-        raise UserError(f"{path}: key '{_key(err['loc'])}' {_describe(err)}.") from None
+        raise UserError(f"{path}: {validation_message(e)}.") from None
+
+
+def validation_message(e: ValidationError) -> str:
+    """The first bad key of a pydantic error and what was expected, as ``key 'a.b' ...``
+    (for model.yaml, recipe.yaml and manifest.json alike)."""
+    err = _most_specific(e.errors())
+    key = _key(err["loc"])
+    return f"key '{key}' {_describe(err)}" if key else _describe(err)
 
 
 def _is_branch(part) -> bool:
@@ -383,15 +390,28 @@ def load_config(path: str | Path) -> CompileConfig:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file (expected a model.yaml).")
+    return parse_config(read_yaml(path), path)
+
+
+def read_yaml(path: Path) -> Any:
+    """Parse a YAML file; anything that is not YAML text is a :class:`UserError` naming the
+    file and, where the parser knows it, the line and column."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file.") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e}).") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (a NUL byte, a control character)
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise UserError(f"{path}: malformed YAML at line {line}, column {column} (character {chr(e.character)!r} is not allowed in a YAML file).") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UserError(f"{path}: malformed YAML{where} ({getattr(e, 'problem', None) or e}).") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file.") from None
-    return parse_config(data, path)
 
 
 def resolve_source(cfg: CompileConfig, config_path: Path) -> str | Path:

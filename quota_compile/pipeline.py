@@ -14,13 +14,15 @@ from rich.console import Console
 
 from . import __version__
 from .bundle import (
+    FORMAT,
+    FORMAT_VERSION,
     atomic_folder,
     check_destination,
-    file_hashes,
     graph_io,
     report_markdown,
     versions,
     write_json,
+    write_manifest,
 )
 from .config import bundle_name, load_config
 from .errors import UserError, VerificationFailed
@@ -110,15 +112,16 @@ def check_tensorrt_embeddings(cfg, config_file: Path) -> None:
         )
 
 
-def load_recipe(path: Path, cfg, vlm, span: tuple[int, int], config_file: Path) -> Recipe:
-    """A recipe given with ``--recipe``: it must describe this model and this quantization."""
+def read_recipe(path: Path) -> Recipe:
+    """The file given with ``--recipe``, parsed and validated (it needs no model: checked in
+    the config stage, before the model is loaded)."""
     if not path.is_file():
         raise UserError(f"{path}: no such recipe file (option --recipe).")
-    try:
-        recipe = Recipe.load(path)
-    except (ValueError, OSError) as e:  # pydantic's ValidationError and YAML errors are ValueErrors
-        first = str(e).splitlines()[0]
-        raise UserError(f"{path}: not a valid quota-compile recipe ({first}).") from None
+    return Recipe.load(path)
+
+
+def check_recipe(recipe: Recipe, path: Path, cfg, vlm, span: tuple[int, int], config_file: Path) -> Recipe:
+    """A parsed ``--recipe`` must describe this model and this quantization."""
     if recipe.model.num_layers != vlm.num_layers or len(recipe.pruning.keep) != vlm.num_layers:
         raise UserError(
             f"{path}: key 'pruning.keep': the recipe is for {len(recipe.pruning.keep)} decoder layers, "
@@ -162,6 +165,7 @@ def compile_model(
         name = bundle_name(cfg, config_file)
         final = Path(cfg.output.dir) / name
         check_destination(final, force, config_file)
+        recipe_file = read_recipe(Path(recipe_path)) if recipe_path else None
 
     given_group = cfg.quantization.weights.group_size is not None
     with contextlib.ExitStack() as stack:
@@ -173,7 +177,7 @@ def compile_model(
                 raise UserError(f"{config_file}: key 'quantization.kv_cache.bits': INT4 packing needs an even head size, the model has {vlm.head_dim}.")
             model_hash = vlm.weights_sha256()
             span = vlm.visual_span()
-            given = load_recipe(Path(recipe_path), cfg, vlm, span, config_file) if recipe_path else None
+            given = check_recipe(recipe_file, Path(recipe_path), cfg, vlm, span, config_file) if recipe_file else None
 
         with progress.stage("quantize", describe_quantization(cfg.quantization, given_group)):
             qm = quantize_model(vlm, cfg, span)
@@ -257,8 +261,7 @@ def compile_model(
                 figures = draw_figures(tmp, vlm, span, pruning, cfg.pruning, samples, reference)
                 passes = {g: t.passes for g, t in traced.items()}
                 (tmp / "report.md").write_text(report_markdown(name, manifest, report, passes, recipe, figures), encoding="utf-8")
-                manifest["files"] = file_hashes(tmp)
-                write_json(tmp / "manifest.json", manifest)
+                manifest = write_manifest(tmp, manifest)
 
     return CompileResult(final, manifest, report, time.perf_counter() - progress.start)
 
@@ -405,8 +408,8 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
     ]
     prompt_len = int(report["per_sample"][0]["prompt_length"])
     return {
-        "format": "quota-compile bundle",
-        "format_version": 1,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         "model": {
             "source": cfg.model.source,
             "family": cfg.model.family,

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import QuantizationSection
+from .config import QuantizationSection, read_yaml, validation_message
+from .errors import UserError
 
 RECIPE_VERSION = 1
 
@@ -81,4 +82,15 @@ class Recipe(_Frozen):
 
     @classmethod
     def load(cls, path: Path) -> Recipe:
-        return cls.model_validate(yaml.safe_load(path.read_text(encoding="utf-8")))
+        """Read a recipe; a file that is not one is a :class:`UserError` naming the file and,
+        for a schema error, the first bad key (as model.yaml's errors do)."""
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such recipe file.")
+        data = read_yaml(path)
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: not a valid quota-compile recipe: expected a mapping of keys at the top level, got {type(data).__name__}.")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise UserError(f"{path}: not a valid quota-compile recipe: {validation_message(e)}.") from None

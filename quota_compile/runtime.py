@@ -9,7 +9,6 @@ KV-cache mask, and a finished row (EOS) keeps decoding harmlessly until all are 
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,10 +17,9 @@ from typing import Protocol
 
 import numpy as np
 
+from .bundle import GRAPHS, MANIFEST, check_bundle
 from .errors import UserError
 from .lower_ort import KV_REPLACE, kv_update_of
-
-GRAPHS = ("vision", "prefill", "decode")
 
 
 class Backend(Protocol):
@@ -185,39 +183,86 @@ class OrtBackend:
         return out[0], (out[1:] if self.kv_update == KV_REPLACE else append_kv(past, out[1:]))
 
 
+def prompt_warnings(tokenizer, questions: list[str]) -> list[str]:
+    """One line per question the model cannot read: empty, or made only of words the
+    tokenizer maps to its unknown token (the answer then ignores the question)."""
+    out = []
+    unk = tokenizer.unk_token_id
+    for q in questions:
+        ids = tokenizer(q, add_special_tokens=False)["input_ids"] if q.strip() else []
+        if not ids:
+            out.append(f"the prompt {q!r} is empty; the model sees only the image and the prompt template.")
+        elif unk is not None and all(i == unk for i in ids):
+            out.append(f"the bundle's tokenizer knows none of the words of the prompt {q!r} (all become {tokenizer.unk_token}); the answer ignores the question.")
+    return out
+
+
+def load_image(path: str | Path, option: str = "--image"):
+    """An image file as an RGB PIL image; a file PIL cannot decode is a :class:`UserError`."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such image file (option {option}).")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # (PIL's UnidentifiedImageError and "image file is truncated" are OSErrors)
+        reason = "not an image file PIL can read" if isinstance(e, Image.UnidentifiedImageError) else f"a damaged or truncated image ({e})"
+        raise UserError(f"{path}: {reason} (option {option}).") from None
+
+
 class BundleRunner:
     """Answer questions about images with a compiled bundle."""
 
     def __init__(self, bundle: str | Path, providers: list[str] | None = None, device: str = "auto", say: Callable[[str], None] | None = None):
         """``providers`` (onnxruntime's names) or ``device`` (:func:`choose_providers`); ``say``
         gets one line when GPU providers were asked for but the sessions run on the CPU."""
+        from PIL import Image
         from transformers import AutoProcessor
 
         bundle = Path(bundle)
-        manifest_path = bundle / "manifest.json"
-        if not manifest_path.is_file():
-            raise UserError(f"{bundle}: not a quota-compile bundle (no manifest.json).")
-        self.manifest = json.loads(manifest_path.read_text())
-        self.processor = AutoProcessor.from_pretrained(bundle / "tokenizer")
-        self.processor.tokenizer.padding_side = "right"
-        # The onnxruntime flavour when the bundle has it (faster on the CPU), else portable.
-        flavours = self.manifest.get("flavours", {})
-        self.flavour = "onnxruntime" if "onnxruntime" in flavours else "portable"
-        folder = bundle / flavours.get(self.flavour, {}).get("folder", ".")
-        self.backend = OrtBackend(folder, providers or choose_providers(device))
-        gpu_missing = [p for p in self.backend.missing if p in GPU_PROVIDERS]
-        if gpu_missing and say is not None:
-            say(f"note: {', '.join(gpu_missing)} could not start (no usable GPU or CUDA libraries); running on the CPU.")
+        # integrity (files, sha256, format) and the manifest against the graphs, before loading anything
+        self.manifest = check_bundle(bundle)
+        manifest_path = bundle / MANIFEST
         model = self.manifest["model"]
         self.prompt_template = model["prompt_template"]
         self.visual_span = (model["visual_start"], model["visual_tokens"])
         self.eos_token_id = model["eos_token_id"]
         self.image_token_id = model["image_token_id"]
+        self.processor = AutoProcessor.from_pretrained(bundle / "tokenizer")
+        self.processor.tokenizer.padding_side = "right"
+        if "<image>" not in self.prompt_template or "{question}" not in self.prompt_template:
+            raise UserError(f"{manifest_path}: key 'model.prompt_template' must contain '<image>' and '{{question}}'.")
+        try:  # the template with this tokenizer puts the image tokens where the graphs expect them
+            make_batch(self.processor, self.prompt_template, [Image.new("RGB", (8, 8))], ["?"], self.visual_span, self.image_token_id)
+        except UserError:
+            raise UserError(
+                f"{manifest_path}: key 'model.prompt_template' does not put {self.visual_span[1]} image tokens at position "
+                f"{self.visual_span[0]} with the bundle's tokenizer (keys 'model.visual_start', 'model.visual_tokens')."
+            ) from None
+        # The onnxruntime flavour when the bundle has it (faster on the CPU), else portable.
+        flavours = self.manifest["flavours"]
+        self.flavour = "onnxruntime" if "onnxruntime" in flavours else "portable"
+        folder = bundle / flavours.get(self.flavour, {}).get("folder", ".")
+        self.backend = OrtBackend(folder, providers or choose_providers(device))
+        for g, session in self.backend.sessions.items():
+            for side, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+                if [a.name for a in args] != [a["name"] for a in self.manifest["graphs"][g][side]]:
+                    raise UserError(
+                        f"{manifest_path}: key 'graphs.{g}.{side}' does not name the {side} of {(folder / f'{g}.onnx').relative_to(bundle)} "
+                        f"(flavour {self.flavour}); the bundle is inconsistent: compile it again."
+                    )
+        gpu_missing = [p for p in self.backend.missing if p in GPU_PROVIDERS]
+        if gpu_missing and say is not None:
+            say(f"note: {', '.join(gpu_missing)} could not start (no usable GPU or CUDA libraries); running on the CPU.")
+
+    def prompt_warnings(self, questions: list[str]) -> list[str]:
+        """:func:`prompt_warnings` with this bundle's tokenizer."""
+        return prompt_warnings(self.processor.tokenizer, questions)
 
     def answer(self, images: list, questions: list[str], max_new_tokens: int = 32) -> list[str]:
-        from PIL import Image
-
-        pics = [Image.open(i).convert("RGB") if isinstance(i, (str, Path)) else i for i in images]
+        pics = [load_image(i) if isinstance(i, (str, Path)) else i for i in images]
         batch = make_batch(self.processor, self.prompt_template, pics, questions, self.visual_span, self.image_token_id)
         gen = greedy_generate(self.backend, batch, max_new_tokens, self.eos_token_id)
         return [self.processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in gen.tokens]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,80 @@ def test_run_with_a_missing_image(tiny_bundle, tmp_path, capsys):
 def test_cuda_calibration_without_a_gpu(tmp_path, capsys, tiny_folder):
     rc, err, out = _run(tmp_path, GOOD + "calibration:\n  device: cuda\n", str(tiny_folder), capsys)
     _assert_clean_error(rc, err, out, ["'calibration.device'", "'cuda'", "CUDA GPU"])
+
+
+# ------------------------------------------------------------------ issue 15: bad input
+
+
+def test_truncated_safetensors_in_the_checkpoint(tmp_path, capsys, tiny_folder):
+    ckpt = Path(shutil.copytree(tiny_folder, tmp_path / "ckpt"))
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 4096])
+    rc, err, out = _run(tmp_path, GOOD, str(ckpt), capsys)
+    _assert_clean_error(rc, err, out, ["'model.source'", f"{weights}", "truncated", str(len(data)), str(len(data) - 4096)])
+
+
+def test_safetensors_file_that_is_not_one(tmp_path, capsys, tiny_folder):
+    ckpt = Path(shutil.copytree(tiny_folder, tmp_path / "ckpt"))
+    (ckpt / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 3\n")
+    rc, err, out = _run(tmp_path, GOOD, str(ckpt), capsys)
+    _assert_clean_error(rc, err, out, ["'model.source'", "model.safetensors", "not a safetensors file"])
+
+
+RECIPE = """\
+version: 1
+tool_version: 0.1.0
+model: {source: builtin:tiny-llava, sha256: abc, num_layers: 8, visual_tokens: 64}
+quantization: {weights: {group_size: 16}}
+pruning: {method: none, keep: [64, 64, 64, 64, 64, 64, 64, 64]}
+calibration: {dataset: synthetic, num_samples: 16, seed: 0, holdout: 0.25}
+"""
+
+BAD_RECIPES = [
+    ("yaml-syntax", RECIPE.replace("keep: [64,", "keep: [64,,"), ["recipe.yaml", "malformed YAML", "line 5"]),
+    ("yaml-unclosed", RECIPE.replace("holdout: 0.25}", "holdout: 0.25"), ["recipe.yaml", "malformed YAML", "line"]),
+    ("nul-byte", RECIPE.replace("abc", "a\x00bc"), ["recipe.yaml", "malformed YAML", "line 3", "'\\x00'"]),
+    ("not-a-mapping", "- 1\n- 2\n", ["recipe.yaml", "expected a mapping"]),
+    ("missing-key", RECIPE.replace(", keep: [64, 64, 64, 64, 64, 64, 64, 64]", ""), ["recipe.yaml", "key 'pruning.keep'", "required but missing"]),
+    ("wrong-type", RECIPE.replace("num_layers: 8", "num_layers: eight"), ["recipe.yaml", "key 'model.num_layers'", "integer", "'eight'"]),
+    ("list-item", RECIPE.replace("keep: [64, 64,", "keep: [64, many,"), ["recipe.yaml", "key 'pruning.keep[1]'", "integer", "'many'"]),
+    ("unknown-key", RECIPE.replace("sha256: abc", "sha256: abc, extra: 1"), ["recipe.yaml", "key 'model.extra'", "not a known key"]),
+    ("nested-quantization", RECIPE.replace("group_size: 16", "group_size: -1"), ["recipe.yaml", "key 'quantization.weights.group_size'", "greater than 0"]),
+    ("pruning-method", RECIPE.replace("method: none", "method: magic"), ["recipe.yaml", "key 'pruning.method'", "'magic'"]),
+]
+
+
+@pytest.mark.parametrize("case,text,words", BAD_RECIPES, ids=[c[0] for c in BAD_RECIPES])
+def test_bad_recipe_file(tmp_path, capsys, tiny_folder, case, text, words):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    cfg = tmp_path / "model.yaml"
+    cfg.write_text(GOOD.replace("{source}", str(tiny_folder)).replace("{out}", str(tmp_path / "out")))
+    rc = main([str(cfg), "--recipe", str(recipe)])
+    err = capsys.readouterr().err
+    _assert_clean_error(rc, err, tmp_path / "out", words, "recipe.yaml")
+    assert "validation error" not in err  # pydantic's summary ("6 validation errors for Recipe") is not the message
+
+
+def test_run_with_a_text_file_as_image(tiny_bundle, tmp_path, capsys):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image, a note\n")
+    rc = main(["run", str(tiny_bundle), "--image", str(notes), "--prompt", "hi"])
+    out, err = capsys.readouterr()
+    _assert_clean_error(rc, err, tmp_path / "out", ["notes.png", "not an image file", "--image"], "notes.png")
+    assert out == ""
+
+
+def test_run_with_a_truncated_image(tiny_bundle, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    whole = tmp_path / "whole.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole)
+    half = tmp_path / "half.png"
+    half.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    rc = main(["run", str(tiny_bundle), "--image", str(whole), "--prompt", "hi", "--image", str(half), "--prompt", "hi"])
+    out, err = capsys.readouterr()
+    _assert_clean_error(rc, err, tmp_path / "out", ["half.png", "truncated", "--image"], "half.png")
+    assert out == ""

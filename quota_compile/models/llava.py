@@ -132,22 +132,51 @@ def check_folder(path: Path, config_file: Path) -> dict:
         raise UserError(f"{where}: text model {text_type!r} is not supported (expected one of {', '.join(TEXT_MODELS)}).")
     if vision_type not in VISION_MODELS:
         raise UserError(f"{where}: vision tower {vision_type!r} is not supported (expected one of {', '.join(VISION_MODELS)}).")
-    if not any(path.glob("*.safetensors")):
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
         raise UserError(f"{where}: {path} has no *.safetensors weights.")
+    for f in weights:
+        check_safetensors(f, where)
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
         raise UserError(f"{where}: {path} has no tokenizer files (tokenizer.json or tokenizer.model).")
     return cfg
 
 
+def check_safetensors(file: Path, where: str) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header giving each tensor's byte
+    range, then the data: a file whose size is not exactly what its header describes is
+    truncated or damaged (checked from the header alone, before anything is loaded)."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    except OSError as e:
+        raise UserError(f"{where}: {file} cannot be read ({e.strerror or e}).") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{where}: {file} is not a safetensors file (no valid header; {size} bytes).")
+    try:
+        data = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise UserError(f"{where}: {file} is not a safetensors file (its header has no tensor byte ranges).") from None
+    expected = 8 + n + data
+    if size != expected:
+        what = "truncated" if size < expected else "damaged"
+        raise UserError(f"{where}: {file} is {what}: its header describes {expected} bytes, the file has {size}; copy or download it again.")
+
+
 def load_llava(path: Path, source: str, prompt_template: str, config_file: Path) -> VLM:
     """Load a LLaVA checkpoint folder (float32, eager attention, eval mode) and its processor."""
+    from safetensors import SafetensorError
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     check_folder(path, config_file)
     try:
         processor = AutoProcessor.from_pretrained(path)
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise UserError(f"{config_file}: key 'model.source': could not load {path} ({str(e).splitlines()[0]}).") from None
     model.eval()
     for p in model.parameters():
