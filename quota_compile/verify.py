@@ -1,12 +1,39 @@
 """Verification (DESIGN §6): the exported graphs in onnxruntime against the PyTorch simulation.
 
-On held-out samples (generated images and questions, seeded apart from calibration), both
-decode greedily for exactly ``verify.new_tokens`` tokens (EOS ignored) through the same loop
-(:func:`quota_compile.runtime.greedy_generate`). Reported per sample and overall: the relative
-error of the visual embeddings and of the logits at every step up to the first token where
-the two disagree (``||ort - torch|| / ||torch||``), and greedy-token agreement. The export is
-refused when the worst logits error exceeds ``verify.max_logits_rel_error`` or the fraction of
-samples whose tokens are all identical is below ``verify.min_greedy_agreement``.
+On held-out samples (generated images and questions, seeded apart from calibration):
+
+- End to end: both sides decode greedily for exactly ``verify.new_tokens`` tokens (EOS
+  ignored), each on its own, through the same loop (:func:`quota_compile.runtime.greedy_generate`).
+  Gate: every sample's tokens identical (``verify.min_greedy_agreement``). Reported: the
+  relative error of the visual embeddings and of the logits at every step up to the first token
+  where the two disagree (``||ort - torch|| / ||torch||``; a gate only as far as
+  ``verify.max_logits_rel_error`` says), the kept indices' agreement.
+- Call by call, on the same inputs (:class:`_SameInputs`): each vision, prefill and decode
+  call of the simulation's decode is repeated in onnxruntime on exactly its inputs (its image
+  features, its cache, its tokens), in the deployed graph and in two verification-only copies
+  of it (:func:`observation_copy`; the bundle's graphs are not touched): a free-running one
+  with the activation quantizers' codes and the pruning scores as extra outputs, and a
+  teacher-forced one whose quantizer readers read the simulation's codes, so that each
+  stretch of float arithmetic between two quantizers starts from the same integers and a
+  rounding-boundary flip does not cascade. Compared, as integers (INT4 nibbles unpacked):
+  every activation quantizer's codes (mapped to the simulation's by execution order, checked
+  by count; the simulation's come from :meth:`QuantLinear.input_codes`) and every KV tensor
+  the call writes (codes and zero points; scales reported by their largest relative
+  difference). Gate: the teacher-forced flip rate per kind (``verify.max_code_flip_rate``)
+  and per tensor (``verify.max_tensor_code_flip_rate``). The free-running figures, cascades
+  included, are reported.
+- Kept indices at each pruning layer (same inputs, teacher-forced, end to end): a difference
+  must be a near-tie of the reference scores (:func:`kept_differences`,
+  ``verify.kept_tie_tolerance``); a pruning layer missing on one side is a failure.
+
+What is compared depends on the flavour: the portable graphs show every activation quantizer
+(``QuantizeLinear``) and every KV output, and both are teacher-forced; the onnxruntime flavour
+shows its activation codes where ``lower_ort`` wrote them (``<node>_clip``, ``<node>_u8``) and
+its KV outputs (GroupQueryAttention quantizes the new entry inside the op: the decode's KV
+attention is not teacher-forced there); the tensorrt flavour quantizes activations inside its
+W4A4 plugin (none observable) and its KV plugins read their own codes (KV outputs compared,
+not teacher-forced). verify.json says what was observed (``codes.activations.observed_quantizers``,
+``codes.kv_cache.teacher_forced_tensors``).
 """
 
 from __future__ import annotations

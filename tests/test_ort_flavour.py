@@ -391,7 +391,9 @@ def test_per_channel_weights_compile_with_integer_prefill_and_matmulnbits_decode
         export={"targets": ["portable", "onnxruntime"]},
         # W4A4 on a random-weight model is chaotic: a 1e-7 difference can flip a code and the
         # greedy tokens after it; the flavour's arithmetic itself is tested just above.
-        verify={"samples": 2, "new_tokens": 4, "onnxruntime": {"max_logits_rel_error": 10.0, "min_greedy_agreement": 0.0}},
+        # (accuracy_level 4 flips codes by design: the code comparison is loosened likewise)
+        verify={"samples": 2, "new_tokens": 4, "onnxruntime": {"max_logits_rel_error": 10.0, "min_greedy_agreement": 0.0,
+                                                             "max_code_flip_rate": 1.0, "max_tensor_code_flip_rate": 1.0}},
     )
     assert main([str(cfg)]) == 0
     b = tmp_path / "out" / "ch"
