@@ -797,8 +797,8 @@ def polygraphy_compare(programs: Programs, bundle, sample: Sample, torch_backend
     sample. Kept indices must be identical; float outputs (logits, features, KV scales) must
     agree in mean error within rtol 1e-2 / atol 1e-4. KV codes are not compared here: float
     reassociation between PyTorch and onnxruntime legitimately moves a few values across a
-    rounding boundary (one code step), and what matters of the codes, the logits they lead
-    to, is checked by the greedy decode."""
+    rounding boundary (one code step), which a tolerance cannot tell from an error; the code
+    comparison of :func:`verify` counts them."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
