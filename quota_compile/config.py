@@ -259,8 +259,8 @@ class VerifySection(_Section):
     # pairs with identical kept sets. One code flip on a confident trained model moves the
     # logits visibly without changing a token (builtin:shapes-llava: up to 0.33), so the logits
     # error is not a gate; its default is only a sanity bound (an error as large as the logits
-    # themselves), which no correct graph approaches. null: report only.
-    max_logits_rel_error: float | None = Field(1.0, gt=0.0)
+    # themselves), which no correct graph approaches.
+    max_logits_rel_error: float = Field(1.0, gt=0.0)
     min_kept_index_agreement: float | None = Field(None, ge=0.0, le=1.0)
     onnxruntime: FlavourTolerances = Field(default_factory=FlavourTolerances)
 
