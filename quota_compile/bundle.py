@@ -450,6 +450,38 @@ def _pruning_lines(manifest: dict, verify: dict, recipe, figures: list[str]) -> 
     return lines + [""]
 
 
+def _limit(value, fmt: str = "g") -> str:
+    return "report only" if value is None else f"limit {value:{fmt}}"
+
+
+def _gate_lines(v: dict) -> list[str]:
+    """The code flips (teacher-forced, the gate; free-running, reported), the kept-set
+    differences and the logits error of one verification (verify.json's layout)."""
+    t, lines = v["thresholds"], []
+    for kind, label in (("activations", "activation"), ("kv_cache", "KV-cache")):
+        c = v.get("codes", {}).get(kind)
+        if not c:
+            continue
+        free = v.get("codes_free_running", {}).get(kind, {})
+        if c["compared"]:
+            lines.append(
+                f"- {label} codes, same inputs, teacher-forced: {c['flips']} of {c['compared']} differ ({c['rate']:.2g}; "
+                f"limit {t['max_code_flip_rate']:g} overall, {t['max_tensor_code_flip_rate']:g} per tensor); "
+                f"free-running (a flip's consequences included): {free.get('flips', 0)} of {free.get('compared', 0)}"
+            )
+        else:
+            lines.append(f"- {label} codes: not observable in these graphs")
+    k = v.get("kept")
+    if k and k["compared"]:
+        margin = f", largest margin {k['max_margin']:.2g}" if k.get("max_margin") is not None else ""
+        lines.append(
+            f"- kept sets at the pruning layers: {k['identical']} of {k['compared']} comparisons identical, {k['near_tie']} near-ties "
+            f"(within {k['tolerance']:g} of the score scale{margin}), {k['not_a_tie']} not ties, {k['missing']} missing"
+        )
+    lines.append(f"- worst relative logits error: {v['max_logits_rel_error']:.3g} ({_limit(t['max_logits_rel_error'])})")
+    return lines
+
+
 def _flavour_lines(verify: dict) -> list[str]:
     """The derived flavours' verification (onnxruntime, tensorrt), where the bundle has them."""
     out = []
@@ -459,7 +491,7 @@ def _flavour_lines(verify: dict) -> list[str]:
         out += [
             f"## Verification of the {name} flavour (`{name}/`{used.get(name, '')})",
             "",
-            f"- worst relative logits error: {v['max_logits_rel_error']:.3g} (limit {t['max_logits_rel_error']:g})",
+            *_gate_lines(v),
             f"- samples with identical greedy tokens: {v['greedy_agreement']:.0%} (required {t['min_greedy_agreement']:.0%}); "
             f"tokens agreeing: {v['token_agreement']:.1%}",
             *(f"- {g}: {a}" for g, a in v.get("arithmetic", {}).items()),
@@ -502,7 +534,7 @@ def report_markdown(name: str, manifest: dict, verify: dict, passes: dict[str, l
         "## Verification (onnxruntime vs the PyTorch simulation)",
         "",
         f"- held-out samples: {verify['samples']}, greedy tokens each: {verify['new_tokens']} (seed {verify['seed']})",
-        f"- worst relative logits error: {verify['max_logits_rel_error']:.3g} (limit {verify['thresholds']['max_logits_rel_error']:g})",
+        *_gate_lines(verify),
         f"- worst relative error of the visual embeddings: {verify['max_vision_rel_error']:.3g}",
         f"- samples with identical greedy tokens: {verify['greedy_agreement']:.0%} (required {verify['thresholds']['min_greedy_agreement']:.0%}); "
         f"tokens agreeing: {verify['token_agreement']:.1%}",

@@ -212,10 +212,18 @@ class ExportSection(_Section):
 
 
 class FlavourTolerances(_Section):
-    """Tolerances for the onnxruntime flavour; unset keys take the portable ones."""
+    """Tolerances for the onnxruntime flavour; unset keys take the portable ones. At
+    ``accuracy_level: 4`` MatMulNBits requantizes the activations to int8, which flips codes
+    after it by design (builtin:shapes-llava, 4 samples: 1.8e-3 of the activation codes, 1.1e-2
+    of the KV codes, up to 4.6 % of one tensor; greedy agreement 75 %); such a config sets its
+    own (e.g. max_code_flip_rate 0.05, max_tensor_code_flip_rate 0.1, min_greedy_agreement
+    below 1) or uses accuracy_level 0."""
 
-    max_logits_rel_error: float | None = Field(None, gt=0.0)
+    max_code_flip_rate: float | None = Field(None, ge=0.0, le=1.0)
+    max_tensor_code_flip_rate: float | None = Field(None, ge=0.0, le=1.0)
+    kept_tie_tolerance: float | None = Field(None, ge=0.0)
     min_greedy_agreement: float | None = Field(None, ge=0.0, le=1.0)
+    max_logits_rel_error: float | None = Field(None, gt=0.0)
     min_kept_index_agreement: float | None = Field(None, ge=0.0, le=1.0)
 
 
@@ -223,15 +231,39 @@ class VerifySection(_Section):
     samples: int = Field(4, ge=1)
     new_tokens: int = Field(16, ge=1)
     seed: int = Field(1234, ge=0)
-    # Float reassociation between PyTorch and onnxruntime moves a few values across INT4/INT8
-    # rounding boundaries; measured on the tiny random models: up to 3.1e-2 (SigLIP + Qwen2
-    # variant), 3e-7 (builtin:tiny-llava). Greedy agreement is the decisive check.
-    max_logits_rel_error: float = Field(0.05, gt=0.0)
+    # The gate (quota_compile/verify.py): every graph call is repeated in onnxruntime on the
+    # simulation's very inputs, in a verification-only copy of the graph whose quantizers'
+    # readers are fed the simulation's codes (teacher forcing, so one difference does not
+    # cascade), and the INT4/INT8 codes both sides compute are compared: every activation
+    # quantizer's, and the KV cache's (codes and zero points). Float reassociation moves a value
+    # across a rounding boundary now and then (one code step). Measured: builtin:shapes-llava
+    # (examples/shapes-llava.yaml, 16 samples) 12 of 3.0e6 activation codes (4e-6), 0 of 4.7e5
+    # KV codes; builtin:tiny-llava 0 of 5.7e5 and 1.2e5. A wrong graph flips a large fraction
+    # (a wrong activation scale: most of that quantizer's codes). The rate is per kind, over
+    # every compared code of the verification.
+    max_code_flip_rate: float = Field(1e-3, ge=0.0, le=1.0)
+    # The same for each tensor alone (one activation quantizer, or one layer's key, value or
+    # their zero points, over every call and sample): a wrong weight or scale shows where it
+    # is. One flip in a tensor always passes (a decode tensor over a few steps has few codes).
+    max_tensor_code_flip_rate: float = Field(1e-2, ge=0.0, le=1.0)
+    # A pruning layer may keep another set of visual tokens than the simulation only at a
+    # near-tie: every token kept by one side only must have a reference score within this
+    # fraction of the score scale (the largest |score| among the layer's candidates) of the
+    # k-th largest reference score. Measured on builtin:shapes-llava (16 samples): onnxruntime's
+    # scores on the same inputs differ by up to 8.6e-3 of that scale (after a code flip in an
+    # earlier layer), and the one kept-set difference in 32 (sample, pruning layer) pairs had
+    # a margin of 7.7e-4; a swap within twice the largest score difference is a tie.
+    kept_tie_tolerance: float = Field(2e-2, ge=0.0)
+    # Every sample's greedy tokens identical (the end-to-end check, each side decoding alone).
     min_greedy_agreement: float = Field(1.0, ge=0.0, le=1.0)
-    # With pruning: the share of (sample, pruning layer) pairs whose kept indices must be
-    # identical. Two visual tokens whose scores are nearly tied can be ranked differently by
-    # float reassociation (measured on builtin:shapes-llava: 1 pair in 32 at keep 0.3).
-    min_kept_index_agreement: float = Field(1.0, ge=0.0, le=1.0)
+    # Reported figures (verify.json), which gate only as far as set here: the worst relative
+    # logits error up to the first differing token, and the share of (sample, pruning layer)
+    # pairs with identical kept sets. One code flip on a confident trained model moves the
+    # logits visibly without changing a token (builtin:shapes-llava: up to 0.33), so the logits
+    # error is not a gate; its default is only a sanity bound (an error as large as the logits
+    # themselves), which no correct graph approaches.
+    max_logits_rel_error: float = Field(1.0, gt=0.0)
+    min_kept_index_agreement: float | None = Field(None, ge=0.0, le=1.0)
     onnxruntime: FlavourTolerances = Field(default_factory=FlavourTolerances)
 
     def for_flavour(self, flavour: str) -> "VerifySection":

@@ -37,7 +37,7 @@ from .calibrate import calibrate, prune_spec_from_recipe, quantize_model, settle
 from .recipe import CalibrationProvenance, ModelIdentity, PruningRecipe, Recipe
 from .runtime import OrtBackend
 from .trace import build_programs, trace_programs
-from .verify import TorchBackend, held_out_samples, polygraphy_compare, verify
+from .verify import CodeProbe, TorchBackend, held_out_samples, polygraphy_compare, verify
 
 STAGES = ("config", "load", "quantize", "calibrate", "trace", "lower", "verify", "bundle")
 
@@ -225,16 +225,16 @@ def compile_model(
                 reference = TorchBackend(programs)
                 samples = held_out_samples(vlm, cfg.verify, span, cfg.calibration.dataset)
                 graphs = polygraphy_compare(programs, tmp, samples[0], reference)
-                report = verify(reference, OrtBackend(tmp), samples, cfg.verify, graphs)
+                report = verify(reference, OrtBackend(tmp), samples, cfg.verify, graphs, CodeProbe(models))
                 report["flavour"] = "portable"
                 report["flavours"] = {}
                 if ort_models:
-                    ort = verify(reference, OrtBackend(tmp / ORT_FOLDER), samples, cfg.verify.for_flavour("onnxruntime"))
+                    ort = verify(reference, OrtBackend(tmp / ORT_FOLDER), samples, cfg.verify.for_flavour("onnxruntime"), probe=CodeProbe(models, ort_models))
                     ort["flavour"] = "onnxruntime"
                     ort["arithmetic"] = describe_arithmetic(cfg)
                     add_flavour(report, ort)
                 if trt_models:
-                    add_flavour(report, verify_tensorrt_flavour(reference, tmp, trt_models, samples, cfg))
+                    add_flavour(report, verify_tensorrt_flavour(reference, tmp, trt_models, samples, cfg, models))
                 if not report["passed"]:
                     raise VerificationFailed("; ".join(report["failures"]))
                 write_json(tmp / "verify.json", report)
@@ -318,14 +318,19 @@ def check_engines(folder: Path, trt_models: dict, sample, report: dict) -> dict:
     return comparison
 
 
-def verify_tensorrt_flavour(reference, folder: Path, trt_models: dict, samples, cfg) -> dict:
+def verify_tensorrt_flavour(reference, folder: Path, trt_models: dict, samples, cfg, models: dict | None = None) -> dict:
     """verify.json's ``flavours.tensorrt``: the flavour (plugins run by their references through
     onnxruntime-extensions) against the simulation, as the other flavours are, plus
-    Polygraphy's graph-by-graph comparison with the portable graphs on the first sample."""
+    Polygraphy's graph-by-graph comparison with the portable graphs on the first sample.
+    ``models``: the portable graphs, which define the activation quantizers the code
+    comparison looks for (the flavour has none outside its plugins; its KV codes and pruning
+    scores are compared all the same)."""
     from .trt_verify import RUNTIME, TensorrtReferenceBackend, describe_arithmetic as trt_arithmetic, polygraphy_compare as trt_polygraphy
+    from .trt_verify import session as trt_session
 
     graphs = trt_polygraphy(folder, trt_models, sample=samples[0])
-    trt = verify(reference, TensorrtReferenceBackend(trt_models), samples, cfg.verify.for_flavour("tensorrt"), graphs)
+    probe = CodeProbe(models, trt_models, session=trt_session) if models is not None else None
+    trt = verify(reference, TensorrtReferenceBackend(trt_models), samples, cfg.verify.for_flavour("tensorrt"), graphs, probe)
     trt["flavour"] = "tensorrt"
     trt["runtime"] = RUNTIME
     trt["polygraphy_reference"] = "the portable graphs (onnxruntime)"

@@ -70,6 +70,10 @@ def test_verify_json_reports_agreement_on_at_least_four_samples(tiny_bundle: Pat
     assert v["greedy_agreement"] == 1.0
     assert all(len(s["tokens_onnxruntime"]) == 16 and s["identical"] for s in v["per_sample"])
     assert v["max_logits_rel_error"] <= v["thresholds"]["max_logits_rel_error"]
+    for kind in ("activations", "kv_cache"):  # the gate compared codes of every graph that has them
+        c = v["codes"][kind]
+        assert c["compared"] > 0 and c["rate"] <= v["thresholds"]["max_code_flip_rate"]
+        assert all(c["graphs"][g]["compared"] > 0 for g in (("vision", "prefill", "decode") if kind == "activations" else ("prefill", "decode")))
 
 
 def test_recipe_round_trips_exactly(tiny_bundle: Path, tmp_path: Path):
@@ -123,14 +127,44 @@ def test_existing_bundle_is_kept_without_force_and_replaced_with_it(small_folder
     assert sorted(p.name for p in out.iterdir()) == ["tiny"]
 
 
-def test_failed_verification_exits_1_and_leaves_no_bundle(small_folder: Path, tmp_path: Path, capsys):
+def test_a_wrong_graph_fails_verification_exits_1_and_leaves_no_bundle(small_folder: Path, tmp_path: Path, capsys, monkeypatch):
+    """The lowering is made to write a wrong prefill graph: its first activation quantizer
+    rounds on a grid three times too coarse. The gate's code comparison refuses it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    import quota_compile.pipeline as pipeline
+
+    real = pipeline.export_onnx
+
+    def wrong_prefill(module, args, input_names, *rest, **kw):
+        model = real(module, args, input_names, *rest, **kw)
+        if "image_features" in input_names:
+            q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear"
+                     and any(a.name == "output_dtype" and a.i == TensorProto.INT4 for a in n.attribute))
+            model.graph.initializer.append(numpy_helper.from_array(np.array(3.0, np.float32), "test.three"))
+            nodes = list(model.graph.node)
+            nodes.insert(nodes.index(q), helper.make_node("Mul", [q.input[1], "test.three"], ["test.scale3"]))
+            q.input[1] = "test.scale3"
+            del model.graph.node[:]
+            model.graph.node.extend(nodes)
+        return model
+
+    monkeypatch.setattr(pipeline, "export_onnx", wrong_prefill)
+    cfg = write_config(tmp_path / "wrong.yaml", str(small_folder), tmp_path / "out", verify={"samples": 1, "new_tokens": 2})
+    assert main([str(cfg)]) == 1
+    err = " ".join(capsys.readouterr().err.split())  # (rich wraps long lines)
+    assert "verification failed" in err and "activation code" in err and "max_tensor_code_flip_rate" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_logits_bound_set_in_the_yaml_still_gates(small_folder: Path, tmp_path: Path, capsys):
     cfg = write_config(
         tmp_path / "strict.yaml", str(small_folder), tmp_path / "out", verify={"samples": 1, "new_tokens": 2, "max_logits_rel_error": 1e-30}
     )
     assert main([str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "verification failed" in err and "max_logits_rel_error" in err
-    assert "Traceback" not in err
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 

@@ -181,6 +181,12 @@ def test_onnxruntime_flavour_uses_matmulnbits_and_matches_the_simulation(ort_bun
     # portable graphs do (float summation order only)
     assert v["passed"] and o["passed"] and o["greedy_agreement"] == 1.0 and o["kept_index_agreement"] == 1.0
     assert o["max_logits_rel_error"] < 1e-4 and all("accuracy_level 0" in o["arithmetic"][g] for g in ("vision", "prefill", "decode"))
+    # the flavour's activation codes are observed where lower_ort wrote them (every quantizer),
+    # and its KV codes; GroupQueryAttention quantizes the decode's new entries inside the op
+    observed = o["codes"]["activations"]["observed_quantizers"]
+    assert all(observed[g]["observed"] == observed[g]["in_graph"] > 0 for g in ("prefill", "decode"))
+    assert o["codes"]["activations"]["graphs"]["decode"]["compared"] > 0 and o["codes"]["kv_cache"]["graphs"]["decode"]["compared"] > 0
+    assert o["codes"]["kv_cache"]["teacher_forced_tensors"]["prefill"] > 0 == o["codes"]["kv_cache"]["teacher_forced_tensors"]["decode"]
     assert o["arithmetic"]["decode_attention"].startswith("com.microsoft.GroupQueryAttention")
     m = json.loads((ort_bundle / "manifest.json").read_text())
     assert m["flavours"]["onnxruntime"]["folder"] == "onnxruntime" and m["flavours"]["onnxruntime"]["accuracy_level"] == 0
@@ -391,7 +397,9 @@ def test_per_channel_weights_compile_with_integer_prefill_and_matmulnbits_decode
         export={"targets": ["portable", "onnxruntime"]},
         # W4A4 on a random-weight model is chaotic: a 1e-7 difference can flip a code and the
         # greedy tokens after it; the flavour's arithmetic itself is tested just above.
-        verify={"samples": 2, "new_tokens": 4, "onnxruntime": {"max_logits_rel_error": 10.0, "min_greedy_agreement": 0.0}},
+        # (accuracy_level 4 flips codes by design: the code comparison is loosened likewise)
+        verify={"samples": 2, "new_tokens": 4, "onnxruntime": {"max_logits_rel_error": 10.0, "min_greedy_agreement": 0.0,
+                                                             "max_code_flip_rate": 1.0, "max_tensor_code_flip_rate": 1.0}},
     )
     assert main([str(cfg)]) == 0
     b = tmp_path / "out" / "ch"

@@ -114,7 +114,12 @@ def test_fold_topk_gather_replaces_each_marker_by_a_static_k_gather(tiny):
     assert count_calls(gm, torch.ops.quota.prune_point.default) == 0
     assert fold.folded == [20, 9, 3]
     for a, b in zip(before, after):
-        assert torch.equal(a, b)
+        if a.is_floating_point():
+            # logits and float KV: two runs of the same products, whose float32 sum order follows
+            # the GEMM kernel's blocking (thread count); a wrong gather moves them by far more
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b)  # kept indices
     # static shapes after each pruning layer: KV of layer l has t - 64 + keep[l] tokens
     kv = after[1 : 1 + 2 * 8]
     assert [x.shape[2] for x in kv[::2]] == [t - 64 + k for k in spec.keep]

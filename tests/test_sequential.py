@@ -53,8 +53,12 @@ def test_sequential_calibration_gives_the_whole_model_recipe(tiny_folder):
     assert whole.weights.keys() == seq.weights.keys()
     for name, w in whole.weights.items():
         assert torch.equal(w.codes, seq.weights[name].codes), name
-        assert torch.equal(w.scale, seq.weights[name].scale), name
-    assert torch.equal(whole.kv_scales, seq.kv_scales)
+        # GPTQ's group scales come from the weights as its sweep updated them (float64
+        # products with the inverse Hessian, whose sum order follows the thread count)
+        torch.testing.assert_close(w.scale, seq.weights[name].scale, rtol=1e-6, atol=0.0, msg=name)
+    # the KV scales are maxima of k_proj / v_proj outputs: float matmul results of two runs,
+    # whose float32 sum order follows the GEMM kernel's blocking (thread count)
+    torch.testing.assert_close(whole.kv_scales, seq.kv_scales, rtol=1e-5, atol=0.0)
     assert whole_pruning.weight_search  # the search ran, and gave the same KL at every point
     assert whole_pruning.model_dump() == seq_pruning.model_dump()
 

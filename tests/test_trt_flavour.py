@@ -142,6 +142,12 @@ def test_flavour_is_verified_like_the_others_and_matches_the_portable_graphs(whi
     t = v["flavours"]["tensorrt"]
     assert v["passed"] and t["passed"] and t["flavour"] == "tensorrt" and "onnxruntime-extensions" in t["runtime"]
     assert t["greedy_agreement"] == 1.0 and t["kept_index_agreement"] == 1.0 and t["max_logits_rel_error"] < 1e-4
+    # its KV codes are compared (its plugins read their own codes: not teacher-forced); its
+    # activations are quantized inside the W4A4 plugin, and verify.json says none was observed
+    assert t["codes"]["kv_cache"]["compared"] > 0 and t["codes"]["kv_cache"]["flips"] == 0
+    assert t["codes"]["kv_cache"]["teacher_forced_tensors"] == {g: 0 for g in GRAPHS}
+    assert all(o["observed"] == 0 < o["in_graph"] for g, o in t["codes"]["activations"]["observed_quantizers"].items() if g != "vision")
+    assert t["codes"]["activations"]["compared"] == 0 and v["codes"]["activations"]["compared"] > 0
     assert set(t["polygraphy"]) == set(GRAPHS) and all(r["passed"] for r in t["polygraphy"].values())
     assert t["polygraphy"]["decode"]["identical_kv_bytes"] == 1.0
     m = json.loads((bundle / "manifest.json").read_text())

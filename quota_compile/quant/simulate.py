@@ -79,6 +79,13 @@ class QuantLinear(torch.nn.Linear):
             x = self.input_rotation(x)
         return torch.ops.quota.qdq_per_token(x, self.act_bits, self.clip_ratio)
 
+    def input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-token integer codes (int8) that :meth:`quantize_input` puts on ``x``: what the
+        graph's activation QuantizeLinear outputs (for verification, which compares them)."""
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
+        return ops.quantize_per_token(x, self.act_bits, self.clip_ratio)[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._state.enabled:
             if self.input_rotation is not None:
