@@ -116,6 +116,7 @@ def _compile(args) -> int:
 
     from .bundle import human_size
     from .pipeline import compile_model
+    from .verify import KINDS
 
     result = compile_model(args.config, force=args.force, console=Console(stderr=True), recipe_path=args.recipe)
     # the result (stdout): the graphs and the verification; the stage lines went to stderr
@@ -127,9 +128,11 @@ def _compile(args) -> int:
     Console().print(table)
     v = result.verify
     print(
-        f"verified: {v['samples']} samples x {v['new_tokens']} tokens, greedy agreement {v['greedy_agreement']:.0%}, "
-        f"worst logits rel. error {v['max_logits_rel_error']:.2e} (limit {v['thresholds']['max_logits_rel_error']:g}); "
-        f"total {result.seconds:.1f} s"
+        f"verified: {v['samples']} samples x {v['new_tokens']} tokens; codes that differ: "
+        + ", ".join(f"{kind.replace('_', ' ')} {c['flips']:,} of {c['compared']:,}" for kind, c in ((k, v["codes"][k]) for k in KINDS) if c["compared"])
+        + f" (limit {v['thresholds']['max_code_flip_rate']:g}); kept-set differences: {v['kept']['compared'] - v['kept']['identical']}"
+        f" of {v['kept']['compared']} (near-ties only allowed); greedy agreement {v['greedy_agreement']:.0%}; "
+        f"worst logits rel. error {v['max_logits_rel_error']:.2e} (reported); total {result.seconds:.1f} s"
     )
     return 0
 

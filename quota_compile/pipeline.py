@@ -65,6 +65,10 @@ class Progress:
         yield
         self.console.print(f"      {'':<9} done in {time.perf_counter() - t0:.1f} s", style="dim", highlight=False)
 
+    def note(self, what: str) -> None:
+        """A line inside a long stage: which graph or flavour it is at."""
+        self.console.print(f"      {'':<9} {what}", style="dim", highlight=False)
+
 
 def check_calibration_device(cfg, config_file: Path) -> None:
     """``calibration.device: cuda`` needs a GPU that this torch can use."""
@@ -200,11 +204,15 @@ def compile_model(
 
         flavours = " + ".join(cfg.export.targets)
         with progress.stage("lower", f"ONNX opset {cfg.export.opset} ({flavours})"):
-            models = {
-                g: export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
-                for g, t in traced.items()
-            }
+            models = {}
+            for g, t in traced.items():
+                progress.note(f"{g}: torch.onnx export ...")
+                models[g] = export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
+            if "onnxruntime" in cfg.export.targets:
+                progress.note("the onnxruntime flavour ...")
             ort_models = lower_flavour(models, cfg.export.onnxruntime, uses_group_query_attention(cfg)) if "onnxruntime" in cfg.export.targets else {}
+            if "tensorrt" in cfg.export.targets:
+                progress.note("the tensorrt flavour ...")
             trt_models = to_tensorrt(models) if "tensorrt" in cfg.export.targets else {}
 
         with atomic_folder(final, force) as tmp:
@@ -224,16 +232,19 @@ def compile_model(
             with progress.stage("verify", f"onnxruntime vs PyTorch on {cfg.verify.samples} held-out samples"):
                 reference = TorchBackend(programs)
                 samples = held_out_samples(vlm, cfg.verify, span, cfg.calibration.dataset)
+                progress.note("portable graphs ...")
                 graphs = polygraphy_compare(programs, tmp, samples[0], reference)
                 report = verify(reference, OrtBackend(tmp), samples, cfg.verify, graphs, CodeProbe(models))
                 report["flavour"] = "portable"
                 report["flavours"] = {}
                 if ort_models:
+                    progress.note("the onnxruntime flavour ...")
                     ort = verify(reference, OrtBackend(tmp / ORT_FOLDER), samples, cfg.verify.for_flavour("onnxruntime"), probe=CodeProbe(models, ort_models))
                     ort["flavour"] = "onnxruntime"
                     ort["arithmetic"] = describe_arithmetic(cfg)
                     add_flavour(report, ort)
                 if trt_models:
+                    progress.note("the tensorrt flavour ...")
                     add_flavour(report, verify_tensorrt_flavour(reference, tmp, trt_models, samples, cfg, models))
                 if not report["passed"]:
                     raise VerificationFailed("; ".join(report["failures"]))
