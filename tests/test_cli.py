@@ -101,7 +101,9 @@ def test_compile_results_go_to_stdout_and_stage_lines_to_stderr(monkeypatch, cap
     def fake_compile(config, force, console, recipe_path):
         console.print("[1/8] config    fake.yaml ...")
         graph = {"bytes": 2048, "nodes": 7, "quantize_linear": 1, "dequantize_linear": 2, "int4_initializers": 3}
-        verify = {"samples": 4, "new_tokens": 16, "greedy_agreement": 1.0, "max_logits_rel_error": 1e-3, "thresholds": {"max_logits_rel_error": 0.05}}
+        verify = {"samples": 4, "new_tokens": 16, "greedy_agreement": 1.0, "max_logits_rel_error": 1e-3,
+                  "codes": {"activations": {"flips": 2, "compared": 1000}, "kv_cache": {"flips": 0, "compared": 500}},
+                  "kept": {"compared": 8, "identical": 7}, "thresholds": {"max_code_flip_rate": 1e-3}}
         return pipeline.CompileResult(Path("exported/fake"), {"graphs": {"vision": graph}}, verify, 1.5)
 
     monkeypatch.setattr(pipeline, "compile_model", fake_compile)
@@ -110,7 +112,8 @@ def test_compile_results_go_to_stdout_and_stage_lines_to_stderr(monkeypatch, cap
     assert "[1/8] config" in err and "[1/8]" not in out
     assert "bundle exported/fake" in out and "vision" in out and "2.0 KiB" in out
     verified = [line for line in out.splitlines() if line.startswith("verified: ")]
-    assert len(verified) == 1 and "greedy agreement 100%" in verified[0] and "limit 0.05" in verified[0]
+    assert len(verified) == 1 and "greedy agreement 100%" in verified[0]
+    assert "activations 2 of 1,000, kv cache 0 of 500 (limit 0.001)" in verified[0] and "kept-set differences: 1 of 8" in verified[0]
     assert "verified" not in err and "vision" not in err
 
 
