@@ -25,8 +25,9 @@ from .bundle import (
     write_manifest,
 )
 from .config import bundle_name, load_config
-from .errors import UserError, VerificationFailed
+from .errors import GraphRunError, UserError, VerificationFailed
 from .lower import export_onnx, save_onnx
+from .onnx_passes import apply_passes, load_passes
 from .lower_ort import ORT_FOLDER, describe_arithmetic, kv_update_of, lower_flavour, uses_group_query_attention
 from .lower_trt import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_FOLDER, TRT_INT4_BLOCKS, plugin_counts, to_tensorrt
 from .models import load_model
@@ -170,6 +171,7 @@ def compile_model(
         final = Path(cfg.output.dir) / name
         check_destination(final, force, config_file)
         recipe_file = read_recipe(Path(recipe_path)) if recipe_path else None
+        user_passes = load_passes(cfg.export.passes, config_file)
 
     given_group = cfg.quantization.weights.group_size is not None
     with contextlib.ExitStack() as stack:
@@ -208,6 +210,9 @@ def compile_model(
             for g, t in traced.items():
                 progress.note(f"{g}: torch.onnx export ...")
                 models[g] = export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
+            if user_passes:
+                progress.note(f"export.passes: {', '.join(spec for spec, _ in user_passes)} ...")
+                models = apply_passes(user_passes, models, config_file)
             if "onnxruntime" in cfg.export.targets:
                 progress.note("the onnxruntime flavour ...")
             ort_models = lower_flavour(models, cfg.export.onnxruntime, uses_group_query_attention(cfg)) if "onnxruntime" in cfg.export.targets else {}
@@ -230,24 +235,27 @@ def compile_model(
                 np.save(tmp / "kv_scales.npy", qm.kv_scales.numpy())
 
             with progress.stage("verify", f"onnxruntime vs PyTorch on {cfg.verify.samples} held-out samples"):
-                reference = TorchBackend(programs)
-                samples = held_out_samples(vlm, cfg.verify, span, cfg.calibration.dataset)
-                progress.note("portable graphs ...")
-                graphs = polygraphy_compare(programs, tmp, samples[0], reference)
-                report = verify(reference, OrtBackend(tmp), samples, cfg.verify, graphs, CodeProbe(models))
-                report["flavour"] = "portable"
-                report["flavours"] = {}
-                if ort_models:
-                    progress.note("the onnxruntime flavour ...")
-                    ort = verify(reference, OrtBackend(tmp / ORT_FOLDER), samples, cfg.verify.for_flavour("onnxruntime"), probe=CodeProbe(models, ort_models))
-                    ort["flavour"] = "onnxruntime"
-                    ort["arithmetic"] = describe_arithmetic(cfg)
-                    add_flavour(report, ort)
-                if trt_models:
-                    progress.note("the tensorrt flavour ...")
-                    add_flavour(report, verify_tensorrt_flavour(reference, tmp, trt_models, samples, cfg, models))
-                if not report["passed"]:
-                    raise VerificationFailed("; ".join(report["failures"]))
+                try:
+                    reference = TorchBackend(programs)
+                    samples = held_out_samples(vlm, cfg.verify, span, cfg.calibration.dataset)
+                    progress.note("portable graphs ...")
+                    graphs = polygraphy_compare(programs, tmp, samples[0], reference)
+                    report = verify(reference, OrtBackend(tmp), samples, cfg.verify, graphs, CodeProbe(models))
+                    report["flavour"] = "portable"
+                    report["flavours"] = {}
+                    if ort_models:
+                        progress.note("the onnxruntime flavour ...")
+                        ort = verify(reference, OrtBackend(tmp / ORT_FOLDER), samples, cfg.verify.for_flavour("onnxruntime"), probe=CodeProbe(models, ort_models))
+                        ort["flavour"] = "onnxruntime"
+                        ort["arithmetic"] = describe_arithmetic(cfg)
+                        add_flavour(report, ort)
+                    if trt_models:
+                        progress.note("the tensorrt flavour ...")
+                        add_flavour(report, verify_tensorrt_flavour(reference, tmp, trt_models, samples, cfg, models))
+                    if not report["passed"]:
+                        raise VerificationFailed("; ".join(report["failures"]))
+                except GraphRunError as e:  # a graph that does not even run is refused like a wrong one
+                    raise VerificationFailed(str(e)) from None
                 write_json(tmp / "verify.json", report)
 
             with progress.stage("bundle", str(final)):

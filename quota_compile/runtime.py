@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from .bundle import GRAPHS, MANIFEST, check_bundle
-from .errors import UserError
+from .errors import UserError, onnxruntime_errors
 from .lower_ort import KV_REPLACE, kv_update_of
 
 
@@ -158,7 +158,10 @@ class OrtBackend:
         self.folder = Path(bundle)
         with warnings.catch_warnings():  # (an unavailable provider: reported by ``missing``)
             warnings.filterwarnings("ignore", message="Specified provider")
-            self.sessions = {g: ort.InferenceSession(str(bundle / f"{g}.onnx"), opts, providers=providers) for g in GRAPHS}
+            self.sessions = {}
+            for g in GRAPHS:
+                with onnxruntime_errors(f"{g}.onnx does not load in onnxruntime"):
+                    self.sessions[g] = ort.InferenceSession(str(bundle / f"{g}.onnx"), opts, providers=providers)
         # the providers asked for that a session could not start (e.g. onnxruntime-gpu without
         # a GPU or CUDA libraries: onnxruntime then runs on the CPU)
         self.missing = [p for p in providers if any(p not in s.get_providers() for s in self.sessions.values())]
@@ -168,7 +171,8 @@ class OrtBackend:
         self.kv_update = kv_update_of(self.sessions["decode"].get_modelmeta().custom_metadata_map)
 
     def _run(self, graph: str, values: list[np.ndarray]) -> list[np.ndarray]:
-        return self.sessions[graph].run(None, dict(zip(self._inputs[graph], values)))
+        with onnxruntime_errors(f"{graph}.onnx failed in onnxruntime"):
+            return self.sessions[graph].run(None, dict(zip(self._inputs[graph], values)))
 
     def vision(self, pixel_values):
         return self._run("vision", [pixel_values])[0]

@@ -50,6 +50,7 @@ import onnx
 import torch
 
 from .config import VerifySection
+from .errors import GraphRunError, onnxruntime_errors
 from .lower_ort import KV_REPLACE
 from .runtime import GRAPHS, Backend, Batch, Generation, append_kv, greedy_generate, make_batch
 from .trace import Programs
@@ -392,9 +393,10 @@ class Observation:
 
 
 class _Copy:
-    def __init__(self, copy: ObservationCopy, session):
-        self.copy = copy
-        self.session = session(copy.model)
+    def __init__(self, copy: ObservationCopy, session, graph: str):
+        self.copy, self.graph = copy, graph
+        with onnxruntime_errors(f"the verification copy of {graph}.onnx does not load in onnxruntime"):
+            self.session = session(copy.model)
         extra = {p.output for p in copy.points} | set(copy.scores)
         self.inputs = [i.name for i in self.session.get_inputs() if not i.name.startswith("verify.reference.")]
         self.outputs = [o.name for o in self.session.get_outputs() if o.name not in extra]
@@ -402,7 +404,8 @@ class _Copy:
     def run(self, values: list[np.ndarray], feeds: dict[str, np.ndarray] | None = None) -> Observation:
         points, scores = self.copy.points, self.copy.scores
         names = [*self.outputs, *(p.output for p in points), *scores]
-        out = self.session.run(names, {**dict(zip(self.inputs, values)), **(feeds or {})})
+        with onnxruntime_errors(f"the verification copy of {self.graph}.onnx failed in onnxruntime"):
+            out = self.session.run(names, {**dict(zip(self.inputs, values)), **(feeds or {})})
         n = len(self.outputs)
         codes: dict[int, list[np.ndarray]] = {}
         for p, c in zip(points, out[n : n + len(points)]):
@@ -427,8 +430,8 @@ class CodeProbe:
         for g in GRAPHS:
             quantizers = activation_quantizers(portable[g])
             self.quantizers[g] = len(quantizers)
-            self.free[g] = _Copy(observation_copy(flavour[g], quantizers), session)
-            self.forced[g] = _Copy(observation_copy(flavour[g], quantizers, teacher_forced=True), session)
+            self.free[g] = _Copy(observation_copy(flavour[g], quantizers), session, g)
+            self.forced[g] = _Copy(observation_copy(flavour[g], quantizers, teacher_forced=True), session, g)
             self.observed[g] = len({p.index for p in self.free[g].copy.points})
             self.kv_forced[g] = len(self.forced[g].copy.kv_feeds)
 
@@ -494,6 +497,7 @@ class _Tally:
     tensors: dict = field(default_factory=dict)  # (kind, graph, where) -> _Count
     excluded: int = 0
     kv_scale_rel_diff: float = 0.0
+    kv_scale_where: str | None = None  # the KV scale tensor with the largest relative difference
     problems: list[str] = field(default_factory=list)
 
     def add(self, kind: str, graph: str, where: str, ref: np.ndarray, got: np.ndarray) -> None:
@@ -503,8 +507,12 @@ class _Tally:
         for key, c in other.tensors.items():
             self.tensors.setdefault(key, _Count()).merge(c)
         self.excluded += other.excluded
-        self.kv_scale_rel_diff = max(self.kv_scale_rel_diff, other.kv_scale_rel_diff)
+        self.add_scale_difference(other.kv_scale_where, other.kv_scale_rel_diff)
         self.problems += [p for p in other.problems if p not in self.problems]
+
+    def add_scale_difference(self, where: str | None, d: float) -> None:
+        if where is not None and (self.kv_scale_where is None or d > self.kv_scale_rel_diff):
+            self.kv_scale_rel_diff, self.kv_scale_where = d, where
 
     def total(self, kind: str, graph: str | None = None) -> _Count:
         c = _Count()
@@ -529,6 +537,7 @@ class _Tally:
             }
         out["excluded_after_kept_difference"] = self.excluded
         out["max_kv_scale_rel_difference"] = self.kv_scale_rel_diff
+        out["max_kv_scale_rel_difference_at"] = self.kv_scale_where
         return out
 
 
@@ -543,10 +552,19 @@ def _decoder_layer(linear: str) -> int | None:
 # ------------------------------------------------------------------ kept-set differences
 
 
+def score_scale(scores: np.ndarray) -> float:
+    """The unit of kept-set margins: the spread of one pruning layer's candidate scores
+    (largest minus smallest). Not their magnitude: near-uniform scores (an untrained model's
+    attention) differ from each other by a small fraction of their size, and a margin on
+    that scale would call any exchange of tokens a tie."""
+    return max(float(np.max(scores) - np.min(scores)), 1e-30)
+
+
 def kept_differences(ref_kept: list[np.ndarray], got_kept: list[np.ndarray], scores: list | None, tolerance: float, source: str) -> list[dict]:
     """One entry per pruning layer (batch of one): ``identical``; ``near_tie`` / ``not_a_tie``
     for the first layer whose kept sets differ (every token in one set only sits within
-    ``tolerance`` x the score scale (max |score| over the layer's candidates) of the k-th
+    ``tolerance`` x the score scale (the spread of the layer's candidate scores: largest minus
+    smallest) of the k-th
     largest reference score, or not); ``downstream`` for the layers after it (their
     candidates already differ); ``missing`` for a pruning layer one side did not return.
     ``scores``: the reference's ``(layer, score, candidates)`` per pruning layer
@@ -577,7 +595,7 @@ def kept_differences(ref_kept: list[np.ndarray], got_kept: list[np.ndarray], sco
         _, s, candidates = scores[j]
         s, candidates = s[0].astype(np.float64), candidates[0]
         kth = np.sort(s)[::-1][r.shape[1] - 1]
-        scale = max(float(np.abs(s).max()), 1e-30)
+        scale = score_scale(s)
         at = {int(t): i for i, t in enumerate(candidates)}
         if any(t not in at for t in only_ref + only_got):
             rows.append({**row, "status": "not_a_tie", "margin": None, "detail": "a kept token was not a candidate"})
@@ -594,8 +612,7 @@ def _score_difference(ref_scores: list, got_scores: list[np.ndarray]) -> float |
     for (_, s, _), g in zip(ref_scores, got_scores):
         if s.shape != g.shape:
             break
-        scale = max(float(np.abs(s).max()), 1e-30)
-        d = float(np.abs(g.astype(np.float64) - s).max()) / scale
+        d = float(np.abs(g.astype(np.float64) - s).max()) / score_scale(s)
         worst = d if worst is None else max(worst, d)
     return worst
 
@@ -622,6 +639,10 @@ class _SameInputs:
         self.scores: list | None = None  # the reference prefill's pruning scores
         self.score_difference: float | None = None
         self.copy_matches: dict[str, bool] = {}
+        # per graph: the teacher-forced copy's first output (features or logits) against the
+        # simulation's, relative; what the codes cannot show (the float tail after the last
+        # quantizer: norms, lm_head)
+        self.forced_output: dict[str, float] = {}
         self.kv_names = getattr(ref, "kv_names", None)
         self.kv_bits = getattr(ref, "kv_bits", None)
 
@@ -675,13 +696,22 @@ class _SameInputs:
             if stop_layer is not None and layer >= stop_layer:
                 tally.excluded += r.size
             elif name.endswith("_scale"):
-                if r.shape == g.shape and r.size:
+                where = f"{graph}: layer {layer} {name}"
+                if r.shape != g.shape:
+                    problem = f"{where} has shape {list(g.shape)}, the simulation's {list(r.shape)}"
+                    if problem not in tally.problems:
+                        tally.problems.append(problem)
+                elif r.size:
                     d = float(np.max(np.abs(g.astype(np.float64) - r) / np.maximum(np.abs(r), 1e-30)))
-                    tally.kv_scale_rel_diff = max(tally.kv_scale_rel_diff, d)
+                    tally.add_scale_difference(where, d)
             elif name.endswith("_zero_point"):
                 tally.add(KV_CACHE, graph, f"{graph}: layer {layer} {name}", r, g)
             else:
                 tally.add(KV_CACHE, graph, f"{graph}: layer {layer} {name}", unpack_kv(r, self.kv_bits), unpack_kv(g, self.kv_bits))
+
+    def _forced_output(self, graph: str, forced: Observation | None, ref: np.ndarray) -> None:
+        if forced is not None:
+            self.forced_output[graph] = max(self.forced_output.get(graph, 0.0), _rel(forced.first, ref))
 
     def vision(self, pixel_values):
         feats = self.ref.vision(pixel_values)
@@ -689,6 +719,7 @@ class _SameInputs:
         free, forced = self._observe("vision", [pixel_values], got, None)
         self._activations(self.free, "vision", free)
         self._activations(self.forced, "vision", forced)
+        self._forced_output("vision", forced, feats)
         return feats
 
     def _stop(self, kept: list[dict]) -> int | None:
@@ -716,6 +747,8 @@ class _SameInputs:
             stop = self._stop(forced_kept)
             self._kv(self.forced, "prefill", kv, forced.kv(), stop)
             self._activations(self.forced, "prefill", forced, stop)
+            if stop is None:  # (after a kept-set difference the logits are of other tokens)
+                self._forced_output("prefill", forced, logits)
         return logits, kv, kept
 
     def decode(self, input_ids, position_ids, attention_mask, past):
@@ -733,6 +766,7 @@ class _SameInputs:
                 written = [c[:, :, p.shape[2] :] for c, p in zip(written, past)]
             self._kv(self.forced, "decode", new, written)
             self._activations(self.forced, "decode", forced)
+            self._forced_output("decode", forced, logits)
         return logits, cache
 
 
@@ -827,7 +861,13 @@ def polygraphy_compare(programs: Programs, bundle, sample: Sample, torch_backend
         atol = {"": 1e-4, **dict.fromkeys(kept, 0.0)}
         rtol = {"": 1e-2, **dict.fromkeys(kept, 0.0)}
         stat = {"": "mean", **dict.fromkeys(kept, "elemwise")}
-        run = Comparator.run([sim, ort_runner], data_loader=[feed])
+        try:
+            run = Comparator.run([sim, ort_runner], data_loader=[feed])
+        except Exception as e:  # a graph onnxruntime cannot run: reported here, refused by verify()
+            if not type(e).__module__.startswith(("onnxruntime", "polygraphy")):
+                raise
+            results[graph] = {"passed": False, "outputs_compared": 0, "error": (str(e).strip().splitlines() or [type(e).__name__])[0]}
+            continue
         with np.errstate(divide="ignore", invalid="ignore"):  # relative error of exact zeros
             acc = Comparator.compare_accuracy(run, compare_func=CompareFunc.simple(rtol=rtol, atol=atol, check_error_stat=stat))
         results[graph] = {"passed": bool(acc), "outputs_compared": len(compared)}
@@ -843,7 +883,7 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
     without one, activation codes are not compared (the KV codes and kept indices still are,
     through the backend)."""
     observing = torch_backend.observing() if isinstance(torch_backend, TorchBackend) else contextlib.nullcontext()
-    rows, tally, free, kept_rows, score_diffs, copy_matches = [], _Tally(), _Tally(), [], [], {}
+    rows, tally, free, kept_rows, score_diffs, copy_matches, forced_output = [], _Tally(), _Tally(), [], [], {}, {}
     with observing:
         for s in samples:
             same = _SameInputs(torch_backend, ort_backend, probe, cfg.kept_tie_tolerance)
@@ -862,6 +902,8 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
                 score_diffs.append(same.score_difference)
             for g, ok in same.copy_matches.items():
                 copy_matches[g] = copy_matches.get(g, True) and ok
+            for g, e in same.forced_output.items():
+                forced_output[g] = max(forced_output.get(g, 0.0), e)
     worst = max(r["max_logits_rel_error"] for r in rows)
     agreement = sum(r["identical"] for r in rows) / len(rows)
     tokens = sum(r["matching_prefix"] for r in rows) / (len(rows) * cfg.new_tokens)
@@ -878,7 +920,7 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
     margins = [r["margin"] for r in kept_rows if r.get("margin") is not None]
     kept_doc = {
         "tolerance": cfg.kept_tie_tolerance,
-        "tolerance_unit": "max |reference score| over the pruning layer's candidates",
+        "tolerance_unit": "spread (max - min) of the reference scores over the pruning layer's candidates",
         "compared": len(kept_rows),
         **{k: status.count(k) for k in ("identical", "near_tie", "not_a_tie", "downstream", "missing")},
         "max_margin": max(margins) if margins else None,
@@ -901,6 +943,11 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
                 f"{label} codes of {len(bad)} tensor(s) flip more than verify.max_tensor_code_flip_rate {cfg.max_tensor_code_flip_rate:g} "
                 f"(worst: {w}, {n.flips} of {n.compared})"
             )
+    if tally.kv_scale_where is not None and tally.kv_scale_rel_diff > cfg.max_kv_scale_rel_difference:
+        failures.append(
+            f"KV-cache scale relative difference {tally.kv_scale_rel_diff:.3g} (worst: {tally.kv_scale_where}) "
+            f"exceeds verify.max_kv_scale_rel_difference {cfg.max_kv_scale_rel_difference:g}"
+        )
     failures += tally.problems + [p for p in free.problems if p not in tally.problems]
     missing = [r for r in kept_rows if r["status"] == "missing"]
     if missing:
@@ -915,6 +962,14 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
         failures.append(
             f"{len(untied)} kept-set difference(s) at a pruning layer are not near-ties of the reference scores "
             f"(first: {r['source']}, layer {r['pruning_layer']}, {why}; verify.kept_tie_tolerance {cfg.kept_tie_tolerance:g})"
+        )
+    off = {g: e for g, e in forced_output.items() if e > cfg.max_teacher_forced_rel_error}
+    if off:
+        g = max(off, key=off.get)
+        what = "image features" if g == "vision" else "logits"
+        failures.append(
+            f"teacher-forced {what} of the {g} graph differ from the simulation's by {off[g]:.3g} (relative), "
+            f"above verify.max_teacher_forced_rel_error {cfg.max_teacher_forced_rel_error:g}"
         )
     if agreement < cfg.min_greedy_agreement:
         failures.append(f"greedy agreement {agreement:.0%} is below verify.min_greedy_agreement {cfg.min_greedy_agreement:.0%}")
@@ -932,6 +987,9 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
         "seed": cfg.seed,
         "max_logits_rel_error": worst,
         "max_vision_rel_error": max(r["vision_rel_error"] for r in rows),
+        # each graph's first output (features, logits) from the teacher-forced copy, against the
+        # simulation's on the same inputs (None: the flavour's copy could not be teacher-forced)
+        "teacher_forced_rel_error": {g: forced_output.get(g) for g in GRAPHS},
         "greedy_agreement": agreement,
         "token_agreement": tokens,
         "kept_index_agreement": kept,
@@ -943,6 +1001,8 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
             "max_tensor_code_flip_rate": cfg.max_tensor_code_flip_rate,
             "kept_tie_tolerance": cfg.kept_tie_tolerance,
             "min_greedy_agreement": cfg.min_greedy_agreement,
+            "max_kv_scale_rel_difference": cfg.max_kv_scale_rel_difference,
+            "max_teacher_forced_rel_error": cfg.max_teacher_forced_rel_error,
             "max_logits_rel_error": cfg.max_logits_rel_error,
             "min_kept_index_agreement": cfg.min_kept_index_agreement,
         },
