@@ -365,7 +365,8 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
     for g, m in models.items():
         files = sorted(p.name for p in folder.glob(f"{g}.onnx*"))
         graphs[g] = {"file": f"{g}.onnx", "files": files, "bytes": sum((folder / f).stat().st_size for f in files), **graph_io(m)}
-    flavours = {"portable": {"folder": ".", "graphs": sorted(graphs), "ops": "standard ONNX (opset %d)" % cfg.export.opset}}
+    flavours = {"portable": {"folder": ".", "graphs": sorted(graphs), "ops": "standard ONNX (opset %d)" % cfg.export.opset,
+                             "user_passes": list(cfg.export.passes)}}
     if ort_models:
         sub = folder / ORT_FOLDER
         flavours["onnxruntime"] = {

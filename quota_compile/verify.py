@@ -855,6 +855,13 @@ def polygraphy_compare(programs: Programs, bundle, sample: Sample, torch_backend
             names_in = [i.name for i in ort_runner.sess.get_inputs()]
             names_out = [o.name for o in ort_runner.sess.get_outputs()]
         feed = {n: np.ascontiguousarray(v) for n, v in zip(names_in, values)}
+        program = getattr(programs, graph)
+        with torch.no_grad():
+            produced = program(*[torch.from_numpy(feed[n]) for n in names_in])
+        produced = len(produced) if isinstance(produced, tuple) else 1
+        if produced != len(names_out):  # reported here; verify() names what is missing or extra
+            results[graph] = {"passed": False, "outputs_compared": 0, "error": f"the graph has {len(names_out)} outputs, the simulation {produced}"}
+            continue
         compared = [n for n in names_out if not n.endswith((".key", ".value", "zero_point"))]
         sim = _SimulationRunner(getattr(programs, graph), feed, names_out, compared, name=f"simulation-{graph}")
         kept = [n for n in compared if n.startswith("kept.")]

@@ -49,6 +49,8 @@ CASES = [
     ("score-weights-all-zero", GOOD + "pruning:\n  method: quota\n  weights: {att: 0}\n", ["'pruning.weights'", "at least one"]),
     ("score-weights", GOOD + "pruning:\n  method: quota\n  weights: {att: 1, magnitude: 2}\n", ["'pruning.weights.magnitude'", "not a known key"]),
     ("opset", GOOD + "export:\n  opset: 17\n", ["'export.opset'", "21"]),
+    ("export-pass-form", GOOD + "export:\n  passes: [fuse_all]\n", ["'export.passes'", "'fuse_all'", "module:function"]),
+    ("export-pass-module", GOOD + "export:\n  passes: ['no_such_module_q7:run']\n", ["'export.passes[0]'", "cannot import module", "'no_such_module_q7'"]),
     ("output-name", GOOD.replace("output:", "output:\n  name: ../escape"), ["'output.name'", "folder name"]),
     ("unknown-builtin", GOOD.replace("{source}", "builtin:no-such-model"), ["'model.source'", "no-such-model", "builtin:tiny-llava"]),
     ("missing-checkpoint", GOOD.replace("{source}", "./no/such/folder"), ["'model.source'", "does not exist"]),
@@ -79,6 +81,17 @@ def _assert_clean_error(rc: int, err: str, out: Path, words: list[str], cfg_name
 def test_bad_config(tmp_path, capsys, tiny_folder, case, text, words):
     rc, err, out = _run(tmp_path, text, str(tiny_folder), capsys)
     _assert_clean_error(rc, err, out, words)
+
+
+def test_export_passes_from_the_yaml_folder_must_name_a_function_that_returns_a_model(tmp_path, capsys, small_folder):
+    """``export.passes`` modules are found beside the YAML file; a missing function is refused in
+    the config stage, a pass returning something other than a model when it runs (in lower),
+    and neither leaves anything behind."""
+    (tmp_path / "my_passes_q7.py").write_text("def wrong(model, graph):\n    return 'not a model'\n")
+    rc, err, out = _run(tmp_path, GOOD + "export:\n  passes: ['my_passes_q7:absent']\n", str(small_folder), capsys)
+    _assert_clean_error(rc, err, out, ["'export.passes[0]'", "'my_passes_q7'", "no function 'absent'"])
+    rc, err, out = _run(tmp_path, GOOD + "export:\n  passes: ['my_passes_q7:wrong']\n", str(small_folder), capsys)
+    _assert_clean_error(rc, err, out, ["'export.passes[0]'", "my_passes_q7:wrong returned str for the vision graph", "onnx.ModelProto"])
 
 
 def test_missing_yaml_file(tmp_path, capsys):

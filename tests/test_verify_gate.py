@@ -105,6 +105,10 @@ def test_the_compiled_graphs_pass_and_every_quantizer_is_compared(gate):
     assert report["codes_free_running"]["observation_copy_matches_deployed"] == {"vision": True, "prefill": True, "decode": True}
     assert report["kept"]["missing"] == report["kept"]["not_a_tie"] == 0 and report["kept"]["compared"] > 0
     assert report["greedy_agreement"] == 1.0
+    # the float tail after the last quantizer was compared in every graph, within the gate
+    forced = report["teacher_forced_rel_error"]
+    assert set(forced) == {"vision", "prefill", "decode"}
+    assert all(e is not None and e <= report["thresholds"]["max_teacher_forced_rel_error"] for e in forced.values()), forced
 
 
 # ------------------------------------------------------------------ wrong graphs are refused
@@ -159,6 +163,27 @@ def test_a_perturbed_weight_is_refused_naming_the_codes_it_moves(gate, tmp_path:
     report = _run(gate, folder)
     assert not report["passed"]
     assert any(f.startswith(f"{kind} code") for f in report["failures"]), report["failures"]
+
+
+def test_a_dropped_activation_quantizer_is_refused(gate, tmp_path: Path):
+    """Layer 0's o_proj input quantizer removed from the prefill graph (its QuantizeLinear and
+    DequantizeLinear bypassed: o_proj reads the float activation)."""
+
+    def bypass(model: onnx.ModelProto) -> None:
+        q = _int4_activation_quantizers(model)[1]
+        (dq,) = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0]]
+        for n in model.graph.node:
+            for i, name in enumerate(n.input):
+                if name == dq.output[0]:
+                    n.input[i] = q.input[0]
+        model.graph.node.remove(dq)
+        model.graph.node.remove(q)
+
+    folder = _changed_copy(gate[0], tmp_path / "b", "prefill", bypass)
+    report = _run(gate, folder)
+    assert not report["passed"]
+    layers = 2
+    assert f"the prefill graph has {4 * layers - 1} activation quantizers, the simulation ran {4 * layers}" in report["failures"], report["failures"]
 
 
 # ------------------------------------------------------------------ thresholds on controlled flips
@@ -263,7 +288,7 @@ def test_a_kept_set_difference_passes_at_a_near_tie_and_fails_away_from_one(gate
     k = kept[0].shape[1]
     last_in, first_out, lowest = candidates[order[k - 1]], candidates[order[k]], candidates[order[-1]]
     assert set(kept[0][0].tolist()) == set(candidates[order[:k]].tolist())  # the reference keeps the top k
-    scale = np.abs(s).max()
+    scale = s.max() - s.min()  # the score scale: the spread of the layer's candidate scores
     gap = (s[order[k - 1]] - s[order[k]]) / scale  # the k-th against the (k+1)-th, on the score scale
     far = (s[order[k - 1]] - s[order[-1]]) / scale
     assert 0 < gap and far > 2 * gap  # (the lowest candidate is further from the k-th than the next one)
@@ -289,6 +314,10 @@ def test_a_kept_set_difference_passes_at_a_near_tie_and_fails_away_from_one(gate
     assert tie["kept"]["max_margin"] == pytest.approx(gap, rel=1e-6)
     # the same exchange with a tolerance below the gap is refused
     assert not run(first_out, gap / 2)["passed"]
+    # the same near-tie is refused where verify.min_kept_index_agreement asks for identical sets
+    strict = verify(reference, _Tampering(OrtBackend(bundle), kept=swap(first_out)), sample,
+                    cfg.model_copy(update={"kept_tie_tolerance": 2 * gap, "min_kept_index_agreement": 1.0}), probe=CodeProbe(_models(bundle)))
+    assert not strict["passed"] and any(f.startswith("kept-index agreement 0.0%") for f in strict["failures"]), strict["failures"]
     # exchanged for the lowest-scored candidate: refused at the same generous tolerance
     untied = run(lowest, 2 * gap)
     assert not untied["passed"]
@@ -308,9 +337,10 @@ def test_kept_differences_reports_a_layer_missing_on_either_side():
     assert [r["status"] for r in kept_differences([a, a], [a], scores, 0.1, "x")] == ["identical", "missing"]
     assert [r["status"] for r in kept_differences([a], [a, a], scores, 0.1, "x")] == ["identical", "missing"]
     # the k-th largest score is 0.4; token 2 (0.3) only on one side, token 3 (0.1) only on the
-    # other: margin max(0.1, 0.3) over the score scale 0.5; the next layer is downstream of it
+    # other: margin max(0.1, 0.3) over the score scale 0.4 (the spread 0.5 - 0.1); the next
+    # layer is downstream of it
     rows = kept_differences([a, a], [b, b], scores, 0.1, "x")
-    assert [r["status"] for r in rows] == ["not_a_tie", "downstream"] and rows[0]["margin"] == pytest.approx(0.6)
+    assert [r["status"] for r in rows] == ["not_a_tie", "downstream"] and rows[0]["margin"] == pytest.approx(0.75)
 
 
 def test_other_greedy_tokens_are_a_failure(gate):
