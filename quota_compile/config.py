@@ -265,19 +265,25 @@ class VerifySection(_Section):
     # near-tie: every token kept by one side only must have a reference score within this
     # fraction of the score scale (the spread, largest minus smallest, of the layer's candidate scores) of the
     # k-th largest reference score. Measured on builtin:shapes-llava (16 samples): onnxruntime's
-    # scores on the same inputs differ by up to 8.6e-3 of that scale (after a code flip in an
-    # earlier layer), and the one kept-set difference in 32 (sample, pruning layer) pairs had
-    # a margin of 7.7e-4; a swap within twice the largest score difference is a tie.
+    # scores on the same inputs differ by up to 9.4e-3 of that scale (after a code flip in an
+    # earlier layer), and the one (sample, pruning layer) pair of 32 whose kept sets differed
+    # had a margin of 8.4e-4; a swap within twice the largest score difference is a tie. On an
+    # untrained model's near-uniform attention, the lowest-k instead of the top-k is a margin
+    # of 0.54.
     kept_tie_tolerance: float = Field(2e-2, ge=0.0)
     # The KV cache's float scales (per_token caches store one per token and head), computed on
     # the same inputs (teacher-forced): largest relative difference to the simulation's. Float
-    # reassociation moves them by about 1e-6 (builtin:tiny-llava: 4.5e-7); a stored scale that
+    # reassociation moves them by about 1e-6 (builtin:tiny-llava: 4.5e-7, builtin:shapes-llava:
+    # 8.0e-7); a stored scale that
     # is wrong (dropped, or from another tensor) changes every value read back from the cache.
     max_kv_scale_rel_difference: float = Field(1e-3, gt=0.0)
     # The float tail after the last quantizer (final norm, lm_head; the projector's output):
     # each graph's first output (image features, logits) from the teacher-forced copy, whose
     # quantizers read the simulation's codes, against the simulation's on the same inputs
-    # (relative L2 error). Only float reassociation separates them: measured PLACEHOLDER.
+    # (relative L2 error). Only float reassociation separates them: measured builtin:tiny-llava
+    # 2.8e-7, builtin:shapes-llava 1.2e-6 (16 samples); a logit raised by three standard
+    # deviations of its row is 0.15. (The onnxruntime flavour at accuracy_level 4: see
+    # LEVEL4_FLOAT_TOLERANCES.)
     max_teacher_forced_rel_error: float = Field(1e-3, gt=0.0)
     # Every sample's greedy tokens identical (the end-to-end check, each side decoding alone).
     min_greedy_agreement: float = Field(1.0, ge=0.0, le=1.0)
@@ -291,11 +297,23 @@ class VerifySection(_Section):
     min_kept_index_agreement: float | None = Field(None, ge=0.0, le=1.0)
     onnxruntime: FlavourTolerances = Field(default_factory=FlavourTolerances)
 
-    def for_flavour(self, flavour: str) -> "VerifySection":
-        """These settings with the flavour's own tolerances where it sets them."""
+    def for_flavour(self, flavour: str, accuracy_level: int | None = None) -> "VerifySection":
+        """These settings with the flavour's own tolerances where it sets them. The onnxruntime
+        flavour at ``accuracy_level: 4`` gets :data:`LEVEL4_FLOAT_TOLERANCES` for the float
+        comparisons it does not set itself."""
         if flavour != "onnxruntime":
             return self
-        return self.model_copy(update=self.onnxruntime.model_dump(exclude_none=True))
+        level4 = LEVEL4_FLOAT_TOLERANCES if accuracy_level == 4 else {}
+        return self.model_copy(update={**level4, **self.onnxruntime.model_dump(exclude_none=True)})
+
+
+# MatMulNBits at accuracy_level 4 requantizes each W4A4 Linear's activations to int8 per weight
+# block, so the onnxruntime flavour's float outputs and KV scales differ from the simulation by
+# design even with the simulation's codes fed in (builtin:shapes-llava, examples/shapes-llava.yaml
+# with both targets, 8 samples: teacher-forced logits 9.1e-3, image features 1.6e-3, KV scales
+# 1.4e-2; at accuracy_level 0: 9.3e-7 and 6.6e-7). Unless verify.onnxruntime sets them, that
+# flavour's two float bounds are these (a dropped scale or a wrong logit is 10x to 1000x more).
+LEVEL4_FLOAT_TOLERANCES = {"max_teacher_forced_rel_error": 0.05, "max_kv_scale_rel_difference": 0.05}
 
 
 EVAL_METHODS = ("fastv", "pdrop", "quota", "random")

@@ -245,7 +245,7 @@ def compile_model(
                     report["flavours"] = {}
                     if ort_models:
                         progress.note("the onnxruntime flavour ...")
-                        ort = verify(reference, OrtBackend(tmp / ORT_FOLDER), samples, cfg.verify.for_flavour("onnxruntime"), probe=CodeProbe(models, ort_models))
+                        ort = verify(reference, OrtBackend(tmp / ORT_FOLDER), samples, cfg.verify.for_flavour("onnxruntime", cfg.export.onnxruntime.accuracy_level), probe=CodeProbe(models, ort_models))
                         ort["flavour"] = "onnxruntime"
                         ort["arithmetic"] = describe_arithmetic(cfg)
                         add_flavour(report, ort)
