@@ -366,3 +366,15 @@ def test_old_verify_keys_still_load_and_gate_only_when_set(tmp_path: Path):
     assert flavour.max_code_flip_rate == 0.05 and flavour.kept_tie_tolerance == 0.1 and flavour.max_logits_rel_error == 0.5
     default = parse_config({"version": 1, "model": {"source": "builtin:tiny-llava"}}, tmp_path / "m.yaml").verify
     assert default.min_kept_index_agreement is None and default.min_greedy_agreement == 1.0
+
+
+def test_the_onnxruntime_flavour_at_accuracy_level_4_gets_looser_float_bounds_unless_set(tmp_path: Path):
+    doc = {"version": 1, "model": {"source": "builtin:tiny-llava"}}
+    v = parse_config(doc, tmp_path / "m.yaml").verify
+    assert v.for_flavour("onnxruntime", 0).max_teacher_forced_rel_error == v.max_teacher_forced_rel_error == 1e-3
+    level4 = v.for_flavour("onnxruntime", 4)
+    assert level4.max_teacher_forced_rel_error == 0.05 and level4.max_kv_scale_rel_difference == 0.05
+    assert level4.max_code_flip_rate == v.max_code_flip_rate  # the code gate is not loosened
+    own = parse_config({**doc, "verify": {"onnxruntime": {"max_teacher_forced_rel_error": 0.02}}}, tmp_path / "m.yaml").verify
+    assert own.for_flavour("onnxruntime", 4).max_teacher_forced_rel_error == 0.02  # what the YAML says wins
+    assert own.for_flavour("tensorrt", 4).max_teacher_forced_rel_error == 1e-3
