@@ -211,7 +211,7 @@ def test_token_score_is_the_weighted_sum_of_per_sample_shares_minus_risk(w, quer
     np.testing.assert_allclose(got, ref_score(att, mag, risk, w), rtol=1e-9, atol=1e-12)
 
 
-def test_token_score_hand_value():
+def test_token_score_matches_a_hand_computed_value_with_risk_subtracted():
     # sample 0, q=2: att [.1, .1, .3] -> shares [.2, .2, .6]; risk shares r_j / sum(r):
     # r = [0.098494, 0, 0.049447], sum 0.147941 -> [0.665766, 0, 0.334234].
     # s = 0.6 * att_share - 0.4 * risk_share = [0.12 - 0.266306, 0.12, 0.36 - 0.133694]
@@ -312,9 +312,9 @@ def _calibrate_and_capture(vlm, qm, monkeypatch, signals: str, query_tokens: int
     and the batches it collected them on (by wrapping the public ``collect_signals``)."""
     seen = []
 
-    def spy(vision, prefill, batches, q, activations, place=None):
-        out = real(vision, prefill, batches, q, activations, place)
-        seen.append((batches, out))
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((args[2] if len(args) > 2 else kwargs["batches"], out))
         return out
 
     real = calibrate_module.collect_signals
@@ -367,6 +367,8 @@ def _lowbit_reference(vlm, qm, batch, span, query_tokens, bits):
 
 def _assert_signals(sig, ref, close: bool):
     for i, (att, mag, risk) in ref.items():
+        if close:  # the layer's sensitivity: the query rows' attention share on visual tokens
+            np.testing.assert_allclose(sig.visual_share[0, i], att[0].sum(), rtol=1e-5)
         for name, got, want in zip(("att", "mag", "risk"), (sig.att, sig.mag, sig.risk), (att, mag, risk)):
             rel = np.abs(got[0, i] - want[0]).max() / np.abs(want[0]).max()
             if close:
