@@ -27,7 +27,9 @@ from quota_compile.quant import ops  # noqa: F401
 from . import GraphPass, PassError, PassResult, count_calls
 
 
-def _w4a4_matmuls(gm: fx.GraphModule) -> list[fx.Node]:
+def w4a4_matmuls(gm: fx.GraphModule) -> list[fx.Node]:
+    """The W4A4 Linears of ``gm`` that :class:`UseTritonKernels` replaces: ``aten.matmul`` of an
+    INT4 ``qdq_per_token`` and a ``dequantize_int4``."""
     found = []
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target != torch.ops.aten.matmul.default:
@@ -45,12 +47,12 @@ class UseTritonKernels(GraphPass):
     name = "use_triton_kernels"
 
     def requires(self, gm: fx.GraphModule) -> None:
-        if not _w4a4_matmuls(gm):
+        if not w4a4_matmuls(gm):
             raise PassError(f"{self.name}: no W4A4 Linear (qdq_per_token INT4 x dequantize_int4) in the graph")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         graph = gm.graph
-        matmuls = _w4a4_matmuls(gm)
+        matmuls = w4a4_matmuls(gm)
         for node in matmuls:
             qdq, deq = node.args
             x, _, clip = qdq.args
@@ -67,7 +69,7 @@ class UseTritonKernels(GraphPass):
         return PassResult(gm, True)
 
     def ensures(self, gm: fx.GraphModule) -> None:
-        if _w4a4_matmuls(gm):
+        if w4a4_matmuls(gm):
             raise PassError(f"{self.name}: W4A4 Linears were left as float MatMuls")
         got = count_calls(gm, torch.ops.quota.w4a4_linear.default)
         if got != self._expected:

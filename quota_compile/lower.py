@@ -167,12 +167,22 @@ def finalize(model: onnx.ModelProto, opset: int) -> None:
     onnx.checker.check_model(model, full_check=True)
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Write ``model``; large initializers go to ``<name>.data`` beside it. Returns the files."""
+def save_onnx(model: onnx.ModelProto, path: Path, external_data_threshold: int | None = None) -> list[Path]:
+    """Write ``model``; when its initializers exceed ``external_data_threshold`` bytes (default
+    :data:`EXTERNAL_DATA_THRESHOLD`, read at call time), they go to ``<name>.onnx.data`` beside
+    it. ``model`` itself is left as it was. Returns the files written."""
+    threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
     size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
+    if size > threshold:
         data = path.with_suffix(".onnx.data")
-        onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+        data.unlink(missing_ok=True)  # (onnx appends to an existing data file)
+        # onnx.save_model moves the tensors of the model it is given to external data and
+        # clears their bytes; the caller's model (verified and described afterwards) must
+        # keep them, so a copy is written.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+        data.chmod(path.stat().st_mode & 0o777)  # onnx creates it owner-only; readable like the graph
         return [path, data]
     onnx.save_model(model, path)
     return [path]

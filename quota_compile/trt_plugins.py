@@ -61,7 +61,7 @@ ENGINE_LOG = "build.log"
 # GEMM tiles offered to TensorRT as AOT tactics (BLOCK_M, BLOCK_N, warps, stages): a thin one
 # for decode-sized M, wider ones for the prefill; TensorRT times them at build time.
 W4A4_TACTICS = {1: (16, 64, 4, 4), 2: (64, 128, 4, 4), 3: (128, 128, 8, 3)}
-_REGISTERED = False
+_REGISTERED_WITH = None  # the tensorrt.plugin module the plugins were registered with
 
 
 def _trt_dtype(dtype) -> str:
@@ -78,15 +78,18 @@ def _constant(expr, what: str) -> int:
 
 
 def register_plugins() -> None:
-    """Register the three ``quota::`` plugins with TensorRT (once per process). Needs
-    ``tensorrt`` >= 10.9, ``torch`` and ``triton``; the implementations need a CUDA GPU."""
-    global _REGISTERED
-    if _REGISTERED:
+    """Register the three ``quota::`` plugins with TensorRT (once per process: once per
+    ``tensorrt.plugin`` module, which a process imports once; a stand-in put in its place, as
+    tests/trt_standin.py does, gets them registered afresh). Needs ``tensorrt`` >= 10.9,
+    ``torch`` and ``triton``; the implementations need a CUDA GPU."""
+    global _REGISTERED_WITH
+    import tensorrt.plugin as trtp
+
+    if _REGISTERED_WITH is trtp:
         return
     from typing import List, Tuple, Union
 
     import tensorrt as trt
-    import tensorrt.plugin as trtp
     import torch
     import triton
 
@@ -248,7 +251,7 @@ def register_plugins() -> None:
         b, h = query.shape_expr[0], query.shape_expr[1]
         return aot_kernel(compiled, b * h, (h, past_key.shape_expr[1], past_key.shape_expr[2]))
 
-    _REGISTERED = True
+    _REGISTERED_WITH = trtp
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,13 +2,17 @@
 
 ``TRITON_INTERPRET=1`` must be in the environment when triton is first imported: triton 3.8
 reads it whenever a ``@triton.jit`` function is decorated, and its own ``triton.language``
-helpers (``tl.cdiv``, ``tl.interleave``) are decorated at import. Neither conftest nor any
-other test module imports triton (checked: importing ``tests.conftest`` and ``torch.export``
-leaves it out of ``sys.modules``), so setting it at the top of this module, before
-``importorskip("triton")``, is enough; if triton was nevertheless imported compiled, the module
-is skipped. The variable is kept for this module's tests (the interpreter consults it at run
-time too) and restored afterwards. Triton stays imported in interpreter mode for the rest of
-the session: nothing else in this suite uses triton.
+helpers (``tl.cdiv``, ``tl.interleave``) are decorated at import. ``tests/__init__.py``, which
+pytest imports before anything else of the suite, imports triton that way. The variable is set
+again at the top of this module, for the kernel modules imported (or reloaded) below, kept
+while this module's tests run (the interpreter consults it at run time too) and restored
+otherwise.
+
+When the tests cannot run, they fail, with the reason, rather than skip: triton imported
+compiled before ``tests/__init__.py`` could import it is something in the session to fix, and
+a missing triton on Linux means the test extra is not installed (``pip install -e '.[test]'``
+installs triton there). Only where the test extra does not install triton (not Linux) is a
+missing triton a reason to skip.
 
 Tolerances are bounds on float rounding only; the integers are compared exactly.
 - W4A4: kernel and reference do the same float32 operations on the same exact integer sums;
@@ -30,7 +34,9 @@ Tolerances are bounds on float rounding only; the integers are compared exactly.
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,13 +48,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-triton = pytest.importorskip("triton")
-
 from quota_compile import kernels  # noqa: E402  (imports no kernel module)
 from quota_compile.quant import ops  # noqa: E402
-
-if not kernels.is_interpreted(triton.language.cdiv):
-    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
 
 
 def _restore_interpret_env() -> None:
@@ -61,13 +62,30 @@ def _restore_interpret_env() -> None:
 def _import_interpreted():
     """The kernel modules, decorated in interpreter mode (reloaded if imported compiled)."""
     mods = []
-    for name, kernel in (("w4a4_linear", "_quantize_rows_kernel"), ("kv_attention", "_decode_split_kernel")):
+    for name in ("w4a4_linear", "kv_attention"):
         mod = importlib.import_module(f"quota_compile.kernels.{name}")
-        mods.append(mod if kernels.is_interpreted(getattr(mod, kernel)) else importlib.reload(mod))
+        mods.append(mod if kernels.module_is_interpreted(mod) else importlib.reload(mod))
     return mods
 
 
-W, A = _import_interpreted()
+def _cannot_run() -> str | None:
+    """Why this module's tests cannot run here (they fail with it), or None; skips the module
+    only where the test extra does not install triton."""
+    try:
+        import triton
+    except ImportError as err:
+        if not sys.platform.startswith("linux"):
+            pytest.skip(f"triton is not installed (the test extra installs it on Linux only): {err}", allow_module_level=True)
+        return f"triton is not installed: the test extra installs it on Linux (pip install -e '.[test]'): {err}"
+    if not kernels.is_interpreted(triton.language.cdiv):
+        return ("triton was imported before TRITON_INTERPRET=1 was set, so its kernels are compiled for a GPU, not "
+                "interpreted: something imported it before tests/__init__.py could (a pytest plugin, or PYTHONSTARTUP?); "
+                "run pytest without it, or with TRITON_INTERPRET=1 in the environment")
+    return None
+
+
+CANNOT_RUN = _cannot_run()
+W, A = _import_interpreted() if CANNOT_RUN is None else (None, None)
 _restore_interpret_env()
 U = 2.0**-24  # float32 unit roundoff
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +93,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_env():
-    """The interpreter consults ``TRITON_INTERPRET`` at run time too: set while this module runs."""
+    """Fails every test of this module where they cannot run (``CANNOT_RUN``). The interpreter
+    consults ``TRITON_INTERPRET`` at run time too: set while this module runs."""
+    if CANNOT_RUN is not None:
+        pytest.fail(CANNOT_RUN, pytrace=False)
     os.environ["TRITON_INTERPRET"] = "1"
     yield
     _restore_interpret_env()
@@ -393,50 +414,73 @@ def test_available():
     assert kernels.available()
 
 
+def _nvidia_compiler_env() -> dict:
+    """The environment of a subprocess that compiles for a GPU (triton compiled, not
+    interpreted); skips where triton has no NVIDIA backend (a property of its build)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def test_kernels_compile_for_hopper():
     """The interpreter cannot see the GPU compiler: compile every kernel for sm_90 (Triton's
-    bundled ptxas, no GPU needed) through the benchmark script's ``--compile-only`` check."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    bundled ptxas, no GPU needed) through the benchmark script's ``--compile-only`` check. Every
+    kernel a linear or a decode step launches is among the variants and compiles; the GEMM's
+    products run on the int8 tensor cores (``mma`` / ``wgmma`` with s8 operands); the kernels
+    that quantize activations (the row quantizer, the fused GEMM) divide correctly rounded
+    only (the codes are bit-identical to ``quant.ops`` only so)."""
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--compile-only", "--quick"],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+                         capture_output=True, text=True, env=_nvidia_compiler_env(), cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "div.rn.f32" in run.stdout and "FAIL" not in run.stdout
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("ok ", "FAIL"))]
+    kinds = [re.match(r"(?:ok|FAIL)\s+(\w+)", line).group(1) for line in rows]
+    assert set(kinds) == {"quantize_rows", "w4a4_gemm"} | {f"decode_{k}" for k in A.DECODE_KERNELS}
+    assert all(line.startswith("ok ") for line in rows), run.stdout
+    for kind, line in zip(kinds, rows):
+        summary = line.split(": ", 1)[1]
+        if kind == "w4a4_gemm":
+            assert re.search(r"mma=\S*(mma\.sync|wgmma\.mma_async)\(s8\)", summary), line
+        if kind == "quantize_rows" or "fused=True" in line:
+            assert "div.rn.f32" in summary and "div.full" not in summary and "div.approx" not in summary, line
 
 
 _BIAS_KERNELS_FOR_HOPPER = """
+import json, re, struct
 from triton.backends.compiler import GPUTarget
 from quota_compile.kernels import kv_attention as A
 from quota_compile.kernels.trt_aot import compile_kernel
 sm90 = GPUTarget("cuda", 90, 32)
+masked = "0f%08X" % struct.unpack(">I", struct.pack(">f", A.MASKED))[0]  # PTX's literal of A.MASKED
 split = {"q_ptr": "*fp16", "kc_ptr": "*u8", "ks_ptr": "*fp32", "kz_ptr": "*u8", "vc_ptr": "*u8", "vs_ptr": "*fp32",
          "vz_ptr": "*u8", "seqlens_ptr": "*i32", "bias_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
          "part_acc_ptr": "*fp32", "sm_scale": "fp32"}
 combine = {"part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": "*fp16", "q_ptr": "*fp16",
            "kn_ptr": "*fp32", "vn_ptr": "*fp32", "bias_ptr": "*fp32", "sm_scale": "fp32"}
-bt, warps = A._SPLIT_TILES[1]
-for per_token in (True, False):
-    k = compile_kernel(A._decode_split_bias_kernel, split, {"PER_TOKEN": per_token, "BITS": 4, "BLOCK_T": bt,
-                       "BLOCK_D": 128}, warps, target=sm90)
-    print("split_bias", per_token, "masked" if "0fFF7FFFFF" in k.asm["ptx"] else "-")
-for has_bias in (True, False):
-    k = compile_kernel(A._decode_combine_new_kernel, combine, {"HAS_BIAS": has_bias, "BLOCK_S": 8, "BLOCK_D": 128}, 4,
-                       target=sm90)
-    print("combine_new", has_bias, "masked" if "0fFF7FFFFF" in k.asm["ptx"] else "-")
+bt, warps = A.SPLIT_TILES[1]
+variants = [("split_bias", {"PER_TOKEN": p, "BITS": 4, "BLOCK_T": bt, "BLOCK_D": 128}, split, warps) for p in (True, False)]
+variants += [("combine_new", {"HAS_BIAS": b, "BLOCK_S": 8, "BLOCK_D": 128}, combine, 4) for b in (True, False)]
+for role, consts, types, w in variants:
+    ptx = compile_kernel(A.DECODE_KERNELS[role], types, consts, w, target=sm90).asm["ptx"]
+    target = re.search(r"^[.]target\\s+(\\w+)", ptx, re.M).group(1)
+    print(json.dumps({"role": role, "consts": consts, "target": target, "masked": masked in ptx}))
 """
 
 
 def test_bias_and_new_entry_kernels_compile_for_hopper():
     """The kernel variants of the decode graph's op (the bias in the splits, the new entry merged
-    in the combine; the benchmark script's ``--compile-only`` covers the others) compile for
-    sm_90, and the "masked" comparison is against ``-FLT_MAX`` (``0fFF7FFFFF``), not ``-inf``."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _BIAS_KERNELS_FOR_HOPPER], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=300)
+    in the combine, each with and without a bias; the benchmark script's ``--compile-only``
+    covers the others) compile for sm_90 (the PTX's target), and those that read a bias
+    compare it with ``kv_attention.MASKED`` (``finfo(float32).min``: the graph's "masked"),
+    which a kernel without a bias never needs."""
+    run = subprocess.run([sys.executable, "-c", _BIAS_KERNELS_FOR_HOPPER], capture_output=True, text=True,
+                         env=_nvidia_compiler_env(), cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.split() == ["split_bias", "True", "masked", "split_bias", "False", "masked",
-                                  "combine_new", "True", "masked", "combine_new", "False", "-"]
+    got = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [(g["role"], g["consts"].get("PER_TOKEN", g["consts"].get("HAS_BIAS"))) for g in got] == [
+        ("split_bias", True), ("split_bias", False), ("combine_new", True), ("combine_new", False)]
+    for g in got:
+        assert g["target"].startswith("sm_90"), g
+        reads_bias = g["role"] == "split_bias" or g["consts"]["HAS_BIAS"]
+        assert g["masked"] == reads_bias, g
 
 
 # ---------------------------------------------------------------------------- the PyTorch path
@@ -525,21 +569,22 @@ def test_torch_path_runs_the_traced_programs_with_the_kernel(torch_path_build, m
     attention one quota.kv_decode_attention, run here by the Triton kernels in the interpreter;
     greedy decoding through them matches the simulation (same tokens and kept indices, logits
     within float-summation error)."""
-    from passes.use_triton_kernels import _w4a4_matmuls
+    from passes.use_triton_kernels import w4a4_matmuls
     from quota_compile.config import VerifySection
-    from quota_compile.kernels.ops import _cpu_uses_attention_kernel, _cpu_uses_kernel
+    from quota_compile.kernels.ops import cpu_uses_kernel
     from quota_compile.kernels.torch_path import KernelBackend
     from quota_compile.runtime import greedy_generate
     from quota_compile.verify import TorchBackend, held_out_samples
 
     vlm, span, programs, traced = torch_path_build("per_token")
-    linears = {g: len(_w4a4_matmuls(t.module)) for g, t in traced.items()}
+    linears = {g: len(w4a4_matmuls(t.module)) for g, t in traced.items()}
     # quota.w4a4_linear and quota.kv_decode_attention run the Triton kernels here, not the simulation's ops
-    assert _cpu_uses_kernel() and _cpu_uses_attention_kernel()
+    assert cpu_uses_kernel("w4a4_linear") and cpu_uses_kernel("kv_decode_attention")
     backend = KernelBackend(traced, "cpu")
     for g, gm in backend.programs.items():
-        assert _count(gm, torch.ops.quota.w4a4_linear.default) == linears[g] and not _w4a4_matmuls(gm), g
-    assert linears["prefill"] == 2 * 7 and linears["vision"] == 2  # decoder layers, projector
+        assert _count(gm, torch.ops.quota.w4a4_linear.default) == linears[g] and not w4a4_matmuls(gm), g
+    # q, k, v, o, gate, up, down in every decoder layer; the projector's two Linears
+    assert linears["prefill"] == 7 * vlm.num_layers and linears["vision"] == 2
     _assert_decode_graph(backend, traced, vlm.num_layers)
     calls = _attention_calls(monkeypatch)
     sample = held_out_samples(vlm, VerifySection(samples=1, new_tokens=6), span)[0]
@@ -557,7 +602,7 @@ def test_torch_path_decodes_a_right_padded_batch_like_the_simulation(granularity
     layer, run by the Triton kernel in the interpreter; tokens, kept indices and logits as the
     simulation's. The W4A4 Linears run as the simulation's ops here (the W4A4 kernel is the
     test above's), which keeps this test at a few seconds."""
-    from quota_compile.kernels import ops as kernel_ops
+    from quota_compile.kernels.ops import cpu_uses_kernel, simulated_on_cpu
     from quota_compile.kernels.torch_path import KernelBackend
     from quota_compile.runtime import greedy_generate, make_batch
     from quota_compile.verify import TorchBackend, synthetic_images
@@ -566,8 +611,6 @@ def test_torch_path_decodes_a_right_padded_batch_like_the_simulation(granularity
     backend = KernelBackend(traced, "cpu")
     _assert_decode_graph(backend, traced, vlm.num_layers)
     assert ("past.0.key_scale" in traced["decode"].input_names) == (granularity == "per_token")
-    monkeypatch.setattr(kernel_ops, "_cpu_uses_kernel", lambda: False)
-    assert kernel_ops._cpu_uses_attention_kernel()
     calls = _attention_calls(monkeypatch)
     monkeypatch.setattr(vlm.processor.tokenizer, "padding_side", "right")
     batch = make_batch(vlm.processor, vlm.prompt_template, synthetic_images(2, vlm.image_size, 7),
@@ -575,11 +618,13 @@ def test_torch_path_decodes_a_right_padded_batch_like_the_simulation(granularity
     lengths = batch.attention_mask.sum(axis=1)
     assert lengths.min() < lengths.max() == batch.attention_mask.shape[1]
     ref = greedy_generate(TorchBackend(programs), batch, 4, None, keep_logits=True)
-    got = greedy_generate(backend, batch, 4, None, keep_logits=True)
+    with simulated_on_cpu("w4a4_linear"):
+        assert not cpu_uses_kernel("w4a4_linear") and cpu_uses_kernel("kv_decode_attention")
+        got = greedy_generate(backend, batch, 4, None, keep_logits=True)
     assert len(calls) == 3 * vlm.num_layers and all(c[0] == 2 for c in calls)
     _assert_same_generation(got, ref)
-    # without the interpreter, the op computes the graph's own attention (no kernel call)
-    monkeypatch.setattr(kernel_ops, "_cpu_uses_attention_kernel", lambda: False)
-    plain = greedy_generate(backend, batch, 4, None, keep_logits=True)
+    # held to the simulation, the op computes the graph's own attention (no kernel call)
+    with simulated_on_cpu("w4a4_linear", "kv_decode_attention"):
+        plain = greedy_generate(backend, batch, 4, None, keep_logits=True)
     assert len(calls) == 3 * vlm.num_layers
     _assert_same_generation(plain, ref)

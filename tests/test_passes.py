@@ -1,6 +1,8 @@
-"""The graph passes on tiny exported programs: exact node counts, I/O signatures, dtypes and
-shapes before and after each pass, and bit-exact agreement with an eager reference built from
-the same ``quota::`` ops (in the style of torchao's PT2E quantization tests).
+"""The graph passes on tiny exported programs: counts of the ops the passes insert (derived
+from the model's structure), which node reads which (nodes compared by identity, never by the
+names or node counts torch's exporter happens to produce), I/O signatures, dtypes and shapes
+before and after each pass, and bit-exact agreement with an eager reference built from the
+same ``quota::`` ops (in the style of torchao's PT2E quantization tests).
 
 Two programs stand in for the compiler's:
 - ``Prefill``: one transformer block (q/k/v share an input, o, gate/up share an input, down)
@@ -28,8 +30,8 @@ from torch.export import Dim
 from passes import PassError, count_calls, outputs, placeholders, plain_signature, remove_unused_attributes
 from passes.insert_qdq import InsertQDQ, LinearQuantSpec
 from passes.pack_int4_weights import PackInt4Weights
-from passes.quantize_kv_io import QuantizeKVIO
-from passes.strip_runtime_asserts import StripRuntimeAsserts
+from passes.quantize_kv_io import STORED_SUFFIXES, QuantizeKVIO
+from passes.strip_runtime_asserts import ASSERT_TARGETS, GUARD_MODULE, StripRuntimeAsserts
 from quota_compile.lower import export_onnx
 from quota_compile.quant import ops
 from quota_compile.quant.simulate import QuantizedWeight
@@ -49,6 +51,9 @@ T_PREFILL, S_PAST = 5, 3
 SPEC = LinearQuantSpec(weight_bits=4, group_size=GROUP, act_bits=4, clip_ratio=1.0)
 PREFILL_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")  # "head" stays float
 DECODE_LINEARS = ("q", "k", "v", "o")
+# The prefill Linears that read the same input: x (q, k, v), the attention output (o),
+# h (gate, up), silu(gate) * up (down). InsertQDQ gives each group one activation quantizer.
+INPUT_GROUPS = (("q", "k", "v"), ("o",), ("gate", "up"), ("down",))
 # (K, N) of each Linear's weight in the MatMul layout
 SHAPES = {"q": (32, 32), "k": (32, 32), "v": (32, 32), "o": (32, 32), "gate": (32, 48), "up": (32, 48), "down": (48, 32)}
 
@@ -200,16 +205,36 @@ def _targets(names, spec=SPEC) -> dict[str, LinearQuantSpec]:
     return {f"{n}.weight": spec for n in names}
 
 
-def _call_modules(gm, target: str) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == target)
+def _is_assert(node: torch.fx.Node) -> bool:
+    """A runtime check, found by its target (never by the name torch gives the node)."""
+    if node.op == "call_function":
+        return node.target in ASSERT_TARGETS
+    return node.op == "call_module" and node.target == GUARD_MODULE
 
 
-def _n_asserts(gm) -> tuple[int, int]:
-    """(_guards_fn call_module nodes, aten assert call_function nodes)."""
-    from passes.strip_runtime_asserts import ASSERT_TARGETS
+def _add_asserts(gm) -> list[torch.fx.Node]:
+    """Runtime checks of our own, whatever the exporter left: a metadata check on each input
+    and a scalar check, so that stripping is never vacuous. Returns the nodes added."""
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    added = []
+    with gm.graph.inserting_before(first):
+        for p in placeholders(gm):
+            added.append(gm.graph.call_function(ASSERT_META, (p,), {"dtype": torch.float32}))
+        added.append(gm.graph.call_function(torch.ops.aten._assert_scalar.default, (True, "added by the test")))
+    gm.recompile()
+    return added
 
-    calls = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in ASSERT_TARGETS)
-    return _call_modules(gm, "_guards_fn"), calls
+
+def _snapshot(gm) -> list[tuple]:
+    """The graph as ``(node, op, target, args, kwargs)`` in order. Nodes compare by identity, so
+    two snapshots are equal when the same nodes compute the same things from the same inputs,
+    whatever torch named them."""
+    return [(n, n.op, n.target, n.args, dict(n.kwargs)) for n in gm.graph.nodes]
+
+
+def _linear_weights(gm) -> list[str]:
+    """The weights read by a float ``aten.linear`` (InsertQDQ quantizes those it is given)."""
+    return sorted(n.args[1].target for n in gm.graph.nodes if n.op == "call_function" and n.target == LINEAR)
 
 
 def _run(gm, *args):
@@ -239,36 +264,33 @@ def _assert_same(got, want):
 # ---------------------------------------------------------------------------- StripRuntimeAsserts
 
 
-def test_strip_runtime_asserts_prefill(prefill_ep, prefill_model):
-    gm = _fresh(prefill_ep)
-    # this program carries only the input-guard module (no aten assert calls)
-    assert _n_asserts(gm) == (1, 0)
-    assert hasattr(gm, "_guards_fn")
-    n_nodes = len(gm.graph.nodes)
+def _check_strip(gm, model, *args) -> None:
+    """Strip the checks the exporter left plus those ``_add_asserts`` adds: afterwards no check
+    remains (found by target), every other node is still there with the same inputs, the
+    program computes what the model does, and a second run finds nothing to do."""
+    added = _add_asserts(gm)
+    before = _snapshot(gm)
+    checks = [n for n in gm.graph.nodes if _is_assert(n)]
+    assert all(n in checks for n in added)
     result = StripRuntimeAsserts()(gm)
     assert result.modified is True and result.graph_module is gm
-    assert _n_asserts(gm) == (0, 0)
-    assert not hasattr(gm, "_guards_fn")
-    assert len(gm.graph.nodes) == n_nodes - 1
-    x = _x(3, T_PREFILL, 5)
-    _assert_same(_run(gm, x), _run(prefill_model, x))
-    # idempotent: nothing left to strip
+    assert not [n for n in gm.graph.nodes if _is_assert(n)]
+    assert not hasattr(gm, GUARD_MODULE)
+    after = _snapshot(gm)
+    assert after == [entry for entry in before if entry[0] not in checks]
+    _assert_same(_run(gm, *args), _run(model, *args))
     again = StripRuntimeAsserts()(gm)
-    assert again.modified is False and len(gm.graph.nodes) == n_nodes - 1
+    assert again.modified is False and _snapshot(gm) == after
+
+
+def test_strip_runtime_asserts_prefill(prefill_ep, prefill_model):
+    _check_strip(_fresh(prefill_ep), prefill_model, _x(3, T_PREFILL, 5))
 
 
 def test_strip_runtime_asserts_decode(decode_ep, decode_model):
-    gm = _fresh(decode_ep)
-    # the guard module plus the dtype check that ``x.to(torch.float32)`` leaves behind
-    assert _n_asserts(gm) == (1, 1)
-    assert count_calls(gm, ASSERT_META) == 1
-    n_nodes = len(gm.graph.nodes)
-    assert StripRuntimeAsserts()(gm).modified is True
-    assert _n_asserts(gm) == (0, 0)
-    assert len(gm.graph.nodes) == n_nodes - 2
-    assert count_calls(gm, torch.ops.aten.to.dtype) == 1  # the conversion itself stays
-    x, pk, pv = _x(3, 1, 6), *_past(3, S_PAST + 2, 6)
-    _assert_same(_run(gm, x, pk, pv), _run(decode_model, x, pk, pv))
+    # the decode program also converts its input (``x.to(torch.float32)``): the conversion is
+    # not a check and must stay (``_check_strip`` compares every other node)
+    _check_strip(_fresh(decode_ep), decode_model, _x(3, 1, 6), *_past(3, S_PAST + 2, 6))
 
 
 # ---------------------------------------------------------------------------- InsertQDQ
@@ -278,36 +300,57 @@ def _act_qdq_inputs(gm) -> list[str]:
     return [n.args[0].name for n in gm.graph.nodes if n.op == "call_function" and n.target == QDQ_ACT]
 
 
-def test_insert_qdq_counts(prefill_ep):
+def _quantized_linears(gm) -> dict[str, torch.fx.Node]:
+    """Listed Linear name -> the activation quantizer its matmul reads, checking the pattern
+    InsertQDQ promises: ``matmul(qdq_per_token(x), qdq_weight(weight))``."""
+    act_of = {}
+    for wq in (n for n in gm.graph.nodes if n.op == "call_function" and n.target == QDQ_W):
+        (mm,) = wq.users
+        assert mm.target == MATMUL and mm.args[1] is wq
+        assert mm.args[0].target == QDQ_ACT
+        act_of[wq.args[0].target.removesuffix(".weight")] = mm.args[0]
+    return act_of
+
+
+def test_insert_qdq_counts(prefill_ep, prefill_model):
+    """Counts of our ops from the model's structure: one weight quantizer per listed Linear,
+    one activation quantizer per distinct input (``INPUT_GROUPS``), one matmul per listed
+    Linear and one add per listed bias; each quantizer reads what its Linear read."""
     gm = _fresh(prefill_ep)
     StripRuntimeAsserts()(gm)
-    before = {t: count_calls(gm, t) for t in (LINEAR, MATMUL, ADD, QDQ_ACT, QDQ_W)}
-    assert before == {LINEAR: 8, MATMUL: 2, ADD: 2, QDQ_ACT: 0, QDQ_W: 0}
+    linears = [name for name, m in prefill_model.named_modules() if isinstance(m, nn.Linear)]
+    assert _linear_weights(gm) == sorted(f"{n}.weight" for n in linears)  # what InsertQDQ requires
+    assert count_calls(gm, QDQ_ACT) == count_calls(gm, QDQ_W) == 0
+    read = {n.args[1].target.removesuffix(".weight"): n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target == LINEAR}
+    n_matmul, n_add = count_calls(gm, MATMUL), count_calls(gm, ADD)
+
     result = InsertQDQ(_targets(PREFILL_LINEARS))(gm)
     assert result.modified is True
-    assert count_calls(gm, QDQ_W) == 7  # one per listed Linear
-    # distinct inputs: x (q, k, v), attention output (o), h (gate, up), silu * up (down)
-    assert count_calls(gm, QDQ_ACT) == 4
-    assert count_calls(gm, MATMUL) == 2 + 7
-    assert count_calls(gm, ADD) == 2 + 1  # q's bias
-    # only the unlisted head is still an aten.linear, on its float weight
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == LINEAR]
-    assert [n.args[1].target for n in linears] == ["head.weight"]
-    # the q/k/v (and gate/up) matmuls read one shared activation quantizer
-    act = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QDQ_ACT]
-    assert [len(n.users) for n in act] == [3, 1, 2, 1]
-    assert act[0].args == (placeholders(gm)[0], 4, 1.0)
-    for n in act:
-        assert all(u.target == MATMUL and u.args[0] is n for u in n.users)
-    # every weight quantizer reads its float weight and feeds a matmul's right operand
+    assert count_calls(gm, QDQ_W) == len(PREFILL_LINEARS)
+    assert count_calls(gm, QDQ_ACT) == len(INPUT_GROUPS)
+    assert count_calls(gm, MATMUL) - n_matmul == len(PREFILL_LINEARS)
+    assert count_calls(gm, ADD) - n_add == sum(getattr(prefill_model, n).bias is not None for n in PREFILL_LINEARS)
+    # only the unlisted head is still a float Linear
+    assert _linear_weights(gm) == ["head.weight"]
+    # the Linears that read one input share one activation quantizer, which reads that input
+    act_of = _quantized_linears(gm)
+    assert set(act_of) == set(PREFILL_LINEARS)
+    groups = {frozenset(n for n in act_of if act_of[n] is a) for a in act_of.values()}
+    assert groups == {frozenset(g) for g in INPUT_GROUPS}
+    for name, act in act_of.items():
+        assert act.args == (read[name], SPEC.act_bits, SPEC.clip_ratio)
+    assert act_of["q"].args[0] is placeholders(gm)[0]  # q/k/v read the program's input
+    # every weight quantizer reads its own float weight, with the spec's bits and group
     wq = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == QDQ_W]
     assert sorted(n.args[0].target for n in wq) == sorted(f"{n}.weight" for n in PREFILL_LINEARS)
     for n in wq:
-        assert n.args[1:] == (4, GROUP)
-        (user,) = n.users
-        assert user.target == MATMUL and user.args[1] is n
-        k, n_out = SHAPES[n.args[0].target.split(".")[0]]
+        assert n.args[1:] == (SPEC.weight_bits, SPEC.group_size)
+        k, n_out = SHAPES[n.args[0].target.removesuffix(".weight")]
         assert tuple(gm.get_parameter(n.args[0].target).shape) == (n_out, k)
+    # a bias is added to the quantized product, not to an input
+    (q_mm,) = [mm for mm in act_of["q"].users if mm.args[1].args[0].target == "q.weight"]
+    (bias_add,) = q_mm.users
+    assert bias_add.target == ADD and bias_add.args[0] is q_mm and bias_add.args[1].target == "q.bias"
 
 
 def test_insert_qdq_one_quantizer_per_input_and_spec(prefill_ep):
@@ -320,12 +363,23 @@ def test_insert_qdq_one_quantizer_per_input_and_spec(prefill_ep):
     targets["down.weight"] = LinearQuantSpec(4, 16, 8, 1.0)  # 8-bit activations
     targets["v.weight"] = LinearQuantSpec(4, 32, 4, 1.0)  # other group size, same act spec as q/k
     InsertQDQ(targets)(gm)
-    assert count_calls(gm, QDQ_W) == 7
-    assert count_calls(gm, QDQ_ACT) == 5
+    # one quantizer per (input, activation spec): {q, k, v}, {o}, {gate}, {up}, {down}
+    expected = {
+        (i, targets[f"{n}.weight"].act_bits, targets[f"{n}.weight"].clip_ratio)
+        for i, group in enumerate(INPUT_GROUPS)
+        for n in group
+    }
+    assert count_calls(gm, QDQ_W) == len(targets)
+    assert count_calls(gm, QDQ_ACT) == len(expected) == 5
     act_args = sorted((n.args[1], n.args[2]) for n in gm.graph.nodes if n.op == "call_function" and n.target == QDQ_ACT)
-    assert act_args == [(4, 0.9), (4, 1.0), (4, 1.0), (4, 1.0), (8, 1.0)]
+    assert act_args == sorted((bits, clip) for _, bits, clip in expected)
+    act_of = _quantized_linears(gm)
+    assert act_of["q"] is act_of["k"] is act_of["v"]
+    assert act_of["gate"] is not act_of["up"] and act_of["gate"].args[0] is act_of["up"].args[0]
+    for name, act in act_of.items():
+        assert act.args[1:] == (targets[f"{name}.weight"].act_bits, targets[f"{name}.weight"].clip_ratio)
     groups = sorted(n.args[2] for n in gm.graph.nodes if n.op == "call_function" and n.target == QDQ_W)
-    assert groups == [16] * 6 + [32]
+    assert groups == sorted(spec.group_size for spec in targets.values())
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -349,69 +403,76 @@ def test_insert_qdq_matches_eager_reference(prefill_ep, prefill_model, batch):
 
 def test_insert_qdq_requires_listed_weights(prefill_ep):
     gm = _fresh(prefill_ep)
-    n_nodes = len(gm.graph.nodes)
+    before = _snapshot(gm)
     with pytest.raises(PassError, match="not read by a linear"):
         InsertQDQ({**_targets(PREFILL_LINEARS), "missing.weight": SPEC})(gm)
     # a get_attr that exists but is not a Linear weight
     with pytest.raises(PassError, match="not read by a linear"):
         InsertQDQ({"q.bias": SPEC})(gm)
-    assert len(gm.graph.nodes) == n_nodes and count_calls(gm, QDQ_ACT) == count_calls(gm, QDQ_W) == 0
+    assert _snapshot(gm) == before
 
 
 def test_insert_qdq_rejects_quantized_graph(prefill_ep):
     gm = _fresh(prefill_ep)
     InsertQDQ(_targets(PREFILL_LINEARS))(gm)
     # the head is still a float Linear, so only the "already quantized" rule can refuse this
+    before = _snapshot(gm)
     with pytest.raises(PassError, match="already quantized"):
         InsertQDQ({"head.weight": SPEC})(gm)
-    assert count_calls(gm, LINEAR) == 1
+    assert _snapshot(gm) == before and _linear_weights(gm) == ["head.weight"]
     # listing the same weights again: they are no longer read by a linear
     with pytest.raises(PassError):
         InsertQDQ(_targets(PREFILL_LINEARS))(gm)
 
 
-def test_insert_qdq_nothing_listed_is_a_noop(prefill_ep):
+def test_insert_qdq_nothing_listed_is_a_noop(prefill_ep, prefill_model):
     gm = _fresh(prefill_ep)
-    code = gm.code
+    before = _snapshot(gm)
     result = InsertQDQ({})(gm)
     assert result.modified is False
-    assert count_calls(gm, LINEAR) == 8 and count_calls(gm, QDQ_ACT) == count_calls(gm, QDQ_W) == 0
-    assert gm.code == code
+    assert _snapshot(gm) == before  # the same nodes, computing the same things from the same inputs
+    x = _x(2, T_PREFILL, 12)
+    _assert_same(_run(gm, x), _run(prefill_model, x))
 
 
 # ---------------------------------------------------------------------------- QuantizeKVIO
 
 
-def _kv_sources(gm) -> list[torch.fx.Node]:
-    return outputs(gm)[1:3]
+def _kv_readers(gm) -> dict[torch.fx.Node, set[torch.fx.Node]]:
+    """The new K/V entries (outputs 1 and 2) -> the nodes other than the output that read
+    them (attention)."""
+    return {src: {u for u in src.users if u.op != "output"} for src in outputs(gm)[1:3]}
+
+
+def _check_stored_outputs(gm, readers, outs, bits) -> None:
+    """Each new K/V entry is now read by its quantizer alone, the three stored tensors are
+    outputs, and the former readers read ``dequantize_kv`` of exactly those tensors: attention
+    sees what the cache holds."""
+    for src, stored in zip(readers, (outs[1:4], outs[4:7])):
+        (q,) = src.users
+        assert q.target == Q_KV and q.args == (src, bits)
+        assert [(s.target, s.args) for s in stored] == [(operator.getitem, (q, i)) for i in range(3)]
+        (dq,) = [u for u in stored[0].users if u.target == DQ_KV]
+        assert dq.args == (*stored, bits)
+        assert set(dq.users) == readers[src]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantize_kv_io_prefill(prefill_ep, prefill_model, bits):
     gm = _fresh(prefill_ep)
     StripRuntimeAsserts()(gm)
+    # the model's signature: x -> (logits, k, v)
     assert (len(placeholders(gm)), len(outputs(gm))) == (1, 3)
-    k_src, v_src = _kv_sources(gm)
-    # before: each KV tensor is returned and read by attention
-    assert all(len(n.users) == 2 for n in (k_src, v_src))
+    logits = outputs(gm)[0]
+    readers = _kv_readers(gm)
+    assert all(readers.values())  # attention reads each entry it returns
     result = QuantizeKVIO(bits, kv_inputs=(), kv_outputs=(1, 2))(gm)
     assert result.modified is True
     assert (len(placeholders(gm)), len(outputs(gm))) == (1, 3 + 2 * 2)
     assert count_calls(gm, Q_KV) == 2 and count_calls(gm, DQ_KV) == 2
     outs = outputs(gm)
-    assert outs[0].target == LINEAR  # logits untouched
-    for src, stored in ((k_src, outs[1:4]), (v_src, outs[4:7])):
-        (q,) = src.users  # the only reader left is the quantizer
-        assert q.target == Q_KV and q.args == (src, bits)
-        assert [(s.target, s.args) for s in stored] == [(operator.getitem, (q, i)) for i in range(3)]
-        (dq,) = [u for u in stored[0].users if u.target == DQ_KV]
-        assert dq.args == (*stored, bits)
-        # attention (the non-output reader) now reads what the cache holds
-        assert dq.users and all(u.op == "call_function" and u.target != Q_KV for u in dq.users)
-    k_dq = next(u for u in outs[1].users if u.target == DQ_KV)
-    assert [u.target for u in k_dq.users] == [torch.ops.aten.transpose.int]
-    v_dq = next(u for u in outs[4].users if u.target == DQ_KV)
-    assert [u.target for u in v_dq.users] == [MATMUL]
+    assert outs[0] is logits  # untouched
+    _check_stored_outputs(gm, readers, outs, bits)
 
     batch = 3
     x = _x(batch, T_PREFILL, 20 + bits)
@@ -439,34 +500,28 @@ def test_quantize_kv_io_prefill(prefill_ep, prefill_model, bits):
 def test_quantize_kv_io_decode(decode_ep, decode_model, bits):
     gm = _fresh(decode_ep)
     StripRuntimeAsserts()(gm)
-    # ``*past`` is one pytree input: its leaves are named past_0, past_1
-    assert [p.target for p in placeholders(gm)] == ["x", "past_0", "past_1"]
-    assert len(outputs(gm)) == 3
+    # the model's signature: (x, past_k, past_v) -> (logits, k, v)
+    x_in, *past_in = placeholders(gm)
+    assert len(past_in) == 2 and len(outputs(gm)) == 3
+    past_readers = {p.target: set(p.users) for p in past_in}
+    assert all(past_readers.values())
+    readers = _kv_readers(gm)
     QuantizeKVIO(bits, kv_inputs=(1, 2), kv_outputs=(1, 2))(gm)
-    names = [p.target for p in placeholders(gm)]
-    assert names == [
-        "x",
-        "past_0_codes",
-        "past_0_scale",
-        "past_0_zero_point",
-        "past_1_codes",
-        "past_1_scale",
-        "past_1_zero_point",
-    ]
+    # each listed input becomes its stored tensors, named after it; x stays first
+    ph = placeholders(gm)
+    assert ph[0] is x_in
+    assert [p.target for p in ph[1:]] == [f"{p}_{s}" for p in past_readers for s in STORED_SUFFIXES]
+    assert len({p.target for p in ph}) == len(ph)
     assert len(outputs(gm)) == 3 + 2 * 2
     assert count_calls(gm, Q_KV) == 2
     assert count_calls(gm, DQ_KV) == 2 + 2  # new entries (attention reads them) + past inputs
-    # each past input is read through one dequantize_kv, which feeds the concatenation
-    ph = placeholders(gm)
-    for i in (1, 4):
+    # each past input is read through one dequantize_kv, which the input's readers now read
+    for i, old in zip((1, 4), past_readers):
         (dq,) = ph[i].users
         assert dq.target == DQ_KV and dq.args == (*ph[i : i + 3], bits)
         assert all(len(p.users) == 1 and next(iter(p.users)) is dq for p in ph[i : i + 3])
-        assert torch.ops.aten.cat.default in {u.target for u in dq.users}
-    cats = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.cat.default]
-    assert len(cats) == 2
-    for cat in cats:
-        assert [a.target for a in cat.args[0]] == [DQ_KV, DQ_KV]  # past and new entry
+        assert set(dq.users) == past_readers[old]
+    _check_stored_outputs(gm, readers, outputs(gm), bits)
 
     batch, past = 3, S_PAST + 4
     x, pk, pv = _x(batch, 1, 30 + bits), *_past(batch, past, 30 + bits)
@@ -517,7 +572,7 @@ def test_pack_int4_weights(prefill_ep):
     x = _x(3, T_PREFILL, 40)
     before = _run(gm, x)
     n_qdq_w = count_calls(gm, QDQ_W)
-    assert n_qdq_w == 7 and count_calls(gm, DQ_INT4) == 0
+    assert n_qdq_w == len(PREFILL_LINEARS) and count_calls(gm, DQ_INT4) == 0
     float_w = {f"{n}.weight": gm.get_parameter(f"{n}.weight").detach().clone() for n in PREFILL_LINEARS}
     assert {name for name, _ in gm.named_parameters()} == {*float_w, "q.bias", "head.weight"}
     assert not list(gm.named_buffers())
@@ -662,7 +717,7 @@ def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
 
 
 def _pipeline(gm, targets, kv_bits, kv_inputs=(), kv_outputs=()) -> list[tuple[str, bool]]:
-    """The compiler's order (``quota_compile.trace._run_passes``)."""
+    """The passes in the order the compiler applies them (``quota_compile.trace``)."""
     log = []
     for p in (StripRuntimeAsserts(), InsertQDQ(targets), QuantizeKVIO(kv_bits, kv_inputs, kv_outputs), PackInt4Weights()):
         log.append((p.name, p(gm).modified))
@@ -675,6 +730,16 @@ def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     for n in model.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     return counts
+
+
+def _expected_qdq(counts: dict) -> dict[str, int]:
+    """ONNX QuantizeLinear / DequantizeLinear counts from our ops' lowering: qdq_per_token ->
+    1 Q + 1 DQ; dequantize_int4 -> 1 DQ; quantize_kv -> 2 Q (zero point, codes);
+    dequantize_kv -> 1 DQ."""
+    return {
+        "n_q": counts[QDQ_ACT] + 2 * counts[Q_KV],
+        "n_dq": counts[QDQ_ACT] + counts[DQ_INT4] + counts[DQ_KV],
+    }
 
 
 def _check_lowered(model: onnx.ModelProto, n_q: int, n_dq: int, int4_shapes: list[tuple[int, int]]) -> None:
@@ -716,16 +781,17 @@ def test_lowered_prefill_graph(prefill_ep):
     gm = _fresh(prefill_ep)
     log = _pipeline(gm, _targets(PREFILL_LINEARS), 4, kv_outputs=(1, 2))
     assert log == [("strip_runtime_asserts", True), ("insert_qdq", True), ("quantize_kv_io", True), ("pack_int4_weights", True)]
-    counts = {t: count_calls(gm, t) for t in (QDQ_ACT, DQ_INT4, Q_KV, DQ_KV, QDQ_W, LINEAR)}
-    assert counts == {QDQ_ACT: 4, DQ_INT4: 7, Q_KV: 2, DQ_KV: 2, QDQ_W: 0, LINEAR: 1}
+    counts = {t: count_calls(gm, t) for t in (QDQ_ACT, DQ_INT4, Q_KV, DQ_KV, QDQ_W)}
+    n_pl = len(PREFILL_LINEARS)
+    assert counts == {QDQ_ACT: len(INPUT_GROUPS), DQ_INT4: n_pl, Q_KV: 2, DQ_KV: 2, QDQ_W: 0}
+    assert _linear_weights(gm) == ["head.weight"]
     x = _x(2, T_PREFILL, 50)
     names = ["logits", "k", "k_scale", "k_zero_point", "v", "v_scale", "v_zero_point"]
     model = export_onnx(gm, (x,), ["x"], names, PREFILL_DYN)
     # qdq_per_token -> 1 Q + 1 DQ; dequantize_int4 -> 1 DQ; quantize_kv -> 2 Q (zero point,
     # codes); dequantize_kv -> 1 DQ. The optimizer's CSE could only merge identical
-    # subexpressions: every Q/DQ here has a different input, so none merges:
-    # Q = 4 + 2 * 2 = 8, DQ = 4 + 7 + 2 = 13.
-    _check_lowered(model, n_q=8, n_dq=13, int4_shapes=[SHAPES[n] for n in PREFILL_LINEARS])
+    # subexpressions: every Q/DQ here has a different input, so none merges.
+    _check_lowered(model, int4_shapes=[SHAPES[n] for n in PREFILL_LINEARS], **_expected_qdq(counts))
     assert [o.name for o in model.graph.output] == names
     elem = [o.type.tensor_type.elem_type for o in model.graph.output]
     assert elem == [TensorProto.FLOAT] + [TensorProto.UINT8, TensorProto.FLOAT, TensorProto.UINT8] * 2
@@ -739,16 +805,17 @@ def test_lowered_prefill_graph(prefill_ep):
 def test_lowered_decode_graph(decode_ep):
     gm = _fresh(decode_ep)
     _pipeline(gm, _targets(DECODE_LINEARS), 8, kv_inputs=(1, 2), kv_outputs=(1, 2))
-    counts = {t: count_calls(gm, t) for t in (QDQ_ACT, DQ_INT4, Q_KV, DQ_KV, ASSERT_META)}
-    assert counts == {QDQ_ACT: 2, DQ_INT4: 4, Q_KV: 2, DQ_KV: 4, ASSERT_META: 0}
+    counts = {t: count_calls(gm, t) for t in (QDQ_ACT, DQ_INT4, Q_KV, DQ_KV)}
+    # activations: x (q, k, v) and the attention output (o); KV: 2 new entries, 2 + 2 read back
+    assert counts == {QDQ_ACT: 2, DQ_INT4: len(DECODE_LINEARS), Q_KV: 2, DQ_KV: 4}
+    assert not [n for n in gm.graph.nodes if _is_assert(n)]
     x, pk, pv = _x(2, 1, 60), *_past(2, S_PAST, 60)
     args = (x, *ops.quantize_kv(pk, 8), *ops.quantize_kv(pv, 8))
     in_names = ["x"] + [f"past_{kv}{s}" for kv in "kv" for s in ("", "_scale", "_zero_point")]
     out_names = ["logits"] + [f"present_{kv}{s}" for kv in "kv" for s in ("", "_scale", "_zero_point")]
     stored_dyn = {0: _BATCH, 2: _PAST}
     model = export_onnx(gm, args, in_names, out_names, ({0: _BATCH},) + (stored_dyn,) * 6)
-    # Q = 2 (activations) + 2 * 2 (new KV entries); DQ = 2 + 4 (weights) + 2 + 2 (KV read back)
-    _check_lowered(model, n_q=6, n_dq=10, int4_shapes=[SHAPES[n] for n in DECODE_LINEARS])
+    _check_lowered(model, int4_shapes=[SHAPES[n] for n in DECODE_LINEARS], **_expected_qdq(counts))
     elem = [i.type.tensor_type.elem_type for i in model.graph.input]
     assert elem == [TensorProto.FLOAT] + [TensorProto.UINT8, TensorProto.FLOAT, TensorProto.UINT8] * 2
     batch, past = 3, S_PAST + 3

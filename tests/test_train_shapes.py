@@ -181,7 +181,7 @@ def test_aux_targets_shapes_and_centres(tok):
 def test_attention_probe_matches_eager_attention(tok):
     cfg = T.ModelConfig.tiny()
     model = T.build_model(cfg, tok).eval()
-    model.config._attn_implementation = "eager"
+    model.set_attn_implementation("eager")
     enc = T.Encoder(tok, cfg)
     batch = enc.batch([make_sample("train", 0, i, families=[f]) for i, f in enumerate(question_families())])
     probe = T.AttentionProbe(model, 1)
@@ -235,22 +235,55 @@ def test_attention_targets(tok):
     assert seen == {"find", "exists", "count", "relation", "none"}
 
 
+# Only a hang reaches these: the test waits for the script's own output, not for a time.
+HANG_S = 600
+
+
 def test_sigterm_checkpoints_and_exports(tmp_path):
+    """SIGTERM during training: the script finishes its step, checkpoints, exports and exits 0.
+    The signal is sent once the script has printed its first loss record: it prints (and
+    flushes) each log record as it writes it, and writes them inside the block where its
+    SIGINT/SIGTERM handler is installed, so that line says the handler is in place and a step
+    is done. The waits time out only on a hang."""
     import signal
     import subprocess
-    import time
+    import threading
 
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "scripts" / "train_shapes_llava.py"), "--out", str(out), *TINY,
            "--steps", "100000", "--eval-every", "100000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log = out / "log.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (log.exists() and '"loss"' in log.read_text()):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    printed: list[dict] = []
+    stepped, answered = threading.Event(), threading.Event()  # a loss record; that or the end of the output
+
+    def read(stream) -> None:
+        try:
+            for line in stream:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # not a log record
+                    continue
+                printed.append(record)
+                if "loss" in record:
+                    stepped.set()
+                    answered.set()
+        finally:
+            answered.set()
+
+    with open(tmp_path / "stderr.txt", "w") as err, \
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True) as proc:
+        reader = threading.Thread(target=read, args=(proc.stdout,), daemon=True)
+        reader.start()
+        try:
+            answered.wait(HANG_S)
+            assert stepped.is_set(), f"no loss record; exit code {proc.poll()}: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=HANG_S) == 0, (tmp_path / "stderr.txt").read_text()[-2000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        reader.join(HANG_S)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert records == printed  # what it printed is what it logged
     stop = records[-1]
     assert stop["event"] == "stop" and stop["reason"] == "SIGTERM"
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == stop["step"] > 0

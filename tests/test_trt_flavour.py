@@ -33,25 +33,22 @@ from quota_compile.quant import ops
 
 from .conftest import write_config
 
-pytest.importorskip("onnxruntime_extensions")
-from quota_compile import trt_verify  # noqa: E402
+from quota_compile import trt_verify  # noqa: E402  (imports onnxruntime-extensions only when used)
 
-# Triton's CPU interpreter for the kernel tests below: TRITON_INTERPRET=1 must be set when triton
-# is first imported (tests/test_kernels.py explains why), and the compile fixtures of this module
-# can import triton (through torch) before those tests run, so it is imported here, at
-# collection, as test_kernels.py does; the variable is restored and set again while the kernel
-# tests run (fixture ``interpreted``).
-_PREVIOUS_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+# onnxruntime-extensions runs the plugins' references in the verification: the test extra
+# installs it (every platform), so without it these tests fail, with the reason, not skip.
 try:
-    import triton  # noqa: F401
-except ImportError:
-    pass
-finally:
-    if _PREVIOUS_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _PREVIOUS_INTERPRET
+    import onnxruntime_extensions  # noqa: F401
+    CANNOT_RUN = None
+except ImportError as err:
+    CANNOT_RUN = f"onnxruntime-extensions is not installed: the test extra installs it (pip install -e '.[test]'): {err}"
+
+
+@pytest.fixture(autouse=True)
+def _test_extra():
+    if CANNOT_RUN is not None:
+        pytest.fail(CANNOT_RUN, pytrace=False)
+
 
 GRAPHS = ("vision", "prefill", "decode")
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,24 +303,35 @@ def test_unknown_graph_form_is_refused_not_half_rewritten():
 
 @pytest.fixture(scope="module")
 def interpreted():
-    """The kernel modules in Triton's CPU interpreter (``TRITON_INTERPRET=1`` before triton is
-    first imported, as tests/test_kernels.py requires; restored afterwards)."""
+    """The kernel modules in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when triton was
+    first imported, which tests/__init__.py sees to, and when the kernel modules are, reloaded
+    here if need be; restored afterwards). Fails, with the reason, where that cannot be (see
+    tests/test_kernels.py); skips only where the test extra does not install triton."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    triton = pytest.importorskip("triton")
-    from quota_compile import kernels
+    try:
+        try:
+            import triton
+        except ImportError as err:
+            if not sys.platform.startswith("linux"):
+                pytest.skip(f"triton is not installed (the test extra installs it on Linux only): {err}")
+            pytest.fail(f"triton is not installed: the test extra installs it on Linux (pip install -e '.[test]'): {err}",
+                        pytrace=False)
+        from quota_compile import kernels
 
-    if not kernels.is_interpreted(triton.language.cdiv):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set")
-    mods = {}
-    for name, kernel in (("w4a4_linear", "_w4a4_gemm_kernel"), ("kv_attention", "_decode_split_kernel"), ("trt_aot", "kv_quantize_kernel")):
-        mod = importlib.import_module(f"quota_compile.kernels.{name}")
-        mods[name] = mod if kernels.is_interpreted(getattr(mod, kernel)) else importlib.reload(mod)
-    yield triton, mods
-    if previous is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = previous
+        if not kernels.is_interpreted(triton.language.cdiv):
+            pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/__init__.py imports it first, "
+                        "interpreted): something imported it earlier in this session", pytrace=False)
+        mods = {}
+        for name in ("w4a4_linear", "kv_attention", "trt_aot"):
+            mod = importlib.import_module(f"quota_compile.kernels.{name}")
+            mods[name] = mod if kernels.module_is_interpreted(mod) else importlib.reload(mod)
+        yield triton, mods
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
 
 
 @pytest.mark.parametrize("m,k,n,group,clip", [(7, 64, 48, 16, 1.0), (3, 96, 32, 96, 0.8), (1, 256, 64, 128, 1.0)])
@@ -419,8 +427,7 @@ def standin(monkeypatch):
 
     from . import trt_standin
 
-    trt_standin.install(monkeypatch)
-    monkeypatch.setattr(trt_plugins, "_REGISTERED", False)
+    trt_standin.install(monkeypatch)  # a fresh tensorrt.plugin: register_plugins registers with it
     trt_plugins.register_plugins()
     yield trt_standin
     trt_standin.REGISTRY.clear()
@@ -586,7 +593,7 @@ def test_aot_kernels_compile_for_hopper_with_the_plugin_calling_convention():
     block and shared memory are the compiled kernel's."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     script = """
-import re
+import json, re
 from triton.backends.compiler import GPUTarget
 from tests import trt_standin as S
 S.install()
@@ -622,12 +629,23 @@ for plugin, ins, attrs, only_rn in cases:
         assert c.metadata.global_scratch_size == 0 and c.metadata.profile_scratch_size == 0, name
         assert launch["block_x"] == 32 * c.metadata.num_warps and launch["shared_mem"] == c.metadata.shared, name
         assert "div.rn.f32" in ptx and not (only_rn and ("div.approx" in ptx or "div.full" in ptx)), name
-        print("ok", plugin, tactic, params, launch["grid_x"], extra)
+        target = re.search(r"^[.]target\\s+(\\w+)", ptx, re.M).group(1)
+        print(json.dumps({"plugin": plugin, "tactic": tactic, "warps": c.metadata.num_warps, "target": target}))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count("ok ") == 5, run.stdout  # the GEMM's three tactics, the two KV plugins
+    got = [json.loads(line) for line in run.stdout.splitlines()]
+    # every GEMM tile of trt_plugins.W4A4_TACTICS, each with its warps; the KV plugins offer no
+    # tactics (TensorRT's default, tactic 0)
+    from quota_compile.trt_plugins import W4A4_TACTICS
+
+    assert sorted((g["plugin"], g["tactic"]) for g in got) == sorted(
+        [(W4A4_LINEAR, t) for t in W4A4_TACTICS] + [(KV_QUANTIZE, 0), (DECODE_ATTENTION, 0)])
+    for g in got:
+        assert g["target"].startswith("sm_90"), g
+        if g["plugin"] == W4A4_LINEAR:
+            assert g["warps"] == W4A4_TACTICS[g["tactic"]][2], g
 
 
 # ---------------------------------------------------------------- plugins module and options

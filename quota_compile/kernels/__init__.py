@@ -46,3 +46,17 @@ def is_interpreted(kernel: object) -> bool:
     """Whether a ``triton.jit`` kernel was decorated under ``TRITON_INTERPRET=1`` (runs on CPU
     tensors through Triton's numpy interpreter) rather than compiled for a GPU."""
     return type(kernel).__name__ == "InterpretedFunction"
+
+
+def module_is_interpreted(module: object) -> bool:
+    """Whether the ``triton.jit`` kernels that kernel module ``module`` defines were decorated
+    under ``TRITON_INTERPRET=1`` (all of them; a module decorates them together when it is
+    imported). A module imported without it can be reloaded with it set
+    (``importlib.reload``), as the tests do."""
+    name = getattr(module, "__name__", None)
+    jitted = [
+        v for v in vars(module).values()
+        if type(v).__name__ in ("JITFunction", "InterpretedFunction")
+        and getattr(getattr(v, "fn", None), "__module__", None) == name
+    ]
+    return bool(jitted) and all(is_interpreted(v) for v in jitted)

@@ -250,6 +250,11 @@ def _decode_combine_new_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, q_
 # GPU tiles: (BLOCK_T, warps). At head_dim 128, ptxas (sm_90) reports no spills for these and
 # spills for (128, 4).
 _SPLIT_TILES = ((32, 4), (64, 4), (64, 8), (128, 8))
+# The kernels a decode step launches, by role, and the GPU tiles of the split kernels: public
+# for the checks that compile them for a GPU (tests/test_kernels.py).
+SPLIT_TILES = _SPLIT_TILES
+DECODE_KERNELS = {"split": _decode_split_kernel, "split_bias": _decode_split_bias_kernel,
+                  "combine": _decode_combine_kernel, "combine_new": _decode_combine_new_kernel}
 _decode_split_tuned, _decode_split_bias_tuned = (triton.autotune(
     configs=[triton.Config({"BLOCK_T": bt}, num_warps=w) for bt, w in _SPLIT_TILES],
     key=["chunk", "D", "PER_TOKEN", "BITS"],

@@ -21,13 +21,16 @@ Each runs
 - on CUDA tensors: the Triton kernel;
 - on CPU tensors: the Triton kernel too when triton runs in its interpreter
   (``TRITON_INTERPRET=1`` before triton is first imported: how the tests check the kernel
-  path on a machine without a GPU); otherwise the simulation's own arithmetic (the quota ops
-  and PyTorch operations the traced graph had), so a CPU run needs no triton.
+  path on a machine without a GPU), unless held to the simulation by :func:`simulated_on_cpu`;
+  otherwise the simulation's own arithmetic (the quota ops and PyTorch operations the traced
+  graph had), so a CPU run needs no triton. :func:`cpu_uses_kernel` says which applies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -55,14 +58,44 @@ def _interpreted(kernel_of) -> bool:
     return available() and is_interpreted(kernel_of())
 
 
+OPERATORS = ("w4a4_linear", "kv_decode_attention")
+_SIMULATED: set[str] = set()  # operators held to the simulation's arithmetic (simulated_on_cpu)
+
+
+@contextlib.contextmanager
+def simulated_on_cpu(*operators: str) -> Iterator[None]:
+    """Within the block, the named operators (of :data:`OPERATORS`) compute on CPU tensors with
+    the simulation's own arithmetic even where triton runs in its interpreter (where it does
+    not, they do so anyway): to check one operator's kernel at a time, or to spare the
+    interpreter's time. CUDA tensors still run the kernels."""
+    unknown = set(operators) - set(OPERATORS)
+    if unknown:
+        raise ValueError(f"simulated_on_cpu: unknown operators {sorted(unknown)}; known: {OPERATORS}")
+    added = set(operators) - _SIMULATED
+    _SIMULATED.update(added)
+    try:
+        yield
+    finally:
+        _SIMULATED.difference_update(added)
+
+
+def cpu_uses_kernel(operator: str) -> bool:
+    """Whether ``quota.<operator>`` runs its Triton kernel (interpreted) on CPU tensors here."""
+    if operator not in OPERATORS:
+        raise ValueError(f"cpu_uses_kernel: unknown operator {operator!r}; known: {OPERATORS}")
+    if operator in _SIMULATED:
+        return False
+    if operator == "w4a4_linear":
+        return _interpreted(lambda: _kernel_module()._w4a4_gemm_kernel)
+    return _interpreted(lambda: _attention_module()._decode_split_kernel)
+
+
 def _cpu_uses_kernel() -> bool:
-    """Whether ``quota.w4a4_linear`` runs the Triton kernel (interpreted) on CPU tensors."""
-    return _interpreted(lambda: _kernel_module()._w4a4_gemm_kernel)
+    return cpu_uses_kernel("w4a4_linear")
 
 
 def _cpu_uses_attention_kernel() -> bool:
-    """Whether ``quota.kv_decode_attention`` runs the Triton kernel (interpreted) on CPU tensors."""
-    return _interpreted(lambda: _attention_module()._decode_split_kernel)
+    return cpu_uses_kernel("kv_decode_attention")
 
 
 @torch.library.custom_op("quota::w4a4_linear", mutates_args=())

@@ -38,12 +38,12 @@ from ..runtime import append_kv
 def kernel_programs(traced: dict, device: str | torch.device = "cuda") -> dict[str, fx.GraphModule]:
     """Copies of the traced programs with the Triton W4A4 Linear and, in the decode program
     with a quantized cache, the Triton decode attention, on ``device``."""
-    from passes.use_triton_kernels import UseKVDecodeAttention, UseTritonKernels, _quantized_past, _w4a4_matmuls
+    from passes.use_triton_kernels import UseKVDecodeAttention, UseTritonKernels, _quantized_past, w4a4_matmuls
 
     out = {}
     for name, t in traced.items():
         gm = copy.deepcopy(t.module)
-        if _w4a4_matmuls(gm):
+        if w4a4_matmuls(gm):
             gm = UseTritonKernels()(gm).graph_module
         if name == "decode" and _quantized_past(gm):
             layers = {n.split(".")[1] for n in t.input_names if n.startswith("past.")}
