@@ -46,3 +46,30 @@ def tiny_bundle(tmp_path_factory, tiny_folder) -> Path:
     cfg = write_config(work / "tiny.yaml", str(tiny_folder), work / "exported")
     assert main([str(cfg)]) == 0
     return work / "exported" / "tiny"
+
+
+# The long end-to-end tests: each compiles, evaluates or benchmarks whole models for more than
+# about 20 s on a 2-core machine (pytest --durations, 2026-12-05). `pytest -q -m "not slow"`
+# leaves them out for a quick run; `pytest -q` (what .ci/run runs) runs everything. Listed here
+# by test module and name prefix so that the list sits in one place beside the measurement.
+SLOW = {
+    "test_eval.py": ("",),
+    "test_bench.py": ("",),
+    "test_gate_mutations.py": ("",),
+    "test_quota.py": ("test_lowbit_and_fp_signals_differ", "test_quota_bundle_is_verified", "test_exporting_again_from_the_recipe",
+                      "test_fold_topk_gather_replaces_each_marker"),
+    "test_kernels.py": ("test_torch_path_",),
+    "test_ort_flavour.py": ("test_per_channel_",),
+    "test_e2e.py": ("test_two_compiles_give_byte_identical_graphs", "test_int8_kv_cache_and_activations"),
+    "test_models.py": ("test_siglip_qwen2_full_strategy",),
+    "test_gptq.py": ("test_gptq_on_the_model",),
+    "test_rotation.py": ("test_compiled_graphs_rotate_online",),
+    "test_trt_flavour.py": ("test_one_plugin_per_w4a4_linear",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        prefixes = SLOW.get(Path(str(item.fspath)).name, ())
+        if any(item.name.startswith(p) for p in prefixes):
+            item.add_marker(pytest.mark.slow)
