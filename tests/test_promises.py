@@ -94,7 +94,7 @@ def test_pruned_bundle_is_byte_identical_across_processes_and_thread_counts(smal
         write_config(
             folder / "pruned.yaml", str(small_folder), folder / "exported",
             pruning={"method": "quota", "keep_ratio": 0.75, "first_full_layers": 1},
-            calibration={"num_samples": 4},
+            calibration={"num_samples": 2},
             verify={"samples": 1, "new_tokens": 2},
         )
         env = _env(OMP_NUM_THREADS=t, MKL_NUM_THREADS=t)
