@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import json
+import statistics
+
+import pytest
 
 from quota_compile.cli import main
 
@@ -25,9 +28,18 @@ def test_bench_runs_every_variant(tmp_path, capsys):
     assert doc["threads"] == 1 and doc["repeats"] == 2 and doc["prompt"]["new_tokens"] == 3
     assert set(doc["versions"]) >= {"torch", "onnxruntime"}
     by = {r["name"]: r for r in doc["variants"]}
+    prefill = {n: statistics.median(x["prefill_s"] for x in by[n]["repetitions"]) for n in names}
+    decode = {n: statistics.median(x["decode_s"] for x in by[n]["repetitions"]) for n in names}
     for r in doc["variants"]:
         assert len(r["repetitions"]) == 2 and all(x["prefill_s"] > 0 and x["decode_s"] > 0 for x in r["repetitions"])
-        assert r["ratios"][r["name"]]["prefill_speedup"] == 1.0
+        # the medians of the timed repetitions, and every ratio recomputed from them
+        assert r["prefill_s"] == pytest.approx(prefill[r["name"]])
+        assert r["decode_tokens_per_s"] == pytest.approx(doc["prompt"]["new_tokens"] / decode[r["name"]])
+        assert set(r["ratios"]) == set(names)
+        for other, ratio in r["ratios"].items():
+            assert ratio["prefill_speedup"] == pytest.approx(prefill[other] / prefill[r["name"]]), other
+            assert ratio["decode_speedup"] == pytest.approx(decode[other] / decode[r["name"]]), other
+            assert ratio["kv_bytes_reduction"] == pytest.approx(by[other]["kv_bytes_per_sequence"] / r["kv_bytes_per_sequence"]), other
         assert r["disk_bytes"] > 0 and r["floor"]["prefill_flops"] > 0
         assert r["decoder_fp16_bytes"] > 0
     assert by["pytorch-fp32"]["decoder_graph_bytes"] is None

@@ -14,9 +14,10 @@ from quota_compile.cli import main
 from quota_compile.config import parse_config
 from quota_compile.evaluate import is_correct, normalise, score, variants
 from quota_compile.figures import retention_chart
-from quota_compile.shapes import question_families, vqa_items
+from quota_compile.shapes import make_sample, question_families, vqa_items
 
 from .test_benchmarks import write_pope
+from .test_shapes import expected_answer
 
 
 def _doc(out: Path, name: str, **eval_section) -> dict:
@@ -120,12 +121,17 @@ def test_eval_runs_every_variant_and_scores_its_answers(two_runs):
     root, (doc, _) = two_runs
     rows = doc["variants"]
     assert [r["name"] for r in rows] == ["fp", "w4a4kv4", "random@0.5"]
-    gold = doc["gold"]
+    # the gold answers, independently of eval.json and of the generator's answer field: the
+    # questions of the configured split and seed regenerated, each answer read off its scene
+    cfg = parse_config(yaml.safe_load((root / "first.yaml").read_text()), root / "first.yaml")
+    samples = [make_sample(cfg.eval.split, cfg.eval.seed, i) for i in range(cfg.eval.questions)]
+    gold = [expected_answer(s.question, s.scene) for s in samples]
     assert len(gold) == doc["dataset"]["questions"] == 12
+    assert doc["gold"] == gold
     assert doc["dataset"]["visual_tokens"] == 64 and 0.6 < doc["dataset"]["visual_share_of_prefill"] < 0.9
     for r in rows:
         assert len(r["answers"]) == 12
-        # accuracy is recomputed here from the recorded answers and gold answers
+        # accuracy recomputed from the recorded answers and the regenerated gold answers
         assert r["accuracy"] == pytest.approx(np.mean([is_correct(a, g) for a, g in zip(r["answers"], gold)]))
         assert r["retention"] == pytest.approx(r["accuracy"] / rows[0]["accuracy"])
         assert r["simulation_agreement"] is not None and r["simulation_agreement"] >= 0.75

@@ -8,8 +8,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from PIL import Image
 
 from quota_compile.cli import main
@@ -22,6 +24,10 @@ from quota_compile.verify import synthetic_images
 
 from .conftest import write_config
 
+def _decoder_biased_linears(model) -> list[tuple[str, torch.nn.Linear]]:
+    return [(n, m) for n, m in model.model.language_model.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+
+
 VARIANTS = {
     # id: (vision tower, text model, select strategy, feature layer)
     "clip-llama-default": ("clip", "llama", "default", -2),
@@ -30,8 +36,16 @@ VARIANTS = {
 }
 
 
-def write_variant(folder: Path, vision: str, text: str, strategy: str, layer, num_layers: int = 8) -> Path:
+def write_variant(folder: Path, vision: str, text: str, strategy: str, layer, num_layers: int = 8,
+                  bias_std: float = 0.0) -> Path:
+    """The tiny model of that architecture as a Hugging Face folder; ``bias_std > 0`` draws the
+    decoder's Linear biases (Qwen2's q/k/v; zeros at init) from N(0, bias_std)."""
     model, processor = build_tiny_llava(0, vision=vision, text=text, strategy=strategy, feature_layer=layer, num_layers=num_layers)
+    if bias_std > 0:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _, module in _decoder_biased_linears(model):
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * bias_std)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -74,15 +88,51 @@ def test_full_precision_programs_match_transformers(tmp_path: Path, variant: str
 def test_siglip_qwen2_full_strategy_compiles_and_verifies(tmp_path: Path):
     # Two decoder layers: the test is about the architecture; fewer layers also means fewer
     # values that float reassociation can move across a rounding boundary.
-    folder = write_variant(tmp_path / "siglip-qwen2", *VARIANTS["siglip-qwen2-full"], num_layers=2)
+    # Qwen2's q/k/v biases are drawn (zeros at init), so that dropping one changes the function
+    folder = write_variant(tmp_path / "siglip-qwen2", *VARIANTS["siglip-qwen2-full"], num_layers=2, bias_std=0.5)
     cfg = write_config(tmp_path / "sq.yaml", str(folder), tmp_path / "out", verify={"samples": 4, "new_tokens": 16})
     assert main([str(cfg)]) == 0
-    v = json.loads((tmp_path / "out" / "sq" / "verify.json").read_text())
+    bundle = tmp_path / "out" / "sq"
+    v = json.loads((bundle / "verify.json").read_text())
     assert v["passed"] and v["greedy_agreement"] == 1.0
-    m = json.loads((tmp_path / "out" / "sq" / "manifest.json").read_text())
+    m = json.loads((bundle / "manifest.json").read_text())
     assert m["model"]["visual_start"] >= 1 and m["model"]["visual_tokens"] == 64
-    # Qwen2's q/k/v biases survive quantization as float Adds after the INT4 MatMuls.
-    assert np.isfinite(v["max_logits_rel_error"])
+    # Qwen2's q/k/v biases survive quantization as float Adds after the INT4 MatMuls: in the
+    # prefill and decode graphs, the 1-D float initializers added to the output of a MatMul of
+    # dequantized INT4 weights are exactly the decoder's biases (by value, as the folder holds them).
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "model.safetensors")
+    biases = sorted(t.numpy().tobytes() for n, t in weights.items()
+                    if "language_model" in n and n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")))
+    assert len(biases) == 3 * 2 and all(np.frombuffer(b, np.float32).any() for b in biases)
+    for graph in ("prefill", "decode"):
+        assert _biases_after_int4_matmuls(onnx.load(bundle / f"{graph}.onnx")) == biases, graph
+
+
+def _biases_after_int4_matmuls(model: onnx.ModelProto) -> list[bytes]:
+    """The float32 bytes of each 1-D initializer that an Add adds to a MatMul whose weights are
+    a DequantizeLinear of an INT4 initializer, sorted."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def int4_matmul(name: str) -> bool:
+        mm = producer.get(name)
+        if mm is None or mm.op_type != "MatMul":
+            return False
+        dq = producer.get(mm.input[1])
+        return dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits \
+            and inits[dq.input[0]].data_type == onnx.TensorProto.INT4
+
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "Add":
+            continue
+        for i, name in enumerate(node.input):
+            t = inits.get(name)
+            if t is not None and len(t.dims) == 1 and t.data_type == onnx.TensorProto.FLOAT and int4_matmul(node.input[1 - i]):
+                found.append(numpy_helper.to_array(t).astype(np.float32).tobytes())
+    return sorted(found)
 
 
 def test_bench_llava_is_llava_1_5_shaped():

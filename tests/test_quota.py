@@ -168,7 +168,7 @@ def test_lowbit_and_fp_signals_differ_and_calibration_is_deterministic(tiny):
     assert a.recipe.weights == min(a.recipe.weight_search, key=lambda p: p.kl).weights
     keep = a.recipe.keep
     assert keep[:2] == [64, 64] and all(x >= y for x, y in zip(keep, keep[1:]))
-    assert abs(sum(keep) - round(0.4 * 8 * 64)) <= 8
+    assert sum(keep) == round(0.4 * 8 * 64)  # the allocator realises the budget exactly
 
 
 @pytest.mark.parametrize("method", ["fastv", "pdrop", "random"])
@@ -248,8 +248,20 @@ def test_kv_cache_has_the_per_layer_lengths(quota_bundle: Path):
             assert same == (keep[i] == keep[j]), (i, j, dims)
     m = json.loads((quota_bundle / "manifest.json").read_text())
     assert [layer["visual_tokens"] for layer in m["kv_cache"]] == keep
+    # The cache size the manifest states, recomputed from the cache this bundle's prefill
+    # returned: each layer's K and V (codes, scales, zero points) cost what its arrays hold per
+    # position, at the manifest's prompt length plus generated tokens, each layer short of
+    # its pruned visual tokens; against FP16 K and V of every layer, unpruned.
     kv = m["kv_cache_bytes_per_sequence"]
-    assert kv["ratio"] > 1 and kv["bundle"] < kv["fp16_unpruned"]
+    p, g = kv["prompt_length"], kv["generated"]
+    per_layer = [cache[6 * i : 6 * i + 6] for i in range(len(keep))]
+    assert all(np.asarray(a).shape[0] == 1 for arrays in per_layer for a in arrays)  # one sequence
+    per_position = [sum(np.asarray(a).nbytes for a in arrays) // arrays[0].shape[2] for arrays in per_layer]
+    assert kv["bundle"] == sum(b * (p - (v - k) + g) for b, k in zip(per_position, keep))
+    bits = m["quantization"]["kv_cache"]["bits"]
+    kv_heads, head_dim = cache[0].shape[1], cache[0].shape[3] * 8 // bits  # codes: bits / 8 bytes per value
+    assert kv["fp16_unpruned"] == len(keep) * 2 * kv_heads * head_dim * 2 * (p + g)
+    assert kv["ratio"] == pytest.approx(kv["fp16_unpruned"] / kv["bundle"])
 
 
 def test_report_shows_the_schedule_and_kept_patch_overlays(quota_bundle: Path):

@@ -79,7 +79,9 @@ def _plain_answer(text: str, scene: Scene) -> str:
     raise AssertionError(f"unknown question: {text!r}")
 
 
-def _expected(q: Question, scene: Scene) -> str:
+def expected_answer(q: Question, scene: Scene) -> str:
+    """The answer read off the Scene from the question text alone (not from the generator's
+    answer): the independent reader other tests use too."""
     if q.family != "choice":
         return _plain_answer(q.text, scene)
     assert len(q.options) == 4 and len(set(q.options)) == 4
@@ -128,7 +130,7 @@ def test_every_family_subtype_and_answer(full):
 
 def test_answers_match_an_independent_checker(full):
     for s in full:
-        assert s.question.answer == _expected(s.question, s.scene), s
+        assert s.question.answer == expected_answer(s.question, s.scene), s
 
 
 def test_exists_negatives_follow_their_pope_type(full):
@@ -193,7 +195,7 @@ def test_families_can_be_restricted():
     samples = generate("test", 100, 1, families=["count", "position"])
     assert {s.question.family for s in samples} == {"count", "position"}
     for s in samples:
-        assert s.question.answer == _expected(s.question, s.scene)
+        assert s.question.answer == expected_answer(s.question, s.scene)
 
 
 def test_patch_targets_agree_with_the_rendered_image(full):
