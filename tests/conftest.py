@@ -3,12 +3,16 @@ bundle of it (compiled once per session through the CLI, from that folder)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 import yaml
 
 from quota_compile.cli import main
+from quota_compile.config import parse_config
+from quota_compile.models import load_model
+from quota_compile.quant.simulate import quantize
 from quota_compile.models.builtin import build_tiny_llava, write_builtin
 
 
@@ -38,6 +42,16 @@ def small_folder(tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    """``(vlm, quantized model)``: the 8-layer tiny model, quantized, for program-level tests
+    (one per test module: a module may change the quantized model's switches)."""
+    cfg = parse_config({"version": 1, "model": {"source": str(tiny_folder)}, "quantization": {"weights": {"group_size": 16}}}, Path("t.yaml"))
+    with contextlib.ExitStack() as stack:
+        vlm = load_model(cfg, Path("t.yaml"), stack)
+        yield vlm, quantize(vlm.model, cfg.quantization)
 
 
 @pytest.fixture(scope="session")

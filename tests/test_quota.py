@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -19,12 +18,10 @@ from passes.fold_topk_gather import FoldTopKGather
 from passes.strip_runtime_asserts import StripRuntimeAsserts
 from quota_compile.calibrate import calibrate, calibration_batches, collect_signals
 from quota_compile.cli import main
-from quota_compile.config import CalibrationSection, PruningSection, parse_config
+from quota_compile.config import CalibrationSection, PruningSection
 from quota_compile.lower import export_onnx
-from quota_compile.models import load_model
 from quota_compile.programs import PrefillProgram, PruneSpec
 from quota_compile.pruning import ScoreWeights, gather_visual
-from quota_compile.quant.simulate import quantize
 from quota_compile.recipe import Recipe
 from quota_compile.runtime import BundleRunner, make_batch
 from quota_compile.trace import build_programs
@@ -41,15 +38,6 @@ def quota_bundle(tmp_path_factory, tiny_folder) -> Path:
     cfg = write_config(work / "q.yaml", str(tiny_folder), work / "out", pruning=QUOTA, calibration={"num_samples": 8})
     assert main([str(cfg)]) == 0
     return work / "out" / "q"
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_folder):
-    """The 8-layer tiny model, quantized, for program-level tests."""
-    cfg = parse_config({"version": 1, "model": {"source": str(tiny_folder)}, "quantization": {"weights": {"group_size": 16}}}, Path("t.yaml"))
-    with contextlib.ExitStack() as stack:
-        vlm = load_model(cfg, Path("t.yaml"), stack)
-        yield vlm, quantize(vlm.model, cfg.quantization)
 
 
 # ------------------------------------------------------------------ selection

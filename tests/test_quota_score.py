@@ -19,7 +19,6 @@ probabilities (full precision) or from the quantized simulation's tensors (low-b
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -29,11 +28,9 @@ import torch
 
 import quota_compile.calibrate as calibrate_module
 from quota_compile.calibrate import calibrate
-from quota_compile.config import CalibrationSection, PruningSection, parse_config
-from quota_compile.models import load_model
+from quota_compile.config import CalibrationSection, PruningSection
 from quota_compile.programs import PrefillProgram, VisionProgram
 from quota_compile.pruning import ScoreWeights, select_topk, token_score, visual_signals
-from quota_compile.quant.simulate import quantize
 
 # ------------------------------------------------------------------ the written-out reference
 
@@ -299,14 +296,6 @@ def test_higher_attention_wins_with_the_attention_cue_alone():
 # ------------------------------------------------------------------ signals: fp / lowbit in calibration
 
 
-@pytest.fixture(scope="module")
-def tiny_q(tiny_folder):
-    cfg = parse_config({"version": 1, "model": {"source": str(tiny_folder)}, "quantization": {"weights": {"group_size": 16}}}, Path("t.yaml"))
-    with contextlib.ExitStack() as stack:
-        vlm = load_model(cfg, Path("t.yaml"), stack)
-        yield vlm, quantize(vlm.model, cfg.quantization)
-
-
 def _calibrate_and_capture(vlm, qm, monkeypatch, signals: str, query_tokens: int):
     """Run calibration with explicit weights (no search) and return the signals it collected
     and the batches it collected them on (by wrapping the public ``collect_signals``)."""
@@ -378,8 +367,8 @@ def _assert_signals(sig, ref, close: bool):
 
 
 @pytest.mark.parametrize("query_tokens", [2, 32])
-def test_signals_fp_calibration_measures_the_full_precision_model(tiny_q, tiny_folder, monkeypatch, query_tokens):
-    vlm, qm = tiny_q
+def test_signals_fp_calibration_measures_the_full_precision_model(tiny, tiny_folder, monkeypatch, query_tokens):
+    vlm, qm = tiny
     span, bits = vlm.visual_span(), qm.spec.activations.bits
     batch, sig = _calibrate_and_capture(vlm, qm, monkeypatch, "fp", query_tokens)
     assert qm.simulating  # calibration switched the quantizers back on
@@ -392,8 +381,8 @@ def test_signals_fp_calibration_measures_the_full_precision_model(tiny_q, tiny_f
     assert not np.allclose(other[1][0], fp[1][0], rtol=1e-3)
 
 
-def test_signals_lowbit_calibration_measures_the_quantized_simulation(tiny_q, tiny_folder, monkeypatch):
-    vlm, qm = tiny_q
+def test_signals_lowbit_calibration_measures_the_quantized_simulation(tiny, tiny_folder, monkeypatch):
+    vlm, qm = tiny
     span, bits = vlm.visual_span(), qm.spec.activations.bits
     batch, sig = _calibrate_and_capture(vlm, qm, monkeypatch, "lowbit", 2)
     _assert_signals(sig, _lowbit_reference(vlm, qm, batch, span, 2, bits), close=True)
