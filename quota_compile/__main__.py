@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from quota_compile.cli import main
 
 sys.exit(main())

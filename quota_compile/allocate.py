@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from quota_compile.errors import UserError
 
 _BISECTION_STEPS = 100
 

@@ -40,14 +40,14 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from .bundle import atomic_folder, check_destination, versions, write_json
-from .config import bundle_name, load_config
-from .evaluate import Variant, build_variant, flavour_of, quant_name
-from .models import load_model
-from .calibrate import quantize_model, settle_quantization
-from .pipeline import kv_cache_bytes
-from .quant.simulate import QuantEmbedding, QuantLinear
-from .runtime import OrtBackend, greedy_generate, make_batch
+from quota_compile.bundle import atomic_folder, check_destination, versions, write_json
+from quota_compile.config import bundle_name, load_config
+from quota_compile.evaluate import Variant, build_variant, flavour_of, quant_name
+from quota_compile.models import load_model
+from quota_compile.calibrate import quantize_model, settle_quantization
+from quota_compile.pipeline import kv_cache_bytes
+from quota_compile.quant.simulate import QuantEmbedding, QuantLinear
+from quota_compile.runtime import OrtBackend, greedy_generate, make_batch
 
 FILLER = "Describe the image in detail: the shapes, their colours, their sizes and where they are."
 

@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import UserError
+from quota_compile.errors import UserError
 
 BENCHMARKS: tuple[str, ...] = ("pope", "mme", "gqa", "scienceqa_img", "mmbench", "seed_bench_img")
 

@@ -16,8 +16,8 @@ from typing import Any
 import onnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import __version__
-from .errors import UserError
+from quota_compile import __version__
+from quota_compile.errors import UserError
 
 FORMAT = "quota-compile bundle"
 # 2: manifest.json records the sha256 of each of its own keys (``key_sha256``).
@@ -300,7 +300,7 @@ def read_manifest(folder: Path) -> dict:
             f"{path}: key 'format_version' is {doc.get('format_version')!r}, quota-compile {__version__} reads bundles of "
             f"format_version {FORMAT_VERSION}; compile the bundle again with this version."
         )
-    from .config import validation_message
+    from quota_compile.config import validation_message
 
     try:
         facts = _ManifestFacts.model_validate(doc)

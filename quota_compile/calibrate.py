@@ -33,18 +33,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .allocate import KeepSchedule, allocate, fastv_schedule, pdrop_schedule, retained_mass_curves
-from .config import ActivationQuant, CalibrationSection, PruningSection
-from .errors import UserError
-from .models.llava import VLM
-from .programs import PrefillProgram, PruneSpec
-from .pruning import ScoreWeights, token_score, visual_signals
-from .quant import ops
-from .quant.simulate import QuantizedModel, settle_group_size
-from .recipe import CalibrationProvenance, PruningRecipe, SearchPoint, Weights
-from .runtime import Batch, make_batch
-from .sequential import Placement
-from .verify import CALIBRATION_STREAM, QUESTIONS, synthetic_images
+from quota_compile.allocate import KeepSchedule, allocate, fastv_schedule, pdrop_schedule, retained_mass_curves
+from quota_compile.config import ActivationQuant, CalibrationSection, PruningSection
+from quota_compile.errors import UserError
+from quota_compile.models.llava import VLM
+from quota_compile.programs import PrefillProgram, PruneSpec
+from quota_compile.pruning import ScoreWeights, token_score, visual_signals
+from quota_compile.quant import ops
+from quota_compile.quant.simulate import QuantizedModel, settle_group_size
+from quota_compile.recipe import CalibrationProvenance, PruningRecipe, SearchPoint, Weights
+from quota_compile.runtime import Batch, make_batch
+from quota_compile.sequential import Placement
+from quota_compile.verify import CALIBRATION_STREAM, QUESTIONS, synthetic_images
 
 GRID_STEP = 4  # weights on the simplex in quarters
 
@@ -59,7 +59,7 @@ class Signals:
 
 def calibration_batches(vlm: VLM, cfg: CalibrationSection, span: tuple[int, int]) -> list[Batch]:
     if cfg.dataset == "shapesvqa":
-        from .shapes import vqa_items
+        from quota_compile.shapes import vqa_items
 
         items = vqa_items("calibration", cfg.seed, cfg.num_samples, vlm.image_size, vlm.patch_size)
         images, questions = [i.image for i in items], [i.text for i in items]
@@ -240,7 +240,7 @@ def calibrate_kv_scales(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], cal
     over every token of the calibration prompts (the unpruned prefill under the W4A4
     simulation, cache in float while measuring), divided by the largest code. Stored in
     ``qm.kv_scales`` (``[layers, 2, Hkv, 1, head_dim]``) and returned."""
-    from .programs import VisionProgram
+    from quota_compile.programs import VisionProgram
 
     start, v = span
     amax = torch.zeros(vlm.num_layers, 2, vlm.num_kv_heads, 1, vlm.head_dim)
@@ -286,9 +286,9 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
     so both give the same codes."""
     import re
 
-    from .programs import VisionProgram
-    from .quant.gptq import HessianAccumulator, gptq_quantize
-    from .quant.simulate import QuantizedWeight
+    from quota_compile.programs import VisionProgram
+    from quota_compile.quant.gptq import HessianAccumulator, gptq_quantize
+    from quota_compile.quant.simulate import QuantizedWeight
 
     start, v = span
     batches = calibration_batches(vlm, calibration, span)
@@ -405,8 +405,8 @@ def quantize_model(vlm: VLM, cfg, span: tuple[int, int]) -> QuantizedModel:
     or GPTQ's (``weights.method: gptq``) calibrated on ``cfg.calibration``, then the
     ``per_channel`` KV scales calibrated on ``cfg.calibration`` where that granularity is
     chosen."""
-    from .quant.rotation import rotate_llava
-    from .quant.simulate import quantize
+    from quota_compile.quant.rotation import rotate_llava
+    from quota_compile.quant.simulate import quantize
 
     if cfg.quantization.rotation == "hadamard":
         rotate_llava(vlm.model, cfg.quantization.rotation_seed, online=cfg.quantization.online_rotation)

@@ -15,7 +15,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import UserError
+from quota_compile.errors import UserError
 
 CONFIG_VERSION = 1
 DEFAULT_PROMPT = "USER: <image>\n{question} ASSISTANT:"

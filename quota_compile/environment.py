@@ -12,7 +12,7 @@ from __future__ import annotations
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from .errors import UserError
+from quota_compile.errors import UserError
 
 SUPPORTED = {"torch": ">=2.10,<2.15", "transformers": ">=5.0,<5.26"}
 

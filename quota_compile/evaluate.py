@@ -42,17 +42,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .bundle import atomic_folder, check_destination, versions, write_json
-from .config import bundle_name, load_config
-from .errors import UserError
-from .lower import export_onnx, save_onnx
-from .models import load_model
-from .pipeline import decide_pruning
-from .calibrate import quantize_model, settle_quantization
-from .lower_ort import lower_flavour, uses_group_query_attention
-from .runtime import OrtBackend, greedy_generate, make_batch
-from .trace import build_programs, trace_programs
-from .verify import TorchBackend
+from quota_compile.bundle import atomic_folder, check_destination, versions, write_json
+from quota_compile.config import bundle_name, load_config
+from quota_compile.errors import UserError
+from quota_compile.lower import export_onnx, save_onnx
+from quota_compile.models import load_model
+from quota_compile.pipeline import decide_pruning
+from quota_compile.calibrate import quantize_model, settle_quantization
+from quota_compile.lower_ort import lower_flavour, uses_group_query_attention
+from quota_compile.runtime import OrtBackend, greedy_generate, make_batch
+from quota_compile.trace import build_programs, trace_programs
+from quota_compile.verify import TorchBackend
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class Questions:
 
 
 def shapes_questions(vlm, ev, span) -> Questions:
-    from .shapes import vqa_items
+    from quota_compile.shapes import vqa_items
 
     items = vqa_items(ev.split, ev.seed, ev.questions, vlm.image_size, vlm.patch_size)
     batches = []
@@ -218,7 +218,7 @@ def evaluate_variant(cfg, vlm, qm, span, v: Variant, questions: Questions, work:
 
 def check_budgets(cfg, todo: list[Variant], layers: int, v: int, config_file: Path) -> None:
     """Every (method, keep ratio) must be reachable on this depth; say which is not, up front."""
-    from .allocate import _check_reachable, fastv_schedule, pdrop_schedule
+    from quota_compile.allocate import _check_reachable, fastv_schedule, pdrop_schedule
 
     p = cfg.pruning
     for var in todo:
@@ -305,7 +305,7 @@ def run_eval(config_path: str | Path, force: bool = False, console: Console | No
         "seconds": round(time.perf_counter() - start, 1),
         "versions": versions(),
     }
-    from .figures import retention_chart
+    from quota_compile.figures import retention_chart
 
     with atomic_folder(final, force) as tmp:
         write_json(tmp / "eval.json", doc)
@@ -316,7 +316,7 @@ def run_eval(config_path: str | Path, force: bool = False, console: Console | No
 
 def load_benchmarks(cfg, config_file: Path) -> dict:
     """The local benchmark copies named in ``eval.benchmarks`` (paths relative to the YAML)."""
-    from .benchmarks import BENCHMARKS, load_benchmark
+    from quota_compile.benchmarks import BENCHMARKS, load_benchmark
 
     b = cfg.eval.benchmarks
     out = {}

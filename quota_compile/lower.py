@@ -20,7 +20,7 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
-from .quant.onnx_translation import MARKER_DOMAIN, translation_table
+from quota_compile.quant.onnx_translation import MARKER_DOMAIN, translation_table
 
 OPSET = 21
 # Graphs whose initializers exceed this are written with external data (the protobuf limit is 2 GB).
@@ -161,7 +161,7 @@ def finalize(model: onnx.ModelProto, opset: int) -> None:
     # depend on the model, the config and the seed.
     del model.metadata_props[:]
     model.producer_name = "quota-compile"
-    from . import __version__
+    from quota_compile import __version__
 
     model.producer_version = __version__
     onnx.checker.check_model(model, full_check=True)

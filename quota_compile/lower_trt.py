@@ -76,7 +76,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .lower_ort import KV_APPEND, KV_UPDATE_KEY, _attrs, _chain_to as chain_to, _downstream, _indexed_copy, _is_cache_concat, _live, _toposort, _write_back
+from quota_compile.lower_ort import KV_APPEND, KV_UPDATE_KEY, _attrs, _chain_to as chain_to, _downstream, _indexed_copy, _is_cache_concat, _live, _toposort, _write_back
 
 TRT_FOLDER = "tensorrt"  # the flavour's graphs (and engines, build log) inside a bundle
 PLUGIN_DOMAIN = "quota"
@@ -191,7 +191,7 @@ def _per_token_quantizers(rw: _Rewrite) -> dict[str, tuple[str, int, str, str]]:
 
 def _clip_ratio(rw: _Rewrite, scale: str, x: str, bits: int, where: str) -> float:
     """The ``clip_ratio`` of ``scale = max(clip * max|x| / qmax, eps)`` (checked node by node)."""
-    from .quant.ops import SCALE_EPS
+    from quota_compile.quant.ops import SCALE_EPS
 
     def step(tensor: str, op_type: str) -> tuple[onnx.NodeProto, str, float | None]:
         n = rw.producers.get(tensor)

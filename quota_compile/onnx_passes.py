@@ -18,7 +18,7 @@ from pathlib import Path
 
 import onnx
 
-from .errors import UserError
+from quota_compile.errors import UserError
 
 OnnxPass = Callable[[onnx.ModelProto, str], "onnx.ModelProto | None"]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from . import __version__
-from .bundle import (
+from quota_compile import __version__
+from quota_compile.bundle import (
     FORMAT,
     FORMAT_VERSION,
     atomic_folder,
@@ -24,21 +24,21 @@ from .bundle import (
     write_json,
     write_manifest,
 )
-from .config import bundle_name, load_config
-from .errors import GraphRunError, UserError, VerificationFailed
-from .lower import export_onnx, save_onnx
-from .onnx_passes import apply_passes, load_passes
-from .lower_ort import ORT_FOLDER, describe_arithmetic, kv_update_of, lower_flavour, uses_group_query_attention
-from .lower_trt import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_FOLDER, TRT_INT4_BLOCKS, plugin_counts, to_tensorrt
-from .models import load_model
-from .programs import KV_STATIC, KV_STORED
-from .quant.ops import kv_packed_dim
-from .quant.simulate import GROUP_SIZES
-from .calibrate import calibrate, prune_spec_from_recipe, quantize_model, settle_quantization
-from .recipe import CalibrationProvenance, ModelIdentity, PruningRecipe, Recipe
-from .runtime import OrtBackend
-from .trace import build_programs, trace_programs
-from .verify import CodeProbe, TorchBackend, held_out_samples, polygraphy_compare, verify
+from quota_compile.config import bundle_name, load_config
+from quota_compile.errors import GraphRunError, UserError, VerificationFailed
+from quota_compile.lower import export_onnx, save_onnx
+from quota_compile.onnx_passes import apply_passes, load_passes
+from quota_compile.lower_ort import ORT_FOLDER, describe_arithmetic, kv_update_of, lower_flavour, uses_group_query_attention
+from quota_compile.lower_trt import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_FOLDER, TRT_INT4_BLOCKS, plugin_counts, to_tensorrt
+from quota_compile.models import load_model
+from quota_compile.programs import KV_STATIC, KV_STORED
+from quota_compile.quant.ops import kv_packed_dim
+from quota_compile.quant.simulate import GROUP_SIZES
+from quota_compile.calibrate import calibrate, prune_spec_from_recipe, quantize_model, settle_quantization
+from quota_compile.recipe import CalibrationProvenance, ModelIdentity, PruningRecipe, Recipe
+from quota_compile.runtime import OrtBackend
+from quota_compile.trace import build_programs, trace_programs
+from quota_compile.verify import CodeProbe, TorchBackend, held_out_samples, polygraphy_compare, verify
 
 STAGES = ("config", "load", "quantize", "calibrate", "trace", "lower", "verify", "bundle")
 
@@ -261,7 +261,7 @@ def compile_model(
             with progress.stage("bundle", str(final)):
                 engines = None
                 if trt_models:
-                    from .trt_plugins import build_engines
+                    from quota_compile.trt_plugins import build_engines
 
                     engines = build_engines(tmp, min_length=span[0] + span[1] + 1)
                     if isinstance(engines, str):
@@ -326,7 +326,7 @@ def check_engines(folder: Path, trt_models: dict, sample, report: dict) -> dict:
     """Polygraphy ``--trt`` against ``--onnxrt`` for freshly built engines
     (:func:`quota_compile.trt_plugins.compare_engines`), recorded in verify.json; a graph that
     disagrees fails the compile like any other verification failure."""
-    from .trt_plugins import compare_engines
+    from quota_compile.trt_plugins import compare_engines
 
     comparison = compare_engines(folder, trt_models, sample)
     report["flavours"]["tensorrt"]["engines"] = comparison
@@ -344,8 +344,8 @@ def verify_tensorrt_flavour(reference, folder: Path, trt_models: dict, samples, 
     ``models``: the portable graphs, which define the activation quantizers the code
     comparison looks for (the flavour has none outside its plugins; its KV codes and pruning
     scores are compared all the same)."""
-    from .trt_verify import RUNTIME, TensorrtReferenceBackend, describe_arithmetic as trt_arithmetic, polygraphy_compare as trt_polygraphy
-    from .trt_verify import session as trt_session
+    from quota_compile.trt_verify import RUNTIME, TensorrtReferenceBackend, describe_arithmetic as trt_arithmetic, polygraphy_compare as trt_polygraphy
+    from quota_compile.trt_verify import session as trt_session
 
     graphs = trt_polygraphy(folder, trt_models, sample=samples[0])
     probe = CodeProbe(models, trt_models, session=trt_session) if models is not None else None
@@ -469,8 +469,8 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
 
 def draw_figures(folder: Path, vlm, span: tuple[int, int], pruning, options, samples, reference, count: int = 2) -> list[str]:
     """schedule.png and, for ``count`` verification samples, the kept patches per pruning layer."""
-    from .allocate import fastv_schedule, pdrop_schedule
-    from .figures import kept_patches_overlay, schedule_chart
+    from quota_compile.allocate import fastv_schedule, pdrop_schedule
+    from quota_compile.figures import kept_patches_overlay, schedule_chart
 
     if pruning.method == "none":
         return []

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .models.llava import VLM
-from .pruning import ScoreWeights, token_score, visual_signals
-from .quant.simulate import QuantizedModel
+from quota_compile.models.llava import VLM
+from quota_compile.pruning import ScoreWeights, token_score, visual_signals
+from quota_compile.quant.simulate import QuantizedModel
 
 KV_FLOAT = ("key", "value")
 KV_STORED = ("key", "key_scale", "key_zero_point", "value", "value_scale", "value_zero_point")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import ops
+from quota_compile.quant import ops
 
 SIGNAL_EPS = 1e-12
 

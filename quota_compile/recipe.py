@@ -14,8 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import QuantizationSection, read_yaml, validation_message
-from .errors import UserError
+from quota_compile.config import QuantizationSection, read_yaml, validation_message
+from quota_compile.errors import UserError
 
 RECIPE_VERSION = 1
 

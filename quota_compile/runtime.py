@@ -17,9 +17,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .bundle import GRAPHS, MANIFEST, check_bundle
-from .errors import UserError, onnxruntime_errors
-from .lower_ort import KV_REPLACE, kv_update_of
+from quota_compile.bundle import GRAPHS, MANIFEST, check_bundle
+from quota_compile.errors import UserError, onnxruntime_errors
+from quota_compile.lower_ort import KV_REPLACE, kv_update_of
 
 
 class Backend(Protocol):

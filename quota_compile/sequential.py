@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .errors import UserError
+from quota_compile.errors import UserError
 
 HOST = torch.device("cpu")
 
@@ -46,7 +46,7 @@ def send(value, device: torch.device):
     of them) on ``device``; a state's outputs so far move only when it goes to the host."""
     from accelerate.utils import send_to_device
 
-    from .programs import PrefillState
+    from quota_compile.programs import PrefillState
 
     if isinstance(value, PrefillState):
         names = _STEP_INPUTS + (("kv", "kept") if device == HOST else ())

@@ -22,10 +22,10 @@ from passes.quantize_embedding import QuantizeEmbedding
 from passes.quantize_kv_io import QuantizeKVIO
 from passes.strip_runtime_asserts import StripRuntimeAsserts
 
-from .models.llava import VLM
-from .programs import KV_FLOAT, DecodeProgram, PrefillProgram, PruneSpec, VisionProgram, kv_io_names, kv_stored_names
-from .quant import ops  # noqa: F401  (registers torch.ops.quota)
-from .quant.simulate import QuantizedModel
+from quota_compile.models.llava import VLM
+from quota_compile.programs import KV_FLOAT, DecodeProgram, PrefillProgram, PruneSpec, VisionProgram, kv_io_names, kv_stored_names
+from quota_compile.quant import ops  # noqa: F401  (registers torch.ops.quota)
+from quota_compile.quant.simulate import QuantizedModel
 
 # Example sizes used for tracing; batch 2 so that the batch dimension is not specialised.
 _BATCH = 2

@@ -54,8 +54,8 @@ functions' annotations as objects (``trtp.TensorDesc``, ``int``, ...), not as st
 import ast
 from pathlib import Path
 
-from .lower_trt import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_NAMESPACE, TRT_FOLDER, W4A4_LINEAR
-from .runtime import GRAPHS
+from quota_compile.lower_trt import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_NAMESPACE, TRT_FOLDER, W4A4_LINEAR
+from quota_compile.runtime import GRAPHS
 
 ENGINE_LOG = "build.log"
 # GEMM tiles offered to TensorRT as AOT tactics (BLOCK_M, BLOCK_N, warps, stages): a thin one
@@ -93,7 +93,7 @@ def register_plugins() -> None:
     import torch
     import triton
 
-    from .kernels import trt_aot as K
+    from quota_compile.kernels import trt_aot as K
 
     def as_torch(t):
         return torch.as_tensor(t, device="cuda")
@@ -132,7 +132,7 @@ def register_plugins() -> None:
     @trtp.impl(w4a4)
     def _w4a4_impl(x: trtp.Tensor, weight: trtp.Tensor, scale: trtp.Tensor, bias: trtp.Tensor, group_size: int,
                    clip_ratio: float, act_bits: int, outputs: Tuple[trtp.Tensor], stream: int, tactic: int) -> None:
-        from .kernels.w4a4_linear import w4a4_linear
+        from quota_compile.kernels.w4a4_linear import w4a4_linear
 
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             out = as_torch(outputs[0])
@@ -386,7 +386,7 @@ def compare_engines(bundle: Path, models: dict, sample) -> dict:
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    from .trt_verify import compare_runners, feeds_of, session
+    from quota_compile.trt_verify import compare_runners, feeds_of, session
 
     register_plugins()
     folder = Path(bundle) / TRT_FOLDER

@@ -24,11 +24,11 @@ import numpy as np
 import onnx
 import torch
 
-from .kernels.reference import w4a4_matmul_reference
-from .lower_trt import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_DOMAIN, PLUGINS, W4A4_LINEAR, _PLUGIN_ATTRS
-from .quant import ops
-from .runtime import GRAPHS, OrtBackend, session_options
-from .lower_ort import kv_update_of
+from quota_compile.kernels.reference import w4a4_matmul_reference
+from quota_compile.lower_trt import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_DOMAIN, PLUGINS, W4A4_LINEAR, _PLUGIN_ATTRS
+from quota_compile.quant import ops
+from quota_compile.runtime import GRAPHS, OrtBackend, session_options
+from quota_compile.lower_ort import kv_update_of
 
 CONTRIB_DOMAIN = "ai.onnx.contrib"
 RUNTIME = "onnxruntime CPUExecutionProvider, the plugin nodes as onnxruntime-extensions Python custom ops (the plugins' PyTorch references)"

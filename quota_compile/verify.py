@@ -49,11 +49,11 @@ import numpy as np
 import onnx
 import torch
 
-from .config import VerifySection
-from .errors import GraphRunError, onnxruntime_errors
-from .lower_ort import KV_REPLACE
-from .runtime import GRAPHS, Backend, Batch, Generation, append_kv, greedy_generate, make_batch
-from .trace import Programs
+from quota_compile.config import VerifySection
+from quota_compile.errors import GraphRunError, onnxruntime_errors
+from quota_compile.lower_ort import KV_REPLACE
+from quota_compile.runtime import GRAPHS, Backend, Batch, Generation, append_kv, greedy_generate, make_batch
+from quota_compile.trace import Programs
 
 QUESTIONS = [
     "What is in the image?",
@@ -108,7 +108,7 @@ class _CodeRecorder:
     """Forward pre-hooks on every :class:`QuantLinear`: the codes of each distinct input."""
 
     def __init__(self, model: torch.nn.Module):
-        from .quant.simulate import QuantLinear
+        from quota_compile.quant.simulate import QuantLinear
 
         self.names = {m: n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
         self.inputs: list[torch.Tensor] = []
@@ -214,7 +214,7 @@ def held_out_samples(vlm, cfg: VerifySection, visual_span: tuple[int, int], data
     shapesvqa``) ShapesVQA test-split samples drawn with ``verify.seed`` (a stream apart from
     the evaluation's)."""
     if dataset == "shapesvqa":
-        from .shapes import vqa_items
+        from quota_compile.shapes import vqa_items
 
         items = vqa_items("test", cfg.seed, cfg.samples, vlm.image_size, vlm.patch_size)
         images, qs = [i.image for i in items], [i.text for i in items]
@@ -361,7 +361,7 @@ def _ort_session(model: onnx.ModelProto):
 
     import onnxruntime as ort
 
-    from .runtime import session_options
+    from quota_compile.runtime import session_options
 
     if model.ByteSize() < (1 << 31) - (1 << 26):
         return ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])

@@ -34,18 +34,18 @@ from collections.abc import Iterator
 
 import torch
 
-from ..quant import ops  # noqa: F401  (registers torch.ops.quota.*, used below)
-from .reference import dequantize_cache
+from quota_compile.quant import ops  # noqa: F401  (registers torch.ops.quota.*, used below)
+from quota_compile.kernels.reference import dequantize_cache
 
 
 def _kernel_module():
-    from . import w4a4_linear as mod
+    from quota_compile.kernels import w4a4_linear as mod
 
     return mod
 
 
 def _attention_module():
-    from . import kv_attention as mod
+    from quota_compile.kernels import kv_attention as mod
 
     return mod
 
@@ -53,7 +53,7 @@ def _attention_module():
 def _interpreted(kernel_of) -> bool:
     if os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    from . import available, is_interpreted
+    from quota_compile.kernels import available, is_interpreted
 
     return available() and is_interpreted(kernel_of())
 

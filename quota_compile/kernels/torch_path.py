@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from ..runtime import append_kv
+from quota_compile.runtime import append_kv
 
 
 def kernel_programs(traced: dict, device: str | torch.device = "cuda") -> dict[str, fx.GraphModule]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from ..config import CompileConfig, resolve_source
-from ..errors import UserError
-from .builtin import BUILTINS, TRAINED, materialize_builtin
-from .llava import VLM, load_llava
+from quota_compile.config import CompileConfig, resolve_source
+from quota_compile.errors import UserError
+from quota_compile.models.builtin import BUILTINS, TRAINED, materialize_builtin
+from quota_compile.models.llava import VLM, load_llava
 
 __all__ = ["VLM", "load_model", "BUILTINS"]
 

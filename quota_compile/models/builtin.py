@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from quota_compile.errors import UserError
 
 LOGIT_GAIN = 25.0
 _SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]

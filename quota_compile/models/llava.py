@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from quota_compile.errors import UserError
 
 TEXT_MODELS = ("llama", "mistral", "qwen2")
 VISION_MODELS = ("clip_vision_model", "siglip_vision_model")

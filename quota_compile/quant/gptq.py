@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .ops import SCALE_EPS, _signed_range
+from quota_compile.quant.ops import SCALE_EPS, _signed_range
 
 BLOCK = 128
 

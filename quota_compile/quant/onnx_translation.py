@@ -18,7 +18,7 @@ import onnxscript
 from onnxscript import ir
 from onnxscript import opset21 as op
 
-from .ops import SCALE_EPS
+from quota_compile.quant.ops import SCALE_EPS
 
 MARKER_DOMAIN = "quota_compile.lowering"
 _marker = onnxscript.values.Opset(MARKER_DOMAIN, 1)
@@ -136,8 +136,8 @@ def select_topk(score, k: int):
 def translation_table() -> dict:
     import torch
 
-    from .. import pruning  # noqa: F401  (registers torch.ops.quota.select_topk)
-    from . import ops  # noqa: F401  (registers the torch.ops.quota namespace)
+    from quota_compile import pruning  # noqa: F401  (registers torch.ops.quota.select_topk)
+    from quota_compile.quant import ops  # noqa: F401  (registers the torch.ops.quota namespace)
 
     return {
         torch.ops.quota.select_topk.default: select_topk,

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import QuantizationSection
-from ..errors import UserError
-from . import ops
+from quota_compile.config import QuantizationSection
+from quota_compile.errors import UserError
+from quota_compile.quant import ops
 
 # Group sizes tried, largest first, when model.yaml leaves quantization.weights.group_size
 # unset: the largest one that divides every quantized Linear's input size is used.
