@@ -37,12 +37,12 @@ def main() -> int:
     import onnxruntime as ort
     import torch
 
-    from quota_compile.bench import bench_variants, prepared
+    from quota_compile.commands.bench import bench_variants, prepared
     from quota_compile.config import load_config
-    from quota_compile.evaluate import build_variant
-    from quota_compile.lower import save_onnx
-    from quota_compile.lower_ort import group_query_attention, lower_flavour, to_onnxruntime, uses_group_query_attention
-    from quota_compile.runtime import OrtBackend
+    from quota_compile.core.variants import build_variant
+    from quota_compile.export.onnx import save_onnx
+    from quota_compile.export.flavours.ort import group_query_attention, lower_flavour, to_onnxruntime, uses_group_query_attention
+    from quota_compile.runtime.ort import OrtBackend
 
     cfg = load_config(args.config)
     if not uses_group_query_attention(cfg):

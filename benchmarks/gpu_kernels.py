@@ -313,7 +313,7 @@ def compile_variants(quick: bool) -> list[tuple[str, Callable[[], object], bool]
                       "GROUP_M": 8, **c.kwargs}
             types = dict(gemm_types, a_ptr="*fp16" if fused else "*i8")
             label = f"w4a4_gemm {c.kwargs} w{c.num_warps} s{c.num_stages} fused={fused} tile_groups={tile_groups}"
-            out.append((label, lambda t=types, k=consts, c=c: _compile(W._w4a4_gemm_kernel, t, k, c.num_warps,
+            out.append((label, lambda t=types, k=consts, c=c: _compile(W.w4a4_gemm_kernel, t, k, c.num_warps,
                                                                          c.num_stages), fused))
     attn_types = {"q_ptr": "*fp16", "kc_ptr": "*u8", "ks_ptr": "*fp32", "kz_ptr": "*u8", "vc_ptr": "*u8",
                   "vs_ptr": "*fp32", "vz_ptr": "*u8", "seqlens_ptr": "*i32", "part_m_ptr": "*fp32",

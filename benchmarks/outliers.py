@@ -1,4 +1,4 @@
-"""The synthetic outlier experiment of issue 6 (quota_compile/quant/outliers.py): W4A4 with an
+"""The synthetic outlier experiment of issue 6 (benchmarks/outlier_experiment.py): W4A4 with an
 INT4 KV cache on builtin:tiny-llava with injected outlier channels, for RTN, the rotation
 (offline only, and with its online part), GPTQ and GPTQ with the rotation.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from quota_compile.quant.outliers import run_experiment
+from outlier_experiment import run_experiment  # benchmarks/ is on sys.path when run as a script
 
 
 def main() -> None:

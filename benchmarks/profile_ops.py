@@ -34,10 +34,10 @@ def main() -> int:
 
     import torch
 
-    from quota_compile.bench import bench_variants, prepared
+    from quota_compile.commands.bench import bench_variants, prepared
     from quota_compile.config import load_config
-    from quota_compile.evaluate import build_variant
-    from quota_compile.runtime import OrtBackend, greedy_generate
+    from quota_compile.core.variants import build_variant
+    from quota_compile.runtime.ort import OrtBackend, greedy_generate
 
     cfg = load_config(args.config)
     threads = cfg.bench.threads or torch.get_num_threads()

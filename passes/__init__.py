@@ -4,7 +4,7 @@ A pass takes the ``torch.fx.GraphModule`` of an exported program (``ExportedProg
 parameters as ``get_attr`` nodes, as in torchao's PT2E flow) and returns a
 :class:`PassResult`. Each pass states what it requires of the graph (checked by
 ``requires``) and what it guarantees afterwards (checked by ``ensures``); calling the pass
-object runs all three. The compiler applies them in the order ``quota_compile.trace._run_passes``
+object runs all three. The compiler applies them in the order ``quota_compile.capture.trace._run_passes``
 lists them (strip asserts, fold top-k gathers, insert Q/DQ, quantize KV I/O, pack INT4 weights,
 quantize the embedding table) and re-exports the result for lowering.
 """

@@ -3,7 +3,7 @@
 Requires: ``quota::prune_point`` nodes whose ``k`` and ``visual_start`` are static ints
 smaller than the visual count they receive (the recipe's per-layer keep counts).
 Ensures: no ``prune_point`` remains; each became a call of
-:func:`quota_compile.pruning.gather_visual` with the same static ``k``: a ``select_topk``
+:func:`quota_compile.pruning.score.gather_visual` with the same static ``k``: a ``select_topk``
 (TopK by score, ties to the lower index, kept indices sorted ascending) followed by gathers of
 the visual span of the hidden states, positions (original RoPE positions are kept) and mask,
 and of the original visual indices. The text before and after the visual span is untouched,
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from quota_compile.pruning import gather_visual
+from quota_compile.pruning.score import gather_visual
 
 from . import GraphPass, PassError, PassResult
 

@@ -11,7 +11,7 @@ node (count preserved); an activation quantizer read by nothing else is removed.
 8-bit activations, weight-only ones and everything else are untouched.
 
 These passes are not used for the ONNX export: they build the PyTorch execution path
-(:mod:`quota_compile.kernels.torch_path`).
+(:mod:`quota_compile.export.flavours.torch_path`).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _shape(node: fx.Node) -> tuple | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def _quantized_past(gm: fx.GraphModule) -> list[fx.Node]:
+def quantized_past(gm: fx.GraphModule) -> list[fx.Node]:
     """The dequantizers of the stored past cache (``dequantize_kv`` / ``_static`` of a graph input)."""
     return [n for n in gm.graph.nodes if _is(n, *_PAST_DEQUANTIZE) and n.args[0].op == "placeholder"]
 
@@ -229,7 +229,7 @@ class UseKVDecodeAttention(GraphPass):
     entries' quantizers stay (their codes are the graph's ``present.*`` outputs, their
     dequantized values the op's ``k_new`` / ``v_new``); the replaced nodes are removed. Not for
     the prefill graph (QUOTA reads its softmax probabilities) nor for a float cache, and not
-    used for the ONNX export (:mod:`quota_compile.kernels.torch_path` only).
+    used for the ONNX export (:mod:`quota_compile.export.flavours.torch_path` only).
     """
 
     name = "use_kv_decode_attention"
@@ -240,7 +240,7 @@ class UseKVDecodeAttention(GraphPass):
     def requires(self, gm: fx.GraphModule) -> None:
         if self.num_layers < 1:
             raise PassError(f"{self.name}: num_layers must be positive, got {self.num_layers}")
-        if not _quantized_past(gm):
+        if not quantized_past(gm):
             raise PassError(f"{self.name}: no quantized past KV cache (dequantize_kv of a graph input) in the graph")
         self._quantizers = sum(count_calls(gm, op) for op in _KV_QUANTIZE)
 
@@ -266,7 +266,7 @@ class UseKVDecodeAttention(GraphPass):
         left = sum(count_calls(gm, op) for op in _SOFTMAX)
         if left:
             raise PassError(f"{self.name}: {left} softmax node(s) left in the decode graph (an attention not matched)")
-        if _quantized_past(gm):
+        if quantized_past(gm):
             raise PassError(f"{self.name}: the past KV cache is still dequantized")
         if sum(count_calls(gm, op) for op in _KV_QUANTIZE) != self._quantizers:
             raise PassError(f"{self.name}: the new KV entries' quantizers changed")

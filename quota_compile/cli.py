@@ -50,7 +50,7 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from quota_compile.bundle import versions
+        from quota_compile.bundle.format import versions
 
         v = versions()
         tool = v.pop("quota-compile")
@@ -114,9 +114,9 @@ def _compile(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from quota_compile.bundle import human_size
-    from quota_compile.pipeline import compile_model
-    from quota_compile.verify import KINDS
+    from quota_compile.bundle.format import human_size
+    from quota_compile.commands.compile import compile_model
+    from quota_compile.verify.gate import KINDS
 
     result = compile_model(args.config, force=args.force, console=Console(stderr=True), recipe_path=args.recipe)
     # the result (stdout): the graphs and the verification; the stage lines went to stderr
@@ -141,7 +141,7 @@ def _eval(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from quota_compile.evaluate import retention_table, run_eval
+    from quota_compile.commands.evaluate import retention_table, run_eval
 
     console = Console(stderr=True)
     folder, doc = run_eval(args.config, force=args.force, console=console)
@@ -160,8 +160,8 @@ def _bench(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from quota_compile.bench import run_bench
-    from quota_compile.bundle import human_size
+    from quota_compile.commands.bench import run_bench
+    from quota_compile.bundle.format import human_size
 
     console = Console(stderr=True)
     folder, doc = run_bench(args.config, force=args.force, console=console)
@@ -191,7 +191,7 @@ def _bench(args) -> int:
 
 
 def _run(args) -> int:
-    from quota_compile.runtime import BundleRunner, load_image
+    from quota_compile.runtime.ort import BundleRunner, load_image
 
     if len(args.image) != len(args.prompt):
         raise UserError(f"command line: {len(args.image)} --image but {len(args.prompt)} --prompt; give one prompt per image.")

@@ -161,7 +161,7 @@ class CalibrationSection(_Section):
     holdout: float = Field(0.25, gt=0.0, lt=1.0)
     # where calibration (GPTQ, the per_channel KV scales, QUOTA's passes) computes: cpu, cuda,
     # cuda:N. With sequential: true only one decoder layer at a time is on that device (the
-    # others wait in host memory; quota_compile/sequential.py); the recipe is the same.
+    # others wait in host memory; quota_compile/capture/sequential.py); the recipe is the same.
     device: str = "cpu"
     sequential: bool = False
 
@@ -197,12 +197,12 @@ class ExportSection(_Section):
     # portable: standard ONNX ops only (always written: the reference lowering);
     # onnxruntime: also the onnxruntime CPU flavour in <bundle>/onnxruntime/, which the
     # runtime then uses; tensorrt: also the TensorRT flavour in <bundle>/tensorrt/ (plugin
-    # nodes for the W4A4 Linears and the quantized KV cache; quota_compile/lower_trt.py),
+    # nodes for the W4A4 Linears and the quantized KV cache; quota_compile/export/flavours/trt.py),
     # verified through onnxruntime-extensions, and its engines where TensorRT and a GPU are.
     targets: list[Literal["portable", "onnxruntime", "tensorrt"]] = Field(default_factory=lambda: ["portable"], min_length=1)
     onnxruntime: OnnxruntimeExport = Field(default_factory=OnnxruntimeExport)
     # Functions applied to the portable graphs after export, before the flavours and the
-    # verification (quota_compile/onnx_passes.py): "module:function", the module importable
+    # verification (quota_compile/export/user_passes.py): "module:function", the module importable
     # from sys.path or the YAML file's folder.
     passes: list[str] = Field(default_factory=list)
 
@@ -246,7 +246,7 @@ class VerifySection(_Section):
     samples: int = Field(4, ge=1)
     new_tokens: int = Field(16, ge=1)
     seed: int = Field(1234, ge=0)
-    # The gate (quota_compile/verify.py): every graph call is repeated in onnxruntime on the
+    # The gate (quota_compile/verify/gate.py): every graph call is repeated in onnxruntime on the
     # simulation's very inputs, in a verification-only copy of the graph whose quantizers'
     # readers are fed the simulation's codes (teacher forcing, so one difference does not
     # cascade), and the INT4/INT8 codes both sides compute are compared: every activation

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the builtin ``shapes-llava`` model from scratch on ShapesVQA, on CPU.
 
-Independent of the ``quota-compile`` pipeline: it uses only :mod:`quota_compile.shapes` (the data)
+Independent of the ``quota-compile`` pipeline: it uses only :mod:`quota_compile.data.shapes` (the data)
 and transformers' Llava classes. The result is a normal Hugging Face folder (``config.json``,
 ``model.safetensors``, tokenizer and processor files) that loads offline with
 ``LlavaForConditionalGeneration.from_pretrained`` and ``AutoProcessor.from_pretrained``.
@@ -16,7 +16,7 @@ Training (what makes a from-scratch run converge on two CPU cores):
 
 - dense auxiliary supervision of the vision tower: on the 64 patch features that feed the
   projector, linear heads predict, per patch, whether it is covered by a shape, the colour and
-  the kind of the shape covering most of it (:func:`quota_compile.shapes.patch_targets`),
+  the kind of the shape covering most of it (:func:`quota_compile.data.shapes.patch_targets`),
   whether it holds a shape's centre (one patch per object: what counting needs) and its row
   and column (position questions). The first ``--vision-steps`` steps train the tower on these
   targets alone (cheap: no decoder), after that both losses are trained jointly; the heads are
@@ -90,7 +90,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quota_compile.shapes import (  # noqa: E402
+from quota_compile.data.shapes import (  # noqa: E402
     COLOUR_NAMES,
     KINDS,
     LETTERS,

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from quota_compile.allocate import (
+from quota_compile.pruning.allocate import (
     KeepSchedule,
     allocate,
     fastv_schedule,

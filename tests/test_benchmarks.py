@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from quota_compile.benchmarks import (
+from quota_compile.data.benchmarks import (
     BENCHMARKS,
     LETTER_ANSWER_PROMPT,
     SHORT_ANSWER_PROMPT,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from quota_compile.bundle import atomic_folder, check_bundle, key_hashes
+from quota_compile.bundle.format import atomic_folder, check_bundle, key_hashes
 from quota_compile.cli import main
 
 from .conftest import write_config

@@ -7,7 +7,8 @@ import json
 import platform
 from pathlib import Path
 
-from quota_compile import cli, pipeline
+from quota_compile import cli
+from quota_compile.commands import compile as pipeline
 
 
 def test_write_builtin_writes_a_loadable_hf_folder(tmp_path: Path, capsys):
@@ -138,7 +139,7 @@ def test_prompt_warnings_for_words_the_tokenizer_does_not_know():
     from transformers import AutoTokenizer
 
     from quota_compile.models.builtin import TRAINED
-    from quota_compile.runtime import prompt_warnings
+    from quota_compile.runtime.ort import prompt_warnings
 
     tok = AutoTokenizer.from_pretrained(TRAINED["shapes-llava"])
     assert prompt_warnings(tok, ["What colour is the circle?", "xyzzy circle"]) == []

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from quota_compile.bundle import sha256_file
+from quota_compile.bundle.format import sha256_file
 from quota_compile.cli import main
-from quota_compile.recipe import Recipe
-from quota_compile.runtime import BundleRunner, greedy_generate, make_batch
-from quota_compile.verify import synthetic_images
+from quota_compile.pruning.recipe import Recipe
+from quota_compile.runtime.ort import BundleRunner, greedy_generate, make_batch
+from quota_compile.data.samples import synthetic_images
 
 from .conftest import write_config
 
@@ -132,7 +132,7 @@ def test_a_wrong_graph_fails_verification_exits_1_and_leaves_no_bundle(small_fol
     rounds on a grid three times too coarse. The gate's code comparison refuses it."""
     from onnx import TensorProto, helper, numpy_helper
 
-    import quota_compile.pipeline as pipeline
+    import quota_compile.commands.compile as pipeline
 
     real = pipeline.export_onnx
 

@@ -12,9 +12,10 @@ import yaml
 
 from quota_compile.cli import main
 from quota_compile.config import parse_config
-from quota_compile.evaluate import is_correct, normalise, score, variants
-from quota_compile.figures import retention_chart
-from quota_compile.shapes import make_sample, question_families, vqa_items
+from quota_compile.commands.evaluate import is_correct, normalise, score
+from quota_compile.core.variants import variants
+from quota_compile.bundle.figures import retention_chart
+from quota_compile.data.shapes import make_sample, question_families, vqa_items
 
 from .test_benchmarks import write_pope
 from .test_shapes import expected_answer
@@ -195,10 +196,10 @@ SHAPES_LLAVA_MIN_ACCURACY = 0.7  # measured: 80.7 % FP32 on 1,000 test questions
 def test_shapesvqa_calibration_and_verification_use_shapesvqa_questions():
     import contextlib
 
-    from quota_compile.calibrate import calibration_batches
+    from quota_compile.calibration.calibrate import calibration_batches
     from quota_compile.config import CalibrationSection, VerifySection
     from quota_compile.models import load_model
-    from quota_compile.verify import held_out_samples
+    from quota_compile.verify.gate import held_out_samples
 
     cfg = parse_config(_doc(Path("/nonexistent"), "x"), Path("m.yaml"))
     with contextlib.ExitStack() as stack:

@@ -1,4 +1,4 @@
-"""quota_compile.figures: valid, deterministic PNGs; the overlay dims exactly the dropped patches."""
+"""quota_compile.bundle.figures: valid, deterministic PNGs; the overlay dims exactly the dropped patches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from quota_compile.figures import (
+from quota_compile.bundle.figures import (
     DIM_COLOR,
     build_overlay_figure,
     dim_unkept,

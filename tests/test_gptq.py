@@ -79,11 +79,11 @@ def test_gptq_on_the_model_beats_rtn_layer_by_layer_on_held_out_prompts(small_fo
     import contextlib
     from pathlib import Path
 
-    from quota_compile.calibrate import batches_sha256, calibration_batches, quantize_model
+    from quota_compile.calibration.calibrate import batches_sha256, calibration_batches, quantize_model
     from quota_compile.config import parse_config
     from quota_compile.models import load_model
-    from quota_compile.programs import PrefillProgram, VisionProgram
-    from quota_compile.verify import held_out_samples
+    from quota_compile.capture.programs import PrefillProgram, VisionProgram
+    from quota_compile.verify.gate import held_out_samples
 
     def build(method):
         doc = {"version": 1, "model": {"source": str(small_folder)}, "calibration": {"num_samples": 4},

@@ -494,11 +494,11 @@ def torch_path_build(small_folder):
     traced programs; built once per granularity for this module."""
     import contextlib
 
-    from quota_compile.calibrate import quantize_model
+    from quota_compile.calibration.calibrate import quantize_model
     from quota_compile.config import parse_config
     from quota_compile.models import load_model
-    from quota_compile.pipeline import decide_pruning
-    from quota_compile.trace import build_programs, trace_programs
+    from quota_compile.core.decisions import decide_pruning
+    from quota_compile.capture.trace import build_programs, trace_programs
 
     built = {}
 
@@ -520,7 +520,7 @@ def torch_path_build(small_folder):
 
 
 def _count(gm, *targets) -> int:
-    from passes import count_calls
+    from quota_compile.passes import count_calls
 
     return sum(count_calls(gm, t) for t in targets)
 
@@ -564,17 +564,17 @@ def _assert_same_generation(got, ref) -> None:
 
 
 def test_torch_path_runs_the_traced_programs_with_the_kernel(torch_path_build, monkeypatch):
-    """quota_compile.kernels.torch_path on the 2-layer model with QUOTA-style pruning (fastv):
+    """quota_compile.export.flavours.torch_path on the 2-layer model with QUOTA-style pruning (fastv):
     every W4A4 Linear of the traced graphs becomes one quota.w4a4_linear and each decode layer's
     attention one quota.kv_decode_attention, run here by the Triton kernels in the interpreter;
     greedy decoding through them matches the simulation (same tokens and kept indices, logits
     within float-summation error)."""
-    from passes.use_triton_kernels import w4a4_matmuls
+    from quota_compile.passes.use_triton_kernels import w4a4_matmuls
     from quota_compile.config import VerifySection
     from quota_compile.kernels.ops import cpu_uses_kernel
-    from quota_compile.kernels.torch_path import KernelBackend
-    from quota_compile.runtime import greedy_generate
-    from quota_compile.verify import TorchBackend, held_out_samples
+    from quota_compile.export.flavours.torch_path import KernelBackend
+    from quota_compile.runtime.ort import greedy_generate
+    from quota_compile.verify.gate import TorchBackend, held_out_samples
 
     vlm, span, programs, traced = torch_path_build("per_token")
     linears = {g: len(w4a4_matmuls(t.module)) for g, t in traced.items()}
@@ -603,9 +603,10 @@ def test_torch_path_decodes_a_right_padded_batch_like_the_simulation(granularity
     simulation's. The W4A4 Linears run as the simulation's ops here (the W4A4 kernel is the
     test above's), which keeps this test at a few seconds."""
     from quota_compile.kernels.ops import cpu_uses_kernel, simulated_on_cpu
-    from quota_compile.kernels.torch_path import KernelBackend
-    from quota_compile.runtime import greedy_generate, make_batch
-    from quota_compile.verify import TorchBackend, synthetic_images
+    from quota_compile.export.flavours.torch_path import KernelBackend
+    from quota_compile.runtime.ort import greedy_generate, make_batch
+    from quota_compile.data.samples import synthetic_images
+    from quota_compile.verify.gate import TorchBackend
 
     vlm, span, programs, traced = torch_path_build(granularity)
     backend = KernelBackend(traced, "cpu")

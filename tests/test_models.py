@@ -19,8 +19,8 @@ from quota_compile.config import DEFAULT_PROMPT, QuantizationSection, WeightQuan
 from quota_compile.models.builtin import build_tiny_llava
 from quota_compile.models.llava import load_llava
 from quota_compile.quant.simulate import quantize
-from quota_compile.trace import build_programs
-from quota_compile.verify import synthetic_images
+from quota_compile.capture.trace import build_programs
+from quota_compile.data.samples import synthetic_images
 
 from .conftest import write_config
 

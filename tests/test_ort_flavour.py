@@ -14,8 +14,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from quota_compile.cli import main
-from quota_compile.lower_ort import (
-    KV_APPEND, KV_REPLACE, OrtLoweringError, group_query_attention, kv_update_of, matmulnbits_weights, ort_counts, to_onnxruntime,
+from quota_compile.bundle.format import KV_APPEND, KV_REPLACE, kv_update_of
+from quota_compile.export.flavours.ort import (
+    OrtLoweringError, group_query_attention, matmulnbits_weights, ort_counts, to_onnxruntime,
 )
 from quota_compile.quant import ops
 
@@ -50,10 +51,10 @@ def test_static_int4_cache_layout_is_groupqueryattentions():
 def test_calibrated_kv_scales_cover_exactly_the_calibration_range(small_folder: Path):
     import contextlib
 
-    from quota_compile.calibrate import calibrate_kv_scales, calibration_batches
+    from quota_compile.calibration.calibrate import calibrate_kv_scales, calibration_batches
     from quota_compile.config import CalibrationSection, parse_config
     from quota_compile.models import load_model
-    from quota_compile.programs import PrefillProgram, VisionProgram
+    from quota_compile.capture.programs import PrefillProgram, VisionProgram
     from quota_compile.quant.simulate import quantize
 
     doc = {"version": 1, "model": {"source": str(small_folder)},
@@ -217,7 +218,7 @@ def test_groupqueryattention_decode_equals_the_graphs_own_attention(ort_bundle: 
     """Same prefill cache, padded batch of 2, pruned layers of different lengths: the decode
     with GroupQueryAttention writes the same INT4 codes and gives the same logits as the
     flavour without it, step after step."""
-    from quota_compile.runtime import OrtBackend, append_kv
+    from quota_compile.runtime.ort import OrtBackend, append_kv
 
     m = json.loads((ort_bundle / "manifest.json").read_text())
     assert len({e["visual_tokens"] for e in m["kv_cache"]}) > 1  # the layers' caches differ in length
@@ -252,7 +253,7 @@ def test_groupqueryattention_decode_equals_the_graphs_own_attention(ort_bundle: 
 
 def test_groupqueryattention_needs_the_int4_per_channel_cache(tmp_path: Path, small_folder: Path):
     from quota_compile.config import parse_config
-    from quota_compile.lower_ort import uses_group_query_attention
+    from quota_compile.export.flavours.ort import uses_group_query_attention
 
     def cfg(kv, gqa=True):
         doc = {"version": 1, "model": {"source": "builtin:tiny-llava"}, "quantization": {"kv_cache": kv},
@@ -275,7 +276,7 @@ def test_groupqueryattention_needs_the_int4_per_channel_cache(tmp_path: Path, sm
 def test_runner_uses_the_onnxruntime_flavour_and_answers_like_the_portable_graphs(ort_bundle: Path):
     from PIL import Image
 
-    from quota_compile.runtime import BundleRunner, OrtBackend, greedy_generate, make_batch
+    from quota_compile.runtime.ort import BundleRunner, OrtBackend, greedy_generate, make_batch
 
     runner = BundleRunner(ort_bundle)
     assert runner.flavour == "onnxruntime"
@@ -300,7 +301,7 @@ def test_to_onnxruntime_rejects_blocks_matmulnbits_cannot_take():
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w, s])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    from quota_compile.lower_ort import OrtLoweringError
+    from quota_compile.export.flavours.ort import OrtLoweringError
 
     with pytest.raises(OrtLoweringError, match="power of two >= 16"):
         to_onnxruntime(model, 4)

@@ -10,7 +10,7 @@ Two programs stand in for the compiler's:
   that attention also reads.
 - ``Decode``: q/k/v/o plus ``head``; takes ``past_k, past_v [B, H, S, D]``, concatenates the new
   entry, returns ``(logits, k_new, v_new)``.
-Both are exported with a dynamic batch (and past length), as ``quota_compile.trace`` does.
+Both are exported with a dynamic batch (and past length), as ``quota_compile.capture.trace`` does.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from onnx import TensorProto
 from torch import nn
 from torch.export import Dim
 
-from passes import PassError, count_calls, outputs, placeholders, plain_signature, remove_unused_attributes
-from passes.insert_qdq import InsertQDQ, LinearQuantSpec
-from passes.pack_int4_weights import PackInt4Weights
-from passes.quantize_kv_io import STORED_SUFFIXES, QuantizeKVIO
-from passes.strip_runtime_asserts import ASSERT_TARGETS, GUARD_MODULE, StripRuntimeAsserts
-from quota_compile.lower import export_onnx
+from quota_compile.passes import PassError, count_calls, outputs, placeholders, plain_signature, remove_unused_attributes
+from quota_compile.passes.insert_qdq import InsertQDQ, LinearQuantSpec
+from quota_compile.passes.pack_int4_weights import PackInt4Weights
+from quota_compile.passes.quantize_kv_io import STORED_SUFFIXES, QuantizeKVIO
+from quota_compile.passes.strip_runtime_asserts import ASSERT_TARGETS, GUARD_MODULE, StripRuntimeAsserts
+from quota_compile.export.onnx import export_onnx
 from quota_compile.quant import ops
 from quota_compile.quant.simulate import QuantizedWeight
 
@@ -717,7 +717,7 @@ def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
 
 
 def _pipeline(gm, targets, kv_bits, kv_inputs=(), kv_outputs=()) -> list[tuple[str, bool]]:
-    """The passes in the order the compiler applies them (``quota_compile.trace``)."""
+    """The passes in the order the compiler applies them (``quota_compile.capture.trace``)."""
     log = []
     for p in (StripRuntimeAsserts(), InsertQDQ(targets), QuantizeKVIO(kv_bits, kv_inputs, kv_outputs), PackInt4Weights()):
         log.append((p.name, p(gm).modified))

@@ -154,7 +154,7 @@ def test_recipe_refusals_for_a_differing_quantization_and_a_wrong_keep_length(sm
     anything is written."""
     from quota_compile.config import load_config
     from quota_compile.models import load_model
-    from quota_compile.pipeline import check_recipe, read_recipe
+    from quota_compile.core.decisions import check_recipe, read_recipe
 
     out = tmp_path / "exported"
     quant = {"weights": {"group_size": 16}}
@@ -212,7 +212,7 @@ class ScriptedBackend:
 
 
 def test_greedy_generation_stops_each_row_at_eos_and_decodes_no_further():
-    from quota_compile.runtime import Batch, greedy_generate
+    from quota_compile.runtime.ort import Batch, greedy_generate
 
     eos = 2
     script = [[5, 6, eos, 9, 9, 9], [7, 8, 9, 10, eos, 11]]
@@ -262,8 +262,8 @@ def test_run_prints_one_answer_line_per_image(shapes_w4a4_bundle: Path, capsys):
 def test_run_stops_at_eos_before_max_new_tokens_and_does_not_print_it(shapes_w4a4_bundle: Path):
     """The trained model answers one word, then EOS: generation stops there (one decode
     step per further token, none after EOS) although 32 tokens were allowed."""
-    from quota_compile.runtime import BundleRunner, load_image
-    from quota_compile.shapes import answer_vocabulary
+    from quota_compile.runtime.ort import BundleRunner, load_image
+    from quota_compile.data.shapes import answer_vocabulary
 
     class Counting:
         def __init__(self, inner):
@@ -291,7 +291,7 @@ def test_run_stops_at_eos_before_max_new_tokens_and_does_not_print_it(shapes_w4a
     assert all(a in vocabulary for a in answers), answers  # one word each, no EOS text
     assert counting.decodes == 1  # token 1 (the word) from the prefill, token 2 (EOS) from one decode step
 
-    from quota_compile.runtime import greedy_generate, make_batch
+    from quota_compile.runtime.ort import greedy_generate, make_batch
 
     counting.decodes = 0
     batch = make_batch(runner.processor, runner.prompt_template, [image, image], questions, runner.visual_span, runner.image_token_id)
@@ -320,13 +320,13 @@ def test_attention_cued_pruning_beats_random_at_the_same_budget():
     docs/benchmark.md: 71.0 vs 53.0 % on 1,000 questions. The test asks for a one-sided
     exact sign test over the questions where they differ at p < 0.001 (with ~60 discordant
     questions, about 12 points of accuracy)."""
-    from quota_compile.calibrate import quantize_model, settle_quantization
+    from quota_compile.calibration.calibrate import quantize_model, settle_quantization
     from quota_compile.config import parse_config
-    from quota_compile.evaluate import answer_all, is_correct, shapes_questions
+    from quota_compile.commands.evaluate import answer_all, is_correct, shapes_questions
     from quota_compile.models import load_model
-    from quota_compile.pipeline import decide_pruning
-    from quota_compile.trace import build_programs
-    from quota_compile.verify import TorchBackend
+    from quota_compile.core.decisions import decide_pruning
+    from quota_compile.capture.trace import build_programs
+    from quota_compile.verify.gate import TorchBackend
 
     config_file = Path("shapes.yaml")
     doc = {
@@ -394,9 +394,9 @@ def test_w4a4_bundle_retains_the_fp_accuracy_through_its_onnx_graphs(shapes_w4a4
     so the retention's standard error is about 2 points and 85 % lies more than 3 of them
     below 93.4 %, while a broken quantizer or KV cache answers far worse (the model then
     falls to guessing). The FP reference must itself be the trained model (>= 75 %)."""
-    from quota_compile.evaluate import is_correct
-    from quota_compile.runtime import BundleRunner
-    from quota_compile.shapes import vqa_items
+    from quota_compile.commands.evaluate import is_correct
+    from quota_compile.runtime.ort import BundleRunner
+    from quota_compile.data.shapes import vqa_items
 
     runner = BundleRunner(shapes_w4a4_bundle)
     items = vqa_items("test", HELD_OUT_SEED, 300, 64, 8)
@@ -428,8 +428,8 @@ def _matmul_model(k: int = 64, n: int = 48) -> onnx.ModelProto:
 def test_graphs_above_the_threshold_get_onnx_data_and_load_with_identical_outputs(tmp_path: Path, monkeypatch):
     import onnxruntime as ort
 
-    from quota_compile import lower
-    from quota_compile.lower import save_onnx
+    from quota_compile.export import onnx as lower
+    from quota_compile.export.onnx import save_onnx
 
     assert lower.EXTERNAL_DATA_THRESHOLD == 1 << 30  # README: initializers exceeding 1 GiB
     model = _matmul_model()
@@ -467,7 +467,7 @@ def test_compile_with_external_data_verifies_lists_the_data_files_and_runs(small
     """With the threshold lowered so that every graph is 'large', a compile writes
     `*.onnx.data`, verifies, lists them in the manifest with their sha256, and `run` loads
     the bundle."""
-    from quota_compile import lower
+    from quota_compile.export import onnx as lower
 
     monkeypatch.setattr(lower, "EXTERNAL_DATA_THRESHOLD", 1024)
     cfg = write_config(tmp_path / "ext.yaml", str(small_folder), tmp_path / "exported", verify={"samples": 1, "new_tokens": 2})

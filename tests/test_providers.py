@@ -8,7 +8,7 @@ import pytest
 
 from quota_compile.cli import main
 from quota_compile.errors import UserError
-from quota_compile.runtime import BundleRunner, choose_providers
+from quota_compile.runtime.ort import BundleRunner, choose_providers
 
 HAS_GPU_PROVIDER = "CUDAExecutionProvider" in ort.get_available_providers()
 

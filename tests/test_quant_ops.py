@@ -4,7 +4,7 @@ Three references for every quantizer:
 - an independent numpy implementation of DESIGN §2 (``np.rint`` is round half to even),
 - onnxruntime's QuantizeLinear / DequantizeLinear on hand-built opset-21 graphs fed the same
   scales (isolates rounding, saturation and the INT4 / UINT4 layouts),
-- the ops' own ONNX lowerings (``quota_compile.lower.export_onnx``) run by onnxruntime on the
+- the ops' own ONNX lowerings (``quota_compile.export.onnx.export_onnx``) run by onnxruntime on the
   same inputs (the whole arithmetic, scales included).
 Integer outputs and the float outputs of Q/DQ paths are compared bit for bit.
 """
@@ -22,9 +22,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch.export import Dim
 
-from quota_compile.lower import export_onnx
+from quota_compile.export.onnx import export_onnx
 from quota_compile.quant import ops
-from quota_compile.quant.onnx_translation import MARKER_DOMAIN
+from quota_compile.export.onnx_translation import MARKER_DOMAIN
 
 OPSET = 21
 EPS32 = np.float32(ops.SCALE_EPS)

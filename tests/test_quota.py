@@ -13,19 +13,19 @@ import torch
 import yaml
 from onnx import numpy_helper
 
-from passes import count_calls
-from passes.fold_topk_gather import FoldTopKGather
-from passes.strip_runtime_asserts import StripRuntimeAsserts
-from quota_compile.calibrate import calibrate, calibration_batches, collect_signals
+from quota_compile.passes import count_calls
+from quota_compile.passes.fold_topk_gather import FoldTopKGather
+from quota_compile.passes.strip_runtime_asserts import StripRuntimeAsserts
+from quota_compile.calibration.calibrate import calibrate, calibration_batches, collect_signals
 from quota_compile.cli import main
 from quota_compile.config import CalibrationSection, PruningSection
-from quota_compile.lower import export_onnx
-from quota_compile.programs import PrefillProgram, PruneSpec
-from quota_compile.pruning import ScoreWeights, gather_visual
-from quota_compile.recipe import Recipe
-from quota_compile.runtime import BundleRunner, make_batch
-from quota_compile.trace import build_programs
-from quota_compile.verify import synthetic_images
+from quota_compile.export.onnx import export_onnx
+from quota_compile.capture.programs import PrefillProgram, PruneSpec
+from quota_compile.pruning.score import ScoreWeights, gather_visual
+from quota_compile.pruning.recipe import Recipe
+from quota_compile.runtime.ort import BundleRunner, make_batch
+from quota_compile.capture.trace import build_programs
+from quota_compile.data.samples import synthetic_images
 
 from .conftest import write_config
 
@@ -288,7 +288,7 @@ def test_recipe_that_does_not_fit_the_model_is_exit_2(quota_bundle: Path, small_
 
 
 def test_onnxruntime_batch_of_three_matches_one_at_a_time_with_pruning(quota_bundle: Path):
-    from quota_compile.runtime import greedy_generate
+    from quota_compile.runtime.ort import greedy_generate
 
     runner = BundleRunner(quota_bundle)
     images = synthetic_images(3, 32, seed=21)

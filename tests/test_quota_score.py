@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 import torch
 
-import quota_compile.calibrate as calibrate_module
-from quota_compile.calibrate import calibrate
+import quota_compile.calibration.calibrate as calibrate_module
+from quota_compile.calibration.calibrate import calibrate
 from quota_compile.config import CalibrationSection, PruningSection
-from quota_compile.programs import PrefillProgram, VisionProgram
-from quota_compile.pruning import ScoreWeights, select_topk, token_score, visual_signals
+from quota_compile.capture.programs import PrefillProgram, VisionProgram
+from quota_compile.pruning.score import ScoreWeights, select_topk, token_score, visual_signals
 
 # ------------------------------------------------------------------ the written-out reference
 

@@ -64,12 +64,12 @@ def test_rotation_leaves_fp_logits_unchanged_in_float64():
 
 
 def test_rotation_cuts_the_w4a4kv4_error_of_outlier_channels():
-    """The outlier experiment (quota_compile/quant/outliers.py) on the tiny model: outliers x50
+    """The outlier experiment (benchmarks/outlier_experiment.py) on the tiny model: outliers x50
     in the normalised residual stream and in down_proj's input, W4A4 with an INT4 KV cache.
     The rotation cuts the KL from full precision by more than 5x (measured 16.8x with
     benchmarks/outliers.py, docs/benchmark.md); its online part, not only the RMSNorm folding
     that undoes the residual injection, matters; GPTQ on the rotated model is better still."""
-    from quota_compile.quant.outliers import run_experiment
+    from benchmarks.outlier_experiment import run_experiment
 
     r = run_experiment(prompts=8, steps=4, calibration_samples=8)
     print({k: (v.kl, v.agreement) for k, v in r.items()})
@@ -86,7 +86,7 @@ def test_injected_outliers_keep_the_fp_function():
 
     from quota_compile.config import parse_config
     from quota_compile.models import load_model
-    from quota_compile.quant.outliers import inject_outliers
+    from benchmarks.outlier_experiment import inject_outliers
 
     cfg = parse_config({"version": 1, "model": {"source": "builtin:tiny-llava"}}, Path("t.yaml"))
     vlm = load_model(cfg, Path("t.yaml"), contextlib.ExitStack())
@@ -110,7 +110,7 @@ def test_config_rotation_rotates_before_quantizing(small_folder):
     import contextlib
     from pathlib import Path
 
-    from quota_compile.calibrate import quantize_model
+    from quota_compile.calibration.calibrate import quantize_model
     from quota_compile.config import parse_config
     from quota_compile.models import load_model
 
@@ -138,10 +138,10 @@ def test_online_rotation_keeps_the_programs_fp_function_and_rotates_the_cache(sm
     import contextlib
     from pathlib import Path
 
-    from quota_compile.calibrate import quantize_model
+    from quota_compile.calibration.calibrate import quantize_model
     from quota_compile.config import parse_config
     from quota_compile.models import load_model
-    from quota_compile.programs import PrefillProgram, VisionProgram
+    from quota_compile.capture.programs import PrefillProgram, VisionProgram
 
     out = {}
     for rotation in ("none", "hadamard"):

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from quota_compile.calibrate import quantize_model
+from quota_compile.calibration.calibrate import quantize_model
 from quota_compile.config import parse_config
 from quota_compile.models import load_model
-from quota_compile.pipeline import decide_pruning
-from quota_compile.sequential import Placement
+from quota_compile.core.decisions import decide_pruning
+from quota_compile.capture.sequential import Placement
 
 
 def _calibrate(folder: Path, sequential: bool):

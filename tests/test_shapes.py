@@ -10,7 +10,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from quota_compile.shapes import (
+from quota_compile.data.shapes import (
     BACKGROUND,
     COLOUR_PRIOR,
     COLOURS,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from quota_compile.shapes import make_sample, question_families, to_chat
+from quota_compile.data.shapes import make_sample, question_families, to_chat
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""The verification gate (quota_compile/verify.py): it refuses wrong graphs and wrong runtimes
+"""The verification gate (quota_compile/verify/gate.py): it refuses wrong graphs and wrong runtimes
 (code flips, kept sets that differ away from a near-tie, a missing pruning layer, other greedy
 tokens) and accepts what float reassociation legitimately does (a few flipped codes, a kept
 set that differs at a near-tie).
@@ -20,15 +20,15 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from quota_compile.calibrate import quantize_model
+from quota_compile.calibration.calibrate import quantize_model
 from quota_compile.cli import main
 from quota_compile.config import load_config, parse_config
 from quota_compile.models import load_model
-from quota_compile.pipeline import decide_pruning
+from quota_compile.core.decisions import decide_pruning
 from quota_compile.quant import ops
-from quota_compile.runtime import GRAPHS, OrtBackend
-from quota_compile.trace import build_programs
-from quota_compile.verify import CodeProbe, TorchBackend, held_out_samples, kept_differences, verify
+from quota_compile.runtime.ort import GRAPHS, OrtBackend
+from quota_compile.capture.trace import build_programs
+from quota_compile.verify.gate import CodeProbe, TorchBackend, held_out_samples, kept_differences, verify
 
 from .conftest import write_config
 

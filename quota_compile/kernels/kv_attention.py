@@ -88,7 +88,7 @@ def _load_codes(c_ptr, row0, offs_t, t_mask, D, BITS: tl.constexpr, BLOCK_D: tl.
 
 
 @triton.jit
-def _kv_tile(c_ptr, s_ptr, z_ptr, seq, channel_scale, offs_t, t_mask, T, D,
+def kv_tile(c_ptr, s_ptr, z_ptr, seq, channel_scale, offs_t, t_mask, T, D,
              PER_TOKEN: tl.constexpr, BITS: tl.constexpr, BLOCK_D: tl.constexpr):
     """Dequantized float32 K or V tile ``[BLOCK_T, BLOCK_D]`` of cache row ``seq = b*Hkv + hk``."""
     stored = D // 2 if BITS == 4 else D
@@ -102,7 +102,7 @@ def _kv_tile(c_ptr, s_ptr, z_ptr, seq, channel_scale, offs_t, t_mask, T, D,
 
 
 @triton.jit
-def _channel_scale(s_ptr, hk, offs_d, D, PER_TOKEN: tl.constexpr):
+def kv_channel_scale(s_ptr, hk, offs_d, D, PER_TOKEN: tl.constexpr):
     """The ``per_channel`` static scale ``[BLOCK_D]`` of KV head ``hk`` (unused per token)."""
     if PER_TOKEN:
         return tl.zeros_like(offs_d).to(tl.float32)
@@ -130,8 +130,8 @@ def _split_body(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_p
     offs_d = tl.arange(0, BLOCK_D)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d, mask=offs_d < D, other=0.0)
     q = q.to(tl.float32)
-    k_cs = _channel_scale(ks_ptr, hk, offs_d, D, PER_TOKEN)
-    v_cs = _channel_scale(vs_ptr, hk, offs_d, D, PER_TOKEN)
+    k_cs = kv_channel_scale(ks_ptr, hk, offs_d, D, PER_TOKEN)
+    v_cs = kv_channel_scale(vs_ptr, hk, offs_d, D, PER_TOKEN)
     start = split * chunk
     stop = tl.minimum(tl.minimum(start + chunk, tl.load(seqlens_ptr + b)), T)
     m_i = -float("inf")
@@ -140,7 +140,7 @@ def _split_body(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_p
     for t0 in range(start, stop, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < stop
-        k = _kv_tile(kc_ptr, ks_ptr, kz_ptr, seq, k_cs, offs_t, t_mask, T, D, PER_TOKEN, BITS, BLOCK_D)
+        k = kv_tile(kc_ptr, ks_ptr, kz_ptr, seq, k_cs, offs_t, t_mask, T, D, PER_TOKEN, BITS, BLOCK_D)
         s = tl.sum(k * q[None, :], axis=1) * sm_scale
         if HAS_BIAS:
             bias = tl.load(bias_ptr + b.to(tl.int64) * stride_bias + offs_t, mask=t_mask, other=0.0)
@@ -152,7 +152,7 @@ def _split_body(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_p
         m_ref = tl.where(m_new > -float("inf"), m_new, 0.0)
         alpha = tl.exp(m_i - m_ref)
         p = tl.exp(s - m_ref)
-        v = _kv_tile(vc_ptr, vs_ptr, vz_ptr, seq, v_cs, offs_t, t_mask, T, D, PER_TOKEN, BITS, BLOCK_D)
+        v = kv_tile(vc_ptr, vs_ptr, vz_ptr, seq, v_cs, offs_t, t_mask, T, D, PER_TOKEN, BITS, BLOCK_D)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new

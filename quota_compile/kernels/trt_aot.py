@@ -6,8 +6,8 @@ then the output pointers (TensorRT samples/python/quickly_deployable_plugins, ``
 https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/trt_plugin_aot_impl/index.html).
 Float parameters cannot be passed at run time, so attributes such as ``clip_ratio`` and the
 softmax scale are compile-time constants. These kernels have exactly that calling convention
-and compute the plugin definitions of :mod:`quota_compile.lower_trt`
-(:mod:`quota_compile.trt_verify` has them in PyTorch):
+and compute the plugin definitions of :mod:`quota_compile.export.flavours.trt`
+(:mod:`quota_compile.verify.trt` has them in PyTorch):
 
 - :func:`w4a4_linear_kernel`: ``QuotaW4A4Linear``; the GEMM of :mod:`.w4a4_linear` in its
   ``FUSED`` form (each program quantizes its rows itself: one launch, at the price of
@@ -21,7 +21,7 @@ and compute the plugin definitions of :mod:`quota_compile.lower_trt`
   use the GPU less well than :func:`.kv_attention.kv_decode_attention`.
 
 Quantizer arithmetic (``quant.ops``): divisions ``tl.math.div_rn`` (IEEE, as PyTorch on the
-CPU), rounding half to even by :func:`.w4a4_linear._round_half_even` after clamping to the
+CPU), rounding half to even by :func:`.w4a4_linear.round_half_even` after clamping to the
 code range (which commutes with rounding). Cache entries are handled as even and odd channel
 halves, which is the INT4 packing (byte ``j`` = channel ``2j`` low, ``2j + 1`` high) and, for
 INT8, a stride-2 view of the bytes.
@@ -36,8 +36,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from quota_compile.kernels.kv_attention import _channel_scale, _kv_tile
-from quota_compile.kernels.w4a4_linear import _round_half_even, _w4a4_gemm_kernel
+from quota_compile.kernels.kv_attention import kv_channel_scale, kv_tile
+from quota_compile.kernels.w4a4_linear import round_half_even, w4a4_gemm_kernel
 
 SCALE_EPS = 1e-8  # quant.ops.SCALE_EPS
 
@@ -49,7 +49,7 @@ def w4a4_linear_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, M, N, K, out_ptr,
                        GROUP_M: tl.constexpr):
     """``out [M, N] = QuotaW4A4Linear(x [M, K], w, w_scale, bias)``; grid
     ``cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)``; ``TILE_GROUPS``: ``GROUP_SIZE == BLOCK_K``."""
-    _w4a4_gemm_kernel(x_ptr, w_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, GROUP_SIZE, CLIP, K, N,
+    w4a4_gemm_kernel(x_ptr, w_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, K, GROUP_SIZE, CLIP, K, N,
                       FUSED=True, HAS_BIAS=True, TILE_GROUPS=TILE_GROUPS, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                       BLOCK_K=BLOCK_K, GROUP_M=GROUP_M)
 
@@ -57,7 +57,7 @@ def w4a4_linear_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, M, N, K, out_ptr,
 @triton.jit
 def _round_clamped(v, lo, hi):
     """``clamp(round_half_even(v), lo, hi)`` as float32 (clamping first keeps ``|v| < 2**22``)."""
-    return _round_half_even(tl.minimum(tl.maximum(v, lo), hi)).to(tl.float32)
+    return round_half_even(tl.minimum(tl.maximum(v, lo), hi)).to(tl.float32)
 
 
 @triton.jit
@@ -191,8 +191,8 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, pk_ptr, pv_ptr, ks_pt
     # one online-softmax pass over the past, then the new entry
     q = tl.interleave(tl.load(q_ptr + pid * D + 2 * offs_p, mask=pmask, other=0.0),
                       tl.load(q_ptr + pid * D + 2 * offs_p + 1, mask=pmask, other=0.0)).to(tl.float32)
-    k_cs = _channel_scale(ks_ptr, hk, offs_d, D, PER_TOKEN)
-    v_cs = _channel_scale(vs_ptr, hk, offs_d, D, PER_TOKEN)
+    k_cs = kv_channel_scale(ks_ptr, hk, offs_d, D, PER_TOKEN)
+    v_cs = kv_channel_scale(vs_ptr, hk, offs_d, D, PER_TOKEN)
     bias_row = bias_ptr + b.to(tl.int64) * (P + 1)
     m_i = -float("inf")
     l_i = 0.0
@@ -200,14 +200,14 @@ def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, pk_ptr, pv_ptr, ks_pt
     for t0 in range(0, P, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         t_mask = offs_t < P
-        k = _kv_tile(pk_ptr, ks_ptr, kz_ptr, seq, k_cs, offs_t, t_mask, P, D, PER_TOKEN, BITS, BLOCK_D)
+        k = kv_tile(pk_ptr, ks_ptr, kz_ptr, seq, k_cs, offs_t, t_mask, P, D, PER_TOKEN, BITS, BLOCK_D)
         bias = tl.load(bias_row + offs_t, mask=t_mask, other=0.0)
         s = tl.where(t_mask, tl.sum(k * q[None, :], axis=1) * SM_SCALE + bias, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         live = m_new > -float("inf")  # a tile of fully masked positions changes nothing
         alpha = tl.where(live, tl.exp(m_i - m_new), 1.0)
         p = tl.where(live, tl.exp(s - m_new), 0.0)
-        v = _kv_tile(pv_ptr, vs_ptr, vz_ptr, seq, v_cs, offs_t, t_mask, P, D, PER_TOKEN, BITS, BLOCK_D)
+        v = kv_tile(pv_ptr, vs_ptr, vz_ptr, seq, v_cs, offs_t, t_mask, P, D, PER_TOKEN, BITS, BLOCK_D)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m_i = m_new

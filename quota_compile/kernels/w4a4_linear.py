@@ -21,7 +21,7 @@ Exactness of the quantizer on every backend
 - Division: ``tl.math.div_rn`` (IEEE round-to-nearest division: ``div.rn.f32`` on NVIDIA;
   ``np.divide`` on float32 in the interpreter). Triton's ``/`` on float32 lowers to an
   approximate division on NVIDIA and is not used. The division by 7 uses it too.
-- Rounding: :func:`_round_half_even` uses only ``floor``, a subtraction that is exact for
+- Rounding: :func:`round_half_even` uses only ``floor``, a subtraction that is exact for
   ``|v| < 2**23`` and comparisons, so it is exact in the interpreter and on the GPU without
   relying on the FP rounding mode, on libdevice (``rint`` is an extern call the interpreter
   cannot run) or on the compiler keeping a magic-number ``(v + 1.5 * 2**23) - 1.5 * 2**23``.
@@ -34,7 +34,7 @@ Exactness of the quantizer on every backend
   FMA contraction only touches the epilogue, never the quantizer.)
 
 Kernels: ``_quantize_rows_kernel`` (codes + scales, exposed by :func:`quantize_activations`)
-and ``_w4a4_gemm_kernel``, which either reads those codes or, with ``FUSED``, recomputes the
+and ``w4a4_gemm_kernel``, which either reads those codes or, with ``FUSED``, recomputes the
 row scales and the codes itself (one launch; the better choice for small ``M``, where
 re-reading ``x`` per column block is cheap).
 """
@@ -60,7 +60,7 @@ _QUANT_BLOCK_M = 4
 
 
 @triton.jit
-def _round_half_even(v):
+def round_half_even(v):
     """Nearest integer of float32 ``v`` (``|v| < 2**22``), ties to even, as int32.
 
     For ``a = |v|``: ``floor(a)`` is exact and so is ``a - floor(a)`` (both operands share
@@ -80,7 +80,7 @@ def _quantize(x, scale):
     """INT4 codes (int8) of float32 ``x`` with the broadcastable float32 ``scale``."""
     v = tl.math.div_rn(x, scale)
     v = tl.minimum(tl.maximum(v, -8.0), 7.0)
-    return _round_half_even(v).to(tl.int8)
+    return round_half_even(v).to(tl.int8)
 
 
 @triton.jit
@@ -164,7 +164,7 @@ def _add_group(acc, dots, w_scale_ptr, group, N, cols, col_mask):
 
 
 @triton.jit
-def _w4a4_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+def w4a4_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
                       M, N, K, group_size, clip, stride_am, stride_om,
                       FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, TILE_GROUPS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -237,7 +237,7 @@ def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> 
 _w4a4_gemm_tuned = triton.autotune(
     configs=_gemm_configs(), key=["M", "N", "K", "group_size", "FUSED", "TILE_GROUPS"],
     prune_configs_by={"early_config_prune": _prune_configs},
-)(_w4a4_gemm_kernel)
+)(w4a4_gemm_kernel)
 
 
 # ---------------------------------------------------------------------------- host side
@@ -249,7 +249,7 @@ def _block_k(group_size: int) -> int:
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if not t.is_cuda and not is_interpreted(_w4a4_gemm_kernel):
+    if not t.is_cuda and not is_interpreted(w4a4_gemm_kernel):
         raise RuntimeError("the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
                            "triton is first imported (CPU interpreter)")
 
@@ -307,10 +307,10 @@ def _launch_gemm(a: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor,
     block_k = _block_k(group_size)
     flags = {"FUSED": fused, "HAS_BIAS": bias is not None, "TILE_GROUPS": block_k == group_size,
              "BLOCK_K": block_k, "GROUP_M": _GROUP_M}
-    if is_interpreted(_w4a4_gemm_kernel):
+    if is_interpreted(w4a4_gemm_kernel):
         bm, bn = _INTERPRET_BLOCKS["BLOCK_M"], _INTERPRET_BLOCKS["BLOCK_N"]
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _w4a4_gemm_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
+        w4a4_gemm_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn)
         return
 
     def grid(meta: dict) -> tuple[int]:

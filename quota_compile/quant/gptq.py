@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from quota_compile.quant.ops import SCALE_EPS, _signed_range
+from quota_compile.quant.ops import SCALE_EPS, signed_range
 
 BLOCK = 128
 
@@ -56,7 +56,7 @@ def gptq_quantize(
     n, k = weight.shape
     if k % group_size:
         raise ValueError(f"group size {group_size} does not divide the input dimension {k}")
-    qmin, qmax = _signed_range(bits)
+    qmin, qmax = signed_range(bits)
     w = weight.detach().to(torch.float64).clone()
     h = hessian.to(torch.float64).clone()
     dead = torch.diag(h) == 0

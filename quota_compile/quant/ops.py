@@ -2,7 +2,7 @@
 
 One definition serves the eager simulation (calibration, the verification reference) and the
 exported graph: the pass ``insert_qdq`` puts these very ops into the traced program, and
-``quota_compile.quant.onnx_translation`` lowers each to standard ONNX QuantizeLinear /
+``quota_compile.export.onnx_translation`` lowers each to standard ONNX QuantizeLinear /
 DequantizeLinear with the same arithmetic, in the same order of floating-point operations, so
 that PyTorch and onnxruntime produce the same integers (round half to even, saturation).
 
@@ -34,7 +34,7 @@ import torch
 SCALE_EPS = 1e-8
 
 
-def _signed_range(bits: int) -> tuple[int, int]:
+def signed_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
@@ -43,7 +43,7 @@ def _signed_range(bits: int) -> tuple[int, int]:
 
 def per_token_scale(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
     """Dynamic symmetric scale per row of the last dimension, float32, shape ``[..., 1]``."""
-    _, qmax = _signed_range(bits)
+    _, qmax = signed_range(bits)
     amax = x.abs().amax(dim=-1, keepdim=True)
     if clip_ratio != 1.0:
         amax = amax * clip_ratio
@@ -52,7 +52,7 @@ def per_token_scale(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tens
 
 def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes (int8 holding ``bits``-bit values) and scales of ``x``."""
-    qmin, qmax = _signed_range(bits)
+    qmin, qmax = signed_range(bits)
     scale = per_token_scale(x, bits, clip_ratio)
     q = torch.clamp(torch.round(x / scale), qmin, qmax).to(torch.int8)
     return q, scale
@@ -82,7 +82,7 @@ def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int) -> tup
     n, k = weight.shape
     if k % group_size:
         raise ValueError(f"group size {group_size} does not divide the input dimension {k}")
-    qmin, qmax = _signed_range(bits)
+    qmin, qmax = signed_range(bits)
     w = weight.detach().to(torch.float32).t().reshape(k // group_size, group_size, n)
     scale = torch.clamp_min(w.abs().amax(dim=1) / float(qmax), SCALE_EPS)  # [K/g, N]
     q = torch.clamp(torch.round(w / scale[:, None, :]), qmin, qmax)
@@ -232,12 +232,12 @@ def qdq_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 def kv_static_range(bits: int) -> tuple[int, int]:
     """Signed code range of the ``per_channel`` cache; the stored code adds ``-qmin``."""
-    return _signed_range(bits)
+    return signed_range(bits)
 
 
 def kv_static_scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
     """Static symmetric scale from a calibrated ``max |x|``: ``max(amax / qmax, eps)``."""
-    _, qmax = _signed_range(bits)
+    _, qmax = signed_range(bits)
     return torch.clamp_min(amax.to(torch.float32) / float(qmax), SCALE_EPS)
 
 
@@ -245,7 +245,7 @@ def kv_static_scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
 def quantize_kv_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Stored codes ``uint8 [B, H, T, D or D/2]`` of K or V ``[B, H, T, D]`` with a static
     per-head, per-channel ``scale [H, 1, D]``."""
-    qmin, qmax = _signed_range(bits)
+    qmin, qmax = signed_range(bits)
     q = torch.clamp(torch.round(x.to(torch.float32) / scale), float(qmin), float(qmax)) - float(qmin)
     q = q.to(torch.uint8)
     return _pack_pairs(q) if bits == 4 else q
@@ -259,7 +259,7 @@ def _(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
 @torch.library.custom_op("quota::dequantize_kv_static", mutates_args=())
 def dequantize_kv_static(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Float32 K or V ``[B, H, T, D]`` from ``per_channel`` codes and their static scale."""
-    qmin, _ = _signed_range(bits)
+    qmin, _ = signed_range(bits)
     q = unpack_kv_codes(codes, bits).to(torch.float32)
     return (q + float(qmin)) * scale
 

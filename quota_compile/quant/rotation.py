@@ -1,7 +1,7 @@
 """QuaRot-style rotations of the decoder (issue 6): offline, folded into the weights, and
 online, computed in the graph.
 
-Used by ``quantization.rotation: hadamard`` (:func:`quota_compile.calibrate.quantize_model`,
+Used by ``quantization.rotation: hadamard`` (:func:`quota_compile.calibration.calibrate.quantize_model`,
 before the weights are quantized). What :func:`rotate_llava` does, to a LLaVA-family model in
 place:
 
@@ -22,7 +22,7 @@ place:
      output side and ``o_proj``'s input side (so the value cache holds rotated values), and
      ``o_proj``'s input is rotated in the graph by ``R_D`` (all heads) as ``down_proj``'s is;
    - the query and key heads are rotated by the same ``H_d`` after RoPE, in the graph
-     (:class:`quota_compile.programs` applies ``self_attn.qk_rotation``); the scores do not
+     (:class:`quota_compile.capture.programs` applies ``self_attn.qk_rotation``); the scores do not
      change and the key cache holds rotated keys. Hugging Face's own attention does not apply
      it, which changes nothing in full precision.
 

@@ -4,7 +4,7 @@
 :class:`QuantLinear`: its input is quantized per token (INT4/INT8), its weight is the
 dequantized INT4 group-wise weight. The codes are computed once, here, and are the very codes
 the ``pack_int4_weights`` pass writes into the graph. The KV-cache quantizer is applied by
-the programs (:mod:`quota_compile.programs`), which read ``kv_bits`` from the result.
+the programs (:mod:`quota_compile.capture.programs`), which read ``kv_bits`` from the result.
 
 ``QuantizedModel.fake_quant(False)`` turns the simulation off (the module then computes the
 full-precision function with the same parameter names): that is what gets traced, and the
@@ -135,7 +135,7 @@ class QuantizedModel:
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # module name -> codes
     embeddings: dict[str, QuantEmbedding] = field(default_factory=dict)  # module name -> quantized table
     # per_channel KV cache: static scales ``[layers, 2 (key, value), Hkv, 1, head_dim]``, set by
-    # :func:`quota_compile.calibrate.calibrate_kv_scales`.
+    # :func:`quota_compile.calibration.calibrate.calibrate_kv_scales`.
     kv_scales: torch.Tensor | None = None
     _state: _State = field(default_factory=_State)
 

@@ -24,6 +24,22 @@ FORMAT = "quota-compile bundle"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 GRAPHS = ("vision", "prefill", "decode")
+
+# The decode graph's cache protocol, stored in its metadata.
+KV_UPDATE_KEY = "quota_compile.kv_update"  # decode-graph metadata: how the runtime updates the cache
+KV_APPEND = "append"  # present.* hold the new token's entries; the runtime appends them
+KV_REPLACE = "replace"  # present.* hold the whole cache (past + the new entries)
+
+
+def kv_update_of(model_or_meta) -> str:
+    """:data:`KV_APPEND` or :data:`KV_REPLACE` for a decode graph (a ModelProto or the
+    ``custom_metadata_map`` of an onnxruntime session)."""
+    if isinstance(model_or_meta, onnx.ModelProto):
+        meta = {p.key: p.value for p in model_or_meta.metadata_props}
+    else:
+        meta = dict(model_or_meta)
+    return meta.get(KV_UPDATE_KEY, KV_APPEND)
+
 # ``atomic_folder``'s work folders beside the destination: ``.<name>.tmp-<pid>`` (being written)
 # and ``.<name>.old-<pid>`` (the replaced bundle, between two renames).
 _WORK_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>[0-9]+)$")
@@ -258,7 +274,7 @@ class _ManifestFacts(_Open):
 
 
 def check_bundle(folder: str | Path) -> dict:
-    """Everything a reader of a bundle (``quota-compile run``, :class:`~quota_compile.runtime.BundleRunner`)
+    """Everything a reader of a bundle (``quota-compile run``, :class:`~quota_compile.runtime.ort.BundleRunner`)
     checks before loading anything from it; returns the manifest. Bad input is a
     :class:`UserError` naming the file (and the manifest key):
 

@@ -7,7 +7,7 @@ operation, so the integers agree bit for bit. They are given to
 INT4 weights are the one thing a translation cannot express directly: the packed ``uint8``
 buffer must become an ``INT4`` initializer (the same bytes, reinterpreted). The translation
 emits a marker node ``quota_compile.lowering::Int4Weight`` that
-:func:`quota_compile.lower.materialize_int4_weights` replaces by that initializer right after
+:func:`quota_compile.export.onnx.materialize_int4_weights` replaces by that initializer right after
 export; no marker survives into a written graph.
 """
 
@@ -136,7 +136,7 @@ def select_topk(score, k: int):
 def translation_table() -> dict:
     import torch
 
-    from quota_compile import pruning  # noqa: F401  (registers torch.ops.quota.select_topk)
+    from quota_compile.pruning import score  # noqa: F401  (registers torch.ops.quota.select_topk)
     from quota_compile.quant import ops  # noqa: F401  (registers the torch.ops.quota namespace)
 
     return {

@@ -1,7 +1,7 @@
 """Run a bundle with onnxruntime: vision -> prefill -> greedy decode with the quantized KV cache.
 
 The generation loop is written once over a small backend interface (:class:`Backend`) so the
-onnxruntime bundle and the PyTorch simulation (:mod:`quota_compile.verify`) decode the same way.
+onnxruntime bundle and the PyTorch simulation (:mod:`quota_compile.verify.gate`) decode the same way.
 A batch holds several images and prompts of different lengths: prompts are right-padded, the
 image tokens sit at the same span in every row, each row has its own positions and its own
 KV-cache mask, and a finished row (EOS) keeps decoding harmlessly until all are done.
@@ -17,9 +17,9 @@ from typing import Protocol
 
 import numpy as np
 
-from quota_compile.bundle import GRAPHS, MANIFEST, check_bundle
+from quota_compile.bundle.format import GRAPHS, MANIFEST, check_bundle
 from quota_compile.errors import UserError, onnxruntime_errors
-from quota_compile.lower_ort import KV_REPLACE, kv_update_of
+from quota_compile.bundle.format import KV_REPLACE, kv_update_of
 
 
 class Backend(Protocol):

@@ -1,7 +1,7 @@
 """Lower a traced, pass-processed program to ONNX (portable flavour).
 
 ``torch.onnx.export`` (the dynamo exporter) translates the graph, with the ``quota::`` ops
-lowered by :mod:`quota_compile.quant.onnx_translation`; then INT4 weight markers become INT4
+lowered by :mod:`quota_compile.export.onnx_translation`; then INT4 weight markers become INT4
 initializers, the graph is checked with ``onnx.checker`` (full check) and it must use standard
 ONNX ops only.
 """
@@ -20,7 +20,7 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
-from quota_compile.quant.onnx_translation import MARKER_DOMAIN, translation_table
+from quota_compile.export.onnx_translation import MARKER_DOMAIN, translation_table
 
 OPSET = 21
 # Graphs whose initializers exceed this are written with external data (the protobuf limit is 2 GB).

@@ -23,7 +23,7 @@ portable graph's, node for node:
   key and value, dequantizing the past, the grouped-query products, the mask bias, the
   softmax and the product with the values) becomes one :data:`DECODE_ATTENTION` node. Its
   ``present_*`` outputs are the new token's entries only, like the portable graph's: the
-  runtime's cache protocol stays "append" (:data:`quota_compile.lower_ort.KV_APPEND`).
+  runtime's cache protocol stays "append" (:data:`quota_compile.export.flavours.ort.KV_APPEND`).
 
 Plugin nodes are in domain :data:`PLUGIN_DOMAIN`; ``op_type`` is the plugin name, with the
 string attributes ``plugin_namespace`` (``"quota"``) and ``plugin_version`` (``"1"``) and the
@@ -76,7 +76,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quota_compile.lower_ort import KV_APPEND, KV_UPDATE_KEY, _attrs, _chain_to as chain_to, _downstream, _indexed_copy, _is_cache_concat, _live, _toposort, _write_back
+from quota_compile.export.flavours.ort import node_attrs, follow_chain, downstream_node, indexed_copy, is_cache_concat, live_nodes, toposort_nodes, write_back
+from quota_compile.bundle.format import KV_APPEND, KV_UPDATE_KEY
 
 TRT_FOLDER = "tensorrt"  # the flavour's graphs (and engines, build log) inside a bundle
 PLUGIN_DOMAIN = "quota"
@@ -94,7 +95,7 @@ TRT_UNSUPPORTED = ("BitShift", "BitwiseAnd", "BitwiseOr", "QuantizeLinear")
 # documentation for DequantizeLinear: blocked INT4 with block size 64 or 128).
 TRT_INT4_BLOCKS = (64, 128)
 
-_PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION, "aot": 1}
+PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_VERSION, "aot": 1}
 
 
 class TrtLoweringError(RuntimeError):
@@ -104,7 +105,7 @@ class TrtLoweringError(RuntimeError):
 def _int4_dequantize_blocks(model: onnx.ModelProto) -> list[int]:
     """``block_size`` of every DequantizeLinear of an INT4 / UINT4 initializer (0: not blocked)."""
     int4 = {t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)}
-    return [int(_attrs(n).get("block_size", 0)) for n in model.graph.node
+    return [int(node_attrs(n).get("block_size", 0)) for n in model.graph.node
             if n.op_type == "DequantizeLinear" and n.input[0] in int4]
 
 
@@ -117,14 +118,14 @@ def _scalar(inits: dict, name: str) -> float | None:
 
 
 def _plugin(op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> onnx.NodeProto:
-    return helper.make_node(op_type, inputs, outputs, name=name, domain=PLUGIN_DOMAIN, **attrs, **_PLUGIN_ATTRS)
+    return helper.make_node(op_type, inputs, outputs, name=name, domain=PLUGIN_DOMAIN, **attrs, **PLUGIN_ATTRS)
 
 
 class _Rewrite:
     """One graph being rewritten: lookups, new initializers, replaced producers."""
 
     def __init__(self, model: onnx.ModelProto, what: str):
-        self.out, self.graph, self.inits, self.producers, self.consumers = _indexed_copy(model)
+        self.out, self.graph, self.inits, self.producers, self.consumers = indexed_copy(model)
         self.what = what
         self.new_inits: list[onnx.TensorProto] = []
         self.have: set[str] = set()
@@ -154,10 +155,10 @@ class _Rewrite:
         return [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
 
     def finish(self) -> onnx.ModelProto:
-        nodes = _live([n for n in self.graph.node if id(n) not in self.removed] + self.added, self.graph)
+        nodes = live_nodes([n for n in self.graph.node if id(n) not in self.removed] + self.added, self.graph)
         given = {i.name for i in self.graph.input} | set(self.inits) | self.have
-        ordered = _toposort(nodes, given, self.fail) if self.added else nodes
-        _write_back(self.out, ordered, self.new_inits)
+        ordered = toposort_nodes(nodes, given, self.fail) if self.added else nodes
+        write_back(self.out, ordered, self.new_inits)
         produced = {o for n in self.graph.node for o in n.output}
         infos = [v for v in self.graph.value_info if v.name in produced]
         del self.graph.value_info[:]
@@ -181,7 +182,7 @@ def _per_token_quantizers(rw: _Rewrite) -> dict[str, tuple[str, int, str, str]]:
         q = rw.producers.get(dq.input[0])
         if q is None or q.op_type != "QuantizeLinear" or len(q.input) != 2 or q.input[1] != dq.input[1]:
             continue
-        qa, da = _attrs(q), _attrs(dq)
+        qa, da = node_attrs(q), node_attrs(dq)
         if qa.get("output_dtype") not in (TensorProto.INT4, TensorProto.INT8) or qa.get("axis") != -1 or da.get("axis") != -1:
             continue
         bits = 4 if qa["output_dtype"] == TensorProto.INT4 else 8
@@ -241,7 +242,7 @@ def w4a4_linears(model: onnx.ModelProto, what: str = "graph") -> tuple[onnx.Mode
         if w.data_type != TensorProto.INT4 or len(w.dims) != 2:
             continue
         k, n = w.dims
-        da = _attrs(dq)
+        da = node_attrs(dq)
         if da.get("axis", 1) != 0 or dq.input[1] not in rw.inits:
             rw.fail(f"{dq.name}: INT4 weight not blocked along axis 0 with a constant scale")
         if n % 2:
@@ -305,17 +306,17 @@ def _dequantized(rw: _Rewrite, codes: str, static: str | None) -> str:
     def found(n: onnx.NodeProto) -> bool:
         return (static is None and n.op_type == "DequantizeLinear") or (static is not None and n.op_type == "Mul" and static in n.input)
 
-    n = _downstream(rw.consumers, codes, found)
+    n = downstream_node(rw.consumers, codes, found)
     return n.output[0] if n is not None else rw.fail(f"nothing dequantizes {codes}")
 
 
 def _chain_to(rw: _Rewrite, tensor: str, op_type: str) -> list[onnx.NodeProto]:
-    return chain_to(rw.consumers, tensor, op_type, rw.fail)
+    return follow_chain(rw.consumers, tensor, op_type, rw.fail)
 
 
 def _cache_concat(rw: _Rewrite, past: str) -> onnx.NodeProto:
     """The Concat (axis 2) that appends the new entry to the dequantized ``past``."""
-    return _downstream(rw.consumers, past, _is_cache_concat) or rw.fail(f"no Concat appends to {past}")
+    return downstream_node(rw.consumers, past, is_cache_concat) or rw.fail(f"no Concat appends to {past}")
 
 
 def _static_params(rw: _Rewrite, static: str | None, bits: int) -> tuple[str, str]:

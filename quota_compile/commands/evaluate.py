@@ -42,47 +42,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from quota_compile.bundle import atomic_folder, check_destination, versions, write_json
+from quota_compile.bundle.format import atomic_folder, check_destination, versions, write_json
 from quota_compile.config import bundle_name, load_config
 from quota_compile.errors import UserError
-from quota_compile.lower import export_onnx, save_onnx
 from quota_compile.models import load_model
-from quota_compile.pipeline import decide_pruning
-from quota_compile.calibrate import quantize_model, settle_quantization
-from quota_compile.lower_ort import lower_flavour, uses_group_query_attention
-from quota_compile.runtime import OrtBackend, greedy_generate, make_batch
-from quota_compile.trace import build_programs, trace_programs
-from quota_compile.verify import TorchBackend
+from quota_compile.core.variants import Variant, build_variant, quant_name, variants
+from quota_compile.calibration.calibrate import quantize_model, settle_quantization
+from quota_compile.runtime.ort import OrtBackend, greedy_generate, make_batch
+from quota_compile.capture.trace import build_programs
+from quota_compile.verify.gate import TorchBackend
 
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    method: str  # none | fastv | pdrop | quota | random
-    keep_ratio: float | None
-    quantized: bool
-    weight_only: bool = False  # INT4 weights only: float activations and KV cache (bench baseline)
-
-    @property
-    def label(self) -> str:
-        if self.method == "none":
-            return "FP32, all tokens" if not self.quantized else f"{self.name.upper()}, all tokens"
-        return f"{self.method} @ {self.keep_ratio:g}"
-
-
-def variants(cfg) -> list[Variant]:
-    ev = cfg.eval
-    out = [Variant("fp", "none", None, False), Variant(quant_name(cfg), "none", None, True)]
-    for r in ev.keep_ratios:
-        for m in ev.methods:
-            out.append(Variant(f"{m}@{r:g}", m, r, True))
-    return out
-
-
-def quant_name(cfg) -> str:
-    """``w4a4kv4`` and the like, from the quantization section."""
-    q = cfg.quantization
-    return f"w{q.weights.bits}a{q.activations.bits}kv{q.kv_cache.bits}"
 
 
 def normalise(text: str) -> str:
@@ -101,7 +70,7 @@ class Questions:
 
 
 def shapes_questions(vlm, ev, span) -> Questions:
-    from quota_compile.shapes import vqa_items
+    from quota_compile.data.shapes import vqa_items
 
     items = vqa_items(ev.split, ev.seed, ev.questions, vlm.image_size, vlm.patch_size)
     batches = []
@@ -136,52 +105,6 @@ def score(items, answers: list[str]) -> dict:
         "counts": {f: len(v) for f, v in sorted(right.items())},
     }
 
-
-def _prune(cfg, vlm, qm, span, v: Variant, config_file: Path):
-    """``(PruneSpec | None, keep schedule, recipe dict | None)`` for a variant, decided as a
-    compile decides it, from the config with the variant's method and budget."""
-    signals = "lowbit" if v.method == "quota" else "fp"
-    update = {"method": v.method, "signals": signals} | ({"keep_ratio": v.keep_ratio} if v.keep_ratio is not None else {})
-    variant_cfg = cfg.model_copy(update={"pruning": cfg.pruning.model_copy(update=update)})
-    pruning, _, spec = decide_pruning(variant_cfg, vlm, qm, span, None, config_file)
-    return spec, list(pruning.keep), (pruning.model_dump(mode="json") if v.method != "none" else None)
-
-
-@dataclass
-class BuiltVariant:
-    folder: Path  # vision.onnx, prefill.onnx, decode.onnx
-    programs: object  # trace.Programs: the eager reference of the same variant
-    keep: list[int]
-    recipe: dict | None
-    seconds_calibrate: float
-    seconds_build: float
-
-
-def flavour_of(cfg) -> str:
-    """The flavour a bundle of this config runs in (what the runtime picks)."""
-    return "onnxruntime" if "onnxruntime" in cfg.export.targets else "portable"
-
-
-def build_variant(cfg, vlm, qm, span, v: Variant, work: Path, config_file: Path, flavour: str | None = None) -> BuiltVariant:
-    """Calibrate (where the method does), trace and lower one variant's graphs into a folder
-    under ``work``, in ``flavour`` (default: the one the config's bundle runs)."""
-    flavour = flavour or flavour_of(cfg)
-    t0 = time.perf_counter()
-    spec, keep, recipe = _prune(cfg, vlm, qm, span, v, config_file)
-    t_cal = time.perf_counter() - t0
-    programs = build_programs(vlm, qm, spec)
-    traced = trace_programs(vlm, qm, programs, quantized=v.quantized, weight_only=v.weight_only)
-    folder = work / v.name.replace("@", "_")
-    folder.mkdir(parents=True, exist_ok=True)
-    models = {
-        g: export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
-        for g, t in traced.items()
-    }
-    if flavour == "onnxruntime":
-        models = lower_flavour(models, cfg.export.onnxruntime, uses_group_query_attention(cfg, v.quantized and not v.weight_only))
-    for g, m in models.items():
-        save_onnx(m, folder / f"{g}.onnx")
-    return BuiltVariant(folder, programs, keep, recipe, t_cal, time.perf_counter() - t0 - t_cal)
 
 
 def evaluate_variant(cfg, vlm, qm, span, v: Variant, questions: Questions, work: Path, config_file: Path) -> dict:
@@ -218,7 +141,7 @@ def evaluate_variant(cfg, vlm, qm, span, v: Variant, questions: Questions, work:
 
 def check_budgets(cfg, todo: list[Variant], layers: int, v: int, config_file: Path) -> None:
     """Every (method, keep ratio) must be reachable on this depth; say which is not, up front."""
-    from quota_compile.allocate import _check_reachable, fastv_schedule, pdrop_schedule
+    from quota_compile.pruning.allocate import check_reachable, fastv_schedule, pdrop_schedule
 
     p = cfg.pruning
     for var in todo:
@@ -231,7 +154,7 @@ def check_budgets(cfg, todo: list[Variant], layers: int, v: int, config_file: Pa
             elif var.method == "random":
                 fastv_schedule(layers, v, r, p.first_full_layers)
             elif var.method == "quota":
-                _check_reachable(r, layers, v, p.first_full_layers, f"{p.first_full_layers} full layer(s) of {layers}")
+                check_reachable(r, layers, v, p.first_full_layers, f"{p.first_full_layers} full layer(s) of {layers}")
         except UserError as e:
             raise UserError(f"{config_file}: key 'eval.keep_ratios': {var.method} at {r:g} cannot be evaluated: {e}") from None
 
@@ -305,7 +228,7 @@ def run_eval(config_path: str | Path, force: bool = False, console: Console | No
         "seconds": round(time.perf_counter() - start, 1),
         "versions": versions(),
     }
-    from quota_compile.figures import retention_chart
+    from quota_compile.bundle.figures import retention_chart
 
     with atomic_folder(final, force) as tmp:
         write_json(tmp / "eval.json", doc)
@@ -316,7 +239,7 @@ def run_eval(config_path: str | Path, force: bool = False, console: Console | No
 
 def load_benchmarks(cfg, config_file: Path) -> dict:
     """The local benchmark copies named in ``eval.benchmarks`` (paths relative to the YAML)."""
-    from quota_compile.benchmarks import BENCHMARKS, load_benchmark
+    from quota_compile.data.benchmarks import BENCHMARKS, load_benchmark
 
     b = cfg.eval.benchmarks
     out = {}

@@ -40,14 +40,13 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from quota_compile.bundle import atomic_folder, check_destination, versions, write_json
+from quota_compile.bundle.format import atomic_folder, check_destination, versions, write_json
 from quota_compile.config import bundle_name, load_config
-from quota_compile.evaluate import Variant, build_variant, flavour_of, quant_name
+from quota_compile.core.variants import Variant, build_variant, flavour_of, kv_cache_bytes, quant_name
 from quota_compile.models import load_model
-from quota_compile.calibrate import quantize_model, settle_quantization
-from quota_compile.pipeline import kv_cache_bytes
+from quota_compile.calibration.calibrate import quantize_model, settle_quantization
 from quota_compile.quant.simulate import QuantEmbedding, QuantLinear
-from quota_compile.runtime import OrtBackend, greedy_generate, make_batch
+from quota_compile.runtime.ort import OrtBackend, greedy_generate, make_batch
 
 FILLER = "Describe the image in detail: the shapes, their colours, their sizes and where they are."
 
@@ -67,7 +66,7 @@ def bench_prompt(vlm, span, tokens: int):
 
 class _PrefillClock:
     """A backend wrapper that notes when the prefill returns, so the runtime's own greedy loop
-    (:func:`quota_compile.runtime.greedy_generate`) is what gets timed."""
+    (:func:`quota_compile.runtime.ort.greedy_generate`) is what gets timed."""
 
     def __init__(self, backend):
         self.backend = backend

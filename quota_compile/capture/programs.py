@@ -5,7 +5,7 @@ They are written once over the Hugging Face modules and run in two modes:
   and the quantized KV cache; the KV tensors they take and return are the stored integer
   codes, scales and zero points. This is the PyTorch reference that verification uses.
 - full precision (``fake_quant(False)``): the same function without quantizers; KV tensors are
-  float. This is what :mod:`quota_compile.trace` exports; the passes then insert the
+  float. This is what :mod:`quota_compile.capture.trace` exports; the passes then insert the
   quantizers and turn the KV inputs/outputs into the stored form, giving the simulation's
   signature back.
 
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from quota_compile.models.llava import VLM
-from quota_compile.pruning import ScoreWeights, token_score, visual_signals
+from quota_compile.pruning.score import ScoreWeights, token_score, visual_signals
 from quota_compile.quant.simulate import QuantizedModel
 
 KV_FLOAT = ("key", "value")
@@ -223,7 +223,7 @@ class PrefillProgram(_Program):
             state = self.step(state)
         return self.finish(state)
 
-    # The prefill in pieces, for layer-major calibration (quota_compile.sequential): ``begin``
+    # The prefill in pieces, for layer-major calibration (quota_compile.capture.sequential): ``begin``
     # (embeddings), one ``step`` per decoder layer, ``finish`` (final norm and lm_head). ``run``
     # is exactly these, so a pass driven layer by layer computes the same tensors.
     def begin(self, input_ids, attention_mask, image_features, observe: Callable | None = None) -> PrefillState:

@@ -4,7 +4,7 @@ layer-wise keep schedule.
 The calibration samples run through the quantized simulation (W4A4 + quantized KV cache; with
 ``pruning.signals: fp`` through the full-precision model instead, which is the stage-wise
 combination). At the input of every decoder layer after the first we record, per visual token,
-the three signals of :func:`quota_compile.pruning.visual_signals`, and per layer the share of
+the three signals of :func:`quota_compile.pruning.score.visual_signals`, and per layer the share of
 the query tokens' attention that goes to visual tokens (the layer's measured sensitivity).
 
 - ``weights: auto`` tries the score weights on a simplex grid (step 1/4). For each it
@@ -12,7 +12,7 @@ the query tokens' attention that goes to visual tokens (the layer's measured sen
   held-out part, the KL divergence of the final-token distribution of the pruned model from
   the unpruned one (both in the same precision). The smallest KL wins; ties go to the earlier
   grid point. Every point is recorded in the recipe.
-- The allocator (:func:`quota_compile.allocate.allocate`) maximises the retained score mass
+- The allocator (:func:`quota_compile.pruning.allocate.allocate`) maximises the retained score mass
   weighted by each layer's sensitivity under the ``keep_ratio`` budget.
 - Baselines: ``fastv`` (one cut at ``fastv_layer``, attention cue), ``pdrop`` (geometric
   stages, attention cue), ``random`` (one cut after the full layers, a fixed seeded score per
@@ -33,18 +33,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quota_compile.allocate import KeepSchedule, allocate, fastv_schedule, pdrop_schedule, retained_mass_curves
+from quota_compile.pruning.allocate import KeepSchedule, allocate, fastv_schedule, pdrop_schedule, retained_mass_curves
 from quota_compile.config import ActivationQuant, CalibrationSection, PruningSection
 from quota_compile.errors import UserError
 from quota_compile.models.llava import VLM
-from quota_compile.programs import PrefillProgram, PruneSpec
-from quota_compile.pruning import ScoreWeights, token_score, visual_signals
+from quota_compile.capture.programs import PrefillProgram, PruneSpec
+from quota_compile.pruning.score import ScoreWeights, token_score, visual_signals
 from quota_compile.quant import ops
 from quota_compile.quant.simulate import QuantizedModel, settle_group_size
-from quota_compile.recipe import CalibrationProvenance, PruningRecipe, SearchPoint, Weights
-from quota_compile.runtime import Batch, make_batch
-from quota_compile.sequential import Placement
-from quota_compile.verify import CALIBRATION_STREAM, QUESTIONS, synthetic_images
+from quota_compile.pruning.recipe import CalibrationProvenance, PruningRecipe, SearchPoint, Weights
+from quota_compile.runtime.ort import Batch, make_batch
+from quota_compile.capture.sequential import Placement
+from quota_compile.data.samples import CALIBRATION_STREAM, QUESTIONS, synthetic_images
 
 GRID_STEP = 4  # weights on the simplex in quarters
 
@@ -59,7 +59,7 @@ class Signals:
 
 def calibration_batches(vlm: VLM, cfg: CalibrationSection, span: tuple[int, int]) -> list[Batch]:
     if cfg.dataset == "shapesvqa":
-        from quota_compile.shapes import vqa_items
+        from quota_compile.data.shapes import vqa_items
 
         items = vqa_items("calibration", cfg.seed, cfg.num_samples, vlm.image_size, vlm.patch_size)
         images, questions = [i.image for i in items], [i.text for i in items]
@@ -240,7 +240,7 @@ def calibrate_kv_scales(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], cal
     over every token of the calibration prompts (the unpruned prefill under the W4A4
     simulation, cache in float while measuring), divided by the largest code. Stored in
     ``qm.kv_scales`` (``[layers, 2, Hkv, 1, head_dim]``) and returned."""
-    from quota_compile.programs import VisionProgram
+    from quota_compile.capture.programs import VisionProgram
 
     start, v = span
     amax = torch.zeros(vlm.num_layers, 2, vlm.num_kv_heads, 1, vlm.head_dim)
@@ -278,7 +278,7 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
     float while this runs.
 
     Whole-model (the default): each block reruns the prompts from the start and stops at the
-    block's end. Sequential (``calibration.sequential``, :mod:`quota_compile.sequential`): the
+    block's end. Sequential (``calibration.sequential``, :mod:`quota_compile.capture.sequential`): the
     vision-side blocks as whole-model (they only need the vision program), then one layer-major
     pass in which each decoder layer, once on the device, first runs every prompt's state
     through it to collect the Hessians, is quantized, and then advances the states; ``lm_head``
@@ -286,7 +286,7 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
     so both give the same codes."""
     import re
 
-    from quota_compile.programs import VisionProgram
+    from quota_compile.capture.programs import VisionProgram
     from quota_compile.quant.gptq import HessianAccumulator, gptq_quantize
     from quota_compile.quant.simulate import QuantizedWeight
 

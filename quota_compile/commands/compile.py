@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from quota_compile import __version__
-from quota_compile.bundle import (
+from quota_compile.bundle.format import (
     FORMAT,
     FORMAT_VERSION,
     atomic_folder,
@@ -25,20 +25,23 @@ from quota_compile.bundle import (
     write_manifest,
 )
 from quota_compile.config import bundle_name, load_config
+from quota_compile.core.decisions import check_recipe, decide_pruning, read_recipe
+from quota_compile.core.variants import kv_cache_bytes
 from quota_compile.errors import GraphRunError, UserError, VerificationFailed
-from quota_compile.lower import export_onnx, save_onnx
-from quota_compile.onnx_passes import apply_passes, load_passes
-from quota_compile.lower_ort import ORT_FOLDER, describe_arithmetic, kv_update_of, lower_flavour, uses_group_query_attention
-from quota_compile.lower_trt import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_FOLDER, TRT_INT4_BLOCKS, plugin_counts, to_tensorrt
+from quota_compile.export.onnx import export_onnx, save_onnx
+from quota_compile.export.user_passes import apply_passes, load_passes
+from quota_compile.export.flavours.ort import ORT_FOLDER, describe_arithmetic, lower_flavour, uses_group_query_attention
+from quota_compile.bundle.format import kv_update_of
+from quota_compile.export.flavours.trt import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_FOLDER, TRT_INT4_BLOCKS, plugin_counts, to_tensorrt
 from quota_compile.models import load_model
-from quota_compile.programs import KV_STATIC, KV_STORED
+from quota_compile.capture.programs import KV_STATIC, KV_STORED
 from quota_compile.quant.ops import kv_packed_dim
 from quota_compile.quant.simulate import GROUP_SIZES
-from quota_compile.calibrate import calibrate, prune_spec_from_recipe, quantize_model, settle_quantization
-from quota_compile.recipe import CalibrationProvenance, ModelIdentity, PruningRecipe, Recipe
-from quota_compile.runtime import OrtBackend
-from quota_compile.trace import build_programs, trace_programs
-from quota_compile.verify import CodeProbe, TorchBackend, held_out_samples, polygraphy_compare, verify
+from quota_compile.calibration.calibrate import quantize_model, settle_quantization
+from quota_compile.pruning.recipe import ModelIdentity, Recipe
+from quota_compile.runtime.ort import OrtBackend
+from quota_compile.capture.trace import build_programs, trace_programs
+from quota_compile.verify.gate import CodeProbe, TorchBackend, held_out_samples, polygraphy_compare, verify
 
 STAGES = ("config", "load", "quantize", "calibrate", "trace", "lower", "verify", "bundle")
 
@@ -116,30 +119,6 @@ def check_tensorrt_embeddings(cfg, config_file: Path) -> None:
             f"only, not {g}; set group_size: 64 or 128 or embeddings.bits: null."
         )
 
-
-def read_recipe(path: Path) -> Recipe:
-    """The file given with ``--recipe``, parsed and validated (it needs no model: checked in
-    the config stage, before the model is loaded)."""
-    if not path.is_file():
-        raise UserError(f"{path}: no such recipe file (option --recipe).")
-    return Recipe.load(path)
-
-
-def check_recipe(recipe: Recipe, path: Path, cfg, vlm, span: tuple[int, int], config_file: Path) -> Recipe:
-    """A parsed ``--recipe`` must describe this model and this quantization."""
-    if recipe.model.num_layers != vlm.num_layers or len(recipe.pruning.keep) != vlm.num_layers:
-        raise UserError(
-            f"{path}: key 'pruning.keep': the recipe is for {len(recipe.pruning.keep)} decoder layers, "
-            f"the model in {config_file} has {vlm.num_layers}."
-        )
-    if recipe.model.visual_tokens != span[1] or max(recipe.pruning.keep) > span[1]:
-        raise UserError(
-            f"{path}: key 'model.visual_tokens': the recipe is for {recipe.model.visual_tokens} visual tokens, "
-            f"the model in {config_file} gives {span[1]}."
-        )
-    if recipe.quantization != cfg.quantization:
-        raise UserError(f"{path}: key 'quantization' differs from the quantization section of {config_file}.")
-    return recipe
 
 
 def describe_quantization(q, given_group: bool = True) -> str:
@@ -261,7 +240,7 @@ def compile_model(
             with progress.stage("bundle", str(final)):
                 engines = None
                 if trt_models:
-                    from quota_compile.trt_plugins import build_engines
+                    from quota_compile.verify.trt_engines import build_engines
 
                     engines = build_engines(tmp, min_length=span[0] + span[1] + 1)
                     if isinstance(engines, str):
@@ -285,32 +264,6 @@ def compile_model(
     return CompileResult(final, manifest, report, time.perf_counter() - progress.start)
 
 
-def decide_pruning(cfg, vlm, qm, span, given: Recipe | None, config_file: Path):
-    """``(PruningRecipe, CalibrationProvenance, PruneSpec | None)`` from a given recipe, from
-    calibration, or for no pruning."""
-    if given is not None:
-        return given.pruning, given.calibration, prune_spec_from_recipe(given.pruning, qm.spec.activations)
-    if cfg.pruning.method == "none":
-        provenance = CalibrationProvenance(
-            dataset=cfg.calibration.dataset, num_samples=cfg.calibration.num_samples, seed=cfg.calibration.seed, holdout=cfg.calibration.holdout
-        )
-        return PruningRecipe(method="none", keep=[span[1]] * vlm.num_layers), provenance, None
-    vision = build_programs(vlm, qm).vision
-    result = calibrate(vlm, qm, vision, span, cfg.pruning, cfg.calibration, config_file)
-    return result.recipe, result.provenance, result.spec
-
-
-def kv_cache_bytes(vlm, bits: int, keep: list[int], prompt_len: int, generated: int, granularity: str = "per_token") -> dict:
-    """Bytes of one sequence's KV cache: this bundle's (codes + scales + zero points, pruned)
-    against an FP16 cache of the unpruned model, at the given prompt and generated lengths.
-    ``per_channel`` caches hold codes only (their static scales are constants of the graph)."""
-    v = keep[0]
-    stats = 4 + 1 if granularity == "per_token" else 0  # fp32 scale + u8 zero point per token and head
-    per_token = vlm.num_kv_heads * (kv_packed_dim(vlm.head_dim, bits) + stats)
-    lengths = [prompt_len - (v - k) + generated for k in keep]
-    ours = sum(2 * per_token * n for n in lengths)
-    fp16 = vlm.num_layers * 2 * vlm.num_kv_heads * vlm.head_dim * 2 * (prompt_len + generated)
-    return {"prompt_length": prompt_len, "generated": generated, "bundle": ours, "fp16_unpruned": fp16, "ratio": fp16 / ours}
 
 
 def add_flavour(report: dict, result: dict) -> None:
@@ -324,9 +277,9 @@ def add_flavour(report: dict, result: dict) -> None:
 
 def check_engines(folder: Path, trt_models: dict, sample, report: dict) -> dict:
     """Polygraphy ``--trt`` against ``--onnxrt`` for freshly built engines
-    (:func:`quota_compile.trt_plugins.compare_engines`), recorded in verify.json; a graph that
+    (:func:`quota_compile.verify.trt_engines.compare_engines`), recorded in verify.json; a graph that
     disagrees fails the compile like any other verification failure."""
-    from quota_compile.trt_plugins import compare_engines
+    from quota_compile.verify.trt_engines import compare_engines
 
     comparison = compare_engines(folder, trt_models, sample)
     report["flavours"]["tensorrt"]["engines"] = comparison
@@ -344,8 +297,8 @@ def verify_tensorrt_flavour(reference, folder: Path, trt_models: dict, samples, 
     ``models``: the portable graphs, which define the activation quantizers the code
     comparison looks for (the flavour has none outside its plugins; its KV codes and pruning
     scores are compared all the same)."""
-    from quota_compile.trt_verify import RUNTIME, TensorrtReferenceBackend, describe_arithmetic as trt_arithmetic, polygraphy_compare as trt_polygraphy
-    from quota_compile.trt_verify import session as trt_session
+    from quota_compile.verify.trt import RUNTIME, TensorrtReferenceBackend, describe_arithmetic as trt_arithmetic, polygraphy_compare as trt_polygraphy
+    from quota_compile.verify.trt import session as trt_session
 
     graphs = trt_polygraphy(folder, trt_models, sample=samples[0])
     probe = CodeProbe(models, trt_models, session=trt_session) if models is not None else None
@@ -388,9 +341,9 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
             "plugins": {g: plugin_counts(m) for g, m in trt_models.items()},
             "plugin_namespace": PLUGIN_NAMESPACE,
             "plugin_version": PLUGIN_VERSION,
-            "plugin_definitions": "quota_compile.trt_plugins.register_plugins (tensorrt.plugin; AOT Triton kernels of quota_compile.kernels.trt_aot)",
+            "plugin_definitions": "quota_compile.verify.trt_engines.register_plugins (tensorrt.plugin; AOT Triton kernels of quota_compile.kernels.trt_aot)",
             "kv_update": kv_update_of(trt_models["decode"]),
-            "verified_with": "onnxruntime with the plugins as onnxruntime-extensions Python custom ops (quota_compile.trt_verify); TensorRT itself only where engines were built",
+            "verified_with": "onnxruntime with the plugins as onnxruntime-extensions Python custom ops (quota_compile.verify.trt); TensorRT itself only where engines were built",
             "engines": engines if isinstance(engines, dict) else {"built": False, "reason": engines},
             "used_by_runtime": False,
         }
@@ -469,8 +422,8 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
 
 def draw_figures(folder: Path, vlm, span: tuple[int, int], pruning, options, samples, reference, count: int = 2) -> list[str]:
     """schedule.png and, for ``count`` verification samples, the kept patches per pruning layer."""
-    from quota_compile.allocate import fastv_schedule, pdrop_schedule
-    from quota_compile.figures import kept_patches_overlay, schedule_chart
+    from quota_compile.pruning.allocate import fastv_schedule, pdrop_schedule
+    from quota_compile.bundle.figures import kept_patches_overlay, schedule_chart
 
     if pruning.method == "none":
         return []

@@ -3,7 +3,7 @@
 On held-out samples (generated images and questions, seeded apart from calibration):
 
 - End to end: both sides decode greedily for exactly ``verify.new_tokens`` tokens (EOS
-  ignored), each on its own, through the same loop (:func:`quota_compile.runtime.greedy_generate`).
+  ignored), each on its own, through the same loop (:func:`quota_compile.runtime.ort.greedy_generate`).
   Gate: every sample's tokens identical (``verify.min_greedy_agreement``). Reported: the
   relative error of the visual embeddings and of the logits at every step up to the first token
   where the two disagree (``||ort - torch|| / ||torch||``; a gate only as far as
@@ -50,44 +50,11 @@ import onnx
 import torch
 
 from quota_compile.config import VerifySection
-from quota_compile.errors import GraphRunError, onnxruntime_errors
-from quota_compile.lower_ort import KV_REPLACE
-from quota_compile.runtime import GRAPHS, Backend, Batch, Generation, append_kv, greedy_generate, make_batch
-from quota_compile.trace import Programs
-
-QUESTIONS = [
-    "What is in the image?",
-    "How many shapes are there?",
-    "Is there a red circle on the left side of the picture?",
-    "What colour is the largest object?",
-    "Describe the image.",
-    "Which shape is at the top?",
-]
-
-
-# Independent random streams, so calibration and verification never share an image.
-CALIBRATION_STREAM, VERIFICATION_STREAM = 1, 2
-
-
-def synthetic_images(n: int, size: int, seed: int, stream: int = VERIFICATION_STREAM) -> list:
-    """``n`` seeded RGB images: a flat background with a few coloured rectangles and discs."""
-    from PIL import Image
-
-    rng = np.random.default_rng([stream, seed])
-    images = []
-    yy, xx = np.mgrid[0:size, 0:size]
-    for _ in range(n):
-        img = np.empty((size, size, 3), dtype=np.float32)
-        img[:] = rng.uniform(0, 255, 3)
-        for _ in range(int(rng.integers(1, 5))):
-            colour = rng.uniform(0, 255, 3)
-            cx, cy = rng.uniform(0, size, 2)
-            r = rng.uniform(size / 10, size / 3)
-            inside = (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2 if rng.random() < 0.5 else (abs(xx - cx) <= r) & (abs(yy - cy) <= r)
-            img[inside] = colour
-        images.append(Image.fromarray(img.astype(np.uint8)))
-    return images
-
+from quota_compile.errors import onnxruntime_errors
+from quota_compile.bundle.format import KV_REPLACE
+from quota_compile.runtime.ort import GRAPHS, Backend, Batch, Generation, append_kv, greedy_generate, make_batch
+from quota_compile.capture.trace import Programs
+from quota_compile.data.samples import QUESTIONS, synthetic_images
 
 @dataclass
 class CallRecord:
@@ -130,7 +97,7 @@ class _CodeRecorder:
 
 
 class TorchBackend:
-    """The eager quantized simulation behind the :class:`~quota_compile.runtime.Backend` interface."""
+    """The eager quantized simulation behind the :class:`~quota_compile.runtime.ort.Backend` interface."""
 
     def __init__(self, programs: Programs):
         self.p = programs
@@ -214,7 +181,7 @@ def held_out_samples(vlm, cfg: VerifySection, visual_span: tuple[int, int], data
     shapesvqa``) ShapesVQA test-split samples drawn with ``verify.seed`` (a stream apart from
     the evaluation's)."""
     if dataset == "shapesvqa":
-        from quota_compile.shapes import vqa_items
+        from quota_compile.data.shapes import vqa_items
 
         items = vqa_items("test", cfg.seed, cfg.samples, vlm.image_size, vlm.patch_size)
         images, qs = [i.image for i in items], [i.text for i in items]
@@ -361,7 +328,7 @@ def _ort_session(model: onnx.ModelProto):
 
     import onnxruntime as ort
 
-    from quota_compile.runtime import session_options
+    from quota_compile.runtime.ort import session_options
 
     if model.ByteSize() < (1 << 31) - (1 << 26):
         return ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
@@ -621,7 +588,7 @@ def _score_difference(ref_scores: list, got_scores: list[np.ndarray]) -> float |
 
 
 class _SameInputs:
-    """A :class:`~quota_compile.runtime.Backend` that runs the reference and then, on exactly
+    """A :class:`~quota_compile.runtime.ort.Backend` that runs the reference and then, on exactly
     the reference's inputs (its image features, its cache, its tokens), the runtime's graph,
     and compares what each call computed. It returns the reference's results, so a greedy
     decode through it is the reference's decode.

@@ -50,6 +50,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from quota_compile.bundle.format import KV_REPLACE, KV_UPDATE_KEY
+
 MS_DOMAIN = "com.microsoft"
 ORT_FOLDER = "onnxruntime"  # the flavour's graphs inside a bundle
 ORT_ARITHMETIC = {
@@ -100,7 +102,7 @@ def matmulnbits_weights(codes: np.ndarray, scale: np.ndarray, block: int) -> tup
     return np.ascontiguousarray(b), np.ascontiguousarray(scale.astype(np.float32).T)
 
 
-def _indexed_copy(model: onnx.ModelProto):
+def indexed_copy(model: onnx.ModelProto):
     """A copy of ``model`` with lookups over its graph: ``(copy, graph, initializers by name,
     producer of each tensor, readers of each tensor)``."""
     out = onnx.ModelProto()
@@ -115,7 +117,7 @@ def _indexed_copy(model: onnx.ModelProto):
     return out, graph, inits, producers, consumers
 
 
-def _live(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+def live_nodes(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """``nodes`` less those whose outputs nothing reads (dead-node elimination)."""
     needed = {o.name for o in graph.output}
     while True:
@@ -126,7 +128,7 @@ def _live(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.Node
         nodes = kept
 
 
-def _write_back(out: onnx.ModelProto, nodes: list[onnx.NodeProto], new_inits: list[onnx.TensorProto]) -> None:
+def write_back(out: onnx.ModelProto, nodes: list[onnx.NodeProto], new_inits: list[onnx.TensorProto]) -> None:
     """Make ``nodes`` the graph of ``out``, keep the initializers (old, then ``new_inits``) that
     some node reads, and import the ``com.microsoft`` domain where a node uses it."""
     graph = out.graph
@@ -143,7 +145,7 @@ def _write_back(out: onnx.ModelProto, nodes: list[onnx.NodeProto], new_inits: li
 def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = True) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with every INT4 DequantizeLinear + MatMul as MatMulNBits; returns
     it and the number of MatMuls rewritten."""
-    out, graph, inits, producers, consumers = _indexed_copy(model)
+    out, graph, inits, producers, consumers = indexed_copy(model)
 
     replaced: dict[int, onnx.NodeProto | list[onnx.NodeProto]] = {}  # id(node) -> its replacement(s)
     dead: set[int] = set()
@@ -167,8 +169,8 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
             continue
         if len(consumers.get(q.output[0], [])) != 1:
             continue
-        qa = _attrs(q)
-        da = _attrs(node)
+        qa = node_attrs(q)
+        da = node_attrs(node)
         dtype = qa.get("output_dtype")
         if dtype not in (TensorProto.INT4, TensorProto.INT8) or qa.get("axis") != -1 or da.get("axis") != -1:
             continue
@@ -198,7 +200,7 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
         w = inits[dq.input[0]]
         if w.data_type != TensorProto.INT4 or len(w.dims) != 2 or len(dq.input) > 2 or dq.input[1] not in inits:
             continue
-        attrs = _attrs(dq)
+        attrs = node_attrs(dq)
         block = int(attrs.get("block_size", 0))
         k, n = w.dims
         if attrs.get("axis", 1) != 0:
@@ -275,8 +277,8 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or len(dq.input) > 2:
             continue
         w = inits[dq.input[0]]
-        attrs = _attrs(dq)
-        gattrs = _attrs(node)
+        attrs = node_attrs(dq)
+        gattrs = node_attrs(node)
         if w.data_type != TensorProto.INT4 or len(w.dims) != 2 or attrs.get("axis") != 1 or gattrs.get("axis", 0) != 0:
             continue
         block = int(attrs["block_size"])
@@ -301,7 +303,7 @@ def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = 
         r = replaced.get(id(n), n)
         nodes.extend(r if isinstance(r, list) else [r])
     # dead-node elimination drops e.g. the float Mul of a Q/DQ whose readers all went integer
-    _write_back(out, _live(nodes, graph), new_inits)
+    write_back(out, live_nodes(nodes, graph), new_inits)
     names = {t.name for t in graph.initializer}
     infos = [v for v in graph.value_info if v.name not in names]
     del graph.value_info[:]
@@ -337,27 +339,12 @@ def ort_counts(model: onnx.ModelProto) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 # Decode attention as com.microsoft.GroupQueryAttention over the quantized cache.
 
-KV_UPDATE_KEY = "quota_compile.kv_update"  # decode-graph metadata: how the runtime updates the cache
-KV_APPEND = "append"  # present.* hold the new token's entries; the runtime appends them
-KV_REPLACE = "replace"  # present.* hold the whole cache (past + the new entries)
-
-
-def kv_update_of(model_or_meta) -> str:
-    """:data:`KV_APPEND` or :data:`KV_REPLACE` for a decode graph (a ModelProto or the
-    ``custom_metadata_map`` of an onnxruntime session)."""
-    if isinstance(model_or_meta, onnx.ModelProto):
-        meta = {p.key: p.value for p in model_or_meta.metadata_props}
-    else:
-        meta = dict(model_or_meta)
-    return meta.get(KV_UPDATE_KEY, KV_APPEND)
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
+def node_attrs(node: onnx.NodeProto) -> dict:
     """A node's attributes by name, as Python values."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _chain_to(consumers: dict, tensor: str, op_type: str, fail) -> list[onnx.NodeProto]:
+def follow_chain(consumers: dict, tensor: str, op_type: str, fail) -> list[onnx.NodeProto]:
     """The single-reader chain of nodes from ``tensor`` to the first ``op_type``."""
     path = []
     while True:
@@ -370,7 +357,7 @@ def _chain_to(consumers: dict, tensor: str, op_type: str, fail) -> list[onnx.Nod
         tensor = readers[0].output[0]
 
 
-def _downstream(consumers: dict, tensor: str, found) -> onnx.NodeProto | None:
+def downstream_node(consumers: dict, tensor: str, found) -> onnx.NodeProto | None:
     """The first node (breadth first) downstream of ``tensor`` for which ``found(node)``."""
     frontier, seen = [tensor], set()
     while frontier:
@@ -387,12 +374,12 @@ def _downstream(consumers: dict, tensor: str, found) -> onnx.NodeProto | None:
     return None
 
 
-def _is_cache_concat(n: onnx.NodeProto) -> bool:
+def is_cache_concat(n: onnx.NodeProto) -> bool:
     """The Concat along the sequence axis (2) that appends a new entry to the past."""
     return n.op_type == "Concat" and any(a.name == "axis" and helper.get_attribute_value(a) == 2 for a in n.attribute)
 
 
-def _toposort(nodes: list[onnx.NodeProto], available: set[str], fail) -> list[onnx.NodeProto]:
+def toposort_nodes(nodes: list[onnx.NodeProto], available: set[str], fail) -> list[onnx.NodeProto]:
     """``nodes`` in an order where every input is written before it is read (``available``:
     the graph inputs and initializers)."""
     available = set(available) | {""}
@@ -426,10 +413,10 @@ def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
     the portable graph) and ``total_sequence_length`` the bias's last axis, so each layer's
     own (pruned) length comes from its own bias. Its outputs ``present.<i>.key|value`` are
     therefore the whole updated cache, not the new entries; the graph says so in its metadata
-    (:data:`KV_UPDATE_KEY` = :data:`KV_REPLACE`) and :class:`quota_compile.runtime.OrtBackend`
+    (:data:`KV_UPDATE_KEY` = :data:`KV_REPLACE`) and :class:`quota_compile.runtime.ort.OrtBackend`
     replaces its cache instead of appending.
     """
-    out, graph, inits, producers, consumers = _indexed_copy(model)
+    out, graph, inits, producers, consumers = indexed_copy(model)
     inputs = {i.name: i for i in graph.input}
     shapes = {v.name: v for v in graph.value_info}
 
@@ -437,11 +424,11 @@ def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
         raise OrtLoweringError(f"GroupQueryAttention rewrite: {msg}")
 
     def chain_to(tensor: str, op_type: str) -> list[onnx.NodeProto]:
-        return _chain_to(consumers, tensor, op_type, fail)
+        return follow_chain(consumers, tensor, op_type, fail)
 
     def cache_concat(past: str) -> onnx.NodeProto:
         """The Concat (axis 2) that appends the new entry to the dequantized ``past``."""
-        return _downstream(consumers, past, _is_cache_concat) or fail(f"no Concat appends to {past}")
+        return downstream_node(consumers, past, is_cache_concat) or fail(f"no Concat appends to {past}")
 
     def static_quantizer(present: str) -> onnx.NodeProto:
         """The Div(x, static scale) that starts the quantizer writing ``present``."""
@@ -533,10 +520,10 @@ def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
         for n in (producers[present_k], producers[present_v], merge):
             replaced[id(n)] = []
 
-    nodes = _live([n for n in graph.node if id(n) not in replaced] + added, graph)  # drops the old attention
+    nodes = live_nodes([n for n in graph.node if id(n) not in replaced] + added, graph)  # drops the old attention
     available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {t.name for t in new_inits}
     # topological order (the new nodes read tensors from all over the graph)
-    _write_back(out, _toposort(nodes, available, fail), new_inits)
+    write_back(out, toposort_nodes(nodes, available, fail), new_inits)
     del graph.value_info[:]  # shapes of removed tensors; onnxruntime infers what it needs
     for o in graph.output:
         if o.name.startswith("present."):

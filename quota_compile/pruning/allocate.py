@@ -156,7 +156,7 @@ def allocate(
         raise ValueError(f"levels must be a positive integer, got {levels!r}")
     _check_keep_ratio(keep_ratio)
     _check_first_full(first_full, num_layers)
-    _check_reachable(keep_ratio, num_layers, num_visual, first_full, f"{first_full} full layers")
+    check_reachable(keep_ratio, num_layers, num_visual, first_full, f"{first_full} full layers")
     target = _target(keep_ratio, num_layers, num_visual)
     if target == num_layers * num_visual:
         return KeepSchedule((num_visual,) * num_layers, num_visual)
@@ -184,7 +184,7 @@ def fastv_schedule(num_layers: int, num_visual: int, keep_ratio: float, cut_laye
             f"pruning.fastv_layer must be in [0, {num_layers}) for a {num_layers}-layer decoder, "
             f"got {cut_layer!r}."
         )
-    _check_reachable(keep_ratio, num_layers, num_visual, cut_layer, f"pruning.fastv_layer {cut_layer}")
+    check_reachable(keep_ratio, num_layers, num_visual, cut_layer, f"pruning.fastv_layer {cut_layer}")
     target = _target(keep_ratio, num_layers, num_visual)
     pruned_share = (target - cut_layer * num_visual) / (num_layers - cut_layer)
     shape = [float(num_visual)] * cut_layer + [pruned_share] * (num_layers - cut_layer)
@@ -220,7 +220,7 @@ def pdrop_schedule(
             f"pruning.stages must be in [1, {prunable}] (the layers after {first_full} full ones), "
             f"got {stages!r}."
         )
-    _check_reachable(keep_ratio, num_layers, num_visual, first_full, f"{first_full} full layers")
+    check_reachable(keep_ratio, num_layers, num_visual, first_full, f"{first_full} full layers")
     target = _target(keep_ratio, num_layers, num_visual)
     exponents = np.concatenate(
         [np.full(len(group), s + 1.0) for s, group in enumerate(np.array_split(np.arange(prunable), stages))]
@@ -364,7 +364,7 @@ def _check_first_full(first_full: int, num_layers: int) -> None:
         )
 
 
-def _check_reachable(keep_ratio: float, num_layers: int, num_visual: int, full_layers: int, why: str) -> None:
+def check_reachable(keep_ratio: float, num_layers: int, num_visual: int, full_layers: int, why: str) -> None:
     """Refuse budgets below ``full_layers`` layers at ``V`` and every other layer at 1 token."""
     minimum = full_layers * num_visual + (num_layers - full_layers)
     if keep_ratio * num_layers * num_visual < minimum * (1 - 1e-12):

@@ -14,16 +14,16 @@ import torch
 from torch import fx
 from torch.export import Dim
 
-from passes import plain_signature, remove_unused_attributes
-from passes.fold_topk_gather import FoldTopKGather
-from passes.insert_qdq import InsertQDQ, LinearQuantSpec
-from passes.pack_int4_weights import PackInt4Weights
-from passes.quantize_embedding import QuantizeEmbedding
-from passes.quantize_kv_io import QuantizeKVIO
-from passes.strip_runtime_asserts import StripRuntimeAsserts
+from quota_compile.passes import plain_signature, remove_unused_attributes
+from quota_compile.passes.fold_topk_gather import FoldTopKGather
+from quota_compile.passes.insert_qdq import InsertQDQ, LinearQuantSpec
+from quota_compile.passes.pack_int4_weights import PackInt4Weights
+from quota_compile.passes.quantize_embedding import QuantizeEmbedding
+from quota_compile.passes.quantize_kv_io import QuantizeKVIO
+from quota_compile.passes.strip_runtime_asserts import StripRuntimeAsserts
 
 from quota_compile.models.llava import VLM
-from quota_compile.programs import KV_FLOAT, DecodeProgram, PrefillProgram, PruneSpec, VisionProgram, kv_io_names, kv_stored_names
+from quota_compile.capture.programs import KV_FLOAT, DecodeProgram, PrefillProgram, PruneSpec, VisionProgram, kv_io_names, kv_stored_names
 from quota_compile.quant import ops  # noqa: F401  (registers torch.ops.quota)
 from quota_compile.quant.simulate import QuantizedModel
 

@@ -3,9 +3,9 @@ sequential: true``) one decoder layer at a time.
 
 Sequential calibration is layer-major. Every prefill pass that calibration needs (the signal
 passes, the score-weight search's passes, the KV-scale passes, GPTQ's) is started with
-:meth:`~quota_compile.programs.PrefillProgram.begin`; then for each decoder layer in turn the
+:meth:`~quota_compile.capture.programs.PrefillProgram.begin`; then for each decoder layer in turn the
 layer's weights are moved to the device, every pass is advanced through that layer
-(:meth:`~quota_compile.programs.PrefillProgram.step`, one pass at a time: its state is moved
+(:meth:`~quota_compile.capture.programs.PrefillProgram.step`, one pass at a time: its state is moved
 to the device for the step and back to the host after it), and the layer goes back to the
 host. ``finish`` runs the final norm and ``lm_head``. A pass computes exactly the tensors of
 the whole-model run (``run`` is ``begin``, the steps and ``finish``), so both modes give the
@@ -42,11 +42,11 @@ _STEP_INPUTS = ("h", "position_ids", "mask", "visual_index", "cos", "sin", "bias
 
 
 def send(value, device: torch.device):
-    """``value`` (a tensor, a :class:`~quota_compile.programs.PrefillState`, or tuples and lists
+    """``value`` (a tensor, a :class:`~quota_compile.capture.programs.PrefillState`, or tuples and lists
     of them) on ``device``; a state's outputs so far move only when it goes to the host."""
     from accelerate.utils import send_to_device
 
-    from quota_compile.programs import PrefillState
+    from quota_compile.capture.programs import PrefillState
 
     if isinstance(value, PrefillState):
         names = _STEP_INPUTS + (("kv", "kept") if device == HOST else ())

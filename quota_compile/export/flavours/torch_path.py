@@ -3,7 +3,7 @@ lowered from) run by PyTorch on a GPU, each W4A4 Linear and each decode layer's 
 the quantized KV cache as a Triton kernel.
 
 What a user without TensorRT runs on an NVIDIA GPU. :func:`kernel_programs` copies the traced
-vision / prefill / decode graph modules (:func:`quota_compile.trace.trace_programs`), applies
+vision / prefill / decode graph modules (:func:`quota_compile.capture.trace.trace_programs`), applies
 the passes of ``passes/use_triton_kernels.py`` and moves them to the device:
 ``use_triton_kernels`` in every graph (each ``matmul(qdq_per_token(x), dequantize_int4(...))``
 becomes one ``quota.w4a4_linear``) and, in the decode graph with a quantized cache,
@@ -12,7 +12,7 @@ scale / mask / softmax / matmul becomes one ``quota.kv_decode_attention``: the f
 kernel of :mod:`quota_compile.kernels.kv_attention` reading the stored past in place, with the
 mask as an additive bias and the new token's entry merged in). The prefill keeps its own
 attention (QUOTA reads its softmax probabilities); a float cache keeps the graph's attention.
-:class:`KernelBackend` runs them behind the :class:`~quota_compile.runtime.Backend` interface,
+:class:`KernelBackend` runs them behind the :class:`~quota_compile.runtime.ort.Backend` interface,
 so ``greedy_generate`` and the verification take it like the onnxruntime sessions.
 
 Verified here (``tests/test_kernels.py``), on the CPU, with triton in its interpreter
@@ -32,20 +32,20 @@ import numpy as np
 import torch
 from torch import fx
 
-from quota_compile.runtime import append_kv
+from quota_compile.runtime.ort import append_kv
 
 
 def kernel_programs(traced: dict, device: str | torch.device = "cuda") -> dict[str, fx.GraphModule]:
     """Copies of the traced programs with the Triton W4A4 Linear and, in the decode program
     with a quantized cache, the Triton decode attention, on ``device``."""
-    from passes.use_triton_kernels import UseKVDecodeAttention, UseTritonKernels, _quantized_past, w4a4_matmuls
+    from quota_compile.passes.use_triton_kernels import UseKVDecodeAttention, UseTritonKernels, quantized_past, w4a4_matmuls
 
     out = {}
     for name, t in traced.items():
         gm = copy.deepcopy(t.module)
         if w4a4_matmuls(gm):
             gm = UseTritonKernels()(gm).graph_module
-        if name == "decode" and _quantized_past(gm):
+        if name == "decode" and quantized_past(gm):
             layers = {n.split(".")[1] for n in t.input_names if n.startswith("past.")}
             gm = UseKVDecodeAttention(len(layers))(gm).graph_module
         out[name] = gm.to(device).eval()

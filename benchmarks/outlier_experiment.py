@@ -87,8 +87,8 @@ def _config(source: str, group_size: int, variant: dict, calibration_samples: in
 def _trajectory(programs, batch, steps: int, forced: list[np.ndarray] | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Log-probabilities of ``steps`` next tokens; the decode is fed ``forced`` tokens where
     given, else its own greedy ones (returned, one ``[B]`` array per step)."""
-    from quota_compile.runtime import greedy_generate
-    from quota_compile.verify import TorchBackend
+    from quota_compile.runtime.ort import greedy_generate
+    from quota_compile.verify.gate import TorchBackend
 
     gen = greedy_generate(TorchBackend(programs), batch, steps, None, keep_logits=True, feed=forced)
     logp = [torch.log_softmax(torch.from_numpy(x).double(), -1).numpy() for x in gen.step_logits]
@@ -107,11 +107,11 @@ def run_experiment(
 ) -> dict[str, Result]:
     """KL and greedy agreement of each variant (default :data:`VARIANTS`) on ``prompts``
     held-out synthetic prompts × ``steps`` next tokens, W4A4 with an INT4 per-token KV cache."""
-    from quota_compile.calibrate import kl_divergence, quantize_model
+    from quota_compile.calibration.calibrate import kl_divergence, quantize_model
     from quota_compile.config import VerifySection
     from quota_compile.models import load_model
-    from quota_compile.trace import build_programs
-    from quota_compile.verify import held_out_samples
+    from quota_compile.capture.trace import build_programs
+    from quota_compile.verify.gate import held_out_samples
 
     variants = VARIANTS if variants is None else variants
     results: dict[str, Result] = {}

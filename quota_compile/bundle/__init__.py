@@ -1,0 +1,1 @@
+"""The bundle on disk: its format, its manifest, its report and figures."""

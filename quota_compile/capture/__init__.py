@@ -1,0 +1,1 @@
+"""The programs (vision, prefill, decode) the compiler traces, and their tracing."""

@@ -1,0 +1,1 @@
+"""The commands (compile, eval, bench), side by side above the shared core."""

@@ -1,0 +1,50 @@
+"""The pruning decision of a compile: read and checked from ``--recipe``, calibrated, or none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from quota_compile.calibration.calibrate import calibrate, prune_spec_from_recipe
+from quota_compile.capture.trace import build_programs
+from quota_compile.errors import UserError
+from quota_compile.pruning.recipe import CalibrationProvenance, PruningRecipe, Recipe
+
+
+def read_recipe(path: Path) -> Recipe:
+    """The file given with ``--recipe``, parsed and validated (it needs no model: checked in
+    the config stage, before the model is loaded)."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such recipe file (option --recipe).")
+    return Recipe.load(path)
+
+
+def check_recipe(recipe: Recipe, path: Path, cfg, vlm, span: tuple[int, int], config_file: Path) -> Recipe:
+    """A parsed ``--recipe`` must describe this model and this quantization."""
+    if recipe.model.num_layers != vlm.num_layers or len(recipe.pruning.keep) != vlm.num_layers:
+        raise UserError(
+            f"{path}: key 'pruning.keep': the recipe is for {len(recipe.pruning.keep)} decoder layers, "
+            f"the model in {config_file} has {vlm.num_layers}."
+        )
+    if recipe.model.visual_tokens != span[1] or max(recipe.pruning.keep) > span[1]:
+        raise UserError(
+            f"{path}: key 'model.visual_tokens': the recipe is for {recipe.model.visual_tokens} visual tokens, "
+            f"the model in {config_file} gives {span[1]}."
+        )
+    if recipe.quantization != cfg.quantization:
+        raise UserError(f"{path}: key 'quantization' differs from the quantization section of {config_file}.")
+    return recipe
+
+
+def decide_pruning(cfg, vlm, qm, span, given: Recipe | None, config_file: Path):
+    """``(PruningRecipe, CalibrationProvenance, PruneSpec | None)`` from a given recipe, from
+    calibration, or for no pruning."""
+    if given is not None:
+        return given.pruning, given.calibration, prune_spec_from_recipe(given.pruning, qm.spec.activations)
+    if cfg.pruning.method == "none":
+        provenance = CalibrationProvenance(
+            dataset=cfg.calibration.dataset, num_samples=cfg.calibration.num_samples, seed=cfg.calibration.seed, holdout=cfg.calibration.holdout
+        )
+        return PruningRecipe(method="none", keep=[span[1]] * vlm.num_layers), provenance, None
+    vision = build_programs(vlm, qm).vision
+    result = calibrate(vlm, qm, vision, span, cfg.pruning, cfg.calibration, config_file)
+    return result.recipe, result.provenance, result.spec

@@ -1,0 +1,1 @@
+"""Data: ShapesVQA, calibration and verification samples, public benchmark loaders."""

@@ -1,0 +1,1 @@
+"""From traced programs to ONNX: the export, user passes and the flavours."""

@@ -1,0 +1,1 @@
+"""Flavours: translations of the portable graphs for one runtime (onnxruntime, TensorRT, PyTorch + Triton)."""

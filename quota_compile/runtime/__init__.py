@@ -1,0 +1,1 @@
+"""Running a bundle: onnxruntime sessions, batching and greedy generation."""

@@ -1,0 +1,1 @@
+"""The verification gate: every graph against the PyTorch simulation."""
