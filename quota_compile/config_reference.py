@@ -124,11 +124,9 @@ def _allowed(tp: Any, metadata: list) -> str:
 
 
 def _default(field) -> str:
-    if field.default_factory is not None:
-        return f"`{_value(field.default_factory())}`"
-    if field.default is PydanticUndefined:
+    if field.default is PydanticUndefined and field.default_factory is None:
         return "required"
-    v = field.default
+    v = field.default_factory() if field.default_factory is not None else field.default
     return _value(v) if isinstance(v, BaseModel) else f"`{_value(v)}`"
 
 
