@@ -1,4 +1,4 @@
-"""Check and time the Triton kernels against torch FP16 at LLaVA-1.5-7B shapes (issue 7).
+"""Check and time the Triton kernels against torch FP16 at LLaVA-1.5-7B shapes.
 
     python benchmarks/gpu_kernels.py [--quick] [--json PATH]   # NVIDIA GPU (H100 class)
     python benchmarks/gpu_kernels.py --interpret                # CPU: correctness at tiny shapes

@@ -1,4 +1,4 @@
-"""The synthetic outlier experiment of issue 6: what the rotation and GPTQ do to W4A4KV4 on a
+"""The synthetic outlier experiment: what the rotation and GPTQ do to W4A4KV4 on a
 model whose activations have outlier channels, as real LLaVA-class decoders do.
 
 :func:`inject_outliers` makes a few channels ``factor`` times larger in two places, each

@@ -1,4 +1,4 @@
-"""The synthetic outlier experiment of issue 6 (benchmarks/outlier_experiment.py): W4A4 with an
+"""The synthetic outlier experiment (benchmarks/outlier_experiment.py): W4A4 with an
 INT4 KV cache on builtin:tiny-llava with injected outlier channels, for RTN, the rotation
 (offline only, and with its online part), GPTQ and GPTQ with the rotation.
 

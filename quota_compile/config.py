@@ -1,6 +1,7 @@
 """``model.yaml``: the compile configuration (pydantic, versioned, unknown keys rejected).
 
-Every key, its default and its meaning is documented in README.md ("model.yaml reference").
+Every key carries a ``description``; docs/config.md, the key reference, is generated from this
+schema by ``python -m quota_compile.config_reference --write``.
 Paths in ``model.source`` are relative to the YAML file; ``output.dir`` is relative to the
 working directory.
 """
@@ -15,7 +16,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from quota_compile.errors import UserError
+from .errors import UserError
 
 CONFIG_VERSION = 1
 DEFAULT_PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -29,10 +30,10 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    source: str = Field(description="builtin:NAME or a local Hugging Face folder")
-    family: Literal["llava"] = "llava"
-    seed: int = Field(0, ge=0, description="seed of a builtin model's random initialisation")
-    prompt_template: str = DEFAULT_PROMPT
+    source: str = Field(description="`builtin:shapes-llava`, `builtin:tiny-llava`, `builtin:bench-llava` (random weights, LLaVA-1.5 shaped, for speed), or a local Hugging Face LLaVA checkpoint folder, relative to the YAML file (`~` is expanded)")
+    family: Literal["llava"] = Field("llava", description="model adapter")
+    seed: int = Field(0, ge=0, description="seed for `builtin:tiny-llava`'s random weights (a checkpoint folder and the trained builtin ignore it)")
+    prompt_template: str = Field(DEFAULT_PROMPT, description="must contain `<image>` exactly once and `{question}`; stored in `manifest.json` and used by `run` and verification")
 
     @field_validator("prompt_template")
     @classmethod
@@ -43,23 +44,23 @@ class ModelSection(_Section):
 
 
 class WeightQuant(_Section):
-    bits: Literal[4] = 4
+    bits: Literal[4] = Field(4, description="weight bits")
     # group: one scale per output channel and group_size inputs; per_channel: one scale per
     # output channel (the group is the whole input), which the onnxruntime flavour runs as an
     # exact integer product on its uint8 x int8 kernels.
-    granularity: Literal["group", "per_channel"] = "group"
+    granularity: Literal["group", "per_channel"] = Field("group", description="`group`: one scale per output channel and `group_size` inputs; `per_channel`: one scale per output channel (`group_size` is then ignored), which the onnxruntime flavour runs as exact integer products")
     # Unset: the largest of 128, 64, 32, 16 that divides every quantized Linear's input size
     # (chosen when the model is loaded, said in the compile's progress, written in the recipe).
-    group_size: int | None = Field(None, gt=0)
+    group_size: int | None = Field(None, gt=0, description="weights per scale along the input dimension; a value given must divide the input size of every quantized Linear (checked when the model loads). null: the largest of 128, 64, 32, 16 that divides every quantized Linear's input size (the compile's progress line says which; the recipe and manifest record it)")
     # rtn: round to nearest. gptq: GPTQ on the calibration set (quota_compile/quant/gptq.py),
     # decoder layer by decoder layer, each seeing the inputs of the already-quantized layers
     # before it; same grid and layout as rtn.
-    method: Literal["rtn", "gptq"] = "rtn"
+    method: Literal["rtn", "gptq"] = Field("rtn", description="`rtn`: round to nearest; `gptq`: GPTQ on the calibration set, same grid and layout (docs/quantization.md)")
     # GPTQ only: dampening of the Hessian, as a fraction of its mean diagonal.
-    gptq_damp: float = Field(0.01, gt=0.0, le=1.0)
+    gptq_damp: float = Field(0.01, gt=0.0, le=1.0, description="only with `method: gptq` (refused otherwise): dampening added to the Hessian's diagonal, as a fraction of its mean")
     # GPTQ only: visit the input channels by decreasing Hessian diagonal (group scales then
     # come from the original weights: "static groups").
-    act_order: bool = False
+    act_order: bool = Field(False, description="only with `method: gptq` (refused otherwise): quantize the input channels by decreasing Hessian diagonal, with group scales from the original weights")
 
     @model_validator(mode="after")
     def _gptq_options_need_gptq(self) -> WeightQuant:
@@ -71,43 +72,43 @@ class WeightQuant(_Section):
 
 
 class ActivationQuant(_Section):
-    bits: Literal[4, 8] = 4
-    granularity: Literal["per_token"] = "per_token"
-    clip_ratio: float = Field(1.0, gt=0.0, le=1.0)
+    bits: Literal[4, 8] = Field(4, description="activation bits at the input of every quantized Linear")
+    granularity: Literal["per_token"] = Field("per_token", description="one dynamic scale per token")
+    clip_ratio: float = Field(1.0, gt=0.0, le=1.0, description="scale = `clip_ratio · max|x| / qmax`")
 
 
 class KVCacheQuant(_Section):
-    bits: Literal[4, 8] = 4
+    bits: Literal[4, 8] = Field(4, description="KV-cache bits (INT4 needs an even head dim)")
     # per_token: asymmetric, a dynamic scale and zero point per token and head (stored beside
     # the codes); per_channel: symmetric, static scales per KV head and channel calibrated on
     # the calibration set (codes only in the cache; onnxruntime GroupQueryAttention's format).
-    granularity: Literal["per_token", "per_channel"] = "per_token"
+    granularity: Literal["per_token", "per_channel"] = Field("per_token", description="`per_token`: a dynamic scale and zero point per token and KV head, stored beside the codes; `per_channel`: symmetric, one static scale per KV head and channel, calibrated on the calibration set (`calibration.*`, always run for it), so the cache holds codes only")
 
 
 class EmbeddingQuant(_Section):
     # The decoder's token-embedding table: null keeps it in full precision; 4 stores it as INT4
     # codes, symmetric, in groups of group_size along the hidden dimension (RTN), one table
     # row dequantized per token (onnxruntime: GatherBlockQuantized).
-    bits: Literal[4] | None = None
-    group_size: int | None = Field(None, gt=0)  # default: quantization.weights.group_size
+    bits: Literal[4] | None = Field(None, description="`4`: the decoder's token-embedding table as INT4 codes (symmetric RTN, groups along the hidden dimension); null: float32")
+    group_size: int | None = Field(None, gt=0, description="table entries per scale; null: `quantization.weights.group_size`")  # default: quantization.weights.group_size
 
 
 class QuantizationSection(_Section):
-    weights: WeightQuant = WeightQuant()
-    activations: ActivationQuant = ActivationQuant()
-    kv_cache: KVCacheQuant = KVCacheQuant()
-    embeddings: EmbeddingQuant = EmbeddingQuant()
-    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
+    weights: WeightQuant = Field(WeightQuant(), description="the weights of every quantized Linear (signed INT4, symmetric)")
+    activations: ActivationQuant = Field(ActivationQuant(), description="the activations at the input of every quantized Linear (signed, symmetric, dynamic)")
+    kv_cache: KVCacheQuant = Field(KVCacheQuant(), description="the KV cache")
+    embeddings: EmbeddingQuant = Field(EmbeddingQuant(), description="the decoder's token-embedding table")
+    ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE), description="modules kept in full precision: `re:REGEX` (matched with `re.fullmatch`) or a module name (that module and every module inside it); a list you give replaces the defaults (docs/config-guide.md)")
     # hadamard: fold the decoder's RMSNorm scales into the Linears that read them and rotate its
     # residual stream by a seeded randomised Hadamard matrix, offline, before quantizing
     # (quota_compile/quant/rotation.py); the full-precision function does not change.
-    rotation: Literal["none", "hadamard"] = "none"
-    rotation_seed: int = Field(0, ge=0)
+    rotation: Literal["none", "hadamard"] = Field("none", description="`hadamard`: fold the decoder's RMSNorm scales into the Linears that read them and rotate its residual stream by a randomised Hadamard matrix before quantizing (docs/quantization.md); the full-precision function does not change")
+    rotation_seed: int = Field(0, ge=0, description="seed of the rotation's random signs (and, for sizes that are not powers of two, of its orthogonal factor)")
     # with rotation: hadamard, also QuaRot's inner rotations: down_proj's and o_proj's inputs
     # rotated in the graph (Kronecker-factored Hadamard MatMuls before the activation
     # quantizer), the value heads rotated offline and the query/key heads after RoPE in the
     # graph, so the KV cache holds rotated keys and values.
-    online_rotation: bool = True
+    online_rotation: bool = Field(True, description="only with `rotation: hadamard` (`false` is refused otherwise): also rotate `down_proj`'s and `o_proj`'s inputs and the query/key heads in the graphs, and the value heads offline (docs/quantization.md); `false` keeps the offline residual rotation only")
 
     @model_validator(mode="after")
     def _online_needs_rotation(self) -> QuantizationSection:
@@ -129,9 +130,9 @@ class QuantizationSection(_Section):
 
 
 class ScoreWeightsSection(_Section):
-    att: float = Field(1.0, ge=0.0)
-    mag: float = Field(0.0, ge=0.0)
-    risk: float = Field(0.0, ge=0.0)
+    att: float = Field(1.0, ge=0.0, description="weight of the attention cue `att`")
+    mag: float = Field(0.0, ge=0.0, description="weight of the hidden-state norm `mag`")
+    risk: float = Field(0.0, ge=0.0, description="weight of the quantization risk `risk` (subtracted); at least one of the three weights must be positive")
 
     @model_validator(mode="after")
     def _not_all_zero(self) -> ScoreWeightsSection:
@@ -141,29 +142,29 @@ class ScoreWeightsSection(_Section):
 
 
 class PruningSection(_Section):
-    method: Literal["none", "quota", "fastv", "pdrop", "random"] = "none"
-    signals: Literal["lowbit", "fp"] = "lowbit"
-    keep_ratio: float = Field(0.3, gt=0.0, le=1.0)
-    first_full_layers: int = Field(2, ge=1)
-    query_tokens: int = Field(32, ge=1)
-    weights: Literal["auto"] | ScoreWeightsSection = "auto"
-    fastv_layer: int = Field(2, ge=1)
-    stages: int = Field(4, ge=1)
-    seed: int = Field(0, ge=0)
+    method: Literal["none", "quota", "fastv", "pdrop", "random"] = Field("none", description="visual-token pruning (docs/pruning.md)")
+    signals: Literal["lowbit", "fp"] = Field("lowbit", description="`quota` only: calibrate on the quantized simulation (`lowbit`) or on the full-precision model (`fp`, the stage-wise combination)")
+    keep_ratio: float = Field(0.3, gt=0.0, le=1.0, description="budget: average over all decoder layers of the fraction of the V visual tokens a layer processes")
+    first_full_layers: int = Field(2, ge=1, description="`quota`, `pdrop`: layers that keep all V tokens; `random`: its cut layer. Must be below the layer count")
+    query_tokens: int = Field(32, ge=1, description="the attention cue averages the attention of the last this-many real text tokens")
+    weights: Literal["auto"] | ScoreWeightsSection = Field("auto", description="`quota` only: score weights, `auto` (searched during calibration) or a mapping `{att, mag, risk}` (omitted keys 1, 0, 0)")
+    fastv_layer: int = Field(2, ge=1, description="`fastv` only: the layer where the single cut happens; below the layer count")
+    stages: int = Field(4, ge=1, description="`pdrop` only: number of geometric stages; at most layers − `first_full_layers`")
+    seed: int = Field(0, ge=0, description="`random` only: seed of the per-token random scores")
 
 
 class CalibrationSection(_Section):
     # synthetic: generated images with generic questions; shapesvqa: the ShapesVQA calibration
     # split (the data builtin:shapes-llava was trained for).
-    dataset: Literal["synthetic", "shapesvqa"] = "synthetic"
-    num_samples: int = Field(16, ge=2)
-    seed: int = Field(0, ge=0)
-    holdout: float = Field(0.25, gt=0.0, lt=1.0)
+    dataset: Literal["synthetic", "shapesvqa"] = Field("synthetic", description="`synthetic`: seeded generated images (coloured shapes) with fixed generic questions, from a stream separate from verification's; `shapesvqa`: the ShapesVQA calibration split (and verification then uses ShapesVQA test-split samples drawn with `verify.seed`, apart from `eval.seed`'s)")
+    num_samples: int = Field(16, ge=2, description="calibration samples")
+    seed: int = Field(0, ge=0, description="calibration seed")
+    holdout: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of the samples (at least one) held out for the weight search; signals come from the rest")
     # where calibration (GPTQ, the per_channel KV scales, QUOTA's passes) computes: cpu, cuda,
     # cuda:N. With sequential: true only one decoder layer at a time is on that device (the
     # others wait in host memory; quota_compile/capture/sequential.py); the recipe is the same.
-    device: str = "cpu"
-    sequential: bool = False
+    device: str = Field("cpu", description="where calibration (GPTQ, the `per_channel` KV scales, QUOTA's passes) computes: `cpu`, `cuda` or `cuda:N`; `cuda` without a GPU torch can use is refused (exit 2). Tracing and export stay on the CPU")
+    sequential: bool = Field(False, description="`true`: layer-by-layer calibration, only one decoder layer (plus the vision tower, projector, embeddings, final norm and `lm_head`) on `calibration.device` at a time, the others in host memory; the recipe and weights are the same as with `false` (docs/quantization.md)")
 
     @field_validator("device")
     @classmethod
@@ -181,30 +182,30 @@ class OnnxruntimeExport(_Section):
     # MatMulNBits accuracy_level: 4 = int8 x int4 dot products (activations requantized to int8
     # per weight block; fast), 0 = float32 arithmetic (exactly the deployed W4A4 up to summation
     # order; about the speed of an fp32 MatMul).
-    accuracy_level: Literal[0, 4] = 4
+    accuracy_level: Literal[0, 4] = Field(4, description="`MatMulNBits` arithmetic in the onnxruntime flavour: `4` int8 × int4 dot products (activations requantized to int8 per weight block; fast), `0` float32 (the deployed W4A4 up to summation order)")
     # Graphs whose per-channel W4A4 Linears run as exact integer products (MatMulIntegerToFloat,
     # uint8 x int8); the others use MatMulNBits. Measured on builtin:bench-llava (docs/speed.md):
     # integer is 2.6x faster on the prefill's large products, MatMulNBits faster per decode step.
-    integer_graphs: list[Literal["vision", "prefill", "decode"]] = Field(default_factory=lambda: ["vision", "prefill"])
+    integer_graphs: list[Literal["vision", "prefill", "decode"]] = Field(default_factory=lambda: ["vision", "prefill"], description="with `weights.granularity: per_channel`: graphs whose W4A4 Linears run as exact integer products (`MatMulIntegerToFloat`, uint8 × int8); the others use `MatMulNBits` (a measured choice, docs/speed.md)")
     # The decode graph's attention as com.microsoft.GroupQueryAttention over the quantized cache
     # (used with kv_cache {bits: 4, granularity: per_channel}, the op's INT4 layout; with any
     # other KV cache the graph's own attention arithmetic stays).
-    group_query_attention: bool = True
+    group_query_attention: bool = Field(True, description="with `kv_cache: {bits: 4, granularity: per_channel}`: the decode graph's attention over the cache as `com.microsoft.GroupQueryAttention` (its INT4 cache is this layout); ignored with any other KV cache")
 
 
 class ExportSection(_Section):
-    opset: int = Field(21, ge=21, le=23)
+    opset: int = Field(21, ge=21, le=23, description="ONNX opset of the graphs")
     # portable: standard ONNX ops only (always written: the reference lowering);
     # onnxruntime: also the onnxruntime CPU flavour in <bundle>/onnxruntime/, which the
     # runtime then uses; tensorrt: also the TensorRT flavour in <bundle>/tensorrt/ (plugin
     # nodes for the W4A4 Linears and the quantized KV cache; quota_compile/export/flavours/trt.py),
     # verified through onnxruntime-extensions, and its engines where TensorRT and a GPU are.
-    targets: list[Literal["portable", "onnxruntime", "tensorrt"]] = Field(default_factory=lambda: ["portable"], min_length=1)
-    onnxruntime: OnnxruntimeExport = Field(default_factory=OnnxruntimeExport)
+    targets: list[Literal["portable", "onnxruntime", "tensorrt"]] = Field(default_factory=lambda: ["portable"], min_length=1, description="graph flavours: `portable` (standard ONNX ops; always required, it is the reference the others are derived from), `onnxruntime` (in `onnxruntime/`, docs/onnxruntime.md) and `tensorrt` (in `tensorrt/`, plugin nodes; needs `activations.bits: 4` and onnxruntime-extensions; docs/gpu.md)")
+    onnxruntime: OnnxruntimeExport = Field(default_factory=OnnxruntimeExport, description="settings of the onnxruntime flavour")
     # Functions applied to the portable graphs after export, before the flavours and the
     # verification (quota_compile/export/user_passes.py): "module:function", the module importable
     # from sys.path or the YAML file's folder.
-    passes: list[str] = Field(default_factory=list)
+    passes: list[str] = Field(default_factory=list, description="your own passes over the exported portable graphs, as `module:function`, in order, before the flavours are derived and before verification: each function is called as `function(model, graph)` (an `onnx.ModelProto`, and `vision`, `prefill` or `decode`) and edits the model in place or returns a new one; the module is imported from `sys.path` or the YAML file's folder. `compile` only (eval and bench measure the compiler's own graphs). The gate holds their result to the same checks: a pass that changes what a graph computes gets exit code 1")
 
     @field_validator("passes")
     @classmethod
@@ -232,20 +233,20 @@ class FlavourTolerances(_Section):
     own (e.g. max_code_flip_rate 0.05, max_tensor_code_flip_rate 0.1, min_greedy_agreement
     below 1) or uses accuracy_level 0."""
 
-    max_code_flip_rate: float | None = Field(None, ge=0.0, le=1.0)
-    max_tensor_code_flip_rate: float | None = Field(None, ge=0.0, le=1.0)
-    kept_tie_tolerance: float | None = Field(None, ge=0.0)
-    max_kv_scale_rel_difference: float | None = Field(None, gt=0.0)
-    max_teacher_forced_rel_error: float | None = Field(None, gt=0.0)
-    min_greedy_agreement: float | None = Field(None, ge=0.0, le=1.0)
-    max_logits_rel_error: float | None = Field(None, gt=0.0)
-    min_kept_index_agreement: float | None = Field(None, ge=0.0, le=1.0)
+    max_code_flip_rate: float | None = Field(None, ge=0.0, le=1.0, description="the onnxruntime flavour's `verify.max_code_flip_rate`; null: the portable value")
+    max_tensor_code_flip_rate: float | None = Field(None, ge=0.0, le=1.0, description="the onnxruntime flavour's `verify.max_tensor_code_flip_rate`; null: the portable value")
+    kept_tie_tolerance: float | None = Field(None, ge=0.0, description="the onnxruntime flavour's `verify.kept_tie_tolerance`; null: the portable value")
+    max_kv_scale_rel_difference: float | None = Field(None, gt=0.0, description="the onnxruntime flavour's `verify.max_kv_scale_rel_difference`; null: the portable value, or 0.05 at `export.onnxruntime.accuracy_level: 4`")
+    max_teacher_forced_rel_error: float | None = Field(None, gt=0.0, description="the onnxruntime flavour's `verify.max_teacher_forced_rel_error`; null: the portable value, or 0.05 at `export.onnxruntime.accuracy_level: 4`")
+    min_greedy_agreement: float | None = Field(None, ge=0.0, le=1.0, description="the onnxruntime flavour's `verify.min_greedy_agreement`; null: the portable value")
+    max_logits_rel_error: float | None = Field(None, gt=0.0, description="the onnxruntime flavour's `verify.max_logits_rel_error`; null: the portable value")
+    min_kept_index_agreement: float | None = Field(None, ge=0.0, le=1.0, description="the onnxruntime flavour's `verify.min_kept_index_agreement`; null: the portable value")
 
 
 class VerifySection(_Section):
-    samples: int = Field(4, ge=1)
-    new_tokens: int = Field(16, ge=1)
-    seed: int = Field(1234, ge=0)
+    samples: int = Field(4, ge=1, description="held-out samples (seeded synthetic images and questions)")
+    new_tokens: int = Field(16, ge=1, description="greedy tokens generated per sample (EOS ignored)")
+    seed: int = Field(1234, ge=0, description="seed for the held-out samples")
     # The gate (quota_compile/verify/gate.py): every graph call is repeated in onnxruntime on the
     # simulation's very inputs, in a verification-only copy of the graph whose quantizers'
     # readers are fed the simulation's codes (teacher forcing, so one difference does not
@@ -256,11 +257,11 @@ class VerifySection(_Section):
     # KV codes; builtin:tiny-llava 0 of 5.7e5 and 1.2e5. A wrong graph flips a large fraction
     # (a wrong activation scale: most of that quantizer's codes). The rate is per kind, over
     # every compared code of the verification.
-    max_code_flip_rate: float = Field(1e-3, ge=0.0, le=1.0)
+    max_code_flip_rate: float = Field(1e-3, ge=0.0, le=1.0, description="largest allowed fraction of differing codes, per kind (activation quantizers; KV cache codes and zero points), when every graph call is repeated in onnxruntime on the simulation's inputs with teacher forcing (docs/verification.md); measured on `builtin:shapes-llava` 4e-6, on `builtin:tiny-llava` 0")
     # The same for each tensor alone (one activation quantizer, or one layer's key, value or
     # their zero points, over every call and sample): a wrong weight or scale shows where it
     # is. One flip in a tensor always passes (a decode tensor over a few steps has few codes).
-    max_tensor_code_flip_rate: float = Field(1e-2, ge=0.0, le=1.0)
+    max_tensor_code_flip_rate: float = Field(1e-2, ge=0.0, le=1.0, description="the same for each tensor alone (one quantizer, or one layer's key / value / zero points, over all calls); one flip in a tensor always passes")
     # A pruning layer may keep another set of visual tokens than the simulation only at a
     # near-tie: every token kept by one side only must have a reference score within this
     # fraction of the score scale (the spread, largest minus smallest, of the layer's candidate scores) of the
@@ -270,13 +271,13 @@ class VerifySection(_Section):
     # had a margin of 8.4e-4; a swap within twice the largest score difference is a tie. On an
     # untrained model's near-uniform attention, the lowest-k instead of the top-k is a margin
     # of 0.54.
-    kept_tie_tolerance: float = Field(2e-2, ge=0.0)
+    kept_tie_tolerance: float = Field(2e-2, ge=0.0, description="with pruning: a kept set may differ from the simulation's only in tokens whose reference score is within this fraction of the score scale (the spread, largest minus smallest, of the layer's candidate scores) of the k-th largest score")
     # The KV cache's float scales (per_token caches store one per token and head), computed on
     # the same inputs (teacher-forced): largest relative difference to the simulation's. Float
     # reassociation moves them by about 1e-6 (builtin:tiny-llava: 4.5e-7, builtin:shapes-llava:
     # 8.0e-7); a stored scale that
     # is wrong (dropped, or from another tensor) changes every value read back from the cache.
-    max_kv_scale_rel_difference: float = Field(1e-3, gt=0.0)
+    max_kv_scale_rel_difference: float = Field(1e-3, gt=0.0, description="largest allowed relative difference of a stored KV-cache scale from the simulation's (same inputs, teacher-forced); float reassociation moves them by about 1e-6")
     # The float tail after the last quantizer (final norm, lm_head; the projector's output):
     # each graph's first output (image features, logits) from the teacher-forced copy, whose
     # quantizers read the simulation's codes, against the simulation's on the same inputs
@@ -284,18 +285,18 @@ class VerifySection(_Section):
     # 2.8e-7, builtin:shapes-llava 1.2e-6 (16 samples); a logit raised by three standard
     # deviations of its row is 0.15. (The onnxruntime flavour at accuracy_level 4: see
     # LEVEL4_FLOAT_TOLERANCES.)
-    max_teacher_forced_rel_error: float = Field(1e-3, gt=0.0)
+    max_teacher_forced_rel_error: float = Field(1e-3, gt=0.0, description="largest allowed relative (L2) error of each graph's first output (image features, logits) computed by the teacher-forced copy (the simulation's codes fed to every quantizer's reader) against the simulation's: the float tail after the last quantizer")
     # Every sample's greedy tokens identical (the end-to-end check, each side decoding alone).
-    min_greedy_agreement: float = Field(1.0, ge=0.0, le=1.0)
+    min_greedy_agreement: float = Field(1.0, ge=0.0, le=1.0, description="smallest allowed fraction of samples whose greedy tokens are all identical")
     # Reported figures (verify.json), which gate only as far as set here: the worst relative
     # logits error up to the first differing token, and the share of (sample, pruning layer)
     # pairs with identical kept sets. One code flip on a confident trained model moves the
     # logits visibly without changing a token (builtin:shapes-llava: up to 0.33), so the logits
     # error is not a gate; its default is only a sanity bound (an error as large as the logits
     # themselves), which no correct graph approaches.
-    max_logits_rel_error: float = Field(1.0, gt=0.0)
-    min_kept_index_agreement: float | None = Field(None, ge=0.0, le=1.0)
-    onnxruntime: FlavourTolerances = Field(default_factory=FlavourTolerances)
+    max_logits_rel_error: float = Field(1.0, gt=0.0, description="`‖ort − torch‖ / ‖torch‖` of the logits at any step up to the first token where the two disagree: a reported figure, gating only above this sanity bound")
+    min_kept_index_agreement: float | None = Field(None, ge=0.0, le=1.0, description="with pruning: if set, smallest allowed fraction of (sample, pruning layer) pairs whose kept indices are identical (reported either way)")
+    onnxruntime: FlavourTolerances = Field(default_factory=FlavourTolerances, description="the onnxruntime flavour's own tolerances (its `accuracy_level: 4` arithmetic differs from the simulation by design: on `builtin:shapes-llava` 1.8e-3 of the activation codes and 1.1e-2 of the KV codes flip, up to 4.6 % of one tensor)")
 
     def for_flavour(self, flavour: str, accuracy_level: int | None = None) -> "VerifySection":
         """These settings with the flavour's own tolerances where it sets them. The onnxruntime
@@ -323,27 +324,27 @@ BENCHMARK_NAMES = ("pope", "mme", "gqa", "scienceqa_img", "mmbench", "seed_bench
 class BenchmarksSection(_Section):
     """Folders holding local copies of public benchmarks in their official formats."""
 
-    pope: str | None = None
-    mme: str | None = None
-    gqa: str | None = None
-    scienceqa_img: str | None = None
-    mmbench: str | None = None
-    seed_bench_img: str | None = None
-    limit: int | None = Field(None, ge=1)
+    pope: str | None = Field(None, description="folder with a local copy of POPE in its official layout, relative to the YAML (docs/eval.md); null: not scored")
+    mme: str | None = Field(None, description="the same for MME")
+    gqa: str | None = Field(None, description="the same for GQA")
+    scienceqa_img: str | None = Field(None, description="the same for ScienceQA-IMG")
+    mmbench: str | None = Field(None, description="the same for MMBench")
+    seed_bench_img: str | None = Field(None, description="the same for SEED-Bench-IMG")
+    limit: int | None = Field(None, ge=1, description="only the first this-many items of each benchmark; null: all")
 
 
 class EvalSection(_Section):
     """``quota-compile eval``: accuracy and retention of every variant through its ONNX graphs."""
 
-    split: Literal["test", "calibration"] = "test"
-    questions: int = Field(1000, ge=1)
-    seed: int = Field(0, ge=0)
-    keep_ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3, 0.2], min_length=1)
-    methods: list[Literal["fastv", "pdrop", "quota", "random"]] = Field(default_factory=lambda: list(EVAL_METHODS))
-    batch_size: int = Field(100, ge=1)
-    max_new_tokens: int = Field(4, ge=1)
-    simulation_check: int = Field(32, ge=0)
-    benchmarks: BenchmarksSection = BenchmarksSection()
+    split: Literal["test", "calibration"] = Field("test", description="ShapesVQA split that `quota-compile eval` answers")
+    questions: int = Field(1000, ge=1, description="the first this-many questions of the split")
+    seed: int = Field(0, ge=0, description="ShapesVQA seed of the evaluated questions")
+    keep_ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3, 0.2], min_length=1, description="budgets at which every method is evaluated, each between 0 and 1 (exclusive)")
+    methods: list[Literal["fastv", "pdrop", "quota", "random"]] = Field(default_factory=lambda: list(EVAL_METHODS), description="pruning methods evaluated at every budget (the other `pruning.*` keys apply to them)")
+    batch_size: int = Field(100, ge=1, description="questions per onnxruntime batch")
+    max_new_tokens: int = Field(4, ge=1, description="greedy tokens per answer (up to EOS)")
+    simulation_check: int = Field(32, ge=0, description="questions also answered by the eager PyTorch simulation of each variant; the share of identical answers is reported")
+    benchmarks: BenchmarksSection = Field(BenchmarksSection(), description="local copies of public benchmarks to score as well (docs/eval.md)")
 
     @field_validator("keep_ratios")
     @classmethod
@@ -357,16 +358,16 @@ class EvalSection(_Section):
 class BenchSection(_Section):
     """``quota-compile bench``: speed of the deployment variants."""
 
-    repeats: int = Field(5, ge=1)
-    warmup: int = Field(1, ge=0)
-    new_tokens: int = Field(64, ge=1)
-    prompt_tokens: int = Field(64, ge=1)
-    threads: int | None = Field(None, ge=1)
+    repeats: int = Field(5, ge=1, description="timed repetitions per variant (medians reported)")
+    warmup: int = Field(1, ge=0, description="untimed repetitions first")
+    new_tokens: int = Field(64, ge=1, description="decode steps timed after the prefill (EOS ignored)")
+    prompt_tokens: int = Field(64, ge=1, description="the question text is lengthened to at least this many tokens")
+    threads: int | None = Field(None, ge=1, description="intra-op threads of PyTorch and onnxruntime; null: torch's default")
 
 
 class OutputSection(_Section):
-    dir: str = "exported"
-    name: str | None = None
+    dir: str = Field("exported", description="parent folder of the bundle, relative to the current working directory")
+    name: str | None = Field(None, description="bundle folder name: letters, digits, `.`, `_`, `-`; null: the YAML file's stem")
 
     @field_validator("name")
     @classmethod
@@ -377,16 +378,16 @@ class OutputSection(_Section):
 
 
 class CompileConfig(_Section):
-    version: Literal[1]
-    model: ModelSection
-    quantization: QuantizationSection = QuantizationSection()
-    pruning: PruningSection = PruningSection()
-    calibration: CalibrationSection = CalibrationSection()
-    export: ExportSection = ExportSection()
-    verify: VerifySection = VerifySection()
-    eval: EvalSection = EvalSection()
-    bench: BenchSection = BenchSection()
-    output: OutputSection = OutputSection()
+    version: Literal[1] = Field(description="config format version")
+    model: ModelSection = Field(description="the model to compile")
+    quantization: QuantizationSection = Field(QuantizationSection(), description="W4A4 weights and activations, the KV cache, the token embeddings, rotations (docs/quantization.md)")
+    pruning: PruningSection = Field(PruningSection(), description="visual-token pruning: QUOTA and the baselines (docs/pruning.md)")
+    calibration: CalibrationSection = Field(CalibrationSection(), description="the calibration data used by GPTQ, `pruning.method: quota` and the `per_channel` KV cache")
+    export: ExportSection = Field(ExportSection(), description="the ONNX graphs and their flavours")
+    verify: VerifySection = Field(VerifySection(), description="the gate between the graphs and the PyTorch simulation (docs/verification.md)")
+    eval: EvalSection = Field(EvalSection(), description="`quota-compile eval`: accuracy and retention (docs/eval.md)")
+    bench: BenchSection = Field(BenchSection(), description="`quota-compile bench`: speed (benchmarks/README.md)")
+    output: OutputSection = Field(OutputSection(), description="where the bundle is written")
 
 
 def _describe(err: dict[str, Any]) -> str:

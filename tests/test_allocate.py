@@ -1,4 +1,4 @@
-"""QUOTA allocation and the baseline schedules (DESIGN §3): budget, shape, optimality, errors."""
+"""QUOTA allocation and the baseline schedules: budget, shape, optimality, errors."""
 
 from __future__ import annotations
 

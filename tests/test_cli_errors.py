@@ -151,7 +151,7 @@ def test_cuda_calibration_without_a_gpu(tmp_path, capsys, tiny_folder):
     _assert_clean_error(rc, err, out, ["'calibration.device'", "'cuda'", "CUDA GPU"])
 
 
-# ------------------------------------------------------------------ issue 15: bad input
+# ------------------------------------------------------------------ bad input
 
 
 def test_truncated_safetensors_in_the_checkpoint(tmp_path, capsys, tiny_folder):

@@ -1,4 +1,4 @@
-"""One test for each README promise that had none (issue 16, part 3).
+"""One test for each documented promise that had none.
 
 Each test is named for the promise it checks and fails if the behaviour differs. The long
 ones (a compile of the trained `builtin:shapes-llava`, accuracy on ShapesVQA) are marked
@@ -246,7 +246,7 @@ def shapes_w4a4_bundle(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_run_prints_one_answer_line_per_image(shapes_w4a4_bundle: Path, capsys):
-    """examples/shapes.png holds two red squares and a cyan circle (README): the circle is
+    """examples/shapes.png holds two red squares and a cyan circle (docs/bundle.md): the circle is
     cyan and there is no red circle. One line per (image, prompt) pair, on stdout."""
     image = ROOT / "examples" / "shapes.png"
     capsys.readouterr()
@@ -431,7 +431,7 @@ def test_graphs_above_the_threshold_get_onnx_data_and_load_with_identical_output
     from quota_compile.export import onnx as lower
     from quota_compile.export.onnx import save_onnx
 
-    assert lower.EXTERNAL_DATA_THRESHOLD == 1 << 30  # README: initializers exceeding 1 GiB
+    assert lower.EXTERNAL_DATA_THRESHOLD == 1 << 30  # docs/bundle.md: initializers exceeding 1 GiB
     model = _matmul_model()
     size = model.graph.initializer[0].ByteSize()
     x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)

@@ -1,7 +1,7 @@
 """Quantizer semantics: the ``quota::`` ops must produce the integers onnxruntime produces.
 
 Three references for every quantizer:
-- an independent numpy implementation of DESIGN §2 (``np.rint`` is round half to even),
+- an independent numpy implementation of the quantizer definitions (``np.rint`` is round half to even),
 - onnxruntime's QuantizeLinear / DequantizeLinear on hand-built opset-21 graphs fed the same
   scales (isolates rounding, saturation and the INT4 / UINT4 layouts),
 - the ops' own ONNX lowerings (``quota_compile.export.onnx.export_onnx``) run by onnxruntime on the
@@ -64,7 +64,7 @@ def _assert_bits_equal(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def _np_per_token(x: np.ndarray, bits: int, clip: float) -> tuple[np.ndarray, np.ndarray]:
-    """DESIGN §2 activations, in numpy float32."""
+    """The activation quantizer, in numpy float32."""
     qmax = 2 ** (bits - 1) - 1
     amax = np.abs(x).max(axis=-1, keepdims=True)
     if clip != 1.0:
@@ -75,7 +75,7 @@ def _np_per_token(x: np.ndarray, bits: int, clip: float) -> tuple[np.ndarray, np
 
 
 def _np_kv(x: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """DESIGN §2 KV cache (unpacked codes), in numpy float32."""
+    """The KV-cache quantizer (unpacked codes), in numpy float32."""
     qmax = np.float32(2**bits - 1)
     lo = np.minimum(x.min(axis=-1, keepdims=True), np.float32(0))
     hi = np.maximum(x.max(axis=-1, keepdims=True), np.float32(0))

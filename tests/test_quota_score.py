@@ -1,6 +1,6 @@
-"""QUOTA's signals and score against a written-out reference (README "Token pruning (QUOTA)").
+"""QUOTA's signals and score against a written-out reference (docs/pruning.md).
 
-The reference below is re-derived from the README's text, in plain loops over numpy arrays:
+The reference below is re-derived from docs/pruning.md's text, in plain loops over numpy arrays:
 
 - ``att``: the previous layer's softmax attention to each visual token, averaged over the
   heads and over the last ``query_tokens`` real (unmasked) text tokens after the image;

@@ -1,4 +1,4 @@
-"""Figures for the bundle report (DESIGN §3, §5): the per-layer visual-token schedule and the
+"""Figures for the bundle report: the per-layer visual-token schedule and the
 patches each pruning layer keeps, drawn over the image the vision tower saw.
 
 Everything here uses matplotlib's object API with the Agg canvas (``Figure`` +

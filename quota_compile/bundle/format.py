@@ -1,4 +1,4 @@
-"""The bundle folder (DESIGN §5): atomic writing, manifest.json and report.md."""
+"""The bundle folder: atomic writing, manifest.json and report.md."""
 
 from __future__ import annotations
 

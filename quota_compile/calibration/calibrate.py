@@ -1,4 +1,4 @@
-"""QUOTA calibration (DESIGN §3): signals under the deployed operators -> score weights ->
+"""QUOTA calibration: signals under the deployed operators -> score weights ->
 layer-wise keep schedule.
 
 The calibration samples run through the quantized simulation (W4A4 + quantized KV cache; with

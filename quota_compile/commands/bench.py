@@ -10,8 +10,8 @@ Variants (all on the CPU, float32 arithmetic where not quantized):
   configured pruning (``pruning.method``; ``quota`` when the YAML says ``none``) at
   ``pruning.keep_ratio``.
 
-Not yet measured here (planned, issue 5): a weight-only INT4 variant (MatMulNBits, FP
-activations and KV cache) and the onnxruntime-specific flavour of the bundle.
+Also ``ort-w4``, a weight-only INT4 variant (MatMulNBits, FP activations and KV cache), always
+in the onnxruntime flavour; the quantized variants run in the flavour the bundle runs.
 
 For every variant and repetition, on one prompt (the image plus about ``bench.prompt_tokens``
 text tokens): ``prefill_s`` is the time from pixels and token ids to the first logits (vision

@@ -1,7 +1,7 @@
-"""Triton kernels for the deployed low-bit operators (issue 7), each with a PyTorch reference.
+"""Triton kernels for the deployed low-bit operators, each with a PyTorch reference.
 
 - :mod:`quota_compile.kernels.w4a4_linear`: ``w4a4_linear`` — activations quantized per token
-  to INT4 on the fly (DESIGN §2, the integers of ``quant.ops.quantize_per_token``), weights
+  to INT4 on the fly (the integers of ``quant.ops.quantize_per_token``), weights
   packed INT4 with group-wise scales, int8 ``tl.dot`` with int32 accumulation per group.
 - :mod:`quota_compile.kernels.kv_attention`: ``kv_decode_attention`` — one query token over a
   quantized KV cache (``per_token`` or ``per_channel``, INT4 or INT8, grouped-query heads),

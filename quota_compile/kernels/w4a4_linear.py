@@ -1,6 +1,6 @@
 """W4A4 linear layer: INT4 per-token activations x INT4 group-wise weights, int32 accumulation.
 
-Integer conventions (DESIGN §2, ``quota_compile.quant.ops``)
+Integer conventions (``quota_compile.quant.ops``)
 - Activations ``x [M, K]`` (float16, bfloat16 or float32) are first converted to float32
   (exact); every step below is float32 arithmetic, in this order, for each row:
   ``amax = max|x_row|``, ``scale = max((amax * clip_ratio) / 7, 1e-8)``,

@@ -1,4 +1,4 @@
-"""QUOTA allocation (DESIGN §3): how many visual tokens each decoder layer keeps.
+"""QUOTA allocation: how many visual tokens each decoder layer keeps.
 
 A budget ``keep_ratio`` is the average, over ALL ``L`` decoder layers, of the fraction of the
 ``V`` visual tokens a layer processes (the FLOP-equivalent meaning SparseVLM and PyramidDrop

@@ -1,4 +1,4 @@
-"""QUOTA's in-graph token selection (DESIGN §3, §4): score, top-k with a static k, gather.
+"""QUOTA's in-graph token selection: score, top-k with a static k, gather.
 
 One definition serves the eager simulation, calibration and the exported graphs:
 

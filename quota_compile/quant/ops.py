@@ -1,4 +1,4 @@
-"""The quantizers of DESIGN §2, as PyTorch custom ops.
+"""The deployed quantizers (docs/quantization.md), as PyTorch custom ops.
 
 One definition serves the eager simulation (calibration, the verification reference) and the
 exported graph: the pass ``insert_qdq`` puts these very ops into the traced program, and

@@ -1,4 +1,4 @@
-"""QuaRot-style rotations of the decoder (issue 6): offline, folded into the weights, and
+"""QuaRot-style rotations of the decoder: offline, folded into the weights, and
 online, computed in the graph.
 
 Used by ``quantization.rotation: hadamard`` (:func:`quota_compile.calibration.calibrate.quantize_model`,

@@ -1,4 +1,4 @@
-"""Verification (DESIGN §6): the exported graphs in onnxruntime against the PyTorch simulation.
+"""Verification: the exported graphs in onnxruntime against the PyTorch simulation.
 
 On held-out samples (generated images and questions, seeded apart from calibration):
 
