@@ -41,7 +41,7 @@ def main() -> int:
     from quota_compile.config import load_config
     from quota_compile.core.variants import build_variant
     from quota_compile.export.onnx import save_onnx
-    from quota_compile.export.flavours.ort import group_query_attention, lower_flavour, to_onnxruntime, uses_group_query_attention
+    from quota_compile.flavours.onnxruntime.lower import group_query_attention, lower_flavour, to_onnxruntime, uses_group_query_attention
     from quota_compile.runtime.ort import OrtBackend
 
     cfg = load_config(args.config)

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from quota_compile.export.flavours.ort import matmulnbits_weights  # noqa: E402
+from quota_compile.flavours.onnxruntime.lower import matmulnbits_weights  # noqa: E402
 
 
 def session(nodes, inputs, outputs, inits, threads):

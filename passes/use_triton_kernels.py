@@ -11,7 +11,7 @@ node (count preserved); an activation quantizer read by nothing else is removed.
 8-bit activations, weight-only ones and everything else are untouched.
 
 These passes are not used for the ONNX export: they build the PyTorch execution path
-(:mod:`quota_compile.export.flavours.torch_path`).
+(:mod:`quota_compile.flavours.torch_path`).
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ class UseKVDecodeAttention(GraphPass):
     entries' quantizers stay (their codes are the graph's ``present.*`` outputs, their
     dequantized values the op's ``k_new`` / ``v_new``); the replaced nodes are removed. Not for
     the prefill graph (QUOTA reads its softmax probabilities) nor for a float cache, and not
-    used for the ONNX export (:mod:`quota_compile.export.flavours.torch_path` only).
+    used for the ONNX export (:mod:`quota_compile.flavours.torch_path` only).
     """
 
     name = "use_kv_decode_attention"

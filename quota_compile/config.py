@@ -193,14 +193,24 @@ class OnnxruntimeExport(_Section):
     group_query_attention: bool = Field(True, description="with `kv_cache: {bits: 4, granularity: per_channel}`: the decode graph's attention over the cache as `com.microsoft.GroupQueryAttention` (its INT4 cache is this layout); ignored with any other KV cache")
 
 
+# The names export.targets accepts: the built-in flavours, and any registered with
+# quota_compile.flavours.registry.register_flavour (which adds its name here).
+TARGETS: list[str] = ["portable", "onnxruntime", "tensorrt"]
+
+
+def _one_of(names: list[str]) -> str:
+    quoted = [repr(n) for n in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
 class ExportSection(_Section):
     opset: int = Field(21, ge=21, le=23, description="ONNX opset of the graphs")
     # portable: standard ONNX ops only (always written: the reference lowering);
     # onnxruntime: also the onnxruntime CPU flavour in <bundle>/onnxruntime/, which the
     # runtime then uses; tensorrt: also the TensorRT flavour in <bundle>/tensorrt/ (plugin
-    # nodes for the W4A4 Linears and the quantized KV cache; quota_compile/export/flavours/trt.py),
+    # nodes for the W4A4 Linears and the quantized KV cache; quota_compile/flavours/tensorrt/lower.py),
     # verified through onnxruntime-extensions, and its engines where TensorRT and a GPU are.
-    targets: list[Literal["portable", "onnxruntime", "tensorrt"]] = Field(default_factory=lambda: ["portable"], min_length=1, description="graph flavours: `portable` (standard ONNX ops; always required, it is the reference the others are derived from), `onnxruntime` (in `onnxruntime/`, docs/onnxruntime.md) and `tensorrt` (in `tensorrt/`, plugin nodes; needs `activations.bits: 4` and onnxruntime-extensions; docs/gpu.md)")
+    targets: list[str] = Field(default_factory=lambda: ["portable"], min_length=1, description="graph flavours: `portable` (standard ONNX ops; always required, it is the reference the others are derived from), `onnxruntime` (in `onnxruntime/`, docs/onnxruntime.md) and `tensorrt` (in `tensorrt/`, plugin nodes; needs `activations.bits: 4` and onnxruntime-extensions; docs/gpu.md), and any flavour registered with `quota_compile.flavours.registry.register_flavour` (docs/architecture.md)")
     onnxruntime: OnnxruntimeExport = Field(default_factory=OnnxruntimeExport, description="settings of the onnxruntime flavour")
     # Functions applied to the portable graphs after export, before the flavours and the
     # verification (quota_compile/export/user_passes.py): "module:function", the module importable
@@ -218,6 +228,9 @@ class ExportSection(_Section):
     @field_validator("targets")
     @classmethod
     def _portable_first(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in TARGETS:
+                raise ValueError(f"{name!r} is not a flavour; the flavours are {_one_of(TARGETS)}")
         if "portable" not in v:
             raise ValueError("must include portable (the onnxruntime and tensorrt flavours are derived from the portable graphs, which every bundle carries)")
         if len(set(v)) != len(v):

@@ -70,6 +70,7 @@ SLOW = {
     "test_eval.py": ("",),
     "test_bench.py": ("",),
     "test_gate_mutations.py": ("",),
+    "test_flavours.py": ("test_a_registered_flavour_is_compiled", "test_a_flavour_whose_lowering_is_wrong"),
     "test_quota.py": ("test_lowbit_and_fp_signals_differ", "test_quota_bundle_is_verified", "test_exporting_again_from_the_recipe",
                       "test_fold_topk_gather_replaces_each_marker"),
     "test_kernels.py": ("test_torch_path_",),

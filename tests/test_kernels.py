@@ -564,7 +564,7 @@ def _assert_same_generation(got, ref) -> None:
 
 
 def test_torch_path_runs_the_traced_programs_with_the_kernel(torch_path_build, monkeypatch):
-    """quota_compile.export.flavours.torch_path on the 2-layer model with QUOTA-style pruning (fastv):
+    """quota_compile.flavours.torch_path on the 2-layer model with QUOTA-style pruning (fastv):
     every W4A4 Linear of the traced graphs becomes one quota.w4a4_linear and each decode layer's
     attention one quota.kv_decode_attention, run here by the Triton kernels in the interpreter;
     greedy decoding through them matches the simulation (same tokens and kept indices, logits
@@ -572,7 +572,7 @@ def test_torch_path_runs_the_traced_programs_with_the_kernel(torch_path_build, m
     from quota_compile.passes.use_triton_kernels import w4a4_matmuls
     from quota_compile.config import VerifySection
     from quota_compile.kernels.ops import cpu_uses_kernel
-    from quota_compile.export.flavours.torch_path import KernelBackend
+    from quota_compile.flavours.torch_path import KernelBackend
     from quota_compile.runtime.ort import greedy_generate
     from quota_compile.verify.gate import TorchBackend, held_out_samples
 
@@ -603,7 +603,7 @@ def test_torch_path_decodes_a_right_padded_batch_like_the_simulation(granularity
     simulation's. The W4A4 Linears run as the simulation's ops here (the W4A4 kernel is the
     test above's), which keeps this test at a few seconds."""
     from quota_compile.kernels.ops import cpu_uses_kernel, simulated_on_cpu
-    from quota_compile.export.flavours.torch_path import KernelBackend
+    from quota_compile.flavours.torch_path import KernelBackend
     from quota_compile.runtime.ort import greedy_generate, make_batch
     from quota_compile.data.samples import synthetic_images
     from quota_compile.verify.gate import TorchBackend

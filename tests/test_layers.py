@@ -31,6 +31,7 @@ LAYERS: list[set[str]] = [
     {"calibration"},
     {"export"},
     {"verify"},
+    {"flavours"},
     {"core"},
     {"commands"},
     {"cli", "config_reference"},
@@ -141,7 +142,7 @@ def test_commands_do_not_import_each_other():
     [
         ("from quota_compile.commands.compile import compile_model\n", True),  # verify -> commands: up
         ("from quota_compile.quant import ops\n", False),  # verify -> quant: down
-        ("from quota_compile.verify.trt import session\n", False),  # same package
+        ("from quota_compile.verify.gate import verify\n", False),  # same package
     ],
 )
 def test_the_checker_itself_tells_up_from_down(tmp_path, monkeypatch, source, expected):

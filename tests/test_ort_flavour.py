@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quota_compile.cli import main
 from quota_compile.bundle.format import KV_APPEND, KV_REPLACE, kv_update_of
-from quota_compile.export.flavours.ort import (
+from quota_compile.flavours.onnxruntime.lower import (
     OrtLoweringError, group_query_attention, matmulnbits_weights, ort_counts, to_onnxruntime,
 )
 from quota_compile.quant import ops
@@ -253,7 +253,7 @@ def test_groupqueryattention_decode_equals_the_graphs_own_attention(ort_bundle: 
 
 def test_groupqueryattention_needs_the_int4_per_channel_cache(tmp_path: Path, small_folder: Path):
     from quota_compile.config import parse_config
-    from quota_compile.export.flavours.ort import uses_group_query_attention
+    from quota_compile.flavours.onnxruntime.lower import uses_group_query_attention
 
     def cfg(kv, gqa=True):
         doc = {"version": 1, "model": {"source": "builtin:tiny-llava"}, "quantization": {"kv_cache": kv},
@@ -301,7 +301,7 @@ def test_to_onnxruntime_rejects_blocks_matmulnbits_cannot_take():
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w, s])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    from quota_compile.export.flavours.ort import OrtLoweringError
+    from quota_compile.flavours.onnxruntime.lower import OrtLoweringError
 
     with pytest.raises(OrtLoweringError, match="power of two >= 16"):
         to_onnxruntime(model, 4)

@@ -3,7 +3,7 @@ path, verified without TensorRT (onnxruntime-extensions custom ops running the p
 references), the plugins' references against the Triton kernels' references, the AOT kernels
 in Triton's CPU interpreter and compiled for sm_90, and the target's options.
 
-Nothing here runs TensorRT or a GPU: see quota_compile/verify/trt_engines.py for what is not checked.
+Nothing here runs TensorRT or a GPU: see quota_compile/flavours/tensorrt/engines.py for what is not checked.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from quota_compile.cli import main
-from quota_compile.export.flavours.trt import (
+from quota_compile.flavours.tensorrt.lower import (
     DECODE_ATTENTION, FLAVOUR_KEY, KV_QUANTIZE, PLUGIN_DOMAIN, W4A4_LINEAR, TrtLoweringError, plugin_counts, to_tensorrt, w4a4_linears,
 )
 from quota_compile.bundle.format import KV_APPEND, kv_update_of
@@ -33,7 +33,7 @@ from quota_compile.quant import ops
 
 from .conftest import write_config
 
-from quota_compile.verify import trt as trt_verify  # noqa: E402  (imports onnxruntime-extensions only when used)
+from quota_compile.flavours.tensorrt import verify as trt_verify  # noqa: E402  (imports onnxruntime-extensions only when used)
 
 # onnxruntime-extensions runs the plugins' references in the verification: the test extra
 # installs it (every platform), so without it these tests fail, with the reason, not skip.
@@ -413,7 +413,7 @@ def test_kv_plugin_references_are_the_kernel_references_and_the_aot_kernels(inte
 
 
 # ---------------------------------------------------------------- the plugin definitions
-# quota_compile.verify.trt_engines.register_plugins run against tests/trt_standin.py, a stand-in for
+# quota_compile.flavours.tensorrt.engines.register_plugins run against tests/trt_standin.py, a stand-in for
 # the parts of tensorrt.plugin it uses (TensorRT itself cannot be installed here): the
 # decorators' schema rules of TensorRT 11.4, shape expressions, launch parameters.
 
@@ -423,7 +423,7 @@ _TORCH_TRT = {torch.float32: "FLOAT", torch.float16: "HALF", torch.uint8: "UINT8
 @pytest.fixture
 def standin(monkeypatch):
     """register_plugins() with tests/trt_standin.py as ``tensorrt`` / ``tensorrt.plugin``."""
-    from quota_compile.verify import trt_engines as trt_plugins
+    from quota_compile.flavours.tensorrt import engines as trt_plugins
 
     from . import trt_standin
 
@@ -597,7 +597,7 @@ import json, re
 from triton.backends.compiler import GPUTarget
 from tests import trt_standin as S
 S.install()
-from quota_compile.verify import trt_engines as trt_plugins
+from quota_compile.flavours.tensorrt import engines as trt_plugins
 from quota_compile.kernels import trt_aot as K
 compile_kernel, last = K.compile_kernel, {}
 def for_hopper(*args, **kw):
@@ -638,7 +638,7 @@ for plugin, ins, attrs, only_rn in cases:
     got = [json.loads(line) for line in run.stdout.splitlines()]
     # every GEMM tile of trt_plugins.W4A4_TACTICS, each with its warps; the KV plugins offer no
     # tactics (TensorRT's default, tactic 0)
-    from quota_compile.verify.trt_engines import W4A4_TACTICS
+    from quota_compile.flavours.tensorrt.engines import W4A4_TACTICS
 
     assert sorted((g["plugin"], g["tactic"]) for g in got) == sorted(
         [(W4A4_LINEAR, t) for t in W4A4_TACTICS] + [(KV_QUANTIZE, 0), (DECODE_ATTENTION, 0)])
@@ -652,7 +652,7 @@ for plugin, ins, attrs, only_rn in cases:
 
 
 def test_plugins_module_imports_without_tensorrt_and_says_why_nothing_is_built(tmp_path: Path):
-    code = ("import sys, quota_compile.verify.trt_engines as p; print('tensorrt' in sys.modules, 'triton' in sys.modules); "
+    code = ("import sys, quota_compile.flavours.tensorrt.engines as p; print('tensorrt' in sys.modules, 'triton' in sys.modules); "
             "print(p.build_engines(sys.argv[1], min_length=5))")
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -662,14 +662,14 @@ def test_plugins_module_imports_without_tensorrt_and_says_why_nothing_is_built(t
         import tensorrt  # noqa: F401
     except ImportError:
         assert second.startswith("tensorrt: engines not built: the tensorrt package is not installed")
-        from quota_compile.verify.trt_engines import register_plugins
+        from quota_compile.flavours.tensorrt.engines import register_plugins
 
         with pytest.raises(ImportError, match="tensorrt"):
             register_plugins()
 
 
 def test_shape_profiles_follow_the_symbolic_dimensions(per_token):
-    from quota_compile.verify.trt_engines import shape_profiles
+    from quota_compile.flavours.tensorrt.engines import shape_profiles
 
     bundle, _ = per_token
     decode = onnx.load(bundle / "tensorrt" / "decode.onnx")
@@ -686,7 +686,7 @@ def test_shape_profiles_follow_the_symbolic_dimensions(per_token):
 def _fake_engines(monkeypatch, agree: bool) -> list:
     """build_engines and compare_engines replaced (TensorRT is not installed here); the
     comparison disagrees on the decode graph unless ``agree``. Returns the comparisons' calls."""
-    from quota_compile.verify import trt_engines as trt_plugins
+    from quota_compile.flavours.tensorrt import engines as trt_plugins
 
     calls = []
 
@@ -710,7 +710,7 @@ def test_engine_comparison_is_recorded_and_a_disagreement_fails_verification(tmp
     VerificationFailed (exit 1, the bundle's temporary folder dropped, as for every other
     verification failure: tests/test_e2e.py) and writes nothing."""
     from quota_compile.errors import VerificationFailed
-    from quota_compile.commands.compile import check_engines
+    from quota_compile.flavours.tensorrt.flavour import check_engines
 
     calls = _fake_engines(monkeypatch, agree)
     report = {"passed": True, "flavours": {"tensorrt": {"passed": True}}}

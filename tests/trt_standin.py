@@ -1,5 +1,5 @@
 """A stand-in for the parts of ``tensorrt`` / ``tensorrt.plugin`` that
-:func:`quota_compile.verify.trt_engines.register_plugins` uses, so its plugin definitions can be
+:func:`quota_compile.flavours.tensorrt.engines.register_plugins` uses, so its plugin definitions can be
 called on a machine without TensorRT.
 
 It is not TensorRT, and nothing here shows that TensorRT accepts the plugins. It checks our

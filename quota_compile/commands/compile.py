@@ -30,18 +30,16 @@ from quota_compile.core.variants import kv_cache_bytes
 from quota_compile.errors import GraphRunError, UserError, VerificationFailed
 from quota_compile.export.onnx import export_onnx, save_onnx
 from quota_compile.export.user_passes import apply_passes, load_passes
-from quota_compile.export.flavours.ort import ORT_FOLDER, describe_arithmetic, lower_flavour, uses_group_query_attention
-from quota_compile.bundle.format import kv_update_of
-from quota_compile.export.flavours.trt import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_FOLDER, TRT_INT4_BLOCKS, plugin_counts, to_tensorrt
+from quota_compile.flavours.base import FlavourBuild
+from quota_compile.flavours.registry import flavours_for, get_flavour
 from quota_compile.models import load_model
 from quota_compile.capture.programs import KV_STATIC, KV_STORED
 from quota_compile.quant.ops import kv_packed_dim
 from quota_compile.quant.simulate import GROUP_SIZES
 from quota_compile.calibration.calibrate import quantize_model, settle_quantization
 from quota_compile.pruning.recipe import ModelIdentity, Recipe
-from quota_compile.runtime.ort import OrtBackend
 from quota_compile.capture.trace import build_programs, trace_programs
-from quota_compile.verify.gate import CodeProbe, TorchBackend, held_out_samples, polygraphy_compare, verify
+from quota_compile.verify.gate import CodeProbe, TorchBackend, held_out_samples
 
 STAGES = ("config", "load", "quantize", "calibrate", "trace", "lower", "verify", "bundle")
 
@@ -83,44 +81,6 @@ def check_calibration_device(cfg, config_file: Path) -> None:
         raise UserError(f"{config_file}: key 'calibration.device': {device!r} needs a CUDA GPU, and torch {torch.__version__} sees none; use cpu.")
 
 
-def check_tensorrt_target(cfg, config_file: Path) -> None:
-    """``export.targets: [.., tensorrt]`` needs INT4 activations (the W4A4 plugin's Triton
-    kernel quantizes to INT4), an INT4 embedding table (if any) in blocks TensorRT's weight-only
-    INT4 accepts (:data:`TRT_INT4_BLOCKS`) and onnxruntime-extensions (the flavour is verified
-    with it)."""
-    if "tensorrt" not in cfg.export.targets:
-        return
-    if cfg.quantization.activations.bits != 4:
-        raise UserError(
-            f"{config_file}: key 'quantization.activations.bits': the tensorrt target runs W4A4 Linears as the "
-            f"QuotaW4A4Linear plugin, whose kernel quantizes activations to INT4, not INT{cfg.quantization.activations.bits}; "
-            "use bits: 4 or remove tensorrt from export.targets."
-        )
-    try:
-        import onnxruntime_extensions  # noqa: F401
-    except ImportError:
-        raise UserError(
-            f"{config_file}: key 'export.targets': the tensorrt target is verified through onnxruntime-extensions, "
-            "which is not installed; pip install 'quota-compile[tensorrt]' (or onnxruntime-extensions)."
-        ) from None
-
-
-def check_tensorrt_embeddings(cfg, config_file: Path) -> None:
-    """With the tensorrt target, an INT4 embedding table (if any) must be in blocks TensorRT's
-    weight-only INT4 accepts (:data:`TRT_INT4_BLOCKS`); checked once the group size is settled."""
-    emb = cfg.quantization.embeddings
-    if "tensorrt" not in cfg.export.targets or emb.bits != 4:
-        return
-    g = emb.group_size or cfg.quantization.weights.group_size
-    if g not in TRT_INT4_BLOCKS:
-        raise UserError(
-            f"{config_file}: key 'quantization.embeddings.group_size': the tensorrt target keeps the INT4 "
-            f"embedding table as a blocked DequantizeLinear, which TensorRT accepts with block size 64 or 128 "
-            f"only, not {g}; set group_size: 64 or 128 or embeddings.bits: null."
-        )
-
-
-
 def describe_quantization(q, given_group: bool = True) -> str:
     """The quantize stage's progress line, e.g. ``W4A4 RTN weights (group 32, chosen: ...)``."""
     w = q.weights
@@ -145,7 +105,9 @@ def compile_model(
     with progress.stage("config", str(config_file)):
         cfg = load_config(config_file)
         check_calibration_device(cfg, config_file)
-        check_tensorrt_target(cfg, config_file)
+        targets = flavours_for(cfg.export.targets)
+        for flavour in targets:
+            flavour.check_config(cfg, config_file)
         name = bundle_name(cfg, config_file)
         final = Path(cfg.output.dir) / name
         check_destination(final, force, config_file)
@@ -157,7 +119,8 @@ def compile_model(
         with progress.stage("load", cfg.model.source):
             vlm = load_model(cfg, config_file, stack)
             cfg = settle_quantization(cfg, vlm, config_file)
-            check_tensorrt_embeddings(cfg, config_file)
+            for flavour in targets:
+                flavour.check_settled(cfg, vlm, config_file)
             if cfg.quantization.kv_cache.bits == 4 and vlm.head_dim % 2:
                 raise UserError(f"{config_file}: key 'quantization.kv_cache.bits': INT4 packing needs an even head size, the model has {vlm.head_dim}.")
             model_hash = vlm.weights_sha256()
@@ -192,21 +155,22 @@ def compile_model(
             if user_passes:
                 progress.note(f"export.passes: {', '.join(spec for spec, _ in user_passes)} ...")
                 models = apply_passes(user_passes, models, config_file)
-            if "onnxruntime" in cfg.export.targets:
-                progress.note("the onnxruntime flavour ...")
-            ort_models = lower_flavour(models, cfg.export.onnxruntime, uses_group_query_attention(cfg)) if "onnxruntime" in cfg.export.targets else {}
-            if "tensorrt" in cfg.export.targets:
-                progress.note("the tensorrt flavour ...")
-            trt_models = to_tensorrt(models) if "tensorrt" in cfg.export.targets else {}
+            build = FlavourBuild(cfg, config_file, vlm, span, models, note=progress.note,
+                                 say=lambda text: console.print(text, highlight=False, soft_wrap=True, markup=False))
+            for flavour in targets:
+                if flavour.derived:
+                    progress.note(f"the {flavour.name} flavour ...")
+                    build.lowered[flavour.name] = flavour.lower(cfg, models)
 
         with atomic_folder(final, force) as tmp:
+            build.folder = tmp
             for g, m in models.items():
                 save_onnx(m, tmp / f"{g}.onnx")
-            for folder, flavour in ((ORT_FOLDER, ort_models), (TRT_FOLDER, trt_models)):
-                if flavour:
-                    (tmp / folder).mkdir()
-                    for g, m in flavour.items():
-                        save_onnx(m, tmp / folder / f"{g}.onnx")
+            for flavour in targets:
+                if flavour.derived:
+                    (tmp / flavour.folder).mkdir()
+                    for g, m in build.lowered[flavour.name].items():
+                        save_onnx(m, tmp / flavour.folder / f"{g}.onnx")
             vlm.processor.save_pretrained(tmp / "tokenizer")
             if qm.kv_scales is not None:
                 import numpy as np
@@ -215,22 +179,16 @@ def compile_model(
 
             with progress.stage("verify", f"onnxruntime vs PyTorch on {cfg.verify.samples} held-out samples"):
                 try:
-                    reference = TorchBackend(programs)
-                    samples = held_out_samples(vlm, cfg.verify, span, cfg.calibration.dataset)
-                    progress.note("portable graphs ...")
-                    graphs = polygraphy_compare(programs, tmp, samples[0], reference)
-                    report = verify(reference, OrtBackend(tmp), samples, cfg.verify, graphs, CodeProbe(models))
-                    report["flavour"] = "portable"
-                    report["flavours"] = {}
-                    if ort_models:
-                        progress.note("the onnxruntime flavour ...")
-                        ort = verify(reference, OrtBackend(tmp / ORT_FOLDER), samples, cfg.verify.for_flavour("onnxruntime", cfg.export.onnxruntime.accuracy_level), probe=CodeProbe(models, ort_models))
-                        ort["flavour"] = "onnxruntime"
-                        ort["arithmetic"] = describe_arithmetic(cfg)
-                        add_flavour(report, ort)
-                    if trt_models:
-                        progress.note("the tensorrt flavour ...")
-                        add_flavour(report, verify_tensorrt_flavour(reference, tmp, trt_models, samples, cfg, models))
+                    build.programs = programs
+                    build.reference = reference = TorchBackend(programs)
+                    build.samples = samples = held_out_samples(vlm, cfg.verify, span, cfg.calibration.dataset)
+                    build.probe = CodeProbe(models)
+                    report = get_flavour("portable").verify(build)
+                    for flavour in targets:
+                        if flavour.derived:
+                            progress.note(f"the {flavour.name} flavour ...")
+                            add_flavour(report, flavour.verify(build))
+                    build.report = report
                     if not report["passed"]:
                         raise VerificationFailed("; ".join(report["failures"]))
                 except GraphRunError as e:  # a graph that does not even run is refused like a wrong one
@@ -238,15 +196,8 @@ def compile_model(
                 write_json(tmp / "verify.json", report)
 
             with progress.stage("bundle", str(final)):
-                engines = None
-                if trt_models:
-                    from quota_compile.verify.trt_engines import build_engines
-
-                    engines = build_engines(tmp, min_length=span[0] + span[1] + 1)
-                    if isinstance(engines, str):
-                        console.print(engines, highlight=False, soft_wrap=True, markup=False)
-                    else:
-                        engines["comparison"] = check_engines(tmp, trt_models, samples[0], report)
+                for flavour in targets:
+                    flavour.finish(build)
                 recipe = Recipe(
                     tool_version=__version__,
                     model=ModelIdentity(source=cfg.model.source, sha256=model_hash, num_layers=vlm.num_layers, visual_tokens=span[1]),
@@ -255,15 +206,13 @@ def compile_model(
                     calibration=provenance,
                 )
                 recipe.dump(tmp / "recipe.yaml")
-                manifest = build_manifest(cfg, vlm, model_hash, span, models, ort_models, tmp, pruning, report, trt_models, engines)
+                manifest = build_manifest(cfg, vlm, model_hash, span, models, tmp, pruning, report, build, targets)
                 figures = draw_figures(tmp, vlm, span, pruning, cfg.pruning, samples, reference)
                 passes = {g: t.passes for g, t in traced.items()}
                 (tmp / "report.md").write_text(report_markdown(name, manifest, report, passes, recipe, figures), encoding="utf-8")
                 manifest = write_manifest(tmp, manifest)
 
     return CompileResult(final, manifest, report, time.perf_counter() - progress.start)
-
-
 
 
 def add_flavour(report: dict, result: dict) -> None:
@@ -275,78 +224,14 @@ def add_flavour(report: dict, result: dict) -> None:
     report["passed"] = report["passed"] and result["passed"]
 
 
-def check_engines(folder: Path, trt_models: dict, sample, report: dict) -> dict:
-    """Polygraphy ``--trt`` against ``--onnxrt`` for freshly built engines
-    (:func:`quota_compile.verify.trt_engines.compare_engines`), recorded in verify.json; a graph that
-    disagrees fails the compile like any other verification failure."""
-    from quota_compile.verify.trt_engines import compare_engines
-
-    comparison = compare_engines(folder, trt_models, sample)
-    report["flavours"]["tensorrt"]["engines"] = comparison
-    failed = sorted(g for g, r in comparison.items() if not r["passed"])
-    if failed:
-        raise VerificationFailed(f"tensorrt engines: Polygraphy --trt against --onnxrt disagrees on {', '.join(failed)}")
-    write_json(folder / "verify.json", report)
-    return comparison
-
-
-def verify_tensorrt_flavour(reference, folder: Path, trt_models: dict, samples, cfg, models: dict | None = None) -> dict:
-    """verify.json's ``flavours.tensorrt``: the flavour (plugins run by their references through
-    onnxruntime-extensions) against the simulation, as the other flavours are, plus
-    Polygraphy's graph-by-graph comparison with the portable graphs on the first sample.
-    ``models``: the portable graphs, which define the activation quantizers the code
-    comparison looks for (the flavour has none outside its plugins; its KV codes and pruning
-    scores are compared all the same)."""
-    from quota_compile.verify.trt import RUNTIME, TensorrtReferenceBackend, describe_arithmetic as trt_arithmetic, polygraphy_compare as trt_polygraphy
-    from quota_compile.verify.trt import session as trt_session
-
-    graphs = trt_polygraphy(folder, trt_models, sample=samples[0])
-    probe = CodeProbe(models, trt_models, session=trt_session) if models is not None else None
-    trt = verify(reference, TensorrtReferenceBackend(trt_models), samples, cfg.verify.for_flavour("tensorrt"), graphs, probe)
-    trt["flavour"] = "tensorrt"
-    trt["runtime"] = RUNTIME
-    trt["polygraphy_reference"] = "the portable graphs (onnxruntime)"
-    trt["arithmetic"] = trt_arithmetic()
-    trt["plugins"] = {g: plugin_counts(m) for g, m in trt_models.items()}
-    return trt
-
-
-def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dict, ort_models: dict, folder: Path, pruning, report: dict,
-                   trt_models: dict | None = None, engines: dict | str | None = None) -> dict:
+def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dict, folder: Path, pruning, report: dict,
+                   build: FlavourBuild, targets: list) -> dict:
     bits = cfg.quantization.kv_cache.bits
     graphs = {}
     for g, m in models.items():
         files = sorted(p.name for p in folder.glob(f"{g}.onnx*"))
         graphs[g] = {"file": f"{g}.onnx", "files": files, "bytes": sum((folder / f).stat().st_size for f in files), **graph_io(m)}
-    flavours = {"portable": {"folder": ".", "graphs": sorted(graphs), "ops": "standard ONNX (opset %d)" % cfg.export.opset,
-                             "user_passes": list(cfg.export.passes)}}
-    if ort_models:
-        sub = folder / ORT_FOLDER
-        flavours["onnxruntime"] = {
-            "folder": ORT_FOLDER,
-            "graphs": sorted(p.stem for p in sub.glob("*.onnx")),
-            "bytes": {p.stem: p.stat().st_size for p in sorted(sub.glob("*.onnx"))},
-            "ops": sorted({n.op_type for m in ort_models.values() for n in m.graph.node if n.op_type in ("MatMulNBits", "MatMulIntegerToFloat", "GatherBlockQuantized", "GroupQueryAttention")}),
-            "kv_update": kv_update_of(ort_models["decode"]),
-            "accuracy_level": cfg.export.onnxruntime.accuracy_level,
-            "arithmetic": describe_arithmetic(cfg),
-            "used_by_runtime": True,
-        }
-    if trt_models:
-        sub = folder / TRT_FOLDER
-        flavours["tensorrt"] = {
-            "folder": TRT_FOLDER,
-            "graphs": sorted(trt_models),
-            "bytes": {g: (sub / f"{g}.onnx").stat().st_size for g in sorted(trt_models)},
-            "plugins": {g: plugin_counts(m) for g, m in trt_models.items()},
-            "plugin_namespace": PLUGIN_NAMESPACE,
-            "plugin_version": PLUGIN_VERSION,
-            "plugin_definitions": "quota_compile.verify.trt_engines.register_plugins (tensorrt.plugin; AOT Triton kernels of quota_compile.kernels.trt_aot)",
-            "kv_update": kv_update_of(trt_models["decode"]),
-            "verified_with": "onnxruntime with the plugins as onnxruntime-extensions Python custom ops (quota_compile.verify.trt); TensorRT itself only where engines were built",
-            "engines": engines if isinstance(engines, dict) else {"built": False, "reason": engines},
-            "used_by_runtime": False,
-        }
+    flavours = {flavour.name: flavour.manifest_entry(build) for flavour in targets}
     v = span[1]
     granularity = cfg.quantization.kv_cache.granularity
     codes = {"dtype": "uint8", "shape": ["batch", vlm.num_kv_heads, "length", kv_packed_dim(vlm.head_dim, bits)], "packing": "two INT4 codes per byte, even channel in the low nibble" if bits == 4 else "one code per byte"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from quota_compile.capture.trace import build_programs, trace_programs
 from quota_compile.core.decisions import decide_pruning
-from quota_compile.export.flavours.ort import lower_flavour, uses_group_query_attention
+from quota_compile.flavours.registry import get_flavour, runtime_flavour
 from quota_compile.export.onnx import export_onnx, save_onnx
 from quota_compile.quant.ops import kv_packed_dim
 
@@ -67,7 +67,7 @@ class BuiltVariant:
 
 def flavour_of(cfg) -> str:
     """The flavour a bundle of this config runs in (what the runtime picks)."""
-    return "onnxruntime" if "onnxruntime" in cfg.export.targets else "portable"
+    return runtime_flavour(cfg.export.targets)
 
 
 def build_variant(cfg, vlm, qm, span, v: Variant, work: Path, config_file: Path, flavour: str | None = None) -> BuiltVariant:
@@ -85,8 +85,9 @@ def build_variant(cfg, vlm, qm, span, v: Variant, work: Path, config_file: Path,
         g: export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
         for g, t in traced.items()
     }
-    if flavour == "onnxruntime":
-        models = lower_flavour(models, cfg.export.onnxruntime, uses_group_query_attention(cfg, v.quantized and not v.weight_only))
+    lowering = get_flavour(flavour)
+    if lowering.derived:
+        models = lowering.lower(cfg, models, quantized_kv=v.quantized and not v.weight_only)
     for g, m in models.items():
         save_onnx(m, folder / f"{g}.onnx")
     return BuiltVariant(folder, programs, keep, recipe, t_cal, time.perf_counter() - t0 - t_cal)

@@ -11,7 +11,7 @@
   convention, for the TensorRT plugins.
 - :mod:`quota_compile.kernels.ops`: ``torch.ops.quota.w4a4_linear`` and
   ``torch.ops.quota.kv_decode_attention``, the operators the PyTorch execution path
-  (:mod:`quota_compile.export.flavours.torch_path`) puts in the traced graphs.
+  (:mod:`quota_compile.flavours.torch_path`) puts in the traced graphs.
 
 What is verified where
 - Correctness: ``tests/test_kernels.py`` runs every kernel against its reference under

@@ -1,6 +1,6 @@
 """``torch.ops.quota.w4a4_linear`` and ``torch.ops.quota.kv_decode_attention``: the W4A4 Linear
 and the decode attention over the quantized KV cache as one operator each, for the PyTorch
-execution path (:mod:`quota_compile.export.flavours.torch_path`).
+execution path (:mod:`quota_compile.flavours.torch_path`).
 
 ``w4a4_linear(x, packed, scale, k, n, group_size, clip_ratio) = qdq_per_token(x, 4,
 clip_ratio) @ dequantize_int4(packed, scale, k, n, group_size)``: the same codes, the product

@@ -1,6 +1,6 @@
 """The kernels' arithmetic in PyTorch, without triton: the W4A4 Linear's integer product, the
 reference of the Triton kernel (:mod:`quota_compile.kernels.w4a4_linear`, which re-exports it)
-and of the TensorRT plugin (:mod:`quota_compile.verify.trt`, which must not import triton: the
+and of the TensorRT plugin (:mod:`quota_compile.flavours.tensorrt.verify`, which must not import triton: the
 test suite imports triton in its interpreter mode first); the KV cache's dequantizer, for the
 decode-attention reference (:mod:`quota_compile.kernels.kv_attention`) and the CPU fallback of
 ``quota.kv_decode_attention`` (:mod:`quota_compile.kernels.ops`)."""

@@ -6,8 +6,8 @@ then the output pointers (TensorRT samples/python/quickly_deployable_plugins, ``
 https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/tensorrt.plugin/trt_plugin_aot_impl/index.html).
 Float parameters cannot be passed at run time, so attributes such as ``clip_ratio`` and the
 softmax scale are compile-time constants. These kernels have exactly that calling convention
-and compute the plugin definitions of :mod:`quota_compile.export.flavours.trt`
-(:mod:`quota_compile.verify.trt` has them in PyTorch):
+and compute the plugin definitions of :mod:`quota_compile.flavours.tensorrt.lower`
+(:mod:`quota_compile.flavours.tensorrt.verify` has them in PyTorch):
 
 - :func:`w4a4_linear_kernel`: ``QuotaW4A4Linear``; the GEMM of :mod:`.w4a4_linear` in its
   ``FUSED`` form (each program quantizes its rows itself: one launch, at the price of

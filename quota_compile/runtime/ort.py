@@ -245,9 +245,10 @@ class BundleRunner:
                 f"{manifest_path}: key 'model.prompt_template' does not put {self.visual_span[1]} image tokens at position "
                 f"{self.visual_span[0]} with the bundle's tokenizer (keys 'model.visual_start', 'model.visual_tokens')."
             ) from None
-        # The onnxruntime flavour when the bundle has it (faster on the CPU), else portable.
+        # The flavour the manifest marks as the runtime's (the onnxruntime flavour when the bundle
+        # has it: faster on the CPU), else portable.
         flavours = self.manifest["flavours"]
-        self.flavour = "onnxruntime" if "onnxruntime" in flavours else "portable"
+        self.flavour = next((name for name, entry in flavours.items() if entry.get("used_by_runtime")), "portable")
         folder = bundle / flavours.get(self.flavour, {}).get("folder", ".")
         self.backend = OrtBackend(folder, providers or choose_providers(device))
         for g, session in self.backend.sessions.items():

@@ -2,7 +2,7 @@
 
 :func:`register_plugins` defines, with TensorRT's Python plugin API (``tensorrt.plugin``,
 "quickly deployable plugins", TensorRT >= 10.9 for ``aot_impl``), the three plugins that
-:mod:`quota_compile.export.flavours.trt` puts in the graphs (schemas and semantics there):
+:mod:`quota_compile.flavours.tensorrt.lower` puts in the graphs (schemas and semantics there):
 
 - ``quota::QuotaW4A4Linear``, ``quota::QuotaKVQuantize``, ``quota::QuotaKVDecodeAttention``;
 - for each, ``@trtp.register`` (output shapes and types from the input shape expressions and
@@ -35,7 +35,7 @@ of this. What is checked there (``tests/test_trt_flavour.py``):
 - the aot_impls compile their kernels for sm_90, with the PTX parameters TensorRT passes
   (plus Triton's two scratch pointers, unused);
 - the flavour's graphs match the portable graphs with the plugins executed by the
-  references (:mod:`quota_compile.verify.trt`).
+  references (:mod:`quota_compile.flavours.tensorrt.verify`).
 
 Not checked anywhere: that TensorRT's ONNX parser accepts the graphs, the plugin registration
 in TensorRT itself, the engine build and its shape profile, the impl functions, the engines'
@@ -54,7 +54,7 @@ functions' annotations as objects (``trtp.TensorDesc``, ``int``, ...), not as st
 import ast
 from pathlib import Path
 
-from quota_compile.export.flavours.trt import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_NAMESPACE, TRT_FOLDER, W4A4_LINEAR
+from quota_compile.flavours.tensorrt.lower import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_NAMESPACE, TRT_FOLDER, W4A4_LINEAR
 from quota_compile.runtime.ort import GRAPHS
 
 ENGINE_LOG = "build.log"
@@ -378,15 +378,15 @@ def compare_engines(bundle: Path, models: dict, sample) -> dict:
     """Polygraphy's ``--trt`` against ``--onnxrt``, graph by graph, on one verification sample:
     each engine of :func:`build_engines` (``TrtRunner``, the plugins' AOT kernels) against the
     same TensorRT-flavour graph in onnxruntime with the plugins run by their references
-    (:func:`quota_compile.verify.trt.session`), fed what the portable graphs produce for the
-    sample (:func:`~quota_compile.verify.trt.feeds_of`) and judged as the flavour is judged
-    against the portable graphs (:func:`~quota_compile.verify.trt.compare_runners`).
+    (:func:`quota_compile.flavours.tensorrt.verify.session`), fed what the portable graphs produce for the
+    sample (:func:`~quota_compile.flavours.tensorrt.verify.feeds_of`) and judged as the flavour is judged
+    against the portable graphs (:func:`~quota_compile.flavours.tensorrt.verify.compare_runners`).
     Needs ``tensorrt``, ``polygraphy`` and a CUDA GPU; never executed where this project is
     developed (no TensorRT there)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    from quota_compile.verify.trt import compare_runners, feeds_of, session
+    from quota_compile.flavours.tensorrt.verify import compare_runners, feeds_of, session
 
     register_plugins()
     folder = Path(bundle) / TRT_FOLDER

@@ -1,11 +1,11 @@
 """Verify the TensorRT flavour without TensorRT: its graphs in onnxruntime, each plugin node run
 by a Python custom op (onnxruntime-extensions, domain ``ai.onnx.contrib``) that computes the
-plugin's definition (:mod:`quota_compile.export.flavours.trt`) with ``quant.ops`` in PyTorch on the CPU.
+plugin's definition (:mod:`quota_compile.flavours.tensorrt.lower`) with ``quant.ops`` in PyTorch on the CPU.
 
 What this checks: that the rewritten graphs (which nodes the plugins replaced, what they take
 and return, the cache protocol) compute what the portable graphs and the simulation compute.
 What it does not check: TensorRT's parser, the engine build and the Triton kernels behind the
-plugins on a GPU (:mod:`quota_compile.verify.trt_engines`; the kernels against these same references:
+plugins on a GPU (:mod:`quota_compile.flavours.tensorrt.engines`; the kernels against these same references:
 ``tests/test_kernels.py``, ``tests/test_trt_flavour.py``).
 
 The references here do not import the kernel modules (they import triton, which the test suite
@@ -25,7 +25,7 @@ import onnx
 import torch
 
 from quota_compile.kernels.reference import w4a4_matmul_reference
-from quota_compile.export.flavours.trt import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_DOMAIN, PLUGINS, W4A4_LINEAR, PLUGIN_ATTRS
+from quota_compile.flavours.tensorrt.lower import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_DOMAIN, PLUGINS, W4A4_LINEAR, PLUGIN_ATTRS
 from quota_compile.quant import ops
 from quota_compile.runtime.ort import GRAPHS, OrtBackend, session_options
 from quota_compile.bundle.format import kv_update_of
@@ -44,7 +44,7 @@ class MissingExtensions(RuntimeError):
 
 def w4a4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 group_size: int, clip_ratio: float, act_bits: int) -> torch.Tensor:
-    """:data:`~quota_compile.export.flavours.trt.W4A4_LINEAR`: ``kernels.w4a4_linear.w4a4_linear_reference``
+    """:data:`~quota_compile.flavours.tensorrt.lower.W4A4_LINEAR`: ``kernels.w4a4_linear.w4a4_linear_reference``
     (float32 in and out), generalised to ``act_bits`` 8: per-token codes of ``x``
     (``ops.quantize_per_token``), per group an exact integer dot with the weight codes, the
     groups' float32 sums times the weight scales added in order, times the row scale, plus
@@ -55,7 +55,7 @@ def w4a4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
 
 
 def kv_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, granularity: str):
-    """:data:`~quota_compile.export.flavours.trt.KV_QUANTIZE`: ``(codes, scale, zero_point, dequantized)``."""
+    """:data:`~quota_compile.flavours.tensorrt.lower.KV_QUANTIZE`: ``(codes, scale, zero_point, dequantized)``."""
     x = x.to(torch.float32)
     if granularity == "per_token":
         codes, s, zp = torch.ops.quota.quantize_kv(x, bits)
@@ -72,7 +72,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 
 def decode_attention(query, key, value, bias, past_key, past_value, key_scale, value_scale, key_zero_point,
                      value_zero_point, bits: int, granularity: str, num_heads: int, kv_num_heads: int, scale: float):
-    """:data:`~quota_compile.export.flavours.trt.DECODE_ATTENTION`: the new token's key and value quantized
+    """:data:`~quota_compile.flavours.tensorrt.lower.DECODE_ATTENTION`: the new token's key and value quantized
     into the cache, then ``kv_decode_attention_reference`` over all ``P + 1`` positions with
     the additive ``bias``; returns ``(attention [B, H, 1, D], present_key, present_value,
     present_key_scale, present_value_scale, present_key_zero_point, present_value_zero_point)``."""

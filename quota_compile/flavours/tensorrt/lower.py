@@ -23,7 +23,7 @@ portable graph's, node for node:
   key and value, dequantizing the past, the grouped-query products, the mask bias, the
   softmax and the product with the values) becomes one :data:`DECODE_ATTENTION` node. Its
   ``present_*`` outputs are the new token's entries only, like the portable graph's: the
-  runtime's cache protocol stays "append" (:data:`quota_compile.export.flavours.ort.KV_APPEND`).
+  runtime's cache protocol stays "append" (:data:`quota_compile.flavours.onnxruntime.lower.KV_APPEND`).
 
 Plugin nodes are in domain :data:`PLUGIN_DOMAIN`; ``op_type`` is the plugin name, with the
 string attributes ``plugin_namespace`` (``"quota"``) and ``plugin_version`` (``"1"``) and the
@@ -76,7 +76,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quota_compile.export.flavours.ort import node_attrs, follow_chain, downstream_node, indexed_copy, is_cache_concat, live_nodes, toposort_nodes, write_back
+from quota_compile.export.graph_edit import downstream_node, follow_chain, indexed_copy, is_cache_concat, live_nodes, node_attrs, toposort_nodes, write_back
 from quota_compile.bundle.format import KV_APPEND, KV_UPDATE_KEY
 
 TRT_FOLDER = "tensorrt"  # the flavour's graphs (and engines, build log) inside a bundle

@@ -1,1 +1,0 @@
-"""Flavours: translations of the portable graphs for one runtime (onnxruntime, TensorRT, PyTorch + Triton)."""

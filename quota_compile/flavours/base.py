@@ -1,0 +1,90 @@
+"""The flavour interface: one target of ``export.targets``, from its config checks to its
+manifest entry.
+
+A compile exports the portable graphs (standard ONNX ops) once; every other flavour is derived
+from them. For each flavour in ``export.targets`` the compile calls, in this order:
+
+1. :meth:`Flavour.check_config` in the config stage (before anything is loaded);
+2. :meth:`Flavour.check_settled` once the model is loaded and the quantization settled;
+3. :meth:`Flavour.lower` in the lower stage (derived flavours): the portable graphs in, this
+   flavour's graphs out, saved under :attr:`Flavour.folder` of the bundle;
+4. :meth:`Flavour.verify` in the verify stage: verify.json's ``flavours.<name>`` (the portable
+   flavour's result is the report itself);
+5. :meth:`Flavour.finish` in the bundle stage, after verification (e.g. engine builds);
+6. :meth:`Flavour.manifest_entry`: manifest.json's ``flavours.<name>``.
+
+``eval`` and ``bench`` call :meth:`Flavour.lower` alone. ``quota-compile run`` reads the
+manifest, not this code: it runs the flavour whose entry says ``used_by_runtime``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+
+@dataclass
+class FlavourBuild:
+    """What the flavours see of one compile; filled in as the stages run."""
+
+    cfg: Any  # CompileConfig, quantization settled
+    config_file: Path
+    vlm: Any
+    span: tuple[int, int]  # (first visual token, visual tokens)
+    models: dict[str, onnx.ModelProto]  # the portable graphs, after export.passes
+    folder: Path | None = None  # the bundle's work folder, once it exists
+    lowered: dict[str, dict[str, onnx.ModelProto]] = field(default_factory=dict)  # per flavour name
+    programs: Any = None  # the traced programs' eager modules (capture.trace.Programs)
+    reference: Any = None  # the PyTorch simulation backend (verify stage)
+    samples: list = field(default_factory=list)  # held-out samples (verify stage)
+    probe: Any = None  # the portable graphs' CodeProbe (verify stage)
+    report: dict | None = None  # verify.json (after the verify stage)
+    results: dict[str, Any] = field(default_factory=dict)  # what finish() leaves for manifest_entry()
+    note: Callable[[str], None] = print  # a progress line inside a long stage
+    say: Callable[[str], None] = print  # a message the user should read (not a progress line)
+
+
+class Flavour:
+    """One export target. Subclass it, set :attr:`name` (and :attr:`folder` for a derived
+    flavour), override what the flavour needs, and register an instance with
+    :func:`quota_compile.flavours.registry.register_flavour`."""
+
+    name: str = ""
+    folder: str = "."  # where its graphs go inside the bundle
+    derived: bool = True  # lowered from the portable graphs
+    # ``eval``/``bench`` and the default runtime pick, among a config's targets, the flavour of
+    # highest rank; None: never picked (e.g. graphs the onnxruntime runner cannot run as such).
+    runtime_rank: int | None = None
+
+    def check_config(self, cfg, config_file: Path) -> None:
+        """Refuse (``UserError``, exit 2) a config this flavour cannot compile; nothing loaded yet."""
+
+    def check_settled(self, cfg, vlm, config_file: Path) -> None:
+        """Refuse a config once the model is loaded and the quantization settled."""
+
+    def lower(self, cfg, models: dict[str, onnx.ModelProto], quantized_kv: bool = True) -> dict[str, onnx.ModelProto]:
+        """This flavour's graphs from the portable ones (``quantized_kv``: the graphs store a
+        quantized KV cache, False for the float-cache variants ``eval``/``bench`` build)."""
+        return models
+
+    def verify(self, build: FlavourBuild) -> dict:
+        """verify.json's ``flavours.<name>``: at least ``flavour``, ``passed`` and ``failures``."""
+        raise NotImplementedError(f"the {self.name} flavour has no verification")
+
+    def finish(self, build: FlavourBuild) -> None:
+        """After verification, in the bundle stage: anything the bundle needs beyond the graphs."""
+
+    def manifest_entry(self, build: FlavourBuild) -> dict:
+        """manifest.json's ``flavours.<name>``."""
+        folder = build.folder / self.folder
+        graphs = build.lowered.get(self.name, build.models)
+        return {
+            "folder": self.folder,
+            "graphs": sorted(graphs),
+            "bytes": {g: (folder / f"{g}.onnx").stat().st_size for g in sorted(graphs)},
+            "used_by_runtime": False,
+        }

@@ -1,0 +1,29 @@
+"""The portable flavour: standard ONNX ops only, in the bundle's top folder. Every bundle has it;
+the other flavours are derived from its graphs, and its verification is the report the others
+are added to."""
+
+from __future__ import annotations
+
+from quota_compile.flavours.base import Flavour, FlavourBuild
+from quota_compile.runtime.ort import OrtBackend
+from quota_compile.verify.gate import polygraphy_compare, verify
+
+
+class PortableFlavour(Flavour):
+    name = "portable"
+    folder = "."
+    derived = False
+    runtime_rank = 0
+
+    def verify(self, build: FlavourBuild) -> dict:
+        build.note("portable graphs ...")
+        graphs = polygraphy_compare(build.programs, build.folder, build.samples[0], build.reference)
+        report = verify(build.reference, OrtBackend(build.folder), build.samples, build.cfg.verify, graphs, build.probe)
+        report["flavour"] = "portable"
+        report["flavours"] = {}
+        return report
+
+    def manifest_entry(self, build: FlavourBuild) -> dict:
+        return {"folder": ".", "graphs": sorted(build.models), "ops": "standard ONNX (opset %d)" % build.cfg.export.opset,
+                "user_passes": list(build.cfg.export.passes)}
+
