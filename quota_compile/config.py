@@ -191,6 +191,9 @@ EvaluatedMethodName = Annotated[Literal["fastv", "pdrop", "quota", "random"], Pl
 
 
 class PruningSection(_Section):
+    """What model.yaml asks for: a method and its options. The decision taken from it is a
+    :class:`quota_compile.pruning.recipe.PruningRecipe`."""
+
     method: PruningMethodName = Field("none", description="visual-token pruning (docs/pruning.md)")
     signals: Literal["lowbit", "fp"] = Field("lowbit", description="`quota` only: calibrate on the quantized simulation (`lowbit`) or on the full-precision model (`fp`, the stage-wise combination)")
     keep_ratio: float = Field(0.3, gt=0.0, le=1.0, description="budget: average over all decoder layers of the fraction of the V visual tokens a layer processes")
