@@ -12,8 +12,8 @@ from quota_compile.capture.trace import build_programs, trace_programs
 from quota_compile.core.decisions import decide_pruning
 from quota_compile.export.flavours.ort import lower_flavour, uses_group_query_attention
 from quota_compile.export.onnx import export_onnx, save_onnx
-from quota_compile.pruning.methods import pruning_method
 from quota_compile.quant.ops import kv_packed_dim
+from quota_compile.pruning.methods import pruning_method
 
 
 @dataclass(frozen=True)
