@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import UserError
 
@@ -141,8 +143,58 @@ class ScoreWeightsSection(_Section):
         return self
 
 
+# Pruning methods. quota_compile.pruning.methods holds the methods themselves, one object each,
+# in a registry; this module sits below it and only needs their names, which that module hands
+# over with set_pruning_method_names. Until it does (or if it is never imported) the built-in
+# names below are the registered ones. `pruning.method` (in model.yaml and in a recipe) accepts
+# every registered name, `eval.methods` every one but `none`; the Literal types stay the
+# built-in names so that docs/config.md lists those.
+BUILTIN_PRUNING_METHODS = ("none", "quota", "fastv", "pdrop", "random")
+EVAL_METHODS = ("fastv", "pdrop", "quota", "random")  # the default of eval.methods
+_method_names: Callable[[], Sequence[str]] = lambda: BUILTIN_PRUNING_METHODS
+
+
+def set_pruning_method_names(names: Callable[[], Sequence[str]]) -> None:
+    """Where validation reads the registered pruning methods' names from (called once by
+    :mod:`quota_compile.pruning.methods` with its registry)."""
+    global _method_names
+    _method_names = names
+
+
+def pruning_method_names() -> tuple[str, ...]:
+    """The names ``pruning.method`` accepts, built-in ones first."""
+    return tuple(_method_names())
+
+
+def _one_of(value: Any, allowed: Sequence[str]) -> str:
+    if isinstance(value, str) and value in allowed:
+        return value
+    shown = [repr(n) for n in allowed]
+    expected = shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+    # the same error as a Literal's, so that messages read "must be one of 'none', ..., got ..."
+    raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+
+
+def _pruning_method(value: Any) -> str:
+    return _one_of(value, pruning_method_names())
+
+
+def _evaluated_method(value: Any) -> str:
+    names = pruning_method_names()
+    return _one_of(value, [n for n in EVAL_METHODS if n in names] + [n for n in names if n not in BUILTIN_PRUNING_METHODS])
+
+
+# A registered pruning method's name (validated against the registry, not the Literal).
+PruningMethodName = Annotated[Literal["none", "quota", "fastv", "pdrop", "random"], PlainValidator(_pruning_method)]
+# The same, `none` excepted: what eval.methods lists.
+EvaluatedMethodName = Annotated[Literal["fastv", "pdrop", "quota", "random"], PlainValidator(_evaluated_method)]
+
+
 class PruningSection(_Section):
-    method: Literal["none", "quota", "fastv", "pdrop", "random"] = Field("none", description="visual-token pruning (docs/pruning.md)")
+    """What model.yaml asks for: a method and its options. The decision taken from it is a
+    :class:`quota_compile.pruning.recipe.PruningRecipe`."""
+
+    method: PruningMethodName = Field("none", description="visual-token pruning (docs/pruning.md)")
     signals: Literal["lowbit", "fp"] = Field("lowbit", description="`quota` only: calibrate on the quantized simulation (`lowbit`) or on the full-precision model (`fp`, the stage-wise combination)")
     keep_ratio: float = Field(0.3, gt=0.0, le=1.0, description="budget: average over all decoder layers of the fraction of the V visual tokens a layer processes")
     first_full_layers: int = Field(2, ge=1, description="`quota`, `pdrop`: layers that keep all V tokens; `random`: its cut layer. Must be below the layer count")
@@ -330,7 +382,6 @@ class VerifySection(_Section):
 LEVEL4_FLOAT_TOLERANCES = {"max_teacher_forced_rel_error": 0.05, "max_kv_scale_rel_difference": 0.05}
 
 
-EVAL_METHODS = ("fastv", "pdrop", "quota", "random")
 BENCHMARK_NAMES = ("pope", "mme", "gqa", "scienceqa_img", "mmbench", "seed_bench_img")
 
 
@@ -353,7 +404,7 @@ class EvalSection(_Section):
     questions: int = Field(1000, ge=1, description="the first this-many questions of the split")
     seed: int = Field(0, ge=0, description="ShapesVQA seed of the evaluated questions")
     keep_ratios: list[float] = Field(default_factory=lambda: [0.5, 0.3, 0.2], min_length=1, description="budgets at which every method is evaluated, each between 0 and 1 (exclusive)")
-    methods: list[Literal["fastv", "pdrop", "quota", "random"]] = Field(default_factory=lambda: list(EVAL_METHODS), description="pruning methods evaluated at every budget (the other `pruning.*` keys apply to them)")
+    methods: list[EvaluatedMethodName] = Field(default_factory=lambda: list(EVAL_METHODS), description="pruning methods evaluated at every budget (the other `pruning.*` keys apply to them)")
     batch_size: int = Field(100, ge=1, description="questions per onnxruntime batch")
     max_new_tokens: int = Field(4, ge=1, description="greedy tokens per answer (up to EOS)")
     simulation_check: int = Field(32, ge=0, description="questions also answered by the eager PyTorch simulation of each variant; the share of identical answers is reported")

@@ -66,7 +66,13 @@ def _value(v: Any) -> str:
     return repr(v)
 
 
+def _bare(tp: Any) -> Any:
+    """``Annotated[T, ...]`` (a type with its own validator) as ``T``."""
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Annotated else tp
+
+
 def _type_name(tp: Any) -> str:
+    tp = _bare(tp)
     if tp is type(None):
         return "null"
     if _is_model(tp):
@@ -102,8 +108,8 @@ def _allowed(tp: Any, metadata: list) -> str:
     for m in _members(tp):
         if typing.get_origin(m) is Literal:
             parts.append(", ".join(f"`{_value(a)}`" for a in typing.get_args(m)))
-        elif typing.get_origin(m) is list and typing.get_origin(typing.get_args(m)[0]) is Literal:
-            parts.append("each one of " + ", ".join(f"`{_value(a)}`" for a in typing.get_args(typing.get_args(m)[0])))
+        elif typing.get_origin(m) is list and typing.get_origin(_bare(typing.get_args(m)[0])) is Literal:
+            parts.append("each one of " + ", ".join(f"`{_value(a)}`" for a in typing.get_args(_bare(typing.get_args(m)[0]))))
         elif _is_model(m) and len(_members(tp)) > 1:
             parts.append("a mapping `{" + ", ".join(m.model_fields) + "}`")
     bounds = {type(c).__name__: c for c in metadata}

@@ -16,7 +16,8 @@ the query tokens' attention that goes to visual tokens (the layer's measured sen
   weighted by each layer's sensitivity under the ``keep_ratio`` budget.
 - Baselines: ``fastv`` (one cut at ``fastv_layer``, attention cue), ``pdrop`` (geometric
   stages, attention cue), ``random`` (one cut after the full layers, a fixed seeded score per
-  visual token). Their schedules do not depend on calibration data.
+  visual token). Their schedules do not depend on calibration data: each method's own rule
+  (:mod:`quota_compile.pruning.methods`) decides them from the config.
 
 Calibration signals are measured on the unpruned model; a layer after a pruning layer sees
 the kept tokens only, whose signals are assumed to keep their calibrated distribution.
@@ -33,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quota_compile.pruning.allocate import KeepSchedule, allocate, fastv_schedule, pdrop_schedule, retained_mass_curves
+from quota_compile.pruning.allocate import KeepSchedule, allocate, retained_mass_curves
+from quota_compile.pruning.methods import pruning_layers, pruning_method
 from quota_compile.config import ActivationQuant, CalibrationSection, PruningSection
 from quota_compile.errors import UserError
 from quota_compile.models.llava import VLM
@@ -148,52 +150,26 @@ def weight_grid() -> list[ScoreWeights]:
     return [ScoreWeights(a / GRID_STEP, m / GRID_STEP, r / GRID_STEP) for a, m, r in sorted(pts, reverse=True)]
 
 
-@dataclass
-class Calibrated:
-    spec: PruneSpec
-    recipe: PruningRecipe
-    provenance: CalibrationProvenance
-    schedule: KeepSchedule
-
-
 def _weights(w: ScoreWeights) -> Weights:
     return Weights(att=w.att, mag=w.mag, risk=w.risk)
 
 
-def _pruning_layers(schedule: KeepSchedule) -> list[int]:
-    # Layer 0 never prunes (its cue would be the previous layer's attention).
-    return [layer for layer in schedule.pruning_layers if layer > 0]
+def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruning: PruningSection, calibration: CalibrationSection, config_file) -> tuple[PruningRecipe, CalibrationProvenance]:
+    """Decide the pruning for ``pruning.method``: the recipe and the calibration it came from.
 
-
-def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruning: PruningSection, calibration: CalibrationSection, config_file) -> Calibrated:
-    """Decide the pruning for ``pruning.method`` (anything but ``none``)."""
+    A method that is not ``calibrated`` (:mod:`quota_compile.pruning.methods`) decides from the
+    config alone and reads no data (``vision`` may then be ``None``); ``quota`` runs the
+    calibration described above."""
     start, v = span
     layers = vlm.num_layers
     act = qm.spec.activations
+    method = pruning_method(pruning.method)
     provenance = CalibrationProvenance(
         dataset=calibration.dataset, num_samples=calibration.num_samples, seed=calibration.seed, holdout=calibration.holdout
     )
     try:
-        if pruning.method in ("fastv", "pdrop", "random"):
-            if pruning.method == "fastv":
-                schedule = fastv_schedule(layers, v, pruning.keep_ratio, pruning.fastv_layer)
-            elif pruning.method == "pdrop":
-                schedule = pdrop_schedule(layers, v, pruning.keep_ratio, pruning.stages, pruning.first_full_layers)
-            else:
-                schedule = fastv_schedule(layers, v, pruning.keep_ratio, pruning.first_full_layers)
-            random = pruning.method == "random"
-            recipe = PruningRecipe(
-                method=pruning.method,
-                signals=pruning.signals,
-                keep_ratio=pruning.keep_ratio,
-                query_tokens=pruning.query_tokens,
-                weights=None if random else Weights(att=1.0, mag=0.0, risk=0.0),
-                keep=list(schedule.keep),
-                pruning_layers=_pruning_layers(schedule),
-                random_seed=pruning.seed if random else None,
-            )
-            spec = prune_spec_from_recipe(recipe, act)
-            return Calibrated(spec, recipe, provenance, schedule)
+        if not method.calibrated:
+            return method.recipe(pruning, layers, v), provenance
 
         batches = calibration_batches(vlm, calibration, span)
         provenance = provenance.model_copy(update={"sha256": batches_sha256(batches)})
@@ -220,18 +196,18 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
     except UserError as e:
         raise UserError(f"{config_file}: {e}") from None
     w, schedule = candidates[best], schedules[best]
+    keep = list(schedule.keep)
     recipe = PruningRecipe(
-        method="quota",
+        method=method.name,
         signals=pruning.signals,
         keep_ratio=pruning.keep_ratio,
         query_tokens=pruning.query_tokens,
         weights=_weights(w),
-        keep=list(schedule.keep),
-        pruning_layers=_pruning_layers(schedule),
+        keep=keep,
+        pruning_layers=pruning_layers(keep),
         weight_search=search,
     )
-    spec = prune_spec_from_recipe(recipe, act)
-    return Calibrated(spec, recipe, provenance, schedule)
+    return recipe, provenance
 
 
 @torch.no_grad()
@@ -417,16 +393,3 @@ def quantize_model(vlm: VLM, cfg, span: tuple[int, int]) -> QuantizedModel:
     if qm.kv_granularity == "per_channel":
         calibrate_kv_scales(vlm, qm, span, cfg.calibration)
     return qm
-
-
-def prune_spec_from_recipe(pruning: PruningRecipe, activations: ActivationQuant) -> PruneSpec | None:
-    """The selection a recipe describes (``None`` for ``method: none``)."""
-    if pruning.method == "none":
-        return None
-    rand = None
-    if pruning.method == "random":
-        gen = torch.Generator().manual_seed(pruning.random_seed)
-        rand = tuple(torch.rand(pruning.keep[0], generator=gen).tolist())
-    w = pruning.weights or Weights(att=1.0, mag=0.0, risk=0.0)
-    weights = ScoreWeights(w.att, w.mag, w.risk)
-    return PruneSpec(tuple(pruning.keep), weights, pruning.query_tokens, activations.bits, activations.clip_ratio, rand)

@@ -31,7 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
+from quota_compile.config import ActivationQuant
 from quota_compile.models.llava import VLM
+from quota_compile.pruning.methods import ATTENTION_ONLY, pruning_layers, pruning_method
+from quota_compile.pruning.recipe import PruningRecipe
 from quota_compile.pruning.score import ScoreWeights, token_score, visual_signals
 from quota_compile.quant.simulate import QuantizedModel
 
@@ -163,21 +166,39 @@ class VisionProgram(_Program):
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """How the prefill drops visual tokens: ``keep[l]`` visual tokens enter decoder layer l."""
+    """How the prefill drops visual tokens: ``keep[l]`` visual tokens enter decoder layer l.
+
+    Not a decision of its own: the decision is a
+    :class:`quota_compile.pruning.recipe.PruningRecipe`, and :func:`prune_spec_from_recipe`
+    derives this from it. It stays a type because the programs need what the recipe does not
+    hold in that form: the activation quantizer the risk signal uses, the score weights as the
+    score function takes them, the fixed scores materialised (``random``), and a hashable value
+    (calibration's weight search also builds one per candidate, without a recipe).
+    """
 
     keep: tuple[int, ...]
     weights: ScoreWeights = ScoreWeights()
     query_tokens: int = 32
     act_bits: int = 4
     act_clip: float = 1.0
-    # ``random`` pruning: a fixed seeded score per original visual token instead of signals.
+    # a fixed score per original visual token instead of the signals (``random``: seeded values)
     random_scores: tuple[float, ...] | None = None
 
     @property
     def pruning_layers(self) -> list[int]:
         """Layers whose input is shortened (never layer 0: its cue is the previous layer's
         attention)."""
-        return [i for i in range(1, len(self.keep)) if self.keep[i] < self.keep[i - 1]]
+        return pruning_layers(list(self.keep))
+
+
+def prune_spec_from_recipe(pruning: PruningRecipe, activations: ActivationQuant) -> PruneSpec | None:
+    """The selection a recipe describes (``None`` for a method that does not prune, ``none``)."""
+    method = pruning_method(pruning.method)
+    if not method.prunes:
+        return None
+    w = pruning.weights or ATTENTION_ONLY
+    weights = ScoreWeights(w.att, w.mag, w.risk)
+    return PruneSpec(tuple(pruning.keep), weights, pruning.query_tokens, activations.bits, activations.clip_ratio, method.fixed_scores(pruning))
 
 
 def _causal_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

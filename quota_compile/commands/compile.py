@@ -307,21 +307,21 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
 
 def draw_figures(folder: Path, vlm, span: tuple[int, int], pruning, options, samples, reference, count: int = 2) -> list[str]:
     """schedule.png and, for ``count`` verification samples, the kept patches per pruning layer."""
-    from quota_compile.pruning.allocate import fastv_schedule, pdrop_schedule
+    from quota_compile.pruning.methods import pruning_method, registered_methods
     from quota_compile.bundle.figures import kept_patches_overlay, schedule_chart
 
-    if pruning.method == "none":
+    if not pruning_method(pruning.method).prunes:
         return []
     v, layers = span[1], vlm.num_layers
     others = {}
-    # The baselines at the same budget, with the config's fastv_layer / stages / first layers.
-    cut, stages, first = options.fastv_layer, options.stages, options.first_full_layers
-    for label, make in (
-        (f"fastv (cut at {cut})", lambda: fastv_schedule(layers, v, pruning.keep_ratio, cut)),
-        (f"pdrop ({stages} stages)", lambda: pdrop_schedule(layers, v, pruning.keep_ratio, stages, first)),
-    ):
+    # The methods that draw a figure label (the baselines fastv and pdrop) at the same budget,
+    # with the config's fastv_layer / stages / first layers.
+    for method in registered_methods():
+        label = method.figure_label(options)
+        if label is None:
+            continue
         try:
-            others[label] = list(make().keep)
+            others[label] = method.keep_schedule(options, layers, v, pruning.keep_ratio)
         except UserError:
             pass  # that baseline cannot meet this budget on this depth
     others = {label: keep for label, keep in others.items() if keep != list(pruning.keep)}

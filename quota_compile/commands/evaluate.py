@@ -46,6 +46,7 @@ from quota_compile.bundle.format import atomic_folder, check_destination, versio
 from quota_compile.config import bundle_name, load_config
 from quota_compile.errors import UserError
 from quota_compile.models import load_model
+from quota_compile.pruning.methods import pruning_method
 from quota_compile.core.variants import Variant, build_variant, quant_name, variants
 from quota_compile.calibration.calibrate import quantize_model, settle_quantization
 from quota_compile.runtime.ort import OrtBackend, greedy_generate, make_batch
@@ -141,22 +142,11 @@ def evaluate_variant(cfg, vlm, qm, span, v: Variant, questions: Questions, work:
 
 def check_budgets(cfg, todo: list[Variant], layers: int, v: int, config_file: Path) -> None:
     """Every (method, keep ratio) must be reachable on this depth; say which is not, up front."""
-    from quota_compile.pruning.allocate import check_reachable, fastv_schedule, pdrop_schedule
-
-    p = cfg.pruning
     for var in todo:
-        r = var.keep_ratio
         try:
-            if var.method == "fastv":
-                fastv_schedule(layers, v, r, p.fastv_layer)
-            elif var.method == "pdrop":
-                pdrop_schedule(layers, v, r, p.stages, p.first_full_layers)
-            elif var.method == "random":
-                fastv_schedule(layers, v, r, p.first_full_layers)
-            elif var.method == "quota":
-                check_reachable(r, layers, v, p.first_full_layers, f"{p.first_full_layers} full layer(s) of {layers}")
+            pruning_method(var.method).check_budget(cfg.pruning, layers, v, var.keep_ratio)
         except UserError as e:
-            raise UserError(f"{config_file}: key 'eval.keep_ratios': {var.method} at {r:g} cannot be evaluated: {e}") from None
+            raise UserError(f"{config_file}: key 'eval.keep_ratios': {var.method} at {var.keep_ratio:g} cannot be evaluated: {e}") from None
 
 
 def _visual_share(questions: Questions, v: int) -> float:

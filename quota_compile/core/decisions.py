@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quota_compile.calibration.calibrate import calibrate, prune_spec_from_recipe
+from quota_compile.calibration.calibrate import calibrate
+from quota_compile.capture.programs import prune_spec_from_recipe
 from quota_compile.capture.trace import build_programs
 from quota_compile.errors import UserError
-from quota_compile.pruning.recipe import CalibrationProvenance, PruningRecipe, Recipe
+from quota_compile.pruning.methods import pruning_method
+from quota_compile.pruning.recipe import Recipe
 
 
 def read_recipe(path: Path) -> Recipe:
@@ -36,15 +38,12 @@ def check_recipe(recipe: Recipe, path: Path, cfg, vlm, span: tuple[int, int], co
 
 
 def decide_pruning(cfg, vlm, qm, span, given: Recipe | None, config_file: Path):
-    """``(PruningRecipe, CalibrationProvenance, PruneSpec | None)`` from a given recipe, from
-    calibration, or for no pruning."""
+    """``(PruningRecipe, CalibrationProvenance, PruneSpec | None)`` from a given recipe, or
+    decided for ``pruning.method`` (by calibration where the method calibrates, otherwise by
+    its own rule); the spec is derived from the recipe."""
     if given is not None:
-        return given.pruning, given.calibration, prune_spec_from_recipe(given.pruning, qm.spec.activations)
-    if cfg.pruning.method == "none":
-        provenance = CalibrationProvenance(
-            dataset=cfg.calibration.dataset, num_samples=cfg.calibration.num_samples, seed=cfg.calibration.seed, holdout=cfg.calibration.holdout
-        )
-        return PruningRecipe(method="none", keep=[span[1]] * vlm.num_layers), provenance, None
-    vision = build_programs(vlm, qm).vision
-    result = calibrate(vlm, qm, vision, span, cfg.pruning, cfg.calibration, config_file)
-    return result.recipe, result.provenance, result.spec
+        recipe, provenance = given.pruning, given.calibration
+    else:
+        vision = build_programs(vlm, qm).vision if pruning_method(cfg.pruning.method).calibrated else None
+        recipe, provenance = calibrate(vlm, qm, vision, span, cfg.pruning, cfg.calibration, config_file)
+    return recipe, provenance, prune_spec_from_recipe(recipe, qm.spec.activations)

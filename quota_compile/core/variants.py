@@ -13,12 +13,13 @@ from quota_compile.core.decisions import decide_pruning
 from quota_compile.flavours.registry import get_flavour, runtime_flavour
 from quota_compile.export.onnx import export_onnx, save_onnx
 from quota_compile.quant.ops import kv_packed_dim
+from quota_compile.pruning.methods import pruning_method
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    method: str  # none | fastv | pdrop | quota | random
+    method: str  # a registered pruning method (quota_compile.pruning.methods): none, fastv, pdrop, quota, random, ...
     keep_ratio: float | None
     quantized: bool
     weight_only: bool = False  # INT4 weights only: float activations and KV cache (bench baseline)
@@ -48,7 +49,7 @@ def quant_name(cfg) -> str:
 def variant_pruning(cfg, vlm, qm, span, v: Variant, config_file: Path):
     """``(PruneSpec | None, keep schedule, recipe dict | None)`` for a variant, decided as a
     compile decides it, from the config with the variant's method and budget."""
-    signals = "lowbit" if v.method == "quota" else "fp"
+    signals = pruning_method(v.method).signals
     update = {"method": v.method, "signals": signals} | ({"keep_ratio": v.keep_ratio} if v.keep_ratio is not None else {})
     variant_cfg = cfg.model_copy(update={"pruning": cfg.pruning.model_copy(update=update)})
     pruning, _, spec = decide_pruning(variant_cfg, vlm, qm, span, None, config_file)

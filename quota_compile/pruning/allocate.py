@@ -36,6 +36,13 @@ class KeepSchedule:
 
     ``keep`` is non-increasing and each entry lies in ``[1, num_visual]`` (a layer may keep all
     tokens). Any integer sequence is accepted and stored as a tuple of Python ints.
+
+    The value the schedule functions of this module return, checked on construction. It is not
+    a second decision type: a decision is a :class:`quota_compile.pruning.recipe.PruningRecipe`,
+    which records ``keep`` as a list (the methods of :mod:`quota_compile.pruning.methods` hand
+    it over as one). It stays a type because it holds the schedule's invariants in one place
+    for the allocators and their tests, with the derived quantities (pruning layers, realised
+    budget, KV lengths).
     """
 
     keep: tuple[int, ...]

@@ -14,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from quota_compile.config import QuantizationSection, read_yaml, validation_message
+from quota_compile.config import PruningMethodName, QuantizationSection, read_yaml, validation_message
 from quota_compile.errors import UserError
 
 RECIPE_VERSION = 1
@@ -49,7 +49,13 @@ class SearchPoint(_Frozen):
 
 
 class PruningRecipe(_Frozen):
-    method: Literal["none", "quota", "fastv", "pdrop", "random"]
+    """The pruning decision of a compile, whichever way it was taken (calibration, a method's
+    own rule from the config, or a ``--recipe`` file): the one type that describes it. The
+    prefill's in-graph selection (:class:`quota_compile.capture.programs.PruneSpec`) is derived
+    from it by :func:`quota_compile.capture.programs.prune_spec_from_recipe`. ``method`` is a
+    registered method's name (:mod:`quota_compile.pruning.methods`)."""
+
+    method: PruningMethodName
     signals: Literal["lowbit", "fp"] = "lowbit"
     keep_ratio: float = 1.0
     query_tokens: int = 32
