@@ -250,7 +250,7 @@ class OnnxruntimeExport(_Section):
 TARGETS: list[str] = ["portable", "onnxruntime", "tensorrt"]
 
 
-def _one_of(names: list[str]) -> str:
+def _alternatives(names: list[str]) -> str:
     quoted = [repr(n) for n in names]
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
@@ -282,7 +282,7 @@ class ExportSection(_Section):
     def _portable_first(cls, v: list[str]) -> list[str]:
         for name in v:
             if name not in TARGETS:
-                raise ValueError(f"{name!r} is not a flavour; the flavours are {_one_of(TARGETS)}")
+                raise ValueError(f"{name!r} is not a flavour; the flavours are {_alternatives(TARGETS)}")
         if "portable" not in v:
             raise ValueError("must include portable (the onnxruntime and tensorrt flavours are derived from the portable graphs, which every bundle carries)")
         if len(set(v)) != len(v):
