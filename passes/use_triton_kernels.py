@@ -117,7 +117,7 @@ def _only_user(node: fx.Node) -> fx.Node | None:
 
 
 def _unrepeat(node: fx.Node, inner: list[fx.Node]) -> fx.Node | None:
-    """The ``[B, Hkv, S, D]`` tensor whose heads ``node`` repeats (``programs._repeat_kv``:
+    """The ``[B, Hkv, S, D]`` tensor whose heads ``node`` repeats (``quota_compile.quant.attention.repeat_kv``:
     ``x.transpose(1, 2).unsqueeze(3).expand(B, S, Hkv, rep, D).reshape(B, S, H, D)
     .transpose(1, 2)``, query head ``h`` on KV head ``h // rep``), or ``node`` itself when it
     repeats nothing."""

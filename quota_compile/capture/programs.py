@@ -36,6 +36,7 @@ from quota_compile.models.llava import VLM
 from quota_compile.pruning.methods import ATTENTION_ONLY, pruning_layers, pruning_method
 from quota_compile.pruning.recipe import PruningRecipe
 from quota_compile.pruning.score import ScoreWeights, token_score, visual_signals
+from quota_compile.quant.attention import attend
 from quota_compile.quant.simulate import QuantizedModel
 
 KV_FLOAT = ("key", "value")
@@ -120,25 +121,11 @@ class _Program(torch.nn.Module):
             n = len(past) // 2
             k_read = torch.cat([self._load(past[:n], i, 0), k_read], dim=2)
             v_read = torch.cat([self._load(past[n:], i, 1), v_read], dim=2)
-        k_read, v_read = self._repeat_kv(k_read), self._repeat_kv(v_read)
-        scores = torch.matmul(q, k_read.transpose(2, 3)) * attn.scaling + bias
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        o = torch.matmul(probs, v_read).transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+        o, probs = attend(q, k_read, v_read, bias, attn.scaling)
+        o = o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         h = h + attn.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return h, k_out + v_out, probs
-
-    def _repeat_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, Hkv, S, D] -> [B, H, S, D]``, query head ``h`` reading KV head ``h // rep``.
-
-        The heads are repeated with the sequence axis outside them (``[B, S, Hkv, rep, D]``):
-        the copy that the repetition needs then has one symbolic stride, the batch's. Repeated
-        as ``[B, Hkv, rep, S, D]``, its strides are different multiples of S, and ordering
-        them asks torch.export to prove guards such as ``min(32*S, 64*S) == 32*S``, which
-        torch before 2.13 cannot do for a ranged S (the export then fails)."""
-        b, hkv, s, d = x.shape
-        rep = self.num_heads // hkv
-        return x.transpose(1, 2).unsqueeze(3).expand(b, s, hkv, rep, d).reshape(b, s, self.num_heads, d).transpose(1, 2)
 
     def _rope(self, h: torch.Tensor, position_ids: torch.Tensor):
         cos, sin = self.lm.rotary_emb(h, position_ids)

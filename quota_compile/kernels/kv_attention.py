@@ -60,6 +60,7 @@ import triton.language as tl
 from quota_compile.kernels import is_interpreted
 from quota_compile.kernels.reference import dequantize_cache
 from quota_compile.quant import ops
+from quota_compile.quant.attention import attend
 
 GRANULARITIES = ("per_token", "per_channel")
 _INTERPRET_BLOCK_T = 16
@@ -401,12 +402,12 @@ def kv_decode_attention_reference(q: torch.Tensor, k_codes: torch.Tensor, v_code
         k = torch.cat([k, k_new[:, :, None].to(torch.float32)], dim=2)
         v = torch.cat([v, v_new[:, :, None].to(torch.float32)], dim=2)
         valid = torch.cat([valid, torch.ones_like(valid[:, :1])], dim=1)
-    k, v = k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1)
     scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
-    scores = torch.einsum("bhd,bhtd->bht", q.to(torch.float32), k) * scale
+    # the positions to ignore as -inf in one additive bias, then the shared attention in float32
     if bias is not None:
-        scores = scores + bias[:, None, :]
         valid = valid & (bias > MASKED)
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    out = torch.einsum("bht,bhtd->bhd", torch.softmax(scores, dim=-1), v)
-    return out.to(out_dtype or q.dtype)
+        mask = torch.where(valid, bias.to(torch.float32), float("-inf"))
+    else:
+        mask = torch.where(valid, 0.0, float("-inf"))
+    out, _ = attend(q.to(torch.float32)[:, :, None], k, v, mask[:, None, None, :], scale)
+    return out[:, :, 0].to(out_dtype or q.dtype)

@@ -36,6 +36,7 @@ import torch
 
 from quota_compile.quant import ops  # noqa: F401  (registers torch.ops.quota.*, used below)
 from quota_compile.kernels.reference import dequantize_cache
+from quota_compile.quant.attention import attend
 
 
 def _kernel_module():
@@ -141,13 +142,11 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.T
             bias=bias.to(torch.float32).expand(b, 1, 1, t + 1).reshape(b, t + 1),
             k_new=k_new.reshape(b, hkv, d), v_new=v_new.reshape(b, hkv, d))
         return out.reshape(b, h, 1, d)
-    # the decode graph's own operations (programs._Program._layer)
+    # the decode graph's own operations: the cache dequantized, the new entry appended, then
+    # the attention every path shares (quant.attention.attend)
     k = torch.cat([dequantize_cache(k_codes, k_scale, k_zero_point, bits, granularity), k_new.to(torch.float32)], dim=2)
     v = torch.cat([dequantize_cache(v_codes, v_scale, v_zero_point, bits, granularity), v_new.to(torch.float32)], dim=2)
-    k = k[:, :, None].expand(b, hkv, h // hkv, t + 1, d).reshape(b, h, t + 1, d).to(q.dtype)
-    v = v[:, :, None].expand(b, hkv, h // hkv, t + 1, d).reshape(b, h, t + 1, d).to(q.dtype)
-    scores = torch.matmul(q, k.transpose(2, 3)) * sm_scale + bias
-    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+    return attend(q, k.to(q.dtype), v.to(q.dtype), bias, sm_scale)[0]
 
 
 @w4a4_linear.register_fake

@@ -27,6 +27,7 @@ import torch
 from quota_compile.kernels.reference import w4a4_matmul_reference
 from quota_compile.flavours.tensorrt.lower import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_DOMAIN, PLUGINS, W4A4_LINEAR, PLUGIN_ATTRS
 from quota_compile.quant import ops
+from quota_compile.quant.attention import attend
 from quota_compile.runtime.ort import GRAPHS, OrtBackend, session_options
 from quota_compile.bundle.format import kv_update_of
 
@@ -86,9 +87,8 @@ def decode_attention(query, key, value, bias, past_key, past_value, key_scale, v
                  (torch.cat([past_value, nv], 2), torch.cat([value_scale, nv_s], 2), torch.cat([value_zero_point, nv_z], 2))]
     else:
         cache = [(torch.cat([past_key, nk], 2), key_scale, key_zero_point), (torch.cat([past_value, nv], 2), value_scale, value_zero_point)]
-    k, v = (dequantize(c, s, z, bits).repeat_interleave(h // kv_num_heads, dim=1) for c, s, z in cache)
-    scores = torch.einsum("bhd,bhtd->bht", query[:, :, 0].to(torch.float32), k) * scale + bias.to(torch.float32)[:, :, 0]
-    out = torch.einsum("bht,bhtd->bhd", torch.softmax(scores, dim=-1), v)[:, :, None]
+    k, v = (dequantize(c, s, z, bits) for c, s, z in cache)
+    out, _ = attend(query.to(torch.float32), k, v, bias.to(torch.float32), scale)
     return out, nk, nv, nk_s, nv_s, nk_z, nv_z
 
 

@@ -1,0 +1,49 @@
+"""The attention arithmetic, written once.
+
+Every place that computes a decoder layer's attention from its query, key and value calls
+:func:`attend`: the simulation and the traced programs (:mod:`quota_compile.capture.programs`),
+the CPU fallback of ``quota::kv_decode_attention`` (:mod:`quota_compile.kernels.ops`), the
+reference the Triton decode kernel is tested against (:mod:`quota_compile.kernels.kv_attention`)
+and the definition of the TensorRT decode-attention plugin
+(:mod:`quota_compile.flavours.tensorrt.verify`). What differs between them is only where the
+key and value come from (a float tensor, or a quantized cache dequantized by
+:mod:`quota_compile.quant.ops`) and how invalid positions are masked (an additive bias).
+
+The arithmetic: grouped-query heads (query head ``h`` reads KV head ``h // (H / Hkv)``),
+scores ``q @ kᵀ * sm_scale + bias``, a softmax in float32, cast back to the query's dtype,
+times ``v``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``[B, Hkv, S, D] -> [B, H, S, D]``, query head ``h`` reading KV head ``h // (H / Hkv)``.
+
+    The heads are repeated with the sequence axis outside them (``[B, S, Hkv, rep, D]``): the
+    copy that the repetition needs then has one symbolic stride, the batch's. Repeated as
+    ``[B, Hkv, rep, S, D]``, its strides are different multiples of S, and ordering them asks
+    torch.export to prove guards such as ``min(32*S, 64*S) == 32*S``, which torch before 2.13
+    cannot do for a ranged S (the export then fails)."""
+    b, hkv, s, d = x.shape
+    if num_heads % hkv:
+        raise ValueError(f"attention: {num_heads} query heads cannot share {hkv} KV heads evenly")
+    rep = num_heads // hkv
+    return x.transpose(1, 2).unsqueeze(3).expand(b, s, hkv, rep, d).reshape(b, s, num_heads, d).transpose(1, 2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+           sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, T, D], probs [B, H, T, S])`` from ``q [B, H, T, D]``, ``k, v [B, Hkv, S, D]``
+    and an additive ``bias`` broadcastable to ``[B, H, T, S]`` (None: no mask).
+
+    ``k`` and ``v`` must already be in the query's dtype; the softmax runs in float32."""
+    h = q.shape[1]
+    k, v = repeat_kv(k, h), repeat_kv(v, h)
+    scores = torch.matmul(q, k.transpose(2, 3)) * sm_scale
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v), probs
