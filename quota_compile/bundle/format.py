@@ -1,4 +1,5 @@
-"""The bundle folder: atomic writing, manifest.json and report.md."""
+"""The bundle folder: atomic writing, manifest.json, verify.json and report.md (the format's names and
+models are :mod:`quota_compile.bundle.schema`'s)."""
 
 from __future__ import annotations
 
@@ -14,21 +15,27 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from quota_compile import __version__
+from quota_compile.bundle.schema import (  # noqa: F401  (the names are also this module's, as before)
+    FORMAT,
+    FORMAT_VERSION,
+    GRAPHS,
+    IMAGE_FEATURES,
+    KV_APPEND,
+    KV_REPLACE,
+    KV_UPDATE_KEY,
+    MANIFEST,
+    PAST,
+    KEPT,
+    REPORT,
+    VERIFY,
+    Manifest,
+    VerifyReport,
+    kv_name,
+)
 from quota_compile.errors import UserError
-
-FORMAT = "quota-compile bundle"
-# 2: manifest.json records the sha256 of each of its own keys (``key_sha256``).
-FORMAT_VERSION = 2
-MANIFEST = "manifest.json"
-GRAPHS = ("vision", "prefill", "decode")
-
-# The decode graph's cache protocol, stored in its metadata.
-KV_UPDATE_KEY = "quota_compile.kv_update"  # decode-graph metadata: how the runtime updates the cache
-KV_APPEND = "append"  # present.* hold the new token's entries; the runtime appends them
-KV_REPLACE = "replace"  # present.* hold the whole cache (past + the new entries)
 
 
 def kv_update_of(model_or_meta) -> str:
@@ -161,7 +168,7 @@ def versions() -> dict[str, str]:
     }
 
 
-def file_hashes(folder: Path, exclude: tuple[str, ...] = ("manifest.json",)) -> dict[str, str]:
+def file_hashes(folder: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
@@ -188,9 +195,10 @@ def key_hashes(manifest: dict) -> dict[str, str]:
     return out
 
 
-def write_manifest(folder: Path, manifest: dict) -> dict:
+def write_manifest(folder: Path, manifest: Manifest | dict) -> dict:
     """manifest.json, with the sha256 of every other file of ``folder`` (``files``) and of each
-    of its own keys (``key_sha256``).
+    of its own keys (``key_sha256``); validated as a :class:`~quota_compile.bundle.schema.Manifest`
+    and returned as its JSON document.
 
     Why hash the manifest's keys: the runtime trusts facts only the manifest holds (the prompt
     template, the image-token span, the EOS id, the KV layout, the per-layer visual-token
@@ -200,86 +208,36 @@ def write_manifest(folder: Path, manifest: dict) -> dict:
     each key catches any edit or damage of any key and names the key. It is a checksum, not a
     signature: whoever rewrites a key and its hash on purpose is not stopped (nothing inside
     a bundle could stop that); :func:`check_bundle` also compares the manifest with the graphs."""
-    manifest = {k: v for k, v in manifest.items() if k not in ("files", "key_sha256")}
-    manifest["files"] = file_hashes(folder)
-    manifest["key_sha256"] = key_hashes(manifest)
-    write_json(folder / MANIFEST, manifest)
-    return manifest
+    doc = manifest.doc() if isinstance(manifest, Manifest) else dict(manifest)
+    doc = {k: v for k, v in doc.items() if k not in ("files", "key_sha256")}
+    doc["files"] = file_hashes(folder)
+    doc["key_sha256"] = key_hashes(doc)
+    doc = Manifest.model_validate(doc).doc()
+    write_json(folder / MANIFEST, doc)
+    return doc
+
+
+def write_verify(folder: Path, report: VerifyReport | dict) -> dict:
+    """verify.json: the verification of every flavour of the bundle, validated as a
+    :class:`~quota_compile.bundle.schema.VerifyReport`. The compile writes it once, in its
+    bundle stage, after every flavour (its engine checks included) has recorded into the
+    report; returns the JSON document written."""
+    doc = (report if isinstance(report, VerifyReport) else VerifyReport.model_validate(report)).doc()
+    write_json(folder / VERIFY, doc)
+    return doc
 
 
 # ---------------------------------------------------------------- reading a bundle
 
 
-class _Open(BaseModel):
-    """The keys a reader relies on, with their JSON types (other keys are allowed)."""
-
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class _TensorIO(_Open):
-    name: str
-    dtype: str
-    shape: list[int | str]
-
-
-class _GraphFacts(_Open):
-    file: str
-    inputs: list[_TensorIO]
-    outputs: list[_TensorIO]
-
-
-class _ModelFacts(_Open):
-    num_layers: int = Field(ge=1)
-    visual_start: int = Field(ge=0)
-    visual_tokens: int = Field(ge=1)
-    image_token_id: int
-    eos_token_id: int | None
-    prompt_template: str
-
-
-class _PruningFacts(_Open):
-    visual_tokens_per_layer: list[int]
-    pruning_layers: list[int]
-
-
-class _KVCodes(_Open):
-    shape: list[int | str]
-
-
-class _KVLayer(_Open):
-    layer: int
-    visual_tokens: int
-    num_kv_heads: int
-    head_dim: int
-    bits: int
-    tensors: list[str]
-    codes: _KVCodes
-
-
-class _FlavourFacts(_Open):
-    folder: str
-    graphs: list[str]
-
-
-class _ManifestFacts(_Open):
-    format: str
-    format_version: int
-    model: _ModelFacts
-    pruning: _PruningFacts
-    graphs: dict[str, _GraphFacts]
-    flavours: dict[str, _FlavourFacts]
-    kv_cache: list[_KVLayer]
-    files: dict[str, str]
-    key_sha256: dict[str, str]
-
-
-def check_bundle(folder: str | Path) -> dict:
+def open_bundle(folder: str | Path) -> Manifest:
     """Everything a reader of a bundle (``quota-compile run``, :class:`~quota_compile.runtime.ort.BundleRunner`)
-    checks before loading anything from it; returns the manifest. Bad input is a
+    checks before loading anything from it; returns the manifest, typed. Bad input is a
     :class:`UserError` naming the file (and the manifest key):
 
     - the folder is a bundle: not a compile's work folder, has a manifest.json that is JSON, of
-      this ``format`` and ``format_version``, with the keys readers use (their JSON types);
+      this ``format`` and ``format_version``, and a valid :class:`~quota_compile.bundle.schema.Manifest`
+      (no unknown key, none missing, every value of its JSON type);
     - every file the manifest lists is there with its sha256, and there is no other file;
     - the manifest agrees with the graphs: recorded inputs and outputs, layer count, KV layout,
       per-layer visual-token counts and pruning layers (:func:`check_graphs`);
@@ -290,14 +248,22 @@ def check_bundle(folder: str | Path) -> dict:
     if is_work_folder(folder):
         raise UserError(f"{folder}: the work folder of a running or interrupted compile, not a bundle.")
     manifest = read_manifest(folder)
-    check_files(folder, manifest)
-    check_graphs(folder, manifest)
-    check_key_hashes(folder, manifest)
+    doc = manifest.doc()
+    check_files(folder, doc)
+    check_graphs(folder, doc)
+    check_key_hashes(folder, doc)
     return manifest
 
 
-def read_manifest(folder: Path) -> dict:
-    """manifest.json, checked for format, version and the keys readers use."""
+def check_bundle(folder: str | Path) -> dict:
+    """:func:`open_bundle`, returning the manifest's JSON document."""
+    return open_bundle(folder).doc()
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """manifest.json, checked for format and version and validated as a
+    :class:`~quota_compile.bundle.schema.Manifest` (a written bundle's: ``files`` and
+    ``key_sha256`` included)."""
     path = folder / MANIFEST
     if not path.is_file():
         raise UserError(f"{folder}: not a quota-compile bundle (no {MANIFEST}).")
@@ -319,13 +285,18 @@ def read_manifest(folder: Path) -> dict:
     from quota_compile.config import validation_message
 
     try:
-        facts = _ManifestFacts.model_validate(doc)
+        manifest = Manifest.model_validate(doc)
     except ValidationError as e:
         raise UserError(f"{path}: {validation_message(e)}; the bundle is damaged or was edited.") from None
+    for key in ("files", "key_sha256"):  # optional while the compile builds the manifest, required once written
+        if key not in doc:
+            raise UserError(f"{path}: key '{key}' is required but missing; the bundle is damaged or was edited.")
+        if doc[key] is None:
+            raise UserError(f"{path}: key '{key}' must be a mapping of keys, got None; the bundle is damaged or was edited.")
     for g in GRAPHS:
-        if g not in facts.graphs:
+        if g not in manifest.graphs:
             raise UserError(f"{path}: key 'graphs.{g}' is required but missing; the bundle is damaged or was edited.")
-    return doc
+    return manifest
 
 
 def check_key_hashes(folder: Path, manifest: dict) -> None:
@@ -378,14 +349,14 @@ def check_graphs(folder: Path, manifest: dict) -> None:
         io[g] = {side: {v["name"]: v for v in actual[side]} for side in ("inputs", "outputs")}
 
     model, pruning, kv = manifest["model"], manifest["pruning"], manifest["kv_cache"]
-    layers = sorted({int(n.split(".")[1]) for n in io["decode"]["inputs"] if n.startswith("past.")})
+    layers = sorted({int(n.split(".")[1]) for n in io["decode"]["inputs"] if n.startswith(PAST)})
     if layers != list(range(model["num_layers"])):
         refuse("model.num_layers", f"is {model['num_layers']}, the decode graph takes the KV cache of {len(layers)} layers")
     v = model["visual_tokens"]
-    features = io["vision"]["outputs"].get("image_features")
+    features = io["vision"]["outputs"].get(IMAGE_FEATURES)
     if features is None or features["shape"][1] != v:
         refuse("model.visual_tokens", f"is {v}, the vision graph gives {features['shape'][1] if features else 'no'} visual tokens")
-    kept = {int(n.split(".")[1]): o["shape"][1] for n, o in io["prefill"]["outputs"].items() if n.startswith("kept.")}
+    kept = {int(n.split(".")[1]): o["shape"][1] for n, o in io["prefill"]["outputs"].items() if n.startswith(KEPT)}
     if pruning["pruning_layers"] != sorted(kept):
         refuse("pruning.pruning_layers", f"is {pruning['pruning_layers']}, the prefill graph prunes at layers {sorted(kept)}")
     counts, current = [], v
@@ -405,10 +376,10 @@ def check_graphs(folder: Path, manifest: dict) -> None:
             refuse(f"kv_cache[{layer}].layer", f"is {entry['layer']}, expected {layer}")
         if entry["visual_tokens"] != real:
             refuse(f"kv_cache[{layer}].visual_tokens", f"is {entry['visual_tokens']}, the graphs process {real} visual tokens at layer {layer}")
-        names = [n.split(".", 2)[2] for n in io["decode"]["inputs"] if n.startswith(f"past.{layer}.")]
+        names = [n.split(".", 2)[2] for n in io["decode"]["inputs"] if n.startswith(kv_name(PAST, layer, ""))]
         if entry["tensors"] != names:
             refuse(f"kv_cache[{layer}].tensors", f"is {entry['tensors']}, the decode graph takes {names}")
-        key = io["decode"]["inputs"][f"past.{layer}.key"]["shape"]
+        key = io["decode"]["inputs"][kv_name(PAST, layer, "key")]["shape"]
         if key[1] != entry["num_kv_heads"]:
             refuse(f"kv_cache[{layer}].num_kv_heads", f"is {entry['num_kv_heads']}, the cache of the decode graph has {key[1]} heads")
         codes = entry["codes"]["shape"][-1] if entry["codes"]["shape"] else None
@@ -517,7 +488,10 @@ def _flavour_lines(verify: dict) -> list[str]:
     return out
 
 
-def report_markdown(name: str, manifest: dict, verify: dict, passes: dict[str, list], recipe, figures: list[str]) -> str:
+def report_markdown(name: str, manifest: Manifest | dict, verify: VerifyReport | dict, passes: dict[str, list], recipe, figures: list[str]) -> str:
+    """report.md, from the manifest and the verification (typed or as their JSON documents)."""
+    manifest = manifest.doc() if isinstance(manifest, Manifest) else manifest
+    verify = verify.doc() if isinstance(verify, VerifyReport) else verify
     m, q = manifest["model"], manifest["quantization"]
     lines = [
         f"# quota-compile bundle `{name}`",

@@ -14,15 +14,26 @@ from rich.console import Console
 
 from quota_compile import __version__
 from quota_compile.bundle.format import (
-    FORMAT,
-    FORMAT_VERSION,
     atomic_folder,
     check_destination,
     graph_io,
     report_markdown,
     versions,
-    write_json,
     write_manifest,
+    write_verify,
+)
+from quota_compile.bundle.schema import (
+    FORMAT,
+    FORMAT_VERSION,
+    FlavourVerification,
+    GraphEntry,
+    KVCodes,
+    KVLayer,
+    KVScale,
+    KVTensor,
+    Manifest,
+    ModelFacts,
+    PruningFacts,
 )
 from quota_compile.config import bundle_name, load_config
 from quota_compile.core.decisions import check_recipe, decide_pruning, read_recipe
@@ -193,11 +204,11 @@ def compile_model(
                         raise VerificationFailed("; ".join(report["failures"]))
                 except GraphRunError as e:  # a graph that does not even run is refused like a wrong one
                     raise VerificationFailed(str(e)) from None
-                write_json(tmp / "verify.json", report)
 
             with progress.stage("bundle", str(final)):
                 for flavour in targets:
                     flavour.finish(build)
+                write_verify(tmp, report)  # once, every flavour's verification (engine checks included) recorded
                 recipe = Recipe(
                     tool_version=__version__,
                     model=ModelIdentity(source=cfg.model.source, sha256=model_hash, num_layers=vlm.num_layers, visual_tokens=span[1]),
@@ -217,24 +228,29 @@ def compile_model(
 
 def add_flavour(report: dict, result: dict) -> None:
     """A derived flavour's verification into the portable graphs' report: under
-    ``flavours.<name>``, its failures prefixed with the flavour, the verdict the conjunction."""
-    name = result["flavour"]
+    ``flavours.<name>`` (checked as a :class:`~quota_compile.bundle.schema.FlavourVerification`),
+    its failures prefixed with the flavour, the verdict the conjunction."""
+    name = FlavourVerification.model_validate(result).flavour
     report["flavours"][name] = result
     report["failures"] += [f"{name} flavour: {f}" for f in result["failures"]]
     report["passed"] = report["passed"] and result["passed"]
 
 
 def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dict, folder: Path, pruning, report: dict,
-                   build: FlavourBuild, targets: list) -> dict:
+                   build: FlavourBuild, targets: list) -> Manifest:
+    """manifest.json without ``files`` and ``key_sha256`` (:func:`~quota_compile.bundle.format.write_manifest`
+    adds them). The flavours' entries are their :meth:`~quota_compile.flavours.base.Flavour.manifest_entry`
+    dicts, validated here as :class:`~quota_compile.bundle.schema.FlavourEntry`."""
     bits = cfg.quantization.kv_cache.bits
     graphs = {}
     for g, m in models.items():
         files = sorted(p.name for p in folder.glob(f"{g}.onnx*"))
-        graphs[g] = {"file": f"{g}.onnx", "files": files, "bytes": sum((folder / f).stat().st_size for f in files), **graph_io(m)}
+        graphs[g] = GraphEntry(file=f"{g}.onnx", files=files, bytes=sum((folder / f).stat().st_size for f in files), **graph_io(m))
     flavours = {flavour.name: flavour.manifest_entry(build) for flavour in targets}
     v = span[1]
     granularity = cfg.quantization.kv_cache.granularity
-    codes = {"dtype": "uint8", "shape": ["batch", vlm.num_kv_heads, "length", kv_packed_dim(vlm.head_dim, bits)], "packing": "two INT4 codes per byte, even channel in the low nibble" if bits == 4 else "one code per byte"}
+    codes = KVCodes(dtype="uint8", shape=["batch", vlm.num_kv_heads, "length", kv_packed_dim(vlm.head_dim, bits)],
+                    packing="two INT4 codes per byte, even channel in the low nibble" if bits == 4 else "one code per byte")
     if granularity == "per_channel":
         kv_layer = {
             "num_kv_heads": vlm.num_kv_heads,
@@ -244,7 +260,8 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
             "symmetric": True,
             "tensors": list(KV_STATIC),
             "codes": codes,
-            "scale": {"dtype": "float32", "shape": [vlm.num_kv_heads, 1, vlm.head_dim], "where": "constant in the graphs, static (calibrated); also kv_scales.npy [layer, key/value, head, 1, channel]"},
+            "scale": KVScale(dtype="float32", shape=[vlm.num_kv_heads, 1, vlm.head_dim],
+                             where="constant in the graphs, static (calibrated); also kv_scales.npy [layer, key/value, head, 1, channel]"),
             "dequantize": f"(code - {2 ** (bits - 1)}) * scale",
         }
     else:
@@ -256,53 +273,53 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
             "symmetric": False,
             "tensors": list(KV_STORED),
             "codes": codes,
-            "scale": {"dtype": "float32", "shape": ["batch", vlm.num_kv_heads, "length", 1]},
-            "zero_point": {"dtype": "uint8", "shape": ["batch", vlm.num_kv_heads, "length", 1]},
+            "scale": KVScale(dtype="float32", shape=["batch", vlm.num_kv_heads, "length", 1]),
+            "zero_point": KVTensor(dtype="uint8", shape=["batch", vlm.num_kv_heads, "length", 1]),
             "dequantize": "(code - zero_point) * scale",
         }
     layers = [
-        {
-            "layer": i,
-            "visual_tokens": k,
-            "length": "prompt length (padded) + generated tokens" if k == v else f"prompt length (padded) - {v - k} + generated tokens",
+        KVLayer(
+            layer=i,
+            visual_tokens=k,
+            length="prompt length (padded) + generated tokens" if k == v else f"prompt length (padded) - {v - k} + generated tokens",
             **kv_layer,
-        }
+        )
         for i, k in enumerate(pruning.keep)
     ]
     prompt_len = int(report["per_sample"][0]["prompt_length"])
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "model": {
-            "source": cfg.model.source,
-            "family": cfg.model.family,
-            "sha256": model_hash,
-            "num_layers": vlm.num_layers,
-            "hidden_size": vlm.hidden_size,
-            "vocab_size": vlm.vocab_size,
-            "image_size": vlm.image_size,
-            "visual_start": span[0],
-            "visual_tokens": v,
-            "image_token_id": vlm.image_token_id,
-            "eos_token_id": vlm.eos_token_id,
-            "prompt_template": vlm.prompt_template,
-            "padding_side": "right",
-        },
-        "quantization": cfg.quantization.model_dump(mode="json"),
-        "pruning": {
-            "method": pruning.method,
-            "signals": pruning.signals,
-            "keep_ratio": pruning.keep_ratio,
-            "visual_tokens_per_layer": list(pruning.keep),
-            "pruning_layers": list(pruning.pruning_layers),
-            "average_fraction": sum(pruning.keep) / (len(pruning.keep) * v),
-        },
-        "graphs": graphs,
-        "flavours": flavours,
-        "kv_cache": layers,
-        "kv_cache_bytes_per_sequence": kv_cache_bytes(vlm, bits, list(pruning.keep), prompt_len, report["new_tokens"], cfg.quantization.kv_cache.granularity),
-        "versions": versions(),
-    }
+    return Manifest(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        model=ModelFacts(
+            source=cfg.model.source,
+            family=cfg.model.family,
+            sha256=model_hash,
+            num_layers=vlm.num_layers,
+            hidden_size=vlm.hidden_size,
+            vocab_size=vlm.vocab_size,
+            image_size=vlm.image_size,
+            visual_start=span[0],
+            visual_tokens=v,
+            image_token_id=vlm.image_token_id,
+            eos_token_id=vlm.eos_token_id,
+            prompt_template=vlm.prompt_template,
+            padding_side="right",
+        ),
+        quantization=cfg.quantization.model_dump(mode="json"),
+        pruning=PruningFacts(
+            method=pruning.method,
+            signals=pruning.signals,
+            keep_ratio=pruning.keep_ratio,
+            visual_tokens_per_layer=list(pruning.keep),
+            pruning_layers=list(pruning.pruning_layers),
+            average_fraction=sum(pruning.keep) / (len(pruning.keep) * v),
+        ),
+        graphs=graphs,
+        flavours=flavours,
+        kv_cache=layers,
+        kv_cache_bytes_per_sequence=kv_cache_bytes(vlm, bits, list(pruning.keep), prompt_len, report["new_tokens"], cfg.quantization.kv_cache.granularity),
+        versions=versions(),
+    )
 
 
 def draw_figures(folder: Path, vlm, span: tuple[int, int], pruning, options, samples, reference, count: int = 2) -> list[str]:

@@ -10,8 +10,13 @@ from them. For each flavour in ``export.targets`` the compile calls, in this ord
    flavour's graphs out, saved under :attr:`Flavour.folder` of the bundle;
 4. :meth:`Flavour.verify` in the verify stage: verify.json's ``flavours.<name>`` (the portable
    flavour's result is the report itself);
-5. :meth:`Flavour.finish` in the bundle stage, after verification (e.g. engine builds);
+5. :meth:`Flavour.finish` in the bundle stage, after verification (e.g. engine builds); it may
+   record more into ``build.report`` (never write verify.json: the compile writes it once,
+   after every flavour's ``finish``);
 6. :meth:`Flavour.manifest_entry`: manifest.json's ``flavours.<name>``.
+
+The documents' models are :mod:`quota_compile.bundle.schema`'s (:class:`~quota_compile.bundle.schema.FlavourEntry`,
+:class:`~quota_compile.bundle.schema.FlavourVerification`).
 
 ``eval`` and ``bench`` call :meth:`Flavour.lower` alone. ``quota-compile run`` reads the
 manifest, not this code: it runs the flavour whose entry says ``used_by_runtime``.
@@ -25,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+
+from quota_compile.bundle.schema import FlavourEntry
 
 
 @dataclass
@@ -79,12 +86,13 @@ class Flavour:
         """After verification, in the bundle stage: anything the bundle needs beyond the graphs."""
 
     def manifest_entry(self, build: FlavourBuild) -> dict:
-        """manifest.json's ``flavours.<name>``."""
+        """manifest.json's ``flavours.<name>``: a :class:`~quota_compile.bundle.schema.FlavourEntry`
+        as its JSON document (a plain dict: a subclass may add its own keys to it)."""
         folder = build.folder / self.folder
         graphs = build.lowered.get(self.name, build.models)
-        return {
-            "folder": self.folder,
-            "graphs": sorted(graphs),
-            "bytes": {g: (folder / f"{g}.onnx").stat().st_size for g in sorted(graphs)},
-            "used_by_runtime": False,
-        }
+        return FlavourEntry(
+            folder=self.folder,
+            graphs=sorted(graphs),
+            bytes={g: (folder / f"{g}.onnx").stat().st_size for g in sorted(graphs)},
+            used_by_runtime=False,
+        ).model_dump(mode="json")

@@ -4,6 +4,7 @@ are added to."""
 
 from __future__ import annotations
 
+from quota_compile.bundle.schema import PORTABLE_FOLDER, FlavourEntry
 from quota_compile.flavours.base import Flavour, FlavourBuild
 from quota_compile.runtime.ort import OrtBackend
 from quota_compile.verify.gate import polygraphy_compare, verify
@@ -11,7 +12,7 @@ from quota_compile.verify.gate import polygraphy_compare, verify
 
 class PortableFlavour(Flavour):
     name = "portable"
-    folder = "."
+    folder = PORTABLE_FOLDER
     derived = False
     runtime_rank = 0
 
@@ -24,6 +25,6 @@ class PortableFlavour(Flavour):
         return report
 
     def manifest_entry(self, build: FlavourBuild) -> dict:
-        return {"folder": ".", "graphs": sorted(build.models), "ops": "standard ONNX (opset %d)" % build.cfg.export.opset,
-                "user_passes": list(build.cfg.export.passes)}
+        return FlavourEntry(folder=self.folder, graphs=sorted(build.models), ops="standard ONNX (opset %d)" % build.cfg.export.opset,
+                            user_passes=list(build.cfg.export.passes)).model_dump(mode="json")
 

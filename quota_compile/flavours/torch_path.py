@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from quota_compile.bundle.schema import KEPT, PAST
 from quota_compile.runtime.ort import append_kv
 
 
@@ -46,7 +47,7 @@ def kernel_programs(traced: dict, device: str | torch.device = "cuda") -> dict[s
         if w4a4_matmuls(gm):
             gm = UseTritonKernels()(gm).graph_module
         if name == "decode" and quantized_past(gm):
-            layers = {n.split(".")[1] for n in t.input_names if n.startswith("past.")}
+            layers = {n.split(".")[1] for n in t.input_names if n.startswith(PAST)}
             gm = UseKVDecodeAttention(len(layers))(gm).graph_module
         out[name] = gm.to(device).eval()
     return out
@@ -58,7 +59,7 @@ class KernelBackend:
     def __init__(self, traced: dict, device: str | torch.device = "cuda"):
         self.device = torch.device(device)
         self.programs = kernel_programs(traced, self.device)
-        self._kept = sum(1 for n in traced["prefill"].output_names if n.startswith("kept."))
+        self._kept = sum(1 for n in traced["prefill"].output_names if n.startswith(KEPT))
 
     def _run(self, name: str, values: list[np.ndarray]) -> list[np.ndarray]:
         with torch.no_grad():

@@ -17,9 +17,9 @@ from typing import Protocol
 
 import numpy as np
 
-from quota_compile.bundle.format import GRAPHS, MANIFEST, check_bundle
+from quota_compile.bundle.format import kv_update_of, open_bundle
+from quota_compile.bundle.schema import GRAPHS, KEPT, KV_REPLACE, MANIFEST, PORTABLE_FOLDER, TOKENIZER
 from quota_compile.errors import UserError, onnxruntime_errors
-from quota_compile.bundle.format import KV_REPLACE, kv_update_of
 
 
 class Backend(Protocol):
@@ -179,7 +179,7 @@ class OrtBackend:
 
     def prefill(self, input_ids, attention_mask, image_features):
         out = self._run("prefill", [input_ids, attention_mask, image_features])
-        n_kept = sum(1 for o in self.sessions["prefill"].get_outputs() if o.name.startswith("kept."))
+        n_kept = sum(1 for o in self.sessions["prefill"].get_outputs() if o.name.startswith(KEPT))
         return out[0], out[1 : len(out) - n_kept], out[len(out) - n_kept :]
 
     def decode(self, input_ids, position_ids, attention_mask, past):
@@ -227,14 +227,14 @@ class BundleRunner:
 
         bundle = Path(bundle)
         # integrity (files, sha256, format) and the manifest against the graphs, before loading anything
-        self.manifest = check_bundle(bundle)
+        self.manifest = open_bundle(bundle)  # a quota_compile.bundle.schema.Manifest
         manifest_path = bundle / MANIFEST
-        model = self.manifest["model"]
-        self.prompt_template = model["prompt_template"]
-        self.visual_span = (model["visual_start"], model["visual_tokens"])
-        self.eos_token_id = model["eos_token_id"]
-        self.image_token_id = model["image_token_id"]
-        self.processor = AutoProcessor.from_pretrained(bundle / "tokenizer")
+        model = self.manifest.model
+        self.prompt_template = model.prompt_template
+        self.visual_span = (model.visual_start, model.visual_tokens)
+        self.eos_token_id = model.eos_token_id
+        self.image_token_id = model.image_token_id
+        self.processor = AutoProcessor.from_pretrained(bundle / TOKENIZER)
         self.processor.tokenizer.padding_side = "right"
         if "<image>" not in self.prompt_template or "{question}" not in self.prompt_template:
             raise UserError(f"{manifest_path}: key 'model.prompt_template' must contain '<image>' and '{{question}}'.")
@@ -247,13 +247,13 @@ class BundleRunner:
             ) from None
         # The flavour the manifest marks as the runtime's (the onnxruntime flavour when the bundle
         # has it: faster on the CPU), else portable.
-        flavours = self.manifest["flavours"]
-        self.flavour = next((name for name, entry in flavours.items() if entry.get("used_by_runtime")), "portable")
-        folder = bundle / flavours.get(self.flavour, {}).get("folder", ".")
+        flavours = self.manifest.flavours
+        self.flavour = next((name for name, entry in flavours.items() if entry.used_by_runtime), "portable")
+        folder = bundle / (flavours[self.flavour].folder if self.flavour in flavours else PORTABLE_FOLDER)
         self.backend = OrtBackend(folder, providers or choose_providers(device))
         for g, session in self.backend.sessions.items():
             for side, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
-                if [a.name for a in args] != [a["name"] for a in self.manifest["graphs"][g][side]]:
+                if [a.name for a in args] != [a.name for a in getattr(self.manifest.graphs[g], side)]:
                     raise UserError(
                         f"{manifest_path}: key 'graphs.{g}.{side}' does not name the {side} of {(folder / f'{g}.onnx').relative_to(bundle)} "
                         f"(flavour {self.flavour}); the bundle is inconsistent: compile it again."

@@ -51,8 +51,8 @@ import torch
 
 from quota_compile.config import VerifySection
 from quota_compile.errors import onnxruntime_errors
-from quota_compile.bundle.format import KV_REPLACE
-from quota_compile.runtime.ort import GRAPHS, Backend, Batch, Generation, append_kv, greedy_generate, make_batch
+from quota_compile.bundle.schema import GRAPHS, KEPT, KV_REPLACE, PRESENT, kv_name
+from quota_compile.runtime.ort import Backend, Batch, Generation, append_kv, greedy_generate, make_batch
 from quota_compile.capture.trace import Programs
 from quota_compile.data.samples import QUESTIONS, synthetic_images
 
@@ -302,7 +302,7 @@ def observation_copy(model: onnx.ModelProto, quantizers: list[onnx.NodeProto], t
                 new_inputs.append(onnx.helper.make_tensor_value_info(p.feed, p.dtype, None))
                 redirect(p.tensor, p.feed)
         types = {o.name: o.type.tensor_type.elem_type for o in graph.output}
-        for o in [o.name for o in graph.output if o.name.startswith("present.")]:
+        for o in [o.name for o in graph.output if o.name.startswith(PRESENT)]:
             feed = f"verify.reference.{o}"
             if redirect(o, feed, keep=lambda n: n.op_type == "QuantizeLinear"):
                 kv_feeds.append(o)
@@ -353,10 +353,10 @@ class Observation:
         return next(iter(self.outputs.values()))
 
     def kv(self) -> list[np.ndarray]:
-        return [v for k, v in self.outputs.items() if k.startswith("present.")]
+        return [v for k, v in self.outputs.items() if k.startswith(PRESENT)]
 
     def kept(self) -> list[np.ndarray]:
-        return [v for k, v in self.outputs.items() if k.startswith("kept.")]
+        return [v for k, v in self.outputs.items() if k.startswith(KEPT)]
 
 
 class _Copy:
@@ -615,7 +615,7 @@ class _SameInputs:
 
     def _kv_by_name(self, kv: list[np.ndarray]) -> dict[str, np.ndarray]:
         per = len(self.kv_names)
-        return {f"present.{i // per}.{self.kv_names[i % per]}": x for i, x in enumerate(kv)}
+        return {kv_name(PRESENT, i // per, self.kv_names[i % per]): x for i, x in enumerate(kv)}
 
     def _observe(self, graph: str, values: list[np.ndarray], deployed_first: np.ndarray, kv: list[np.ndarray] | None):
         """``(free-running, teacher-forced)`` observations, or Nones without a probe or a record."""
@@ -831,7 +831,7 @@ def polygraphy_compare(programs: Programs, bundle, sample: Sample, torch_backend
             continue
         compared = [n for n in names_out if not n.endswith((".key", ".value", "zero_point"))]
         sim = _SimulationRunner(getattr(programs, graph), feed, names_out, compared, name=f"simulation-{graph}")
-        kept = [n for n in compared if n.startswith("kept.")]
+        kept = [n for n in compared if n.startswith(KEPT)]
         atol = {"": 1e-4, **dict.fromkeys(kept, 0.0)}
         rtol = {"": 1e-2, **dict.fromkeys(kept, 0.0)}
         stat = {"": "mean", **dict.fromkeys(kept, "elemwise")}

@@ -50,10 +50,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quota_compile.bundle.format import KV_REPLACE, KV_UPDATE_KEY
+from quota_compile.bundle.schema import KV_REPLACE, KV_UPDATE_KEY, ORT_FOLDER, PAST, PRESENT, kv_name  # noqa: F401  (ORT_FOLDER: also this module's)
 from quota_compile.export.graph_edit import MS_DOMAIN, downstream_node, follow_chain, indexed_copy, is_cache_concat, live_nodes, node_attrs, toposort_nodes, write_back
 
-ORT_FOLDER = "onnxruntime"  # the flavour's graphs inside a bundle
 ORT_ARITHMETIC = {
     0: "MatMulNBits accuracy_level 0: float32 activations x dequantized INT4 weights (the deployed W4A4 up to summation order)",
     4: "MatMulNBits accuracy_level 4: the per-token INT4 activations requantized to int8 per block of group_size along K, int8 x int4 dot products",
@@ -341,10 +340,10 @@ def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
             fail(f"{present} is not written by a static quantizer")
         return n
 
-    layers = sorted(int(n.split(".")[1]) for n in inputs if n.startswith("past.") and n.endswith(".key"))
+    layers = sorted(int(n.split(".")[1]) for n in inputs if n.startswith(PAST) and n.endswith(".key"))
     if not layers:
         fail("the graph has no past.<i>.key inputs")
-    first = inputs[f"past.{layers[0]}.key"].type.tensor_type
+    first = inputs[kv_name(PAST, layers[0], "key")].type.tensor_type
     if first.elem_type != TensorProto.UINT8:
         fail("the cache is not uint8 codes (only the per_channel INT4 cache has GroupQueryAttention's layout)")
     kv_heads = first.shape.dim[1].dim_value
@@ -363,7 +362,7 @@ def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
     lengths: dict[str, tuple[str, str]] = {}  # bias -> (seqlens_k, total_sequence_length)
     scales: set[str] = set()
     for i in layers:
-        past_k, past_v, present_k, present_v = (f"past.{i}.key", f"past.{i}.value", f"present.{i}.key", f"present.{i}.value")
+        past_k, past_v, present_k, present_v = (kv_name(PAST, i, "key"), kv_name(PAST, i, "value"), kv_name(PRESENT, i, "key"), kv_name(PRESENT, i, "value"))
         scores = chain_to(cache_concat(past_k).output[0], "MatMul")[-1]
         to_softmax = chain_to(scores.output[0], "Softmax")
         muls = [n for n in to_softmax if n.op_type == "Mul"]
@@ -428,7 +427,7 @@ def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]
     write_back(out, toposort_nodes(nodes, available, fail), new_inits)
     del graph.value_info[:]  # shapes of removed tensors; onnxruntime infers what it needs
     for o in graph.output:
-        if o.name.startswith("present."):
+        if o.name.startswith(PRESENT):
             o.type.tensor_type.shape.dim[2].Clear()
             o.type.tensor_type.shape.dim[2].dim_param = "total"
     entry = out.metadata_props.add()

@@ -54,8 +54,8 @@ functions' annotations as objects (``trtp.TensorDesc``, ``int``, ...), not as st
 import ast
 from pathlib import Path
 
-from quota_compile.flavours.tensorrt.lower import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_NAMESPACE, TRT_FOLDER, W4A4_LINEAR
-from quota_compile.runtime.ort import GRAPHS
+from quota_compile.flavours.tensorrt.lower import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_NAMESPACE, W4A4_LINEAR
+from quota_compile.bundle.schema import GRAPHS, TRT_FOLDER
 
 ENGINE_LOG = "build.log"
 # GEMM tiles offered to TensorRT as AOT tactics (BLOCK_M, BLOCK_N, warps, stages): a thin one
@@ -320,8 +320,6 @@ def build_engines(bundle: Path, min_length: int | None = None, max_batch: int = 
     span's end + 1 from the bundle's manifest); TensorRT's log goes to ``tensorrt/build.log``.
     Returns what was built, or one line saying why nothing was (no ``tensorrt``, no GPU, or a
     graph TensorRT refused: see the log)."""
-    import json
-
     import onnx
 
     why = engines_unavailable()
@@ -333,8 +331,10 @@ def build_engines(bundle: Path, min_length: int | None = None, max_batch: int = 
     register_plugins()
     folder = Path(bundle) / TRT_FOLDER
     if min_length is None:
-        model = json.loads((Path(bundle) / "manifest.json").read_text())["model"]
-        min_length = model["visual_start"] + model["visual_tokens"] + 1
+        from quota_compile.bundle.format import read_manifest
+
+        model = read_manifest(Path(bundle)).model
+        min_length = model.visual_start + model.visual_tokens + 1
     log_path = folder / ENGINE_LOG
 
     class FileLogger(trt.ILogger):

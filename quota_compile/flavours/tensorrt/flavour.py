@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quota_compile.bundle.format import kv_update_of, write_json
+from quota_compile.bundle.format import kv_update_of
+from quota_compile.bundle.schema import TRT_FOLDER, FlavourEntry
 from quota_compile.errors import UserError, VerificationFailed
 from quota_compile.flavours.base import Flavour, FlavourBuild
-from quota_compile.flavours.tensorrt.lower import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_FOLDER, TRT_INT4_BLOCKS, plugin_counts, to_tensorrt
+from quota_compile.flavours.tensorrt.lower import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_INT4_BLOCKS, plugin_counts, to_tensorrt
 from quota_compile.verify.gate import CodeProbe, verify
 
 
@@ -89,24 +90,25 @@ class TensorrtFlavour(Flavour):
         trt_models = build.lowered[self.name]
         sub = build.folder / self.folder
         engines = build.results.get(self.name)
-        return {
-            "folder": self.folder,
-            "graphs": sorted(trt_models),
-            "bytes": {g: (sub / f"{g}.onnx").stat().st_size for g in sorted(trt_models)},
-            "plugins": {g: plugin_counts(m) for g, m in trt_models.items()},
-            "plugin_namespace": PLUGIN_NAMESPACE,
-            "plugin_version": PLUGIN_VERSION,
-            "plugin_definitions": "quota_compile.flavours.tensorrt.engines.register_plugins (tensorrt.plugin; AOT Triton kernels of quota_compile.kernels.trt_aot)",
-            "kv_update": kv_update_of(trt_models["decode"]),
-            "verified_with": "onnxruntime with the plugins as onnxruntime-extensions Python custom ops (quota_compile.flavours.tensorrt.verify); TensorRT itself only where engines were built",
-            "engines": engines if isinstance(engines, dict) else {"built": False, "reason": engines},
-            "used_by_runtime": False,
-        }
+        return FlavourEntry(
+            folder=self.folder,
+            graphs=sorted(trt_models),
+            bytes={g: (sub / f"{g}.onnx").stat().st_size for g in sorted(trt_models)},
+            plugins={g: plugin_counts(m) for g, m in trt_models.items()},
+            plugin_namespace=PLUGIN_NAMESPACE,
+            plugin_version=PLUGIN_VERSION,
+            plugin_definitions="quota_compile.flavours.tensorrt.engines.register_plugins (tensorrt.plugin; AOT Triton kernels of quota_compile.kernels.trt_aot)",
+            kv_update=kv_update_of(trt_models["decode"]),
+            verified_with="onnxruntime with the plugins as onnxruntime-extensions Python custom ops (quota_compile.flavours.tensorrt.verify); TensorRT itself only where engines were built",
+            engines=engines if isinstance(engines, dict) else {"built": False, "reason": engines},
+            used_by_runtime=False,
+        ).model_dump(mode="json")
 
 
 def check_engines(folder: Path, trt_models: dict, sample, report: dict) -> dict:
     """Polygraphy ``--trt`` against ``--onnxrt`` for freshly built engines
-    (:func:`quota_compile.flavours.tensorrt.engines.compare_engines`), recorded in verify.json; a
+    (:func:`quota_compile.flavours.tensorrt.engines.compare_engines`), recorded into the report
+    (verify.json's ``flavours.tensorrt.engines``; the compile writes verify.json afterwards); a
     graph that disagrees fails the compile like any other verification failure."""
     from quota_compile.flavours.tensorrt.engines import compare_engines
 
@@ -115,5 +117,4 @@ def check_engines(folder: Path, trt_models: dict, sample, report: dict) -> dict:
     failed = sorted(g for g, r in comparison.items() if not r["passed"])
     if failed:
         raise VerificationFailed(f"tensorrt engines: Polygraphy --trt against --onnxrt disagrees on {', '.join(failed)}")
-    write_json(folder / "verify.json", report)
     return comparison

@@ -77,9 +77,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quota_compile.export.graph_edit import downstream_node, follow_chain, indexed_copy, is_cache_concat, live_nodes, node_attrs, toposort_nodes, write_back
-from quota_compile.bundle.format import KV_APPEND, KV_UPDATE_KEY
+from quota_compile.bundle.schema import KV_APPEND, KV_UPDATE_KEY, PAST, PRESENT, TRT_FOLDER, kv_name  # noqa: F401  (TRT_FOLDER: also this module's)
 
-TRT_FOLDER = "tensorrt"  # the flavour's graphs (and engines, build log) inside a bundle
 PLUGIN_DOMAIN = "quota"
 PLUGIN_NAMESPACE = "quota"
 PLUGIN_VERSION = "1"
@@ -336,12 +335,12 @@ def kv_quantizers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     :data:`KV_QUANTIZE` node each; returns it and the number of nodes added."""
     rw = _Rewrite(model, "prefill")
     outputs = {o.name for o in rw.graph.output}
-    layers = _layers("present.", outputs)
+    layers = _layers(PRESENT, outputs)
     if not layers:
         rw.fail("the graph has no present.<i>.key outputs")
     for i in layers:
         for kind in ("key", "value"):
-            codes = f"present.{i}.{kind}"
+            codes = kv_name(PRESENT, i, kind)
             x, static = _kv_quantizer(rw, codes)
             bits, _ = _kv_layout(rw, codes, x)
             granularity = "per_channel" if static is not None else "per_token"
@@ -361,13 +360,13 @@ def decode_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """A copy of the decode graph ``model`` with each layer's attention over the quantized
     cache as one :data:`DECODE_ATTENTION` node; returns it and the number of layers."""
     rw = _Rewrite(model, "decode")
-    layers = _layers("past.", {i.name for i in rw.graph.input})
+    layers = _layers(PAST, {i.name for i in rw.graph.input})
     if not layers:
         rw.fail("the graph has no past.<i>.key inputs")
     inputs = {i.name for i in rw.graph.input}
     for i in layers:
-        past = {kind: f"past.{i}.{kind}" for kind in ("key", "value")}
-        present = {kind: f"present.{i}.{kind}" for kind in ("key", "value")}
+        past = {kind: kv_name(PAST, i, kind) for kind in ("key", "value")}
+        present = {kind: kv_name(PRESENT, i, kind) for kind in ("key", "value")}
         (xk, static_k), (xv, static_v) = (_kv_quantizer(rw, present[k]) for k in ("key", "value"))
         if (static_k is None) != (static_v is None):
             rw.fail(f"layer {i}: the key and value caches have different granularities")
@@ -395,10 +394,10 @@ def decode_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
         tag = f"decode_attention_{i}"
         if granularity == "per_token":
-            stats_in = [f"past.{i}.key_scale", f"past.{i}.value_scale", f"past.{i}.key_zero_point", f"past.{i}.value_zero_point"]
+            stats_in = [kv_name(PAST, i, t) for t in ("key_scale", "value_scale", "key_zero_point", "value_zero_point")]
             if not set(stats_in) <= inputs:
                 rw.fail(f"layer {i}: the per_token cache has no {stats_in} inputs")
-            stats_out = [f"present.{i}.key_scale", f"present.{i}.value_scale", f"present.{i}.key_zero_point", f"present.{i}.value_zero_point"]
+            stats_out = [kv_name(PRESENT, i, t) for t in ("key_scale", "value_scale", "key_zero_point", "value_zero_point")]
         else:
             _, zp = _static_params(rw, static_k, bits)
             stats_in = [static_k, static_v, zp, zp]

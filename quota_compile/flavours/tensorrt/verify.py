@@ -28,7 +28,8 @@ from quota_compile.kernels.reference import w4a4_matmul_reference
 from quota_compile.flavours.tensorrt.lower import DECODE_ATTENTION, KV_QUANTIZE, PLUGIN_DOMAIN, PLUGINS, W4A4_LINEAR, PLUGIN_ATTRS
 from quota_compile.quant import ops
 from quota_compile.quant.attention import attend
-from quota_compile.runtime.ort import GRAPHS, OrtBackend, session_options
+from quota_compile.bundle.schema import GRAPHS, KEPT
+from quota_compile.runtime.ort import OrtBackend, session_options
 from quota_compile.bundle.format import kv_update_of
 
 CONTRIB_DOMAIN = "ai.onnx.contrib"
@@ -228,7 +229,7 @@ def compare_runners(reference, candidate, names_in: list[str], names_out: list[s
     run = Comparator.run([reference, candidate], data_loader=[feed])
     codes = [n for n in names_out if n.endswith((".key", ".value", "zero_point"))]
     compared = [n for n in names_out if n not in codes]
-    kept = [n for n in compared if n.startswith("kept.")]
+    kept = [n for n in compared if n.startswith(KEPT)]
     atol = {"": 1e-4, **dict.fromkeys(kept, 0.0)}
     rtol = {"": 1e-2, **dict.fromkeys(kept, 0.0)}
     stat = {"": "mean", **dict.fromkeys(kept, "elemwise")}
