@@ -39,7 +39,6 @@ def main() -> int:
 
     from quota_compile.commands.bench import bench_variants, prepared
     from quota_compile.config import load_config
-    from quota_compile.core.variants import build_variant
     from quota_compile.export.onnx import save_onnx
     from quota_compile.flavours.onnxruntime.lower import group_query_attention, lower_flavour, to_onnxruntime, uses_group_query_attention
     from quota_compile.runtime.ort import OrtBackend
@@ -52,10 +51,10 @@ def main() -> int:
     torch.set_num_threads(threads)
     options = cfg.export.onnxruntime
     with contextlib.ExitStack() as stack:
-        vlm, span, batch, qm = prepared(cfg, args.config, stack)
+        workbench, batch = prepared(cfg, args.config, stack)
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-decode-")))
         bundle = bench_variants(cfg)[-1][0]
-        built = build_variant(cfg, vlm, qm, span, bundle, work, args.config, flavour="portable")
+        built = workbench.build_into(bundle, work, flavour="portable")
         graphs = {g: onnx.load(built.folder / f"{g}.onnx") for g in ("vision", "prefill", "decode")}
         plain = lower_flavour(graphs, options)
         # two copies of the flavour that differ only in the decode graph; the runtime's backend

@@ -119,7 +119,7 @@ def run_experiment(
     for name, variant in variants.items():
         cfg = _config(source, group_size, variant, calibration_samples)
         with contextlib.ExitStack() as stack:
-            vlm = load_model(cfg, Path("outliers.yaml"), stack)
+            vlm = load_model(cfg, stack)
             inject_outliers(vlm.model, factor, where)
             span = vlm.visual_span()
             qm = quantize_model(vlm, cfg, span)

@@ -36,7 +36,6 @@ def main() -> int:
 
     from quota_compile.commands.bench import bench_variants, prepared
     from quota_compile.config import load_config
-    from quota_compile.core.variants import build_variant
     from quota_compile.runtime.ort import OrtBackend, greedy_generate
 
     cfg = load_config(args.config)
@@ -45,11 +44,11 @@ def main() -> int:
     # bench's onnxruntime variants, in its order: fp32, INT4 weight-only, quantized, the bundle
     kinds = dict(zip(("ort-fp32", "ort-w4", "ort-quant", "quota"), bench_variants(cfg)))
     with contextlib.ExitStack() as stack:
-        vlm, span, batch, qm = prepared(cfg, args.config, stack)
+        workbench, batch = prepared(cfg, args.config, stack)
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-profile-")))
         for name in args.variants:
             variant, _, _, flav = kinds[name]
-            built = build_variant(cfg, vlm, qm, span, variant, work, args.config, flavour=flav)
+            built = workbench.build_into(variant, work, flavour=flav)
             wall = collections.defaultdict(float)
             calls = collections.Counter()
 

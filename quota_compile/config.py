@@ -554,13 +554,13 @@ def read_yaml(path: Path) -> Any:
         raise UserError(f"{path}: malformed YAML{where} ({getattr(e, 'problem', None) or e}).") from None
 
 
-def resolve_source(cfg: CompileConfig, config_path: Path) -> str | Path:
-    """``builtin:NAME`` stays a string; a folder path is resolved against the YAML's folder."""
+def resolve_source(cfg: CompileConfig, folder: Path) -> str | Path:
+    """``builtin:NAME`` stays a string; a folder path is resolved against ``folder`` (the YAML's)."""
     src = cfg.model.source
     if src.startswith("builtin:"):
         return src
     p = Path(src).expanduser()
-    return p if p.is_absolute() else (config_path.parent / p).resolve()
+    return p if p.is_absolute() else (folder / p).resolve()
 
 
 def bundle_name(cfg: CompileConfig, config_path: Path) -> str:

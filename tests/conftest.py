@@ -50,7 +50,7 @@ def tiny(tiny_folder):
     (one per test module: a module may change the quantized model's switches)."""
     cfg = parse_config({"version": 1, "model": {"source": str(tiny_folder)}, "quantization": {"weights": {"group_size": 16}}}, Path("t.yaml"))
     with contextlib.ExitStack() as stack:
-        vlm = load_model(cfg, Path("t.yaml"), stack)
+        vlm = load_model(cfg, stack)
         yield vlm, quantize(vlm.model, cfg.quantization)
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from quota_compile.commands.evaluate import load_benchmarks
+from quota_compile.config import parse_config
 from quota_compile.data.benchmarks import (
     BENCHMARKS,
     LETTER_ANSWER_PROMPT,
@@ -22,7 +24,7 @@ from quota_compile.data.benchmarks import (
     load_benchmark,
     normalize_answer,
 )
-from quota_compile.errors import UserError
+from quota_compile.errors import UserError, errors_in
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,7 +570,12 @@ def test_names_and_config_prefix(tmp_path):
         load_benchmark("vqav2", tmp_path)
     cfg = tmp_path / "model.yaml"
     with pytest.raises(UserError) as e:
-        load_benchmark("gqa", tmp_path / "missing", config_file=cfg)
+        load_benchmark("gqa", tmp_path / "missing")
+    assert str(e.value).startswith(f"{tmp_path / 'missing'}: no such folder")
+    # quota-compile eval names the key, and the file in front of it
+    with pytest.raises(UserError) as e, errors_in(cfg):
+        load_benchmarks(parse_config({"version": 1, "model": {"source": "builtin:tiny-llava"},
+                                      "eval": {"benchmarks": {"gqa": "missing"}}}, cfg), tmp_path)
     assert str(e.value).startswith(f"{cfg}: key 'eval.benchmarks.gqa': {tmp_path / 'missing'}: no such folder")
     with pytest.raises(UserError, match="limit must be a positive"):
         load_benchmark("gqa", write_gqa(tmp_path / "gqa"), limit=0)

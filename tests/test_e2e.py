@@ -132,9 +132,9 @@ def test_a_wrong_graph_fails_verification_exits_1_and_leaves_no_bundle(small_fol
     rounds on a grid three times too coarse. The gate's code comparison refuses it."""
     from onnx import TensorProto, helper, numpy_helper
 
-    import quota_compile.commands.compile as pipeline
+    import quota_compile.core.workbench as workbench  # the one build every command goes through
 
-    real = pipeline.export_onnx
+    real = workbench.export_onnx
 
     def wrong_prefill(module, args, input_names, *rest, **kw):
         model = real(module, args, input_names, *rest, **kw)
@@ -149,7 +149,7 @@ def test_a_wrong_graph_fails_verification_exits_1_and_leaves_no_bundle(small_fol
             model.graph.node.extend(nodes)
         return model
 
-    monkeypatch.setattr(pipeline, "export_onnx", wrong_prefill)
+    monkeypatch.setattr(workbench, "export_onnx", wrong_prefill)
     cfg = write_config(tmp_path / "wrong.yaml", str(small_folder), tmp_path / "out", verify={"samples": 1, "new_tokens": 2})
     assert main([str(cfg)]) == 1
     err = " ".join(capsys.readouterr().err.split())  # (rich wraps long lines)

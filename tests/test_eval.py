@@ -172,7 +172,7 @@ def test_shapes_llava_builtin_answers_shapesvqa():
 
     cfg = parse_config(_doc(Path("/nonexistent"), "x"), Path("m.yaml"))
     with contextlib.ExitStack() as stack:
-        vlm = load_model(cfg, Path("m.yaml"), stack)
+        vlm = load_model(cfg, stack)
         items = vqa_items("test", 7, 200, vlm.image_size, vlm.patch_size)
         right = 0
         proc = vlm.processor
@@ -203,7 +203,7 @@ def test_shapesvqa_calibration_and_verification_use_shapesvqa_questions():
 
     cfg = parse_config(_doc(Path("/nonexistent"), "x"), Path("m.yaml"))
     with contextlib.ExitStack() as stack:
-        vlm = load_model(cfg, Path("m.yaml"), stack)
+        vlm = load_model(cfg, stack)
         span = vlm.visual_span()
         batches = calibration_batches(vlm, CalibrationSection(dataset="shapesvqa", num_samples=3, seed=4), span)
         expected = vqa_items("calibration", 4, 3, vlm.image_size, vlm.patch_size)

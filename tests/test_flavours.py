@@ -41,10 +41,10 @@ class ToyFlavour(Flavour):
         self.broken = broken
         self.calls: list[str] = []
 
-    def check_config(self, cfg, config_file):
+    def check_config(self, cfg):
         self.calls.append("check_config")
 
-    def check_settled(self, cfg, vlm, config_file):
+    def check_settled(self, cfg, vlm):
         self.calls.append("check_settled")
 
     def lower(self, cfg, models, quantized_kv=True):

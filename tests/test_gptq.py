@@ -89,7 +89,7 @@ def test_gptq_on_the_model_beats_rtn_layer_by_layer_on_held_out_prompts(small_fo
         doc = {"version": 1, "model": {"source": str(small_folder)}, "calibration": {"num_samples": 4},
                "quantization": {"weights": {"group_size": 16, "method": method}}, "verify": {"samples": 4}}
         cfg = parse_config(doc, Path("t.yaml"))
-        vlm = load_model(cfg, Path("t.yaml"), contextlib.ExitStack())
+        vlm = load_model(cfg, contextlib.ExitStack())
         span = vlm.visual_span()
         return cfg, vlm, span, quantize_model(vlm, cfg, span)
 

@@ -508,10 +508,10 @@ def torch_path_build(small_folder):
                    "quantization": {"weights": {"group_size": 16}, "kv_cache": {"bits": 4, "granularity": granularity}},
                    "pruning": {"method": "fastv", "keep_ratio": 0.6, "fastv_layer": 1}}
             cfg = parse_config(doc, Path("t.yaml"))
-            vlm = load_model(cfg, Path("t.yaml"), contextlib.ExitStack())
+            vlm = load_model(cfg, contextlib.ExitStack())
             span = vlm.visual_span()
             qm = quantize_model(vlm, cfg, span)
-            _, _, spec = decide_pruning(cfg, vlm, qm, span, None, Path("t.yaml"))
+            _, _, spec = decide_pruning(cfg, vlm, qm, span)
             programs = build_programs(vlm, qm, spec)
             built[granularity] = (vlm, span, programs, trace_programs(vlm, qm, programs))
         return built[granularity]

@@ -164,3 +164,47 @@ def test_pyproject_installs_every_package():
     listed = set(re.findall(r'^\s*"(quota_compile[\w.]*)",\s*$', text.split("packages = [", 1)[1].split("]", 1)[0], re.M))
     folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "quota_compile").rglob("__init__.py")}
     assert listed == folders | {"quota_compile.passes"}
+
+
+def _calls(path: Path) -> set[str]:
+    """The names a module calls: ``f(...)`` gives ``f``, ``x.f(...)`` gives ``.f``."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Name):
+                out.add(node.func.id)
+            elif isinstance(node.func, ast.Attribute):
+                out.add(f".{node.func.attr}")
+    return out
+
+
+def _method_calls(path: Path, cls: str, method: str) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    [klass] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls]
+    [fn] = [n for n in klass.body if isinstance(n, ast.FunctionDef) and n.name == method]
+    return {f".{n.func.attr}" if isinstance(n.func, ast.Attribute) else n.func.id
+            for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, (ast.Name, ast.Attribute))}
+
+
+# What only the workbench's build does: a command that did any of it would build graphs by a
+# path of its own, beside the shared one.
+BUILD_STEPS = {"decide_pruning", "calibrate", "build_programs", "trace_programs", "export_onnx", "apply_passes"}
+
+
+@pytest.mark.parametrize("command, entry", [("compile", ".build"), ("evaluate", ".build_into"), ("bench", ".build_into")])
+def test_the_commands_build_through_the_one_workbench_build(command, entry):
+    """compile, eval and bench build their graphs through Workbench.build (eval and bench
+    through build_into, which calls build and saves one flavour), never by hand."""
+    path = ROOT / "quota_compile" / "commands" / f"{command}.py"
+    imported = {(target, name) for _, target, names in _imports(f"quota_compile.commands.{command}", path) for name in names}
+    assert ("quota_compile.core.workbench", "Workbench") in imported
+    calls = _calls(path)
+    assert entry in calls
+    names = {name for _, _, names in _imports(f"quota_compile.commands.{command}", path) for name in names}
+    steps = (names | {c.lstrip(".") for c in calls}) & BUILD_STEPS
+    if command == "evaluate":  # its local benchmarks answer with the unpruned model's eager programs (no graphs)
+        steps -= {"build_programs"}
+    assert not steps, f"commands/{command}.py builds by hand: {sorted(steps)}"
+    core = ROOT / "quota_compile" / "core" / "workbench.py"
+    assert ".build" in _method_calls(core, "Workbench", "build_into")
+    assert {"trace_programs", "export_onnx", ".decide", ".lower"} <= _method_calls(core, "Workbench", "build")

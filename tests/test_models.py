@@ -54,7 +54,7 @@ def write_variant(folder: Path, vision: str, text: str, strategy: str, layer, nu
 @pytest.mark.parametrize("variant", list(VARIANTS), ids=list(VARIANTS))
 def test_full_precision_programs_match_transformers(tmp_path: Path, variant: str):
     folder = write_variant(tmp_path / variant, *VARIANTS[variant])
-    vlm = load_llava(folder, str(folder), DEFAULT_PROMPT, tmp_path / "model.yaml")
+    vlm = load_llava(folder, str(folder), DEFAULT_PROMPT)
     start, count = vlm.visual_span()
     assert count == 64  # 8x8 patches; CLS dropped by 'default', absent from SigLIP
     images = synthetic_images(2, 32, seed=5)

@@ -61,7 +61,7 @@ def test_calibrated_kv_scales_cover_exactly_the_calibration_range(small_folder: 
            "quantization": {"weights": {"group_size": 16}, "kv_cache": {"granularity": "per_channel"}}}
     cfg = parse_config(doc, Path("t.yaml"))
     stack = contextlib.ExitStack()
-    vlm = load_model(cfg, Path("t.yaml"), stack)
+    vlm = load_model(cfg, stack)
     qm = quantize(vlm.model, cfg.quantization)
     span = vlm.visual_span()
     cal = CalibrationSection(num_samples=3)

@@ -164,7 +164,7 @@ def test_recipe_refusals_for_a_differing_quantization_and_a_wrong_keep_length(sm
     # control: the hand-written recipe fits this model and this quantization
     with contextlib.ExitStack() as stack:
         config = load_config(cfg)
-        vlm = load_model(config, cfg, stack)
+        vlm = load_model(config, stack, cfg.parent)
         assert check_recipe(read_recipe(good), good, config, vlm, vlm.visual_span(), cfg).pruning.keep == [64, 64]
 
     cases = {
@@ -337,15 +337,15 @@ def test_attention_cued_pruning_beats_random_at_the_same_budget():
     }
     with contextlib.ExitStack() as stack:
         cfg = parse_config(doc, config_file)
-        vlm = load_model(cfg, config_file, stack)
-        cfg = settle_quantization(cfg, vlm, config_file)
+        vlm = load_model(cfg, stack)
+        cfg = settle_quantization(cfg, vlm)
         span = vlm.visual_span()
         qm = quantize_model(vlm, cfg, span)
         questions = shapes_questions(vlm, cfg.eval, span)
         right, keep = {}, {}
         for method in ("fastv", "random"):
             variant = cfg.model_copy(update={"pruning": cfg.pruning.model_copy(update={"method": method, "signals": "fp"})})
-            pruning, _, spec = decide_pruning(variant, vlm, qm, span, None, config_file)
+            pruning, _, spec = decide_pruning(variant, vlm, qm, span)
             keep[method] = list(pruning.keep)
             with torch.no_grad(), qm.fake_quant(True):
                 answers = answer_all(TorchBackend(build_programs(vlm, qm, spec)), questions.batches, 2, vlm.eos_token_id, vlm.tokenizer)

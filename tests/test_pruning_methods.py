@@ -132,7 +132,7 @@ def test_decide_pruning_takes_the_registered_method(front, tiny):
     vlm, qm = tiny
     cfg = parse_config(_doc("builtin:tiny-llava", method="front", keep_ratio=0.5), Path("t.yaml"))
     span = vlm.visual_span()
-    recipe, provenance, spec = decide_pruning(cfg, vlm, qm, span, None, Path("t.yaml"))
+    recipe, provenance, spec = decide_pruning(cfg, vlm, qm, span)
     assert recipe.method == "front" and recipe.keep == [64, 64, 32, 16, 8, 4, 2, 1]
     assert recipe.pruning_layers == [2, 3, 4, 5, 6, 7] and recipe.weights is None
     assert provenance.sha256 is None  # no calibration data was read

@@ -149,8 +149,8 @@ def test_lowbit_and_fp_signals_differ_and_calibration_is_deterministic(tiny):
     assert not np.allclose(low.risk[:, 1:], fp.risk[:, 1:])
     pr = PruningSection(method="quota", keep_ratio=0.4)
     cal = CalibrationSection(num_samples=6)
-    a, a_provenance = calibrate(vlm, qm, vision, vlm.visual_span(), pr, cal, "t.yaml")
-    b, b_provenance = calibrate(vlm, qm, vision, vlm.visual_span(), pr, cal, "t.yaml")
+    a, a_provenance = calibrate(vlm, qm, vision, vlm.visual_span(), pr, cal)
+    b, b_provenance = calibrate(vlm, qm, vision, vlm.visual_span(), pr, cal)
     assert a == b and a_provenance.sha256 == b_provenance.sha256
     assert len(a.weight_search) == 15
     assert a.weights == min(a.weight_search, key=lambda p: p.kl).weights
@@ -163,7 +163,7 @@ def test_lowbit_and_fp_signals_differ_and_calibration_is_deterministic(tiny):
 def test_baseline_schedules_meet_the_budget(tiny, method):
     vlm, qm = tiny
     vision = build_programs(vlm, qm).vision
-    recipe, _ = calibrate(vlm, qm, vision, vlm.visual_span(), PruningSection(method=method, keep_ratio=0.5, fastv_layer=3), CalibrationSection(), "t.yaml")
+    recipe, _ = calibrate(vlm, qm, vision, vlm.visual_span(), PruningSection(method=method, keep_ratio=0.5, fastv_layer=3), CalibrationSection())
     keep = recipe.keep
     assert sum(keep) == round(0.5 * 8 * 64)
     if method == "fastv":
@@ -173,7 +173,7 @@ def test_baseline_schedules_meet_the_budget(tiny, method):
     if method == "random":
         spec = prune_spec_from_recipe(recipe, qm.spec.activations)
         assert spec.random_scores is not None and recipe.random_seed == 0
-        again, _ = calibrate(vlm, qm, vision, vlm.visual_span(), PruningSection(method="random", keep_ratio=0.5), CalibrationSection(), "t.yaml")
+        again, _ = calibrate(vlm, qm, vision, vlm.visual_span(), PruningSection(method="random", keep_ratio=0.5), CalibrationSection())
         assert prune_spec_from_recipe(again, qm.spec.activations).random_scores == spec.random_scores
 
 

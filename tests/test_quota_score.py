@@ -20,7 +20,6 @@ probabilities (full precision) or from the quantized simulation's tensors (low-b
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,7 +309,7 @@ def _calibrate_and_capture(vlm, qm, monkeypatch, signals: str, query_tokens: int
     monkeypatch.setattr(calibrate_module, "collect_signals", spy)
     span = vlm.visual_span()
     pr = PruningSection(method="quota", keep_ratio=0.4, signals=signals, query_tokens=query_tokens, weights={"att": 1.0})
-    calibrate(vlm, qm, VisionProgram(vlm, qm), span, pr, CalibrationSection(num_samples=2), "t.yaml")
+    calibrate(vlm, qm, VisionProgram(vlm, qm), span, pr, CalibrationSection(num_samples=2))
     monkeypatch.setattr(calibrate_module, "collect_signals", real)
     assert len(seen) == 1
     batches, sig = seen[0]

@@ -89,7 +89,7 @@ def test_injected_outliers_keep_the_fp_function():
     from benchmarks.outlier_experiment import inject_outliers
 
     cfg = parse_config({"version": 1, "model": {"source": "builtin:tiny-llava"}}, Path("t.yaml"))
-    vlm = load_model(cfg, Path("t.yaml"), contextlib.ExitStack())
+    vlm = load_model(cfg, contextlib.ExitStack())
     ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     m = vlm.model
 
@@ -117,7 +117,7 @@ def test_config_rotation_rotates_before_quantizing(small_folder):
     def build(rotation):
         doc = {"version": 1, "model": {"source": str(small_folder)}, "quantization": {"weights": {"group_size": 16}, "rotation": rotation}}
         cfg = parse_config(doc, Path("t.yaml"))
-        vlm = load_model(cfg, Path("t.yaml"), contextlib.ExitStack())
+        vlm = load_model(cfg, contextlib.ExitStack())
         return vlm, quantize_model(vlm, cfg, vlm.visual_span())
 
     ids = torch.randint(3, 300, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -147,7 +147,7 @@ def test_online_rotation_keeps_the_programs_fp_function_and_rotates_the_cache(sm
     for rotation in ("none", "hadamard"):
         doc = {"version": 1, "model": {"source": str(small_folder)}, "quantization": {"weights": {"group_size": 16}, "rotation": rotation}}
         cfg = parse_config(doc, Path("t.yaml"))
-        vlm = load_model(cfg, Path("t.yaml"), contextlib.ExitStack())
+        vlm = load_model(cfg, contextlib.ExitStack())
         qm = quantize_model(vlm, cfg, vlm.visual_span())
         start, count = vlm.visual_span()
         prefill = PrefillProgram(vlm, qm, start, count)

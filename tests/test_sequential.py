@@ -26,7 +26,7 @@ def _calibrate(folder: Path, sequential: bool):
         "calibration": {"num_samples": 8, "sequential": sequential},
     }
     cfg = parse_config(doc, Path("t.yaml"))
-    vlm = load_model(cfg, Path("t.yaml"), contextlib.ExitStack())
+    vlm = load_model(cfg, contextlib.ExitStack())
     span = vlm.visual_span()
     events: list = []
     real_layer = Placement.layer
@@ -38,7 +38,7 @@ def _calibrate(folder: Path, sequential: bool):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Placement, "layer", record)
         qm = quantize_model(vlm, cfg, span)
-        pruning, _, _ = decide_pruning(cfg, vlm, qm, span, None, Path("t.yaml"))
+        pruning, _, _ = decide_pruning(cfg, vlm, qm, span)
     return qm, pruning, events, vlm.num_layers
 
 

@@ -44,10 +44,10 @@ def gate(tmp_path_factory, small_folder: Path):
     assert main([str(cfg_path)]) == 0
     cfg = load_config(cfg_path)
     with contextlib.ExitStack() as stack:
-        vlm = load_model(cfg, cfg_path, stack)
+        vlm = load_model(cfg, stack, cfg_path.parent)
         span = vlm.visual_span()
         qm = quantize_model(vlm, cfg, span)
-        _, _, spec = decide_pruning(cfg, vlm, qm, span, None, cfg_path)
+        _, _, spec = decide_pruning(cfg, vlm, qm, span)
         reference = TorchBackend(build_programs(vlm, qm, spec))
         yield work / "out" / "g", cfg.verify, reference, held_out_samples(vlm, cfg.verify, span), qm
 

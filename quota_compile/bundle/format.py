@@ -35,7 +35,7 @@ from quota_compile.bundle.schema import (  # noqa: F401  (the names are also thi
     VerifyReport,
     kv_name,
 )
-from quota_compile.errors import UserError
+from quota_compile.errors import ConfigError, UserError
 
 
 def kv_update_of(model_or_meta) -> str:
@@ -62,12 +62,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_destination(final: Path, force: bool, config_file: Path) -> None:
+def check_destination(final: Path, force: bool) -> None:
     """Refuse to replace an existing bundle without ``--force`` (before any work is done)."""
     if final.exists() and not force:
-        raise UserError(f"{config_file}: key 'output': {final} already exists; pass --force to replace it.")
+        raise ConfigError("output", f"{final} already exists; pass --force to replace it.")
     if final.exists() and not final.is_dir():
-        raise UserError(f"{config_file}: key 'output': {final} exists and is not a folder.")
+        raise ConfigError("output", f"{final} exists and is not a folder.")
 
 
 def is_work_folder(folder: Path) -> bool:

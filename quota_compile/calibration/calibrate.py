@@ -29,7 +29,6 @@ import hashlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ import torch
 from quota_compile.pruning.allocate import KeepSchedule, allocate, retained_mass_curves
 from quota_compile.pruning.methods import pruning_layers, pruning_method
 from quota_compile.config import ActivationQuant, CalibrationSection, PruningSection
-from quota_compile.errors import UserError
+from quota_compile.errors import ConfigError, UserError
 from quota_compile.models.llava import VLM
 from quota_compile.capture.programs import PrefillProgram, PruneSpec
 from quota_compile.pruning.score import ScoreWeights, token_score, visual_signals
@@ -154,7 +153,7 @@ def _weights(w: ScoreWeights) -> Weights:
     return Weights(att=w.att, mag=w.mag, risk=w.risk)
 
 
-def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruning: PruningSection, calibration: CalibrationSection, config_file) -> tuple[PruningRecipe, CalibrationProvenance]:
+def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruning: PruningSection, calibration: CalibrationSection) -> tuple[PruningRecipe, CalibrationProvenance]:
     """Decide the pruning for ``pruning.method``: the recipe and the calibration it came from.
 
     A method that is not ``calibrated`` (:mod:`quota_compile.pruning.methods`) decides from the
@@ -193,8 +192,10 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
                 kls = [kl_divergence(ref, logp) for logp in logps]
                 search = [SearchPoint(weights=_weights(w), keep=list(sch.keep), kl=kl) for w, sch, kl in zip(candidates, schedules, kls)]
                 best = min(range(len(kls)), key=kls.__getitem__)  # ties: the earlier grid point
-    except UserError as e:
-        raise UserError(f"{config_file}: {e}") from None
+    except ConfigError:
+        raise
+    except UserError as e:  # the pruning methods' errors name their key (pruning.keep_ratio, ...)
+        raise ConfigError(None, str(e)) from None
     w, schedule = candidates[best], schedules[best]
     keep = list(schedule.keep)
     recipe = PruningRecipe(
@@ -367,11 +368,11 @@ def gptq_weights(vlm: VLM, qm: QuantizedModel, span: tuple[int, int], calibratio
             replace(names, acc)
 
 
-def settle_quantization(cfg, vlm: VLM, config_file: Path):
+def settle_quantization(cfg, vlm: VLM):
     """``cfg`` with the weight group size settled for this model
     (:func:`quota_compile.quant.simulate.settle_group_size`): what the recipe, the manifest and
     the progress line state."""
-    return cfg.model_copy(update={"quantization": settle_group_size(vlm.model, cfg.quantization, config_file)})
+    return cfg.model_copy(update={"quantization": settle_group_size(vlm.model, cfg.quantization)})
 
 
 def quantize_model(vlm: VLM, cfg, span: tuple[int, int]) -> QuantizedModel:

@@ -42,7 +42,9 @@ from rich.console import Console
 
 from quota_compile.bundle.format import atomic_folder, check_destination, versions, write_json
 from quota_compile.config import bundle_name, load_config
-from quota_compile.core.variants import Variant, build_variant, flavour_of, kv_cache_bytes, quant_name
+from quota_compile.core.variants import Variant, flavour_of, kv_cache_bytes, quant_name
+from quota_compile.core.workbench import Workbench
+from quota_compile.errors import errors_in
 from quota_compile.models import load_model
 from quota_compile.calibration.calibrate import quantize_model, settle_quantization
 from quota_compile.quant.simulate import QuantEmbedding, QuantLinear
@@ -170,15 +172,18 @@ def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, mode: st
     return {"prefill_flops": flops, "decode_bytes_per_token": weight_bytes + kv, "decode_weight_bytes": weight_bytes, "kv_bytes_at_end": kv}
 
 
-def prepared(cfg, config_file, stack: contextlib.ExitStack):
-    """What the benchmark scripts start from, as ``quota-compile bench`` builds it: ``(vlm,
-    visual span, the bench prompt, the quantized simulation)``. The simulation replaces the
-    model's Linears in place, so anything that times the Hugging Face model itself must run
-    before this (as :func:`run_bench` does)."""
-    vlm = load_model(cfg, config_file, stack)
-    cfg = settle_quantization(cfg, vlm, config_file)
-    span = vlm.visual_span()
-    return vlm, span, bench_prompt(vlm, span, cfg.bench.prompt_tokens), quantize_model(vlm, cfg, span)
+def prepared(cfg, config_file, stack: contextlib.ExitStack) -> tuple[Workbench, object]:
+    """What the benchmark scripts start from, as ``quota-compile bench`` builds it: ``(the
+    workbench, the bench prompt)``. The quantized simulation replaces the model's Linears in
+    place, so anything that times the Hugging Face model itself must run before this (as
+    :func:`run_bench` does)."""
+    config_file = Path(config_file)
+    with errors_in(config_file):
+        vlm = load_model(cfg, stack, config_file.parent)
+        cfg = settle_quantization(cfg, vlm)
+        span = vlm.visual_span()
+        batch = bench_prompt(vlm, span, cfg.bench.prompt_tokens)
+        return Workbench(cfg, vlm, quantize_model(vlm, cfg, span), span), batch
 
 
 def bench_variants(cfg) -> list[tuple[Variant, str, str, str]]:
@@ -200,12 +205,16 @@ def bench_variants(cfg) -> list[tuple[Variant, str, str, str]]:
 
 
 def run_bench(config_path, force: bool = False, console: Console | None = None) -> tuple[Path, dict]:
-    console = console or Console(stderr=True)
     config_file = Path(config_path)
+    with errors_in(config_file):
+        return _bench(config_file, force, console or Console(stderr=True))
+
+
+def _bench(config_file: Path, force: bool, console: Console) -> tuple[Path, dict]:
     cfg = load_config(config_file)
     b = cfg.bench
     final = Path(cfg.output.dir) / f"{bundle_name(cfg, config_file)}-bench"
-    check_destination(final, force, config_file)
+    check_destination(final, force)
     threads = b.threads or torch.get_num_threads()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -213,8 +222,8 @@ def run_bench(config_path, force: bool = False, console: Console | None = None) 
     rows = []
     try:
         with contextlib.ExitStack() as stack:
-            vlm = load_model(cfg, config_file, stack)
-            cfg = settle_quantization(cfg, vlm, config_file)
+            vlm = load_model(cfg, stack, config_file.parent)
+            cfg = settle_quantization(cfg, vlm)
             span = vlm.visual_span()
             batch = bench_prompt(vlm, span, b.prompt_tokens)
             prompt_len = int(batch.attention_mask.sum())
@@ -226,13 +235,13 @@ def run_bench(config_path, force: bool = False, console: Console | None = None) 
             reps = _repeat(lambda: _time_torch(vlm.model, batch, b.new_tokens), b.warmup, b.repeats)
             rows.append(_row("pytorch-fp32", "Hugging Face model, eager PyTorch, fp32 KV cache", reps, b, vlm, cfg, all_tokens, prompt_len, "none", source_bytes, "pytorch"))
 
-            qm = quantize_model(vlm, cfg, span)
+            workbench = Workbench(cfg, vlm, quantize_model(vlm, cfg, span), span)
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-bench-")))
             todo = bench_variants(cfg)
             n = len(todo) + 1
             for i, (v, name, what, flav) in enumerate(todo, 2):
                 console.print(f"[{i}/{n}] {name}: building graphs ...", highlight=False)
-                built = build_variant(cfg, vlm, qm, span, v, work, config_file, flavour=flav)
+                built = workbench.build_into(v, work, flavour=flav)
                 backend = OrtBackend(built.folder, threads=threads)
                 console.print("      timing ...", highlight=False)
                 reps = _repeat(lambda: _time_ort(backend, batch, b.new_tokens), b.warmup, b.repeats)

@@ -36,11 +36,11 @@ from quota_compile.bundle.schema import (
     PruningFacts,
 )
 from quota_compile.config import bundle_name, load_config
-from quota_compile.core.decisions import check_recipe, decide_pruning, read_recipe
+from quota_compile.core.decisions import check_recipe, read_recipe
 from quota_compile.core.variants import kv_cache_bytes
-from quota_compile.errors import GraphRunError, UserError, VerificationFailed
-from quota_compile.export.onnx import export_onnx, save_onnx
-from quota_compile.export.user_passes import apply_passes, load_passes
+from quota_compile.core.workbench import Workbench
+from quota_compile.errors import ConfigError, GraphRunError, UserError, VerificationFailed, errors_in
+from quota_compile.export.user_passes import load_passes
 from quota_compile.flavours.base import FlavourBuild
 from quota_compile.flavours.registry import flavours_for, get_flavour
 from quota_compile.models import load_model
@@ -49,7 +49,6 @@ from quota_compile.quant.ops import kv_packed_dim
 from quota_compile.quant.simulate import GROUP_SIZES
 from quota_compile.calibration.calibrate import quantize_model, settle_quantization
 from quota_compile.pruning.recipe import ModelIdentity, Recipe
-from quota_compile.capture.trace import build_programs, trace_programs
 from quota_compile.verify.gate import CodeProbe, TorchBackend, held_out_samples
 
 STAGES = ("config", "load", "quantize", "calibrate", "trace", "lower", "verify", "bundle")
@@ -83,13 +82,13 @@ class Progress:
         self.console.print(f"      {'':<9} {what}", style="dim", highlight=False)
 
 
-def check_calibration_device(cfg, config_file: Path) -> None:
+def check_calibration_device(cfg) -> None:
     """``calibration.device: cuda`` needs a GPU that this torch can use."""
     import torch
 
     device = cfg.calibration.device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"{config_file}: key 'calibration.device': {device!r} needs a CUDA GPU, and torch {torch.__version__} sees none; use cpu.")
+        raise ConfigError("calibration.device", f"{device!r} needs a CUDA GPU, and torch {torch.__version__} sees none; use cpu.")
 
 
 def describe_quantization(q, given_group: bool = True) -> str:
@@ -109,40 +108,43 @@ def describe_quantization(q, given_group: bool = True) -> str:
 def compile_model(
     config_path: str | Path, force: bool = False, console: Console | None = None, recipe_path: str | Path | None = None
 ) -> CompileResult:
-    console = console or Console(stderr=True)
-    progress = Progress(console)
     config_file = Path(config_path)
+    with errors_in(config_file):
+        return _compile(config_file, force, console or Console(stderr=True), recipe_path)
+
+
+def _compile(config_file: Path, force: bool, console: Console, recipe_path: str | Path | None) -> CompileResult:
+    progress = Progress(console)
 
     with progress.stage("config", str(config_file)):
         cfg = load_config(config_file)
-        check_calibration_device(cfg, config_file)
+        check_calibration_device(cfg)
         targets = flavours_for(cfg.export.targets)
         for flavour in targets:
-            flavour.check_config(cfg, config_file)
+            flavour.check_config(cfg)
         name = bundle_name(cfg, config_file)
         final = Path(cfg.output.dir) / name
-        check_destination(final, force, config_file)
+        check_destination(final, force)
         recipe_file = read_recipe(Path(recipe_path)) if recipe_path else None
-        user_passes = load_passes(cfg.export.passes, config_file)
+        user_passes = load_passes(cfg.export.passes, config_file.resolve().parent)
 
     given_group = cfg.quantization.weights.group_size is not None
     with contextlib.ExitStack() as stack:
         with progress.stage("load", cfg.model.source):
-            vlm = load_model(cfg, config_file, stack)
-            cfg = settle_quantization(cfg, vlm, config_file)
+            vlm = load_model(cfg, stack, config_file.parent)
+            cfg = settle_quantization(cfg, vlm)
             for flavour in targets:
-                flavour.check_settled(cfg, vlm, config_file)
+                flavour.check_settled(cfg, vlm)
             if cfg.quantization.kv_cache.bits == 4 and vlm.head_dim % 2:
-                raise UserError(f"{config_file}: key 'quantization.kv_cache.bits': INT4 packing needs an even head size, the model has {vlm.head_dim}.")
+                raise ConfigError("quantization.kv_cache.bits", f"INT4 packing needs an even head size, the model has {vlm.head_dim}.")
             model_hash = vlm.weights_sha256()
             span = vlm.visual_span()
             given = check_recipe(recipe_file, Path(recipe_path), cfg, vlm, span, config_file) if recipe_file else None
 
         with progress.stage("quantize", describe_quantization(cfg.quantization, given_group)):
             qm = quantize_model(vlm, cfg, span)
+        workbench = Workbench(cfg, vlm, qm, span)
 
-        method = given.pruning.method if given else cfg.pruning.method
-        what = f"from {recipe_path}" if given else f"{method}, keep_ratio {cfg.pruning.keep_ratio}, {cfg.pruning.signals} signals"
         if given is not None and given.model.sha256 != model_hash:
             console.print(
                 f"note: {recipe_path} was made for a checkpoint with another hash; its layer and token counts fit, so it is used.",
@@ -150,38 +152,23 @@ def compile_model(
             )
         if given is not None and cfg.pruning.method != "none" and cfg.pruning.method != given.pruning.method:
             console.print(f"note: the recipe's pruning ({given.pruning.method}) replaces the pruning section of {config_file}.", highlight=False)
-        with progress.stage("calibrate", "no token pruning" if method == "none" else what):
-            pruning, provenance, prune_spec = decide_pruning(cfg, vlm, qm, span, given, config_file)
-
-        with progress.stage("trace", "torch.export of vision, prefill, decode + passes"):
-            programs = build_programs(vlm, qm, prune_spec)
-            traced = trace_programs(vlm, qm, programs)
-
-        flavours = " + ".join(cfg.export.targets)
-        with progress.stage("lower", f"ONNX opset {cfg.export.opset} ({flavours})"):
-            models = {}
-            for g, t in traced.items():
-                progress.note(f"{g}: torch.onnx export ...")
-                models[g] = export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
-            if user_passes:
-                progress.note(f"export.passes: {', '.join(spec for spec, _ in user_passes)} ...")
-                models = apply_passes(user_passes, models, config_file)
-            build = FlavourBuild(cfg, config_file, vlm, span, models, note=progress.note,
-                                 say=lambda text: console.print(text, highlight=False, soft_wrap=True, markup=False))
-            for flavour in targets:
-                if flavour.derived:
-                    progress.note(f"the {flavour.name} flavour ...")
-                    build.lowered[flavour.name] = flavour.lower(cfg, models)
+        # the calibrate, trace and lower stages
+        what = None
+        if given is not None:
+            what = "no token pruning" if given.pruning.method == "none" else f"from {recipe_path}"
+        built = workbench.build(None, targets, given=given, passes=user_passes, progress=progress, calibrate_what=what)
+        pruning, provenance = built.decision.pruning, built.decision.provenance
+        programs, traced, models = built.programs, built.traced, built.models
+        build = FlavourBuild(cfg, vlm, span, models, lowered=built.lowered, note=progress.note,
+                             say=lambda text: console.print(text, highlight=False, soft_wrap=True, markup=False))
 
         with atomic_folder(final, force) as tmp:
             build.folder = tmp
-            for g, m in models.items():
-                save_onnx(m, tmp / f"{g}.onnx")
+            built.save(tmp)
             for flavour in targets:
                 if flavour.derived:
                     (tmp / flavour.folder).mkdir()
-                    for g, m in build.lowered[flavour.name].items():
-                        save_onnx(m, tmp / flavour.folder / f"{g}.onnx")
+                    built.save(tmp / flavour.folder, flavour.name)
             vlm.processor.save_pretrained(tmp / "tokenizer")
             if qm.kv_scales is not None:
                 import numpy as np

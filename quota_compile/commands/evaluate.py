@@ -44,10 +44,11 @@ from rich.console import Console
 
 from quota_compile.bundle.format import atomic_folder, check_destination, versions, write_json
 from quota_compile.config import bundle_name, load_config
-from quota_compile.errors import UserError
+from quota_compile.errors import ConfigError, UserError, errors_in
 from quota_compile.models import load_model
 from quota_compile.pruning.methods import pruning_method
-from quota_compile.core.variants import Variant, build_variant, quant_name, variants
+from quota_compile.core.variants import Variant, quant_name, variants
+from quota_compile.core.workbench import Workbench
 from quota_compile.calibration.calibrate import quantize_model, settle_quantization
 from quota_compile.runtime.ort import OrtBackend, greedy_generate, make_batch
 from quota_compile.capture.trace import build_programs
@@ -108,8 +109,9 @@ def score(items, answers: list[str]) -> dict:
 
 
 
-def evaluate_variant(cfg, vlm, qm, span, v: Variant, questions: Questions, work: Path, config_file: Path) -> dict:
-    built = build_variant(cfg, vlm, qm, span, v, work, config_file)
+def evaluate_variant(workbench: Workbench, v: Variant, questions: Questions, work: Path) -> dict:
+    cfg, vlm, qm, span = workbench.cfg, workbench.vlm, workbench.qm, workbench.span
+    built = workbench.build_into(v, work)
     folder, programs, keep, recipe = built.folder, built.programs, built.keep, built.recipe
     t_cal, t_build = built.seconds_calibrate, built.seconds_build
     t0 = time.perf_counter()
@@ -140,13 +142,13 @@ def evaluate_variant(cfg, vlm, qm, span, v: Variant, questions: Questions, work:
     }
 
 
-def check_budgets(cfg, todo: list[Variant], layers: int, v: int, config_file: Path) -> None:
+def check_budgets(cfg, todo: list[Variant], layers: int, v: int) -> None:
     """Every (method, keep ratio) must be reachable on this depth; say which is not, up front."""
     for var in todo:
         try:
             pruning_method(var.method).check_budget(cfg.pruning, layers, v, var.keep_ratio)
         except UserError as e:
-            raise UserError(f"{config_file}: key 'eval.keep_ratios': {var.method} at {var.keep_ratio:g} cannot be evaluated: {e}") from None
+            raise ConfigError("eval.keep_ratios", f"{var.method} at {var.keep_ratio:g} cannot be evaluated: {e}") from None
 
 
 def _visual_share(questions: Questions, v: int) -> float:
@@ -165,32 +167,37 @@ def _first_batches(batches, n: int) -> list:
 
 
 def run_eval(config_path: str | Path, force: bool = False, console: Console | None = None) -> tuple[Path, dict]:
-    console = console or Console(stderr=True)
     config_file = Path(config_path)
+    with errors_in(config_file):
+        return _eval(config_file, force, console or Console(stderr=True))
+
+
+def _eval(config_file: Path, force: bool, console: Console) -> tuple[Path, dict]:
     cfg = load_config(config_file)
     name = f"{bundle_name(cfg, config_file)}-eval"
     final = Path(cfg.output.dir) / name
-    check_destination(final, force, config_file)
+    check_destination(final, force)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        vlm = load_model(cfg, config_file, stack)
-        cfg = settle_quantization(cfg, vlm, config_file)
+        vlm = load_model(cfg, stack, config_file.parent)
+        cfg = settle_quantization(cfg, vlm)
         span = vlm.visual_span()
         side = vlm.image_size // vlm.patch_size
         if span[1] != side * side:
-            raise UserError(f"{config_file}: key 'model.source': ShapesVQA evaluation needs one visual token per patch ({side * side}); the model gives {span[1]}.")
-        benchmarks = load_benchmarks(cfg, config_file)  # bad benchmark files fail before any work
+            raise ConfigError("model.source", f"ShapesVQA evaluation needs one visual token per patch ({side * side}); the model gives {span[1]}.")
+        benchmarks = load_benchmarks(cfg, config_file.parent)  # bad benchmark files fail before any work
         todo = variants(cfg)
-        check_budgets(cfg, todo, vlm.num_layers, span[1], config_file)  # before any long step
+        check_budgets(cfg, todo, vlm.num_layers, span[1])  # before any long step
         questions = shapes_questions(vlm, cfg.eval, span)
         qm = quantize_model(vlm, cfg, span)
+        workbench = Workbench(cfg, vlm, qm, span)
         console.print(f"evaluating {len(todo)} variants on {len(questions.items)} ShapesVQA {cfg.eval.split} questions (seed {cfg.eval.seed})", highlight=False)
         rows = []
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-eval-")))
         for i, v in enumerate(todo, 1):
             t0 = time.perf_counter()
             console.print(f"[{i}/{len(todo)}] {v.label} ...", highlight=False)
-            row = evaluate_variant(cfg, vlm, qm, span, v, questions, work, config_file)
+            row = evaluate_variant(workbench, v, questions, work)
             rows.append(row)
             console.print(f"      accuracy {row['accuracy']:.1%} ({time.perf_counter() - t0:.0f} s)", style="dim", highlight=False)
         bench = run_benchmarks(cfg, vlm, qm, span, benchmarks, console)
@@ -227,8 +234,9 @@ def run_eval(config_path: str | Path, force: bool = False, console: Console | No
     return final, doc
 
 
-def load_benchmarks(cfg, config_file: Path) -> dict:
-    """The local benchmark copies named in ``eval.benchmarks`` (paths relative to the YAML)."""
+def load_benchmarks(cfg, folder: Path) -> dict:
+    """The local benchmark copies named in ``eval.benchmarks`` (paths relative to ``folder``, the
+    YAML's); a copy that does not load is a :class:`ConfigError` of its key."""
     from quota_compile.data.benchmarks import BENCHMARKS, load_benchmark
 
     b = cfg.eval.benchmarks
@@ -238,8 +246,11 @@ def load_benchmarks(cfg, config_file: Path) -> dict:
         if not path:
             continue
         p = Path(path).expanduser()
-        p = p if p.is_absolute() else (config_file.parent / p).resolve()
-        out[key] = load_benchmark(key, p, limit=b.limit, config_file=config_file)
+        p = p if p.is_absolute() else (folder / p).resolve()
+        try:
+            out[key] = load_benchmark(key, p, limit=b.limit)
+        except UserError as e:
+            raise ConfigError(f"eval.benchmarks.{key}", str(e)) from None
     return out
 
 

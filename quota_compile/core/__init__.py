@@ -1,2 +1,3 @@
-"""The shared core below the commands: the decisions a compile takes (the pruning recipe, given
-or calibrated) and the build of one deployment variant, which compile, eval and bench all use."""
+"""The shared core below the commands: the pruning decision (given, calibrated or by rule), the
+deployment variants of eval and bench, and the workbench whose one build (decide → trace →
+export → passes → flavours) compile, eval and bench all use."""

@@ -21,7 +21,8 @@ def read_recipe(path: Path) -> Recipe:
 
 
 def check_recipe(recipe: Recipe, path: Path, cfg, vlm, span: tuple[int, int], config_file: Path) -> Recipe:
-    """A parsed ``--recipe`` must describe this model and this quantization."""
+    """A parsed ``--recipe`` must describe this model and this quantization. The errors name
+    the recipe file first (``path``) and the config file inside the sentence."""
     if recipe.model.num_layers != vlm.num_layers or len(recipe.pruning.keep) != vlm.num_layers:
         raise UserError(
             f"{path}: key 'pruning.keep': the recipe is for {len(recipe.pruning.keep)} decoder layers, "
@@ -37,7 +38,7 @@ def check_recipe(recipe: Recipe, path: Path, cfg, vlm, span: tuple[int, int], co
     return recipe
 
 
-def decide_pruning(cfg, vlm, qm, span, given: Recipe | None, config_file: Path):
+def decide_pruning(cfg, vlm, qm, span, given: Recipe | None = None):
     """``(PruningRecipe, CalibrationProvenance, PruneSpec | None)`` from a given recipe, or
     decided for ``pruning.method`` (by calibration where the method calibrates, otherwise by
     its own rule); the spec is derived from the recipe."""
@@ -45,5 +46,5 @@ def decide_pruning(cfg, vlm, qm, span, given: Recipe | None, config_file: Path):
         recipe, provenance = given.pruning, given.calibration
     else:
         vision = build_programs(vlm, qm).vision if pruning_method(cfg.pruning.method).calibrated else None
-        recipe, provenance = calibrate(vlm, qm, vision, span, cfg.pruning, cfg.calibration, config_file)
+        recipe, provenance = calibrate(vlm, qm, vision, span, cfg.pruning, cfg.calibration)
     return recipe, provenance, prune_spec_from_recipe(recipe, qm.spec.activations)

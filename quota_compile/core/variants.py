@@ -1,19 +1,14 @@
 """Deployment variants (full precision, quantized, quantized and pruned by one method at one
-budget) and the build of one variant's graphs, shared by ``eval`` and ``bench``; and the KV-cache
-size of a schedule, shared by the manifest and ``bench``."""
+budget), which ``eval`` and ``bench`` build on the workbench
+(:meth:`quota_compile.core.workbench.Workbench.build_into`); and the KV-cache size of a
+schedule, shared by the manifest and ``bench``."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from quota_compile.capture.trace import build_programs, trace_programs
-from quota_compile.core.decisions import decide_pruning
-from quota_compile.flavours.registry import get_flavour, runtime_flavour
-from quota_compile.export.onnx import export_onnx, save_onnx
+from quota_compile.flavours.registry import runtime_flavour
 from quota_compile.quant.ops import kv_packed_dim
-from quota_compile.pruning.methods import pruning_method
 
 
 @dataclass(frozen=True)
@@ -46,52 +41,9 @@ def quant_name(cfg) -> str:
     return f"w{q.weights.bits}a{q.activations.bits}kv{q.kv_cache.bits}"
 
 
-def variant_pruning(cfg, vlm, qm, span, v: Variant, config_file: Path):
-    """``(PruneSpec | None, keep schedule, recipe dict | None)`` for a variant, decided as a
-    compile decides it, from the config with the variant's method and budget."""
-    signals = pruning_method(v.method).signals
-    update = {"method": v.method, "signals": signals} | ({"keep_ratio": v.keep_ratio} if v.keep_ratio is not None else {})
-    variant_cfg = cfg.model_copy(update={"pruning": cfg.pruning.model_copy(update=update)})
-    pruning, _, spec = decide_pruning(variant_cfg, vlm, qm, span, None, config_file)
-    return spec, list(pruning.keep), (pruning.model_dump(mode="json") if v.method != "none" else None)
-
-
-@dataclass
-class BuiltVariant:
-    folder: Path  # vision.onnx, prefill.onnx, decode.onnx
-    programs: object  # trace.Programs: the eager reference of the same variant
-    keep: list[int]
-    recipe: dict | None
-    seconds_calibrate: float
-    seconds_build: float
-
-
 def flavour_of(cfg) -> str:
     """The flavour a bundle of this config runs in (what the runtime picks)."""
     return runtime_flavour(cfg.export.targets)
-
-
-def build_variant(cfg, vlm, qm, span, v: Variant, work: Path, config_file: Path, flavour: str | None = None) -> BuiltVariant:
-    """Calibrate (where the method does), trace and lower one variant's graphs into a folder
-    under ``work``, in ``flavour`` (default: the one the config's bundle runs)."""
-    flavour = flavour or flavour_of(cfg)
-    t0 = time.perf_counter()
-    spec, keep, recipe = variant_pruning(cfg, vlm, qm, span, v, config_file)
-    t_cal = time.perf_counter() - t0
-    programs = build_programs(vlm, qm, spec)
-    traced = trace_programs(vlm, qm, programs, quantized=v.quantized, weight_only=v.weight_only)
-    folder = work / v.name.replace("@", "_")
-    folder.mkdir(parents=True, exist_ok=True)
-    models = {
-        g: export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
-        for g, t in traced.items()
-    }
-    lowering = get_flavour(flavour)
-    if lowering.derived:
-        models = lowering.lower(cfg, models, quantized_kv=v.quantized and not v.weight_only)
-    for g, m in models.items():
-        save_onnx(m, folder / f"{g}.onnx")
-    return BuiltVariant(folder, programs, keep, recipe, t_cal, time.perf_counter() - t0 - t_cal)
 
 
 def kv_cache_bytes(vlm, bits: int, keep: list[int], prompt_len: int, generated: int, granularity: str = "per_token") -> dict:

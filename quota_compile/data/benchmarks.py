@@ -234,31 +234,24 @@ def _is_correct(item: Item, extracted: str | None) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def load_benchmark(
-    name: str, path: str | Path, limit: int | None = None, config_file: Path | None = None
-) -> Benchmark:
+def load_benchmark(name: str, path: str | Path, limit: int | None = None) -> Benchmark:
     """Load benchmark ``name`` (one of :data:`BENCHMARKS`) from the folder ``path``.
 
     ``limit`` keeps the first N items in file order. Image files are checked to exist now;
     images are read only by :meth:`Item.image`. Every problem with the input raises
-    :class:`UserError`; with ``config_file`` the message is prefixed with
-    ``"{config_file}: key 'eval.benchmarks.{name}': "``.
+    :class:`UserError` (``quota-compile eval`` names the key ``eval.benchmarks.{name}`` and the
+    file in front of it).
     """
-    try:
-        if name not in _LOADERS:
-            raise UserError(f"unknown benchmark '{name}' (expected one of: {', '.join(BENCHMARKS)}).")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise UserError(f"limit must be a positive whole number, got {limit!r}.")
-        folder = Path(path)
-        items = _LOADERS[name](folder, limit)
-        if not items:
-            raise UserError(f"{folder}: no {_DISPLAY[name]} items found (expected the benchmark's test questions).")
-        _check_unique(items, folder)
-        return Benchmark(name=name, path=folder, items=items)
-    except UserError as e:
-        if config_file is not None:
-            raise UserError(f"{config_file}: key 'eval.benchmarks.{name}': {e}") from None
-        raise
+    if name not in _LOADERS:
+        raise UserError(f"unknown benchmark '{name}' (expected one of: {', '.join(BENCHMARKS)}).")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UserError(f"limit must be a positive whole number, got {limit!r}.")
+    folder = Path(path)
+    items = _LOADERS[name](folder, limit)
+    if not items:
+        raise UserError(f"{folder}: no {_DISPLAY[name]} items found (expected the benchmark's test questions).")
+    _check_unique(items, folder)
+    return Benchmark(name=name, path=folder, items=items)
 
 
 def _fail(message: str) -> UserError:

@@ -18,18 +18,19 @@ from pathlib import Path
 
 import onnx
 
-from quota_compile.errors import UserError
+from quota_compile.errors import ConfigError
 
 OnnxPass = Callable[[onnx.ModelProto, str], "onnx.ModelProto | None"]
 
 
-def load_passes(specs: list[str], config_file: Path) -> list[tuple[str, OnnxPass]]:
-    """``(spec, function)`` for each ``module:function`` entry; a module that does not import or
-    a name that is not a function is a :class:`UserError` naming the key."""
+def load_passes(specs: list[str], folder: Path) -> list[tuple[str, OnnxPass]]:
+    """``(spec, function)`` for each ``module:function`` entry, a module imported from
+    ``sys.path`` or from ``folder`` (the YAML file's); a module that does not import or a name
+    that is not a function is a :class:`ConfigError` naming the key."""
     loaded = []
-    folder = str(Path(config_file).resolve().parent)
+    folder = str(folder)
     for i, spec in enumerate(specs):
-        key = f"key 'export.passes[{i}]'"
+        key = f"export.passes[{i}]"
         module_name, _, name = spec.partition(":")
         added = folder not in sys.path
         if added:
@@ -37,25 +38,25 @@ def load_passes(specs: list[str], config_file: Path) -> list[tuple[str, OnnxPass
         try:
             module = importlib.import_module(module_name)
         except Exception as e:  # noqa: BLE001 - any failure while importing the user's module is theirs
-            raise UserError(f"{config_file}: {key}: cannot import module {module_name!r} ({type(e).__name__}: {e}).") from None
+            raise ConfigError(key, f"cannot import module {module_name!r} ({type(e).__name__}: {e}).") from None
         finally:
             if added:
                 sys.path.remove(folder)
         function = getattr(module, name, None)
         if not callable(function):
-            raise UserError(f"{config_file}: {key}: module {module_name!r} has no function {name!r}.")
+            raise ConfigError(key, f"module {module_name!r} has no function {name!r}.")
         loaded.append((spec, function))
     return loaded
 
 
-def apply_passes(passes: list[tuple[str, OnnxPass]], models: dict[str, onnx.ModelProto], config_file: Path) -> dict[str, onnx.ModelProto]:
+def apply_passes(passes: list[tuple[str, OnnxPass]], models: dict[str, onnx.ModelProto]) -> dict[str, onnx.ModelProto]:
     """The graphs after every pass, in the order given."""
     for i, (spec, function) in enumerate(passes):
         for graph in list(models):
             out = function(models[graph], graph)
             if out is not None and not isinstance(out, onnx.ModelProto):
-                raise UserError(
-                    f"{config_file}: key 'export.passes[{i}]': {spec} returned {type(out).__name__} for the {graph} graph, "
+                raise ConfigError(
+                    f"export.passes[{i}]", f"{spec} returned {type(out).__name__} for the {graph} graph, "
                     "expected an onnx.ModelProto or None."
                 )
             if out is not None:

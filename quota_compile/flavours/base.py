@@ -39,7 +39,6 @@ class FlavourBuild:
     """What the flavours see of one compile; filled in as the stages run."""
 
     cfg: Any  # CompileConfig, quantization settled
-    config_file: Path
     vlm: Any
     span: tuple[int, int]  # (first visual token, visual tokens)
     models: dict[str, onnx.ModelProto]  # the portable graphs, after export.passes
@@ -67,10 +66,10 @@ class Flavour:
     # highest rank; None: never picked (e.g. graphs the onnxruntime runner cannot run as such).
     runtime_rank: int | None = None
 
-    def check_config(self, cfg, config_file: Path) -> None:
-        """Refuse (``UserError``, exit 2) a config this flavour cannot compile; nothing loaded yet."""
+    def check_config(self, cfg) -> None:
+        """Refuse (``ConfigError`` naming the key, exit 2) a config this flavour cannot compile; nothing loaded yet."""
 
-    def check_settled(self, cfg, vlm, config_file: Path) -> None:
+    def check_settled(self, cfg, vlm) -> None:
         """Refuse a config once the model is loaded and the quantization settled."""
 
     def lower(self, cfg, models: dict[str, onnx.ModelProto], quantized_kv: bool = True) -> dict[str, onnx.ModelProto]:

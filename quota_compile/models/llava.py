@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from quota_compile.errors import UserError
+from quota_compile.errors import ConfigError, UserError
 
 TEXT_MODELS = ("llama", "mistral", "qwen2")
 VISION_MODELS = ("clip_vision_model", "siglip_vision_model")
@@ -104,45 +104,48 @@ class VLM:
         return h.hexdigest()
 
 
+SOURCE = "model.source"  # the config key of every checkpoint-folder error
+
+
 def _blank(size: int):
     from PIL import Image
 
     return Image.new("RGB", (size, size), (127, 127, 127))
 
 
-def check_folder(path: Path, config_file: Path) -> dict:
-    """Validate a checkpoint folder; return its config.json."""
-    where = f"{config_file}: key 'model.source'"
+def check_folder(path: Path) -> dict:
+    """Validate a checkpoint folder (errors: :class:`ConfigError` of ``model.source``); return
+    its config.json."""
     if not path.exists():
-        raise UserError(f"{where}: checkpoint folder {path} does not exist.")
+        raise ConfigError(SOURCE, f"checkpoint folder {path} does not exist.")
     if not path.is_dir():
-        raise UserError(f"{where}: {path} is not a folder (expected a Hugging Face checkpoint folder).")
+        raise ConfigError(SOURCE, f"{path} is not a folder (expected a Hugging Face checkpoint folder).")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
-        raise UserError(f"{where}: {path} has no config.json (expected a Hugging Face checkpoint folder).")
+        raise ConfigError(SOURCE, f"{path} has no config.json (expected a Hugging Face checkpoint folder).")
     try:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{cfg_path}: not valid JSON ({e}).") from None
     if cfg.get("model_type") != "llava":
-        raise UserError(f"{where}: {path} holds a {cfg.get('model_type')!r} model; family 'llava' needs model_type 'llava'.")
+        raise ConfigError(SOURCE, f"{path} holds a {cfg.get('model_type')!r} model; family 'llava' needs model_type 'llava'.")
     text_type = (cfg.get("text_config") or {}).get("model_type", "llama")
     vision_type = (cfg.get("vision_config") or {}).get("model_type", "clip_vision_model")
     if text_type not in TEXT_MODELS:
-        raise UserError(f"{where}: text model {text_type!r} is not supported (expected one of {', '.join(TEXT_MODELS)}).")
+        raise ConfigError(SOURCE, f"text model {text_type!r} is not supported (expected one of {', '.join(TEXT_MODELS)}).")
     if vision_type not in VISION_MODELS:
-        raise UserError(f"{where}: vision tower {vision_type!r} is not supported (expected one of {', '.join(VISION_MODELS)}).")
+        raise ConfigError(SOURCE, f"vision tower {vision_type!r} is not supported (expected one of {', '.join(VISION_MODELS)}).")
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
-        raise UserError(f"{where}: {path} has no *.safetensors weights.")
+        raise ConfigError(SOURCE, f"{path} has no *.safetensors weights.")
     for f in weights:
-        check_safetensors(f, where)
+        check_safetensors(f)
     if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
-        raise UserError(f"{where}: {path} has no tokenizer files (tokenizer.json or tokenizer.model).")
+        raise ConfigError(SOURCE, f"{path} has no tokenizer files (tokenizer.json or tokenizer.model).")
     return cfg
 
 
-def check_safetensors(file: Path, where: str) -> None:
+def check_safetensors(file: Path) -> None:
     """A safetensors file is an 8-byte header length, a JSON header giving each tensor's byte
     range, then the data: a file whose size is not exactly what its header describes is
     truncated or damaged (checked from the header alone, before anything is loaded)."""
@@ -154,34 +157,34 @@ def check_safetensors(file: Path, where: str) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         header = None
     except OSError as e:
-        raise UserError(f"{where}: {file} cannot be read ({e.strerror or e}).") from None
+        raise ConfigError(SOURCE, f"{file} cannot be read ({e.strerror or e}).") from None
     if not isinstance(header, dict):
-        raise UserError(f"{where}: {file} is not a safetensors file (no valid header; {size} bytes).")
+        raise ConfigError(SOURCE, f"{file} is not a safetensors file (no valid header; {size} bytes).")
     try:
         data = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
     except (TypeError, KeyError, IndexError, ValueError):
-        raise UserError(f"{where}: {file} is not a safetensors file (its header has no tensor byte ranges).") from None
+        raise ConfigError(SOURCE, f"{file} is not a safetensors file (its header has no tensor byte ranges).") from None
     expected = 8 + n + data
     if size != expected:
         what = "truncated" if size < expected else "damaged"
-        raise UserError(f"{where}: {file} is {what}: its header describes {expected} bytes, the file has {size}; copy or download it again.")
+        raise ConfigError(SOURCE, f"{file} is {what}: its header describes {expected} bytes, the file has {size}; copy or download it again.")
 
 
-def load_llava(path: Path, source: str, prompt_template: str, config_file: Path) -> VLM:
+def load_llava(path: Path, source: str, prompt_template: str) -> VLM:
     """Load a LLaVA checkpoint folder (float32, eager attention, eval mode) and its processor."""
     from safetensors import SafetensorError
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    check_folder(path, config_file)
+    check_folder(path)
     try:
         processor = AutoProcessor.from_pretrained(path)
         model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     except (OSError, ValueError, SafetensorError) as e:
-        raise UserError(f"{config_file}: key 'model.source': could not load {path} ({str(e).splitlines()[0]}).") from None
+        raise ConfigError(SOURCE, f"could not load {path} ({str(e).splitlines()[0]}).") from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
-        raise UserError(f"{config_file}: key 'model.source': {path} has no LLaVA processor (tokenizer + image processor).")
+        raise ConfigError(SOURCE, f"{path} has no LLaVA processor (tokenizer + image processor).")
     processor.tokenizer.padding_side = "right"
     return VLM(model=model, processor=processor, path=path, source=source, prompt_template=prompt_template)

@@ -17,13 +17,12 @@ import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from quota_compile.config import QuantizationSection
-from quota_compile.errors import UserError
+from quota_compile.errors import ConfigError
 from quota_compile.quant import ops
 
 # Group sizes tried, largest first, when model.yaml leaves quantization.weights.group_size
@@ -175,7 +174,7 @@ def quantizable_linears(model: torch.nn.Module, ignore: list[str]) -> dict[str, 
     }
 
 
-def settle_group_size(model: torch.nn.Module, spec: QuantizationSection, config_file: Path | str = "model.yaml") -> QuantizationSection:
+def settle_group_size(model: torch.nn.Module, spec: QuantizationSection) -> QuantizationSection:
     """``spec`` with ``weights.group_size`` a number: the YAML's, checked against the input size
     of every Linear it quantizes, or, where the YAML leaves it unset, the largest of
     :data:`GROUP_SIZES` that divides all of them."""
@@ -186,16 +185,16 @@ def settle_group_size(model: torch.nn.Module, spec: QuantizationSection, config_
     if g is not None:
         bad = next((name for name, lin in linears.items() if lin.in_features % g), None)
         if grouped and bad is not None:
-            raise UserError(
-                f"{config_file}: key 'quantization.weights.group_size': {g} does not divide the input size "
+            raise ConfigError(
+                "quantization.weights.group_size", f"{g} does not divide the input size "
                 f"{linears[bad].in_features} of {bad}; choose a divisor of every quantized Linear's input size "
                 f"({', '.join(map(str, sizes))}), or leave the key out to have one chosen."
             )
         return spec
     g = next((c for c in GROUP_SIZES if all(n % c == 0 for n in sizes)), None)
     if g is None and (grouped or (spec.embeddings.bits and spec.embeddings.group_size is None)):
-        raise UserError(
-            f"{config_file}: key 'quantization.weights.group_size': none of {', '.join(map(str, GROUP_SIZES))} divides "
+        raise ConfigError(
+            "quantization.weights.group_size", f"none of {', '.join(map(str, GROUP_SIZES))} divides "
             f"every quantized Linear's input size ({', '.join(map(str, sizes))}); set a group_size that does, "
             "or granularity: per_channel."
         )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from quota_compile.bundle.format import kv_update_of
 from quota_compile.bundle.schema import TRT_FOLDER, FlavourEntry
-from quota_compile.errors import UserError, VerificationFailed
+from quota_compile.errors import ConfigError, VerificationFailed
 from quota_compile.flavours.base import Flavour, FlavourBuild
 from quota_compile.flavours.tensorrt.lower import PLUGIN_NAMESPACE, PLUGIN_VERSION, TRT_INT4_BLOCKS, plugin_counts, to_tensorrt
 from quota_compile.verify.gate import CodeProbe, verify
@@ -21,24 +21,24 @@ class TensorrtFlavour(Flavour):
     folder = TRT_FOLDER
     runtime_rank = None  # plugin nodes: not run by the onnxruntime runner
 
-    def check_config(self, cfg, config_file: Path) -> None:
+    def check_config(self, cfg) -> None:
         """INT4 activations (the W4A4 plugin's Triton kernel quantizes to INT4) and
         onnxruntime-extensions (the flavour is verified with it)."""
         if cfg.quantization.activations.bits != 4:
-            raise UserError(
-                f"{config_file}: key 'quantization.activations.bits': the tensorrt target runs W4A4 Linears as the "
+            raise ConfigError(
+                "quantization.activations.bits", f"the tensorrt target runs W4A4 Linears as the "
                 f"QuotaW4A4Linear plugin, whose kernel quantizes activations to INT4, not INT{cfg.quantization.activations.bits}; "
                 "use bits: 4 or remove tensorrt from export.targets."
             )
         try:
             import onnxruntime_extensions  # noqa: F401
         except ImportError:
-            raise UserError(
-                f"{config_file}: key 'export.targets': the tensorrt target is verified through onnxruntime-extensions, "
+            raise ConfigError(
+                "export.targets", "the tensorrt target is verified through onnxruntime-extensions, "
                 "which is not installed; pip install 'quota-compile[tensorrt]' (or onnxruntime-extensions)."
             ) from None
 
-    def check_settled(self, cfg, vlm, config_file: Path) -> None:
+    def check_settled(self, cfg, vlm) -> None:
         """An INT4 embedding table (if any) in blocks TensorRT's weight-only INT4 accepts
         (:data:`TRT_INT4_BLOCKS`); checked once the group size is settled."""
         emb = cfg.quantization.embeddings
@@ -46,8 +46,8 @@ class TensorrtFlavour(Flavour):
             return
         g = emb.group_size or cfg.quantization.weights.group_size
         if g not in TRT_INT4_BLOCKS:
-            raise UserError(
-                f"{config_file}: key 'quantization.embeddings.group_size': the tensorrt target keeps the INT4 "
+            raise ConfigError(
+                "quantization.embeddings.group_size", f"the tensorrt target keeps the INT4 "
                 f"embedding table as a blocked DequantizeLinear, which TensorRT accepts with block size 64 or 128 "
                 f"only, not {g}; set group_size: 64 or 128 or embeddings.bits: null."
             )

@@ -1,0 +1,199 @@
+"""The workbench: one loaded and quantized model, and the one path from a pruning decision to
+ONNX graphs that ``compile``, ``eval`` and ``bench`` all take.
+
+A command loads the model, settles the quantization and quantizes (each command checks its own
+things in between), then builds on a :class:`Workbench`:
+
+- :meth:`Workbench.decide`: the pruning decision of the config, or of one deployment variant
+  (:class:`quota_compile.core.variants.Variant`), given as a recipe, calibrated, or by the
+  method's own rule;
+- :meth:`Workbench.build`: decide → the eager programs → ``torch.export`` with the passes →
+  torch.onnx export → ``export.passes`` → the derived flavours' lowering; the graphs stay in
+  memory (``compile`` verifies them before it writes anything);
+- :meth:`Workbench.build_into`: the same, with one flavour's graphs saved in a folder, ready
+  for onnxruntime (``eval``, ``bench``).
+
+Nothing here prints unless given a progress reporter (``compile`` gives its stage lines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import onnx
+
+from quota_compile.capture.trace import build_programs, trace_programs
+from quota_compile.core.decisions import decide_pruning
+from quota_compile.core.variants import Variant, flavour_of
+from quota_compile.export.onnx import export_onnx, save_onnx
+from quota_compile.export.user_passes import OnnxPass, apply_passes
+from quota_compile.flavours.base import Flavour
+from quota_compile.flavours.registry import get_flavour
+from quota_compile.pruning.methods import pruning_method
+from quota_compile.pruning.recipe import Recipe
+
+# The progress texts of the stages a build runs through (compile prints them).
+TRACE_WHAT = "torch.export of vision, prefill, decode + passes"
+
+
+class Progress(Protocol):
+    """What a build reports to: a stage (``calibrate``, ``trace``, ``lower``) around its work,
+    and a line inside a long stage."""
+
+    def stage(self, name: str, what: str) -> contextlib.AbstractContextManager: ...
+
+    def note(self, what: str) -> None: ...
+
+
+class Quiet:
+    """A progress reporter that says nothing (``eval`` and ``bench`` print per variant)."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str, what: str) -> Iterator[None]:
+        yield
+
+    def note(self, what: str) -> None:
+        pass
+
+
+@dataclass
+class Decision:
+    """The pruning decision of one build: the recipe, the calibration it came from (or the
+    given recipe's), and the spec the programs are built with (None: no pruning)."""
+
+    pruning: Any  # pruning.recipe.PruningRecipe
+    provenance: Any  # pruning.recipe.CalibrationProvenance
+    spec: Any  # capture.programs.PruneSpec | None
+
+    @property
+    def keep(self) -> list[int]:
+        return list(self.pruning.keep)
+
+
+@dataclass
+class Built:
+    """What one build made: the decision, the eager programs (the reference of the same
+    variant), the traced programs, the portable graphs (after ``export.passes``) and each
+    derived flavour's graphs."""
+
+    variant: Variant | None  # None: the config's own (the bundle of a compile)
+    decision: Decision
+    programs: Any  # capture.trace.Programs
+    traced: dict  # graph name -> capture.trace.TracedProgram
+    models: dict[str, onnx.ModelProto]
+    lowered: dict[str, dict[str, onnx.ModelProto]] = field(default_factory=dict)
+    seconds_calibrate: float = 0.0
+    seconds_build: float = 0.0  # trace, export and lowering (and saving, by build_into)
+    folder: Path | None = None  # where build_into saved the graphs
+
+    @property
+    def keep(self) -> list[int]:
+        return self.decision.keep
+
+    @property
+    def recipe(self) -> dict | None:
+        """The pruning recipe as JSON (None for a variant that does not prune)."""
+        method = self.variant.method if self.variant is not None else self.decision.pruning.method
+        return self.decision.pruning.model_dump(mode="json") if method != "none" else None
+
+    def graphs(self, flavour: str = "portable") -> dict[str, onnx.ModelProto]:
+        """A flavour's graphs: the portable ones, or a derived flavour's lowering."""
+        return self.lowered[flavour] if get_flavour(flavour).derived else self.models
+
+    def save(self, folder: Path, flavour: str = "portable") -> None:
+        """A flavour's graphs as ``{vision,prefill,decode}.onnx`` in ``folder`` (which exists)."""
+        for g, m in self.graphs(flavour).items():
+            save_onnx(m, folder / f"{g}.onnx")
+
+
+class Workbench:
+    """The model loaded (``vlm``), its quantization settled (``cfg``) and simulated (``qm``),
+    the visual tokens' span: what every build starts from."""
+
+    def __init__(self, cfg, vlm, qm, span: tuple[int, int]):
+        self.cfg = cfg
+        self.vlm = vlm
+        self.qm = qm
+        self.span = span
+
+    def config_of(self, variant: Variant | None):
+        """The config a variant is decided from: the config with the variant's method, its
+        signals and its budget (None: the config as it is)."""
+        if variant is None:
+            return self.cfg
+        signals = pruning_method(variant.method).signals
+        update = {"method": variant.method, "signals": signals} | ({"keep_ratio": variant.keep_ratio} if variant.keep_ratio is not None else {})
+        return self.cfg.model_copy(update={"pruning": self.cfg.pruning.model_copy(update=update)})
+
+    def decide(self, variant: Variant | None = None, given: Recipe | None = None) -> Decision:
+        """The pruning decision of ``variant`` (None: of the config), as a compile takes it:
+        from ``given`` (a checked ``--recipe``), by calibration where the method calibrates,
+        otherwise by the method's own rule."""
+        pruning, provenance, spec = decide_pruning(self.config_of(variant), self.vlm, self.qm, self.span, given)
+        return Decision(pruning, provenance, spec)
+
+    def describe(self, variant: Variant | None = None) -> str:
+        """The calibrate stage's progress text of a decision taken from the config."""
+        p = self.config_of(variant).pruning
+        return "no token pruning" if p.method == "none" else f"{p.method}, keep_ratio {p.keep_ratio}, {p.signals} signals"
+
+    def build(
+        self,
+        variant: Variant | None = None,
+        flavours: Sequence[Flavour] = (),
+        *,
+        given: Recipe | None = None,
+        passes: Sequence[tuple[str, OnnxPass]] = (),
+        progress: Progress | None = None,
+        calibrate_what: str | None = None,
+    ) -> Built:
+        """Decide, build the programs, trace them, export the portable graphs, apply
+        ``passes`` to them and lower them to each derived flavour of ``flavours``.
+
+        ``variant`` None builds the config's own (quantized) graphs, with ``given`` as the
+        decision if set; a variant builds its own: full precision, weight-only or quantized,
+        pruned by its method at its budget. ``progress`` sees the ``calibrate``, ``trace`` and
+        ``lower`` stages (``calibrate_what``: the calibrate stage's text, default
+        :meth:`describe`)."""
+        progress = progress or Quiet()
+        cfg, vlm, qm = self.cfg, self.vlm, self.qm
+        quantized = variant.quantized if variant is not None else True
+        weight_only = variant.weight_only if variant is not None else False
+        t0 = time.perf_counter()
+        with progress.stage("calibrate", calibrate_what or self.describe(variant)):
+            decision = self.decide(variant, given)
+        t_cal = time.perf_counter() - t0
+        with progress.stage("trace", TRACE_WHAT):
+            programs = build_programs(vlm, qm, decision.spec)
+            traced = trace_programs(vlm, qm, programs, quantized=quantized, weight_only=weight_only)
+        with progress.stage("lower", f"ONNX opset {cfg.export.opset} ({' + '.join(cfg.export.targets)})"):
+            models = {}
+            for g, t in traced.items():
+                progress.note(f"{g}: torch.onnx export ...")
+                models[g] = export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
+            if passes:
+                progress.note(f"export.passes: {', '.join(spec for spec, _ in passes)} ...")
+                models = apply_passes(list(passes), models)
+            lowered = {}
+            for flavour in flavours:
+                if flavour.derived:
+                    progress.note(f"the {flavour.name} flavour ...")
+                    lowered[flavour.name] = flavour.lower(cfg, models, quantized_kv=quantized and not weight_only)
+        return Built(variant, decision, programs, traced, models, lowered, t_cal, time.perf_counter() - t0 - t_cal)
+
+    def build_into(self, variant: Variant, work: Path, flavour: str | None = None) -> Built:
+        """:meth:`build` of one variant in one flavour (default: the one the config's bundle
+        runs), its graphs saved in a folder of its own under ``work`` (``Built.folder``)."""
+        flavour = flavour or flavour_of(self.cfg)
+        built = self.build(variant, [get_flavour(flavour)])
+        t0 = time.perf_counter()
+        built.folder = work / variant.name.replace("@", "_")
+        built.folder.mkdir(parents=True, exist_ok=True)
+        built.save(built.folder, flavour)
+        built.seconds_build += time.perf_counter() - t0
+        return built
