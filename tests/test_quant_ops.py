@@ -571,3 +571,34 @@ def test_exported_kv_matches_ort(bits, d):
         assert got[0].shape == (3, 3, 9, ops.kv_packed_dim(d, bits))
         for a, b in zip(got, ref):
             _assert_bits_equal(a, b)
+
+
+# ---------------------------------------------------------------- rounding margins
+
+
+def test_rounding_margin_is_the_distance_to_the_nearest_boundary_that_can_change_the_code():
+    # INT4 symmetric: codes -8..7; the boundaries that change a code: -7.5, -6.5, ..., 6.5
+    # (7.5 separates 7 from 8, which the clamp makes 7 again)
+    v = torch.tensor([2.3, 2.7, 2.5, -2.5, 0.0, 7.4, 9.0, -8.2, -11.0])
+    want = [0.2, 0.2, 0.0, 0.0, 0.5, 0.9, 2.5, 0.7, 3.5]
+    got = ops.rounding_margin(v, -8, 7)
+    assert got.tolist() == pytest.approx(want, abs=1e-6)
+    # a value moved by less than its margin keeps its code; by more (toward the boundary), changes it
+    rng = np.random.default_rng(0)
+    v = torch.from_numpy(rng.uniform(-9.0, 9.0, 2000).astype(np.float64))
+    m = ops.rounding_margin(v, -8, 7)
+    code = lambda t: torch.clamp(torch.round(t), -8, 7)
+    inside = m > 1e-6
+    assert torch.equal(code(v + 0.99 * m)[inside], code(v)[inside]) and torch.equal(code(v - 0.99 * m)[inside], code(v)[inside])
+    up, down = code(v + 1.01 * m), code(v - 1.01 * m)
+    assert bool(((up != code(v)) | (down != code(v)))[inside].all())  # (the nearest boundary is on one side)
+
+
+def test_kv_margins_use_the_asymmetric_range_and_the_zero_point_rounding():
+    x = torch.tensor([[[[-1.0, 0.0, 0.5, 2.0]]]])  # lo -1, hi 2: scale 0.2, zero point 5 (INT4)
+    m, zp = ops.kv_margins(x, 4)
+    codes, scale, zero = ops.quantize_kv(x, 4)
+    assert float(scale) == pytest.approx(0.2) and int(zero) == 5
+    assert zp.reshape(-1).tolist() == pytest.approx([0.5], abs=1e-5)  # -lo / scale = 5.0: half a step from 4.5 and 5.5
+    # x / scale = -5, 0, 2.5, 10 (clamped to [-5, 10]): margins 0.5, 0.5, 0, 0.5
+    assert m.reshape(-1).tolist() == pytest.approx([0.5, 0.5, 0.0, 0.5], abs=1e-5)

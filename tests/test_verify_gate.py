@@ -351,7 +351,65 @@ def test_other_greedy_tokens_are_a_failure(gate):
 
     report = _run(gate, backend=_Tampering(OrtBackend(gate[0]), logits=other_token))
     assert not report["passed"]
-    assert any(f.startswith("greedy agreement 0%") for f in report["failures"]), report["failures"]
+    assert any(f.startswith("greedy agreement 0%") and "with the same codes in every call" in f for f in report["failures"]), report["failures"]
+    assert report["greedy_divergences_at_rounding_ties"] == 0
+
+
+class _FreeFlippingProbe(CodeProbe):
+    """The real free-running observations with ``flip(graph, observation)`` applied."""
+
+    def __init__(self, models, flip):
+        super().__init__(models)
+        self.flip = flip
+
+    def run(self, graph, values):
+        obs = super().run(graph, values)
+        self.flip(graph, obs)
+        return obs
+
+
+def test_tokens_that_differ_after_a_rounding_tie_agree_and_after_any_other_difference_do_not(gate):
+    """A sample whose tokens differ counts as agreeing only when each call's first differing
+    codes (same inputs) moved one step from a value within verify.rounding_tie_tolerance of a
+    rounding boundary in the simulation."""
+    bundle, cfg, reference, samples = gate[0], gate[1], gate[2], [gate[3][0]]
+    batch = samples[0].batch
+    with reference.observing():
+        feats = reference.vision(batch.pixel_values)
+        reference.prefill(batch.input_ids, batch.attention_mask, feats)
+        record = reference.last
+    margins = record.margins[0]  # the prefill's first quantizer (layer 0's input)
+    at = int(np.argmin(margins))
+    closest = float(margins.reshape(-1)[at])
+    assert closest < 0.05 and record.codes[0][1].shape == margins.shape
+
+    def flip(step):
+        def change(graph, obs):
+            if graph == "prefill":
+                obs.codes[0][0].reshape(-1)[at] += step
+        return change
+
+    def other_token(logits):
+        out = logits.copy()
+        out[:, (int(logits.argmax()) + 1) % logits.shape[-1]] = logits.max() + 1.0
+        return out
+
+    def run(step, tolerance):
+        return verify(reference, _Tampering(OrtBackend(bundle), logits=other_token), samples,
+                      cfg.model_copy(update={"rounding_tie_tolerance": tolerance}), probe=_FreeFlippingProbe(_models(bundle), flip(step)))
+
+    tie = run(1, closest * 1.01 + 1e-9)
+    assert tie["passed"], tie["failures"]
+    assert tie["greedy_agreement"] == 0.0 and tie["greedy_divergences_at_rounding_ties"] == 1
+    first = tie["per_sample"][0]["first_differences"]
+    assert [f["graph"] for f in first] == ["prefill"] and first[0]["flips"] == 1 and first[0]["tie"]
+    assert first[0]["max_margin"] == pytest.approx(closest) and "layers.0.self_attn.q_proj" in first[0]["where"]
+    # the same flip with a tolerance below its margin, or two steps at the same code: refused
+    for step, tolerance in ((1, closest / 2), (2, closest * 1.01 + 1e-9)):
+        report = run(step, tolerance)
+        assert not report["passed"] and report["greedy_divergences_at_rounding_ties"] == 0
+        assert any("diverges at token 1, its first differing codes (prefill: model.language_model.layers.0.self_attn.q_proj" in f
+                   for f in report["failures"]), report["failures"]
 
 
 # ------------------------------------------------------------------ configuration

@@ -330,6 +330,7 @@ class Thresholds(_Record):
     max_tensor_code_flip_rate: Number
     kept_tie_tolerance: Number
     min_greedy_agreement: Number
+    rounding_tie_tolerance: Number
     max_kv_scale_rel_difference: Number
     max_teacher_forced_rel_error: Number
     max_logits_rel_error: Number | None
@@ -366,6 +367,7 @@ class FlavourVerification(_OpenRecord):
     max_vision_rel_error: Number | None = None
     teacher_forced_rel_error: dict[str, Number | None] | None = None
     greedy_agreement: Number | None = None
+    greedy_divergences_at_rounding_ties: int | None = None
     token_agreement: Number | None = None
     kept_index_agreement: Number | None = None
     codes: dict[str, Any] | None = None
@@ -394,6 +396,7 @@ class VerifyReport(_Record):
     max_vision_rel_error: Number
     teacher_forced_rel_error: dict[str, Number | None]
     greedy_agreement: Number
+    greedy_divergences_at_rounding_ties: int
     token_agreement: Number
     kept_index_agreement: Number | None
     codes: dict[str, Any]

@@ -67,6 +67,9 @@ class _Program(torch.nn.Module):
         # Calibration hook: called with (layer, 0 for key / 1 for value, the float tensor)
         # for every KV entry the program stores.
         self.kv_observer: Callable | None = None
+        # Verification hook: the same call, without changing what the program computes (the
+        # cache stays quantized); the verification reads the rounding margins from it.
+        self.kv_tap: Callable | None = None
 
     @property
     def simulate(self) -> bool:
@@ -85,6 +88,8 @@ class _Program(torch.nn.Module):
         """KV entry as attention reads it back, and as it is stored."""
         if self.kv_observer is not None:
             self.kv_observer(layer, which, x)
+        if self.kv_tap is not None:
+            self.kv_tap(layer, which, x)
         if not self.simulate or (self._qm.kv_scales is None and self.kv_observer is not None):
             # (the second case: calibrating the per_channel scales, the cache stays float)
             return x, (x,)

@@ -38,6 +38,26 @@ def signed_range(bits: int) -> tuple[int, int]:
     return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
 
 
+# ---------------------------------------------------------------- rounding margins (verification)
+
+
+def rounding_margin(v: torch.Tensor, lo: float | torch.Tensor, hi: float | torch.Tensor) -> torch.Tensor:
+    """Distance, in code steps, of each value ``v`` about to be rounded (``x / scale``) from the
+    nearest rounding boundary that can change its code once clamped to ``[lo, hi]``: the
+    half-integers ``n + 0.5`` for ``lo <= n < hi`` (beyond them the clamp gives the same code
+    either way). A value this close to a boundary can round either way under float
+    reassociation of the arithmetic that produced it (verification:
+    ``verify.rounding_tie_tolerance``)."""
+    n = torch.minimum(torch.maximum(torch.floor(v), torch.as_tensor(lo, dtype=v.dtype)), torch.as_tensor(hi, dtype=v.dtype) - 1)
+    return (v - n - 0.5).abs()
+
+
+def per_token_margins(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
+    """:func:`rounding_margin` of each value :func:`quantize_per_token` rounds (same shape as ``x``)."""
+    qmin, qmax = signed_range(bits)
+    return rounding_margin(x / per_token_scale(x, bits, clip_ratio), qmin, qmax)
+
+
 # ---------------------------------------------------------------- activations (per token)
 
 
@@ -227,6 +247,18 @@ def qdq_kv(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.ops.quota.dequantize_kv(codes, scale, zp, bits).to(x.dtype)
 
 
+def kv_margins(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rounding_margin` of each value :func:`quantize_kv` rounds: the codes' ``x / scale``
+    (``[B, H, T, D]``, clamped to ``[-zero_point, qmax - zero_point]``) and the zero points'
+    ``-lo / scale`` (``[B, H, T, 1]``)."""
+    qmax = float(2**bits - 1)
+    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0.0)
+    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0.0)
+    scale = torch.clamp_min((hi - lo) / qmax, SCALE_EPS)
+    zero_point = torch.clamp(torch.round(-lo / scale), 0.0, qmax)
+    return rounding_margin(x / scale, -zero_point, qmax - zero_point), rounding_margin(-lo / scale, 0.0, qmax)
+
+
 # ---------------------------------------------------------------- KV cache, static per channel
 
 
@@ -268,3 +300,9 @@ def dequantize_kv_static(codes: torch.Tensor, scale: torch.Tensor, bits: int) ->
 def _(codes: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     d = codes.shape[-1] * 2 if bits == 4 else codes.shape[-1]
     return scale.new_empty((*codes.shape[:-1], d))
+
+
+def kv_static_margins(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`rounding_margin` of each value :func:`quantize_kv_static` rounds."""
+    qmin, qmax = signed_range(bits)
+    return rounding_margin(x.to(torch.float32) / scale, qmin, qmax)

@@ -85,6 +85,13 @@ class QuantLinear(torch.nn.Linear):
             x = self.input_rotation(x)
         return ops.quantize_per_token(x, self.act_bits, self.clip_ratio)[0]
 
+    def input_margins(self, x: torch.Tensor) -> torch.Tensor:
+        """How far (in code steps) each value :meth:`input_codes` rounds lies from a rounding
+        boundary (:func:`~quota_compile.quant.ops.rounding_margin`; for verification)."""
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
+        return ops.per_token_margins(x, self.act_bits, self.clip_ratio)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._state.enabled:
             if self.input_rotation is not None:
