@@ -70,13 +70,24 @@ def remove_unused_attributes(gm: fx.GraphModule) -> list[str]:
     return removed
 
 
-def plain_signature(gm: fx.GraphModule) -> None:
-    """Replace the pytree calling convention of an unlifted program by plain positional
-    arguments and a flat tuple of outputs (passes add and remove inputs and outputs)."""
-    gm.graph._codegen = fx.graph.CodeGen()
-    # The unlifted module checks its inputs against the traced pytree spec in a pre-hook.
-    gm._forward_pre_hooks.clear()
-    gm.recompile()
+def plain_signature(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new module computing what the unlifted program ``gm`` (``ExportedProgram.module()``)
+    computes, called with plain positional arguments and returning a flat tuple (the passes
+    add and remove inputs and outputs). Built from a copy of the graph with the default code
+    generator, and from ``gm``'s attributes that the graph reads; ``gm``'s pytree calling
+    convention and its input-checking hooks stay behind with ``gm``."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph.set_codegen(fx.graph.CodeGen())
+    plain = fx.GraphModule(gm, graph)
+    # The copy registers every tensor it takes over as a persistent buffer; keep those that
+    # were not persistent so (the exporter records it in the graph's signature).
+    persistent = set(gm.state_dict(keep_vars=True))
+    for name, tensor in plain.named_buffers():
+        if name not in persistent:
+            owner, _, leaf = name.rpartition(".")
+            plain.get_submodule(owner).register_buffer(leaf, tensor, persistent=False)
+    return plain
 
 
 def placeholders(gm: fx.GraphModule) -> list[fx.Node]:

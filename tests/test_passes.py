@@ -196,9 +196,7 @@ def decode_ep(decode_model):
 def _fresh(ep) -> torch.fx.GraphModule:
     """A new unlifted module with the compiler's plain positional signature (the passes edit
     the graph in place; the parameter tensors are shared but never written)."""
-    gm = ep.module()
-    plain_signature(gm)
-    return gm
+    return plain_signature(ep.module())
 
 
 def _targets(names, spec=SPEC) -> dict[str, LinearQuantSpec]:
@@ -626,8 +624,7 @@ class _WeightFromInput(nn.Module):
 
 def test_pack_int4_weights_requires_stored_weight():
     args = (torch.randn(2, 32), torch.randn(8, 32))
-    gm = torch.export.export(_WeightFromInput(), args, strict=False).module()
-    plain_signature(gm)
+    gm = plain_signature(torch.export.export(_WeightFromInput(), args, strict=False).module())
     assert count_calls(gm, QDQ_W) == 1
     with pytest.raises(PassError, match="does not read a stored weight"):
         PackInt4Weights()(gm)

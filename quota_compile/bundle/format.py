@@ -418,7 +418,7 @@ def _pruning_lines(manifest: dict, verify: dict, recipe, figures: list[str]) -> 
     lines += [
         f"- KV cache per sequence ({kv['prompt_length']} prompt + {kv['generated']} generated tokens): "
         f"{human_size(kv['bundle'])} vs {human_size(kv['fp16_unpruned'])} for an unpruned FP16 cache ({kv['ratio']:.2f}× smaller)",
-        f"- kept-index agreement, PyTorch vs onnxruntime, every pruning layer and sample: "
+        "- kept-index agreement, PyTorch vs onnxruntime, every pruning layer and sample: "
         + (f"{verify['kept_index_agreement']:.0%}" if verify.get("kept_index_agreement") is not None else "n/a"),
         "",
         "| layer | visual tokens | KV length |",

@@ -100,7 +100,6 @@ def _run_passes(gm: fx.GraphModule, qm: QuantizedModel, kv_inputs=(), kv_outputs
         if tables:
             pipeline.append(QuantizeEmbedding(tables))
     log = []
-    plain_signature(gm)
     for p in pipeline:
         log.append((p.name, p(gm).modified))
     remove_unused_attributes(gm)
@@ -108,9 +107,10 @@ def _run_passes(gm: fx.GraphModule, qm: QuantizedModel, kv_inputs=(), kv_outputs
 
 
 def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple) -> fx.GraphModule:
+    """``module`` exported, with plain positional I/O for the passes (:func:`plain_signature`)."""
     with torch.no_grad():
         ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-    return ep.module()
+    return plain_signature(ep.module())
 
 
 def _stored(x: torch.Tensor, qm: QuantizedModel, layer: int, which: int) -> tuple[torch.Tensor, ...]:
@@ -128,7 +128,7 @@ def trace_programs(vlm: VLM, qm: QuantizedModel, programs: Programs, quantized: 
     kv_quant = quantized and not weight_only
     kv_names = kv_stored_names(qm.kv_granularity) if kv_quant else KV_FLOAT
     gen = torch.Generator().manual_seed(0)
-    n_layers, bits = vlm.num_layers, qm.kv_bits
+    n_layers = vlm.num_layers
     start, count = programs.prefill.visual_start, programs.prefill.visual_count
     max_pos = int(getattr(vlm.text_config, "max_position_embeddings", 4096))
     batch = Dim("batch", min=1, max=4096)

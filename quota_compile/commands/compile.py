@@ -27,6 +27,10 @@ from quota_compile.bundle.schema import (
     FORMAT_VERSION,
     FlavourVerification,
     GraphEntry,
+    KV_SCALES,
+    RECIPE,
+    REPORT,
+    TOKENIZER,
     KVCodes,
     KVLayer,
     KVScale,
@@ -169,11 +173,11 @@ def _compile(config_file: Path, force: bool, console: Console, recipe_path: str 
                 if flavour.derived:
                     (tmp / flavour.folder).mkdir()
                     built.save(tmp / flavour.folder, flavour.name)
-            vlm.processor.save_pretrained(tmp / "tokenizer")
+            vlm.processor.save_pretrained(tmp / TOKENIZER)
             if qm.kv_scales is not None:
                 import numpy as np
 
-                np.save(tmp / "kv_scales.npy", qm.kv_scales.numpy())
+                np.save(tmp / KV_SCALES, qm.kv_scales.numpy())
 
             with progress.stage("verify", f"onnxruntime vs PyTorch on {cfg.verify.samples} held-out samples"):
                 try:
@@ -203,11 +207,11 @@ def _compile(config_file: Path, force: bool, console: Console, recipe_path: str 
                     pruning=pruning,
                     calibration=provenance,
                 )
-                recipe.dump(tmp / "recipe.yaml")
+                recipe.dump(tmp / RECIPE)
                 manifest = build_manifest(cfg, vlm, model_hash, span, models, tmp, pruning, report, build, targets)
                 figures = draw_figures(tmp, vlm, span, pruning, cfg.pruning, samples, reference)
                 passes = {g: t.passes for g, t in traced.items()}
-                (tmp / "report.md").write_text(report_markdown(name, manifest, report, passes, recipe, figures), encoding="utf-8")
+                (tmp / REPORT).write_text(report_markdown(name, manifest, report, passes, recipe, figures), encoding="utf-8")
                 manifest = write_manifest(tmp, manifest)
 
     return CompileResult(final, manifest, report, time.perf_counter() - progress.start)
