@@ -94,14 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     bb = command("bench", "prefill latency, decode tokens/s, KV bytes and size of PyTorch eager, onnxruntime fp32, quantized and the bundle")
     bb.add_argument("config", type=Path, help="the model.yaml (its bench section sets repeats, tokens, threads)")
     bb.add_argument("--force", action="store_true", help="replace an existing <name>-bench folder")
-    r = command("run", "answer questions about images with a compiled bundle (onnxruntime)")
+    r = command("run", "answer questions about images with a compiled bundle (onnxruntime, or PyTorch with --backend torch)")
     r.add_argument("bundle", type=Path, help="the bundle folder (<output.dir>/<name>/); it is checked against its manifest.json first")
     r.add_argument("--image", action="append", required=True, type=Path, help="an image file; repeat for a batch")
     r.add_argument("--prompt", action="append", required=True, help="the question for the image at the same position (fills {question} in the bundle's prompt template)")
     r.add_argument("--max-new-tokens", type=int, default=32, help="generate at most this many tokens per answer (greedy; fewer at EOS)")
     r.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto",
-        help="auto: onnxruntime's CUDA/TensorRT providers where installed (quota-compile[gpu]), else the CPU; cuda: refuse to run without them",
+        help="auto: onnxruntime's CUDA/TensorRT providers where installed (quota-compile[gpu]), else the CPU (with --backend torch: CUDA where PyTorch sees a GPU); cuda: refuse to run without them",
+    )
+    r.add_argument(
+        "--backend", choices=["onnxruntime", "torch"], default="onnxruntime",
+        help="onnxruntime: the ONNX flavour the manifest marks for the runtime; torch: the bundle's torch flavour (export.targets: [..., torch]), its W4A4 Linears and decode attention as Triton kernels on CUDA",
     )
     w = command("write-builtin", "write a builtin model as a Hugging Face checkpoint folder")
     w.add_argument("name", help="builtin model name, e.g. tiny-llava (an unknown name gets the list)")
@@ -200,7 +204,7 @@ def _run(args) -> int:
     if args.max_new_tokens < 1:
         raise UserError("command line: --max-new-tokens must be at least 1.")
     images = [load_image(img) for img in args.image]  # every image decodes, before the bundle is loaded
-    runner = BundleRunner(args.bundle, device=args.device, say=lambda line: print(line, file=sys.stderr))
+    runner = BundleRunner(args.bundle, device=args.device, say=lambda line: print(line, file=sys.stderr), backend=args.backend)
     for warning in runner.prompt_warnings(list(args.prompt)):
         print(f"quota-compile: warning: {warning}", file=sys.stderr)
     for answer in runner.answer(images, list(args.prompt), args.max_new_tokens):

@@ -247,7 +247,7 @@ class OnnxruntimeExport(_Section):
 
 # The names export.targets accepts: the built-in flavours, and any registered with
 # quota_compile.flavours.registry.register_flavour (which adds its name here).
-TARGETS: list[str] = ["portable", "onnxruntime", "tensorrt"]
+TARGETS: list[str] = ["portable", "onnxruntime", "tensorrt", "torch"]
 
 
 def _alternatives(names: list[str]) -> str:
@@ -262,7 +262,7 @@ class ExportSection(_Section):
     # runtime then uses; tensorrt: also the TensorRT flavour in <bundle>/tensorrt/ (plugin
     # nodes for the W4A4 Linears and the quantized KV cache; quota_compile/flavours/tensorrt/lower.py),
     # verified through onnxruntime-extensions, and its engines where TensorRT and a GPU are.
-    targets: list[str] = Field(default_factory=lambda: ["portable"], min_length=1, description="graph flavours: `portable` (standard ONNX ops; always required, it is the reference the others are derived from), `onnxruntime` (in `onnxruntime/`, docs/onnxruntime.md) and `tensorrt` (in `tensorrt/`, plugin nodes; needs `activations.bits: 4` and onnxruntime-extensions; docs/gpu.md), and any flavour registered with `quota_compile.flavours.registry.register_flavour` (docs/architecture.md)")
+    targets: list[str] = Field(default_factory=lambda: ["portable"], min_length=1, description="graph flavours: `portable` (standard ONNX ops; always required, it is the reference the others are derived from), `onnxruntime` (in `onnxruntime/`, docs/onnxruntime.md) and `tensorrt` (in `tensorrt/`, plugin nodes; needs `activations.bits: 4` and onnxruntime-extensions; docs/gpu.md), `torch` (in `torch/`, the PyTorch path as torch.export archives for `quota-compile run --backend torch`; docs/gpu.md), and any flavour registered with `quota_compile.flavours.registry.register_flavour` (docs/architecture.md)")
     onnxruntime: OnnxruntimeExport = Field(default_factory=OnnxruntimeExport, description="settings of the onnxruntime flavour")
     # Functions applied to the portable graphs after export, before the flavours and the
     # verification (quota_compile/export/user_passes.py): "module:function", the module importable

@@ -181,7 +181,7 @@ def _compile(config_file: Path, force: bool, console: Console, recipe_path: str 
 
             with progress.stage("verify", f"onnxruntime vs PyTorch on {cfg.verify.samples} held-out samples"):
                 try:
-                    build.programs = programs
+                    build.programs, build.traced = programs, traced
                     build.reference = reference = TorchBackend(programs)
                     build.samples = samples = held_out_samples(vlm, cfg.verify, span, cfg.calibration.dataset)
                     build.probe = CodeProbe(models)

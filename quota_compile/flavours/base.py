@@ -45,6 +45,7 @@ class FlavourBuild:
     folder: Path | None = None  # the bundle's work folder, once it exists
     lowered: dict[str, dict[str, onnx.ModelProto]] = field(default_factory=dict)  # per flavour name
     programs: Any = None  # the traced programs' eager modules (capture.trace.Programs)
+    traced: Any = None  # graph name -> capture.trace.TracedProgram (after the passes)
     reference: Any = None  # the PyTorch simulation backend (verify stage)
     samples: list = field(default_factory=list)  # held-out samples (verify stage)
     probe: Any = None  # the portable graphs' CodeProbe (verify stage)

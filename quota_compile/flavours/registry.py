@@ -1,4 +1,4 @@
-"""The flavours a compile knows: the built-in ones (portable, onnxruntime, tensorrt) and any
+"""The flavours a compile knows: the built-in ones (portable, onnxruntime, tensorrt, torch) and any
 registered with :func:`register_flavour`."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from quota_compile.flavours.base import Flavour
 from quota_compile.flavours.onnxruntime.flavour import OnnxruntimeFlavour
 from quota_compile.flavours.portable import PortableFlavour
 from quota_compile.flavours.tensorrt.flavour import TensorrtFlavour
+from quota_compile.flavours.torch_path import TorchFlavour
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 _FLAVOURS: dict[str, Flavour] = {}
@@ -54,6 +55,6 @@ def runtime_flavour(targets: list[str]) -> str:
     return max(ranked, key=lambda f: f.runtime_rank).name
 
 
-BUILTIN = ("portable", "onnxruntime", "tensorrt")
-for _flavour in (PortableFlavour(), OnnxruntimeFlavour(), TensorrtFlavour()):
+BUILTIN = ("portable", "onnxruntime", "tensorrt", "torch")
+for _flavour in (PortableFlavour(), OnnxruntimeFlavour(), TensorrtFlavour(), TorchFlavour()):
     register_flavour(_flavour)

@@ -27,13 +27,14 @@ Not verified: a CUDA run (no GPU on this machine).
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
-import numpy as np
 import torch
 from torch import fx
 
-from quota_compile.bundle.schema import KEPT, PAST
-from quota_compile.runtime.ort import append_kv
+from quota_compile.bundle.schema import GRAPHS, KEPT, PAST, FlavourEntry
+from quota_compile.flavours.base import Flavour, FlavourBuild
+from quota_compile.runtime.torch_programs import PROGRAM_SUFFIX, ProgramBackend, load_programs
 
 
 def kernel_programs(traced: dict, device: str | torch.device = "cuda") -> dict[str, fx.GraphModule]:
@@ -53,27 +54,76 @@ def kernel_programs(traced: dict, device: str | torch.device = "cuda") -> dict[s
     return out
 
 
-class KernelBackend:
+class KernelBackend(ProgramBackend):
     """:func:`kernel_programs` behind the runtime's Backend interface (numpy in and out)."""
 
     def __init__(self, traced: dict, device: str | torch.device = "cuda"):
-        self.device = torch.device(device)
-        self.programs = kernel_programs(traced, self.device)
-        self._kept = sum(1 for n in traced["prefill"].output_names if n.startswith(KEPT))
+        kept = sum(1 for n in traced["prefill"].output_names if n.startswith(KEPT))
+        super().__init__(kernel_programs(traced, device), kept, device)
 
-    def _run(self, name: str, values: list[np.ndarray]) -> list[np.ndarray]:
+
+def save_programs(traced: dict, folder: Path) -> dict[str, Path]:
+    """:func:`kernel_programs` (on the CPU) exported again, with the traced programs' example
+    inputs and dynamic shapes, and saved as ``folder/<graph>.pt2`` (``torch.export.save``)."""
+    programs = kernel_programs(traced, "cpu")
+    paths = {}
+    for g in GRAPHS:
+        t = traced[g]
         with torch.no_grad():
-            out = self.programs[name](*(torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for v in values))
-        out = out if isinstance(out, (tuple, list)) else (out,)
-        return [o.cpu().numpy() for o in out]
+            ep = torch.export.export(programs[g], tuple(t.args), dynamic_shapes=tuple(t.dynamic_shapes), strict=False)
+        paths[g] = folder / f"{g}{PROGRAM_SUFFIX}"
+        torch.export.save(ep, paths[g])
+    return paths
 
-    def vision(self, pixel_values):
-        return self._run("vision", [pixel_values])[0]
 
-    def prefill(self, input_ids, attention_mask, image_features):
-        out = self._run("prefill", [input_ids, attention_mask, image_features])
-        return out[0], out[1 : len(out) - self._kept], out[len(out) - self._kept :]
+class TorchFlavour(Flavour):
+    """``export.targets: [..., torch]``: the PyTorch execution path in the bundle, ``torch/{vision,
+    prefill,decode}.pt2``; ``quota-compile run --backend torch`` runs it. Its programs are the
+    traced ones (not a lowering of the portable ONNX graphs). Verified on the CPU: the saved
+    archives are loaded back and run (the two kernels' operators as their PyTorch definitions)
+    through the gate against the simulation, without an observation copy (the activation codes
+    stay inside ``quota.w4a4_linear``): KV codes, kept indices, greedy tokens and the logits."""
 
-    def decode(self, input_ids, position_ids, attention_mask, past):
-        out = self._run("decode", [input_ids, position_ids, attention_mask, *past])
-        return out[0], append_kv(past, out[1:])
+    name = "torch"
+    folder = "torch"
+    derived = True  # a folder of its own; no ONNX graphs in it
+    runtime_rank = None  # eval, bench and the default runner use the ONNX flavours
+
+    def lower(self, cfg, models, quantized_kv: bool = True) -> dict:
+        return {}
+
+    def verify(self, build: FlavourBuild) -> dict:
+        from quota_compile.verify.gate import verify
+
+        folder = build.folder / self.folder
+        build.note("the torch flavour: torch.export of the kernel programs ...")
+        save_programs(build.traced, folder)
+        kept = sum(1 for n in build.traced["prefill"].output_names if n.startswith(KEPT))
+        backend = ProgramBackend(load_programs(folder, "cpu"), kept, "cpu")
+        cfg = build.cfg.verify
+        report = verify(build.reference, backend, build.samples, cfg)
+        # No observation copy here, so the gate's teacher-forced code counts are empty; on the
+        # CPU these programs run the simulation's own operators, so the KV codes each call
+        # writes on the simulation's inputs are held to the same flip rate instead.
+        kv = report["codes_free_running"]["kv_cache"]
+        if kv["rate"] is not None and kv["rate"] > cfg.max_code_flip_rate:
+            where = kv["tensors_with_flips"][0]["where"] if kv["tensors_with_flips"] else "?"
+            report["failures"].append(
+                f"KV-cache code-flip rate {kv['rate']:.3g} ({kv['flips']} of {kv['compared']} codes differ on the simulation's inputs; "
+                f"most in {where}) exceeds verify.max_code_flip_rate {cfg.max_code_flip_rate:g}"
+            )
+            report["passed"] = False
+        report["runtime"] = "PyTorch (torch.export programs, CPU)"
+        report["flavour"] = self.name
+        return report
+
+    def manifest_entry(self, build: FlavourBuild) -> dict:
+        folder = build.folder / self.folder
+        entry = FlavourEntry(
+            folder=self.folder,
+            graphs=sorted(GRAPHS),
+            bytes={g: (folder / f"{g}{PROGRAM_SUFFIX}").stat().st_size for g in sorted(GRAPHS)},
+            used_by_runtime=False,
+        ).model_dump(mode="json")
+        entry["format"] = "torch.export archive (.pt2); quota.w4a4_linear and quota.kv_decode_attention: Triton kernels on CUDA, their PyTorch definitions on the CPU"
+        return entry

@@ -219,9 +219,12 @@ def load_image(path: str | Path, option: str = "--image"):
 class BundleRunner:
     """Answer questions about images with a compiled bundle."""
 
-    def __init__(self, bundle: str | Path, providers: list[str] | None = None, device: str = "auto", say: Callable[[str], None] | None = None):
+    def __init__(self, bundle: str | Path, providers: list[str] | None = None, device: str = "auto", say: Callable[[str], None] | None = None,
+                 backend: str = "onnxruntime"):
         """``providers`` (onnxruntime's names) or ``device`` (:func:`choose_providers`); ``say``
-        gets one line when GPU providers were asked for but the sessions run on the CPU."""
+        gets one line when GPU providers were asked for but the sessions run on the CPU.
+        ``backend="torch"``: the bundle's torch flavour instead, on ``device``
+        (:func:`quota_compile.runtime.torch_programs.torch_device`)."""
         from PIL import Image
         from transformers import AutoProcessor
 
@@ -245,9 +248,19 @@ class BundleRunner:
                 f"{manifest_path}: key 'model.prompt_template' does not put {self.visual_span[1]} image tokens at position "
                 f"{self.visual_span[0]} with the bundle's tokenizer (keys 'model.visual_start', 'model.visual_tokens')."
             ) from None
+        flavours = self.manifest.flavours
+        if backend == "torch":
+            from quota_compile.runtime.torch_programs import ProgramBackend, load_programs, torch_device
+
+            if "torch" not in flavours:
+                raise UserError(f"{manifest_path}: key 'flavours' has no torch flavour; compile the bundle with export.targets including torch to run it with --backend torch.")
+            self.flavour = "torch"
+            where = torch_device(device)
+            kept = sum(1 for o in self.manifest.graphs["prefill"].outputs if o.name.startswith(KEPT))
+            self.backend = ProgramBackend(load_programs(bundle / flavours["torch"].folder, where), kept, where)
+            return
         # The flavour the manifest marks as the runtime's (the onnxruntime flavour when the bundle
         # has it: faster on the CPU), else portable.
-        flavours = self.manifest.flavours
         self.flavour = next((name for name, entry in flavours.items() if entry.used_by_runtime), "portable")
         folder = bundle / (flavours[self.flavour].folder if self.flavour in flavours else PORTABLE_FOLDER)
         self.backend = OrtBackend(folder, providers or choose_providers(device))
