@@ -32,8 +32,14 @@ def register_operators() -> None:
 
 def load_programs(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
     """The three programs saved in ``folder``, on ``device``."""
+    import warnings
+
     register_operators()
-    return {g: torch.export.load(folder / f"{g}{PROGRAM_SUFFIX}").module().to(device) for g in GRAPHS}
+    with warnings.catch_warnings():
+        # (torch 2.10 reads the archive's weights from a read-only buffer and says so; they are
+        # never written)
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return {g: torch.export.load(folder / f"{g}{PROGRAM_SUFFIX}").module().to(device) for g in GRAPHS}
 
 
 class ProgramBackend:
