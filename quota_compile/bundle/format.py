@@ -488,8 +488,10 @@ def _flavour_lines(verify: dict) -> list[str]:
     return out
 
 
-def report_markdown(name: str, manifest: Manifest | dict, verify: VerifyReport | dict, passes: dict[str, list], recipe, figures: list[str]) -> str:
-    """report.md, from the manifest and the verification (typed or as their JSON documents)."""
+def report_markdown(name: str, manifest: Manifest | dict, verify: VerifyReport | dict, passes: dict[str, list], recipe, figures: list[str],
+                    stages: list[tuple[str, float, int]] | None = None) -> str:
+    """report.md, from the manifest and the verification (typed or as their JSON documents);
+    ``stages``: the compile's finished stages as ``(stage, seconds, peak RSS bytes)``."""
     manifest = manifest.doc() if isinstance(manifest, Manifest) else manifest
     verify = verify.doc() if isinstance(verify, VerifyReport) else verify
     m, q = manifest["model"], manifest["quantization"]
@@ -526,13 +528,16 @@ def report_markdown(name: str, manifest: Manifest | dict, verify: VerifyReport |
         f"- held-out samples: {verify['samples']}, greedy tokens each: {verify['new_tokens']} (seed {verify['seed']})",
         *_gate_lines(verify),
         f"- worst relative error of the visual embeddings: {verify['max_vision_rel_error']:.3g}",
-        f"- samples with identical greedy tokens: {verify['greedy_agreement']:.0%} (required {verify['thresholds']['min_greedy_agreement']:.0%}); "
-        f"tokens agreeing: {verify['token_agreement']:.1%}",
+        f"- samples with identical greedy tokens: {verify['greedy_agreement']:.0%} (required {verify['thresholds']['min_greedy_agreement']:.0%}"
+        + (f"; {verify['greedy_divergences_at_rounding_ties']} more diverge only after a rounding tie, which counts as agreeing"
+           if verify.get("greedy_divergences_at_rounding_ties") else "")
+        + f"); tokens agreeing: {verify['token_agreement']:.1%}",
         "- Polygraphy comparator, one sample per graph (informational; kept indices exact, float outputs by mean error): "
         + ", ".join(f"{g} {'passed' if r['passed'] else 'FAILED'}" for g, r in verify.get("polygraphy", {}).items()),
         f"- result: {'passed' if verify['passed'] else 'FAILED: ' + '; '.join(verify['failures'])}",
         "",
         *_flavour_lines(verify),
+        *_stage_lines(stages),
         "## Not verified here",
         "",
         "TensorRT engines and GPU execution are not part of this bundle. Accuracy on a benchmark is",
@@ -541,3 +546,20 @@ def report_markdown(name: str, manifest: Manifest | dict, verify: VerifyReport |
         "",
     ]
     return "\n".join(lines)
+
+
+def _stage_lines(stages: list[tuple[str, float, int]] | None) -> list[str]:
+    """The compile's time and peak memory per stage (the stages finished when report.md was
+    written: all but the bundle stage)."""
+    if not stages:
+        return []
+    lines = [
+        "## Compile",
+        "",
+        "Peak memory: the largest resident set size of the process during the stage (sampled every 50 ms).",
+        "",
+        "| stage | seconds | peak memory |",
+        "|---|---:|---:|",
+    ]
+    lines += [f"| {name} | {seconds:.1f} | {human_size(peak)} |" for name, seconds, peak in stages]
+    return [*lines, ""]

@@ -5,6 +5,7 @@ only sequences them, reports progress and writes the bundle atomically."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from quota_compile.bundle.format import (
     atomic_folder,
     check_destination,
     graph_io,
+    human_size,
     report_markdown,
     versions,
     write_manifest,
@@ -66,20 +68,52 @@ class CompileResult:
     seconds: float
 
 
+class PeakMemory:
+    """The largest resident set size (RSS) of this process while it is open, sampled every
+    ``interval`` seconds by a thread (a peak shorter than that can be missed), in bytes."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, name="quota-compile peak memory", daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
 class Progress:
-    """One line per stage on stderr with its elapsed time."""
+    """One line per stage on stderr with its elapsed time and its peak memory; :attr:`stages`
+    keeps ``(stage, seconds, peak RSS bytes)`` of each finished stage (for report.md)."""
 
     def __init__(self, console: Console):
         self.console = console
         self.start = time.perf_counter()
+        self.stages: list[tuple[str, float, int]] = []
 
     @contextlib.contextmanager
     def stage(self, name: str, what: str) -> Iterator[None]:
         i = STAGES.index(name) + 1
         t0 = time.perf_counter()
         self.console.print(f"[{i}/{len(STAGES)}] {name:<9} {what} ...", highlight=False)
-        yield
-        self.console.print(f"      {'':<9} done in {time.perf_counter() - t0:.1f} s", style="dim", highlight=False)
+        with PeakMemory() as memory:
+            yield
+        seconds = time.perf_counter() - t0
+        self.stages.append((name, seconds, memory.peak))
+        self.console.print(f"      {'':<9} done in {seconds:.1f} s, peak memory {human_size(memory.peak)}", style="dim", highlight=False)
 
     def note(self, what: str) -> None:
         """A line inside a long stage: which graph or flavour it is at."""
@@ -211,7 +245,7 @@ def _compile(config_file: Path, force: bool, console: Console, recipe_path: str 
                 manifest = build_manifest(cfg, vlm, model_hash, span, models, tmp, pruning, report, build, targets)
                 figures = draw_figures(tmp, vlm, span, pruning, cfg.pruning, samples, reference)
                 passes = {g: t.passes for g, t in traced.items()}
-                (tmp / REPORT).write_text(report_markdown(name, manifest, report, passes, recipe, figures), encoding="utf-8")
+                (tmp / REPORT).write_text(report_markdown(name, manifest, report, passes, recipe, figures, progress.stages), encoding="utf-8")
                 manifest = write_manifest(tmp, manifest)
 
     return CompileResult(final, manifest, report, time.perf_counter() - progress.start)
