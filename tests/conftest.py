@@ -80,6 +80,7 @@ SLOW = {
     "test_gptq.py": ("test_gptq_on_the_model",),
     "test_rotation.py": ("test_compiled_graphs_rotate_online",),
     "test_trt_flavour.py": ("test_one_plugin_per_w4a4_linear",),
+    "test_torch_flavour.py": ("",),
 }
 
 
