@@ -86,7 +86,7 @@ def test_every_argument_of_every_command_has_a_help_text_with_its_default(capsys
         for action in sub._actions:
             assert action.help, f"{name} {action.dest} has no help text"
         assert cli.main([name, "--help"]) == 0
-        out = capsys.readouterr().out
+        out = " ".join(capsys.readouterr().out.split())  # (argparse wraps the help at the terminal's width)
         for action in sub._actions:
             if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
                 assert f"(default: {action.default})" in out, f"{name} {action.dest}: default not shown"
