@@ -488,10 +488,8 @@ def _flavour_lines(verify: dict) -> list[str]:
     return out
 
 
-def report_markdown(name: str, manifest: Manifest | dict, verify: VerifyReport | dict, passes: dict[str, list], recipe, figures: list[str],
-                    stages: list[tuple[str, float, int]] | None = None) -> str:
-    """report.md, from the manifest and the verification (typed or as their JSON documents);
-    ``stages``: the compile's finished stages as ``(stage, seconds, peak RSS bytes)``."""
+def report_markdown(name: str, manifest: Manifest | dict, verify: VerifyReport | dict, passes: dict[str, list], recipe, figures: list[str]) -> str:
+    """report.md, from the manifest and the verification (typed or as their JSON documents)."""
     manifest = manifest.doc() if isinstance(manifest, Manifest) else manifest
     verify = verify.doc() if isinstance(verify, VerifyReport) else verify
     m, q = manifest["model"], manifest["quantization"]
@@ -537,7 +535,6 @@ def report_markdown(name: str, manifest: Manifest | dict, verify: VerifyReport |
         f"- result: {'passed' if verify['passed'] else 'FAILED: ' + '; '.join(verify['failures'])}",
         "",
         *_flavour_lines(verify),
-        *_stage_lines(stages),
         "## Not verified here",
         "",
         "TensorRT engines and GPU execution are not part of this bundle. Accuracy on a benchmark is",
@@ -546,20 +543,3 @@ def report_markdown(name: str, manifest: Manifest | dict, verify: VerifyReport |
         "",
     ]
     return "\n".join(lines)
-
-
-def _stage_lines(stages: list[tuple[str, float, int]] | None) -> list[str]:
-    """The compile's time and peak memory per stage (the stages finished when report.md was
-    written: all but the bundle stage)."""
-    if not stages:
-        return []
-    lines = [
-        "## Compile",
-        "",
-        "Peak memory: the largest resident set size of the process during the stage (sampled every 50 ms).",
-        "",
-        "| stage | seconds | peak memory |",
-        "|---|---:|---:|",
-    ]
-    lines += [f"| {name} | {seconds:.1f} | {human_size(peak)} |" for name, seconds, peak in stages]
-    return [*lines, ""]

@@ -97,7 +97,8 @@ class PeakMemory:
 
 class Progress:
     """One line per stage on stderr with its elapsed time and its peak memory; :attr:`stages`
-    keeps ``(stage, seconds, peak RSS bytes)`` of each finished stage (for report.md)."""
+    keeps ``(stage, seconds, peak RSS bytes)`` of each finished stage. (Not in report.md: the
+    bundle's files are hashed and must be the same for the same inputs.)"""
 
     def __init__(self, console: Console):
         self.console = console
@@ -245,7 +246,7 @@ def _compile(config_file: Path, force: bool, console: Console, recipe_path: str 
                 manifest = build_manifest(cfg, vlm, model_hash, span, models, tmp, pruning, report, build, targets)
                 figures = draw_figures(tmp, vlm, span, pruning, cfg.pruning, samples, reference)
                 passes = {g: t.passes for g, t in traced.items()}
-                (tmp / REPORT).write_text(report_markdown(name, manifest, report, passes, recipe, figures, progress.stages), encoding="utf-8")
+                (tmp / REPORT).write_text(report_markdown(name, manifest, report, passes, recipe, figures), encoding="utf-8")
                 manifest = write_manifest(tmp, manifest)
 
     return CompileResult(final, manifest, report, time.perf_counter() - progress.start)
