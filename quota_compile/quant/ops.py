@@ -187,6 +187,16 @@ def kv_packed_dim(head_dim: int, bits: int) -> int:
     return head_dim // 2 if bits == 4 else head_dim
 
 
+def _kv_range(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lo, scale, zero_point)`` of :func:`quantize_kv`, per token and head (``[..., 1]``,
+    float32 zero point before its cast)."""
+    qmax = float(2**bits - 1)
+    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0.0)
+    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0.0)
+    scale = torch.clamp_min((hi - lo) / qmax, SCALE_EPS)
+    return lo, scale, torch.clamp(torch.round(-lo / scale), 0.0, qmax)
+
+
 @torch.library.custom_op("quota::quantize_kv", mutates_args=())
 def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric per-token-per-head quantization of K or V ``[B, H, T, D]``.
@@ -195,10 +205,7 @@ def quantize_kv(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor,
     [B, H, T, 1])``.
     """
     qmax = float(2**bits - 1)
-    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0.0)
-    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0.0)
-    scale = torch.clamp_min((hi - lo) / qmax, SCALE_EPS)
-    zero_point = torch.clamp(torch.round(-lo / scale), 0.0, qmax)
+    lo, scale, zero_point = _kv_range(x, bits)
     q = torch.clamp(torch.round(x / scale) + zero_point, 0.0, qmax).to(torch.uint8)
     if bits == 4:
         q = _pack_pairs(q)
@@ -252,10 +259,7 @@ def kv_margins(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     (``[B, H, T, D]``, clamped to ``[-zero_point, qmax - zero_point]``) and the zero points'
     ``-lo / scale`` (``[B, H, T, 1]``)."""
     qmax = float(2**bits - 1)
-    lo = torch.clamp(x.amin(dim=-1, keepdim=True), max=0.0)
-    hi = torch.clamp(x.amax(dim=-1, keepdim=True), min=0.0)
-    scale = torch.clamp_min((hi - lo) / qmax, SCALE_EPS)
-    zero_point = torch.clamp(torch.round(-lo / scale), 0.0, qmax)
+    lo, scale, zero_point = _kv_range(x, bits)
     return rounding_margin(x / scale, -zero_point, qmax - zero_point), rounding_margin(-lo / scale, 0.0, qmax)
 
 
