@@ -153,8 +153,8 @@ def _eval(args) -> int:
     folder, doc = run_eval(args.config, force=args.force, console=console)
     ds = doc["dataset"]
     table = Table(title=f"ShapesVQA {ds['split']} ({ds['questions']} questions): accuracy and retention vs FP32")
-    for col in ("variant", "avg keep", "accuracy %", "retention %", "weakest family %"):
-        table.add_column(col, justify="left" if col in ("variant", "weakest family %") else "right")
+    for col in ("variant", "avg keep", "accuracy % [95% CI]", "retention %", "vs quota (McNemar)", "weakest family %"):
+        table.add_column(col, justify="left" if col in ("variant", "vs quota (McNemar)", "weakest family %") else "right")
     for row in retention_table(doc):
         table.add_row(*row)
     Console().print(table)

@@ -159,6 +159,21 @@ def test_lowbit_and_fp_signals_differ_and_calibration_is_deterministic(tiny):
     assert sum(keep) == round(0.4 * 8 * 64)  # the allocator realises the budget exactly
 
 
+def test_quota_fp_calibrates_on_the_full_precision_model_whatever_signals_says(tiny):
+    vlm, qm = tiny
+    vision = build_programs(vlm, qm).vision
+    cal = CalibrationSection(num_samples=6)
+    span = vlm.visual_span()
+    stagewise, _ = calibrate(vlm, qm, vision, span, PruningSection(method="quota-fp", keep_ratio=0.4, signals="lowbit"), cal)
+    fp, _ = calibrate(vlm, qm, vision, span, PruningSection(method="quota", keep_ratio=0.4, signals="fp"), cal)
+    low, _ = calibrate(vlm, qm, vision, span, PruningSection(method="quota", keep_ratio=0.4, signals="lowbit"), cal)
+    assert stagewise.method == "quota-fp" and stagewise.signals == "fp"
+    # the same measurements as quota with fp signals: every candidate's schedule and held-out KL
+    assert stagewise.model_copy(update={"method": "quota"}) == fp
+    # and not the low-bit ones: the KLs of the weight search were measured on another model
+    assert [p.kl for p in stagewise.weight_search] != [p.kl for p in low.weight_search]
+
+
 @pytest.mark.parametrize("method", ["fastv", "pdrop", "random"])
 def test_baseline_schedules_meet_the_budget(tiny, method):
     vlm, qm = tiny

@@ -349,21 +349,36 @@ def kept_patches_overlay(
 def retention_chart(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
     """Line chart of ``quota-compile eval`` results: x the average keep ratio, y the retention in
     percent (accuracy / full-precision accuracy), one line per pruning method; the unpruned
-    variants are horizontal reference lines. ``rows``: eval.json's ``variants`` (keys
-    ``method``, ``keep_ratio``, ``retention``, ``label``). Written as a 600x320 PNG."""
+    variants are horizontal reference lines. Where the rows carry ``retention_ci95`` (the
+    bootstrap intervals of ``eval``), each point gets its interval as an error bar (methods
+    nudged apart on x so that the bars do not overlap) and the quantized unpruned line a band.
+    ``rows``: eval.json's ``variants`` (keys ``method``, ``keep_ratio``, ``retention``,
+    ``label``). Written as a 600x320 PNG."""
     fig = _new_figure(_SCHEDULE_SIZE_IN)
     ax = fig.add_subplot(1, 1, 1)
-    palette = {"quota": "#C44E52", "fastv": "#DD8452", "pdrop": "#55A868", "random": "#8C8C8C"}
+    palette = {"quota": "#C44E52", "quota-fp": "#8172B3", "fastv": "#DD8452", "pdrop": "#55A868", "random": "#8C8C8C"}
     methods = sorted({r["method"] for r in rows if r["method"] != "none"}, key=lambda m: list(palette).index(m) if m in palette else 99)
     for r in rows:
         if r["method"] == "none" and r.get("retention") is not None:
             style = ":" if r["quantized"] else "-"
             ax.axhline(100 * r["retention"], color="#4C72B0", linestyle=style, linewidth=1.1, label=r["label"])
+            ci = r.get("retention_ci95")
+            if r["quantized"] and ci is not None:  # the FP32 line is 100 by definition
+                ax.axhspan(100 * ci[0], 100 * ci[1], color="#4C72B0", alpha=0.12, linewidth=0)
+    offsets = {m: (i - (len(methods) - 1) / 2) * 0.004 for i, m in enumerate(methods)}  # keep the bars apart
     for m in methods:
-        pts = sorted((r["keep_ratio"], 100 * r["retention"]) for r in rows if r["method"] == m and r.get("retention") is not None)
+        pts = sorted(
+            (r["keep_ratio"], 100 * r["retention"], r.get("retention_ci95"))
+            for r in rows if r["method"] == m and r.get("retention") is not None
+        )
         if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", color=palette.get(m, "#937860"), linewidth=1.5, label=m)
+            xs = [x + offsets[m] for x, _, _ in pts]
+            ys = [y for _, y, _ in pts]
+            color = palette.get(m, "#937860")
+            ax.plot(xs, ys, marker="o", color=color, linewidth=1.5, label=m)
+            if all(ci is not None for _, _, ci in pts):
+                err = [[y - 100 * ci[0] for _, y, ci in pts], [100 * ci[1] - y for _, y, ci in pts]]
+                ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor=color, elinewidth=1.0, capsize=2.5)
     ax.set_xlabel("average share of visual tokens kept")
     ax.set_ylabel("retention (% of FP32 accuracy)")
     ax.set_title(title, fontsize=10)

@@ -2,8 +2,8 @@
 layer-wise keep schedule.
 
 The calibration samples run through the quantized simulation (W4A4 + quantized KV cache; with
-``pruning.signals: fp`` through the full-precision model instead, which is the stage-wise
-combination). At the input of every decoder layer after the first we record, per visual token,
+``pruning.signals: fp``, or ``pruning.method: quota-fp``, through the full-precision model
+instead, which is the stage-wise combination). At the input of every decoder layer after the first we record, per visual token,
 the three signals of :func:`quota_compile.pruning.score.visual_signals`, and per layer the share of
 the query tokens' attention that goes to visual tokens (the layer's measured sensitivity).
 
@@ -175,7 +175,8 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
         holdout = max(1, round(len(batches) * calibration.holdout))
         fit, held = batches[:-holdout], batches[-holdout:]
         place = Placement(vlm.model, calibration.device, calibration.sequential)
-        with qm.fake_quant(pruning.signals == "lowbit"), place.active():
+        on = method.calibration_signals(pruning)
+        with qm.fake_quant(on == "lowbit"), place.active():
             unpruned = PrefillProgram(vlm, qm, start, v)
             signals = collect_signals(vision, unpruned, fit, pruning.query_tokens, act, place)
             candidates = weight_grid() if pruning.weights == "auto" else [ScoreWeights(**pruning.weights.model_dump())]
@@ -200,7 +201,7 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
     keep = list(schedule.keep)
     recipe = PruningRecipe(
         method=method.name,
-        signals=pruning.signals,
+        signals=on,
         keep_ratio=pruning.keep_ratio,
         query_tokens=pruning.query_tokens,
         weights=_weights(w),

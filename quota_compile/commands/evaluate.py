@@ -47,6 +47,7 @@ from quota_compile.config import bundle_name, load_config
 from quota_compile.errors import ConfigError, UserError, errors_in
 from quota_compile.models import load_model
 from quota_compile.pruning.methods import pruning_method
+from quota_compile.core.statistics import LEVEL, bootstrap_interval, bootstrap_ratio_interval, mcnemar
 from quota_compile.core.variants import Variant, quant_name, variants
 from quota_compile.core.workbench import Workbench
 from quota_compile.calibration.calibrate import quantize_model, settle_quantization
@@ -142,6 +143,27 @@ def evaluate_variant(workbench: Workbench, v: Variant, questions: Questions, wor
     }
 
 
+def add_statistics(rows: list[dict], gold: list[str], seed: int, resamples: int) -> None:
+    """Add to each eval row (``rows[0]`` the full-precision reference, every row with its
+    ``answers`` to the questions whose answers are ``gold``) its retention, the 95 %
+    percentile-bootstrap intervals of its accuracy (``accuracy_ci95``) and retention
+    (``retention_ci95``; questions resampled, the reference recomputed on each resample), and,
+    for a pruned variant of another method where ``quota`` was evaluated at the same budget,
+    McNemar's exact test against it (``versus_quota``). Every row uses the same resamples."""
+    correct = [[is_correct(a, g) for a, g in zip(r["answers"], gold, strict=True)] for r in rows]
+    ref = rows[0]
+    quota = {r["keep_ratio"]: (r, c) for r, c in zip(rows, correct) if r["method"] == "quota"}
+    for r, c in zip(rows, correct):
+        fp = ref["accuracy"]
+        r["retention"] = r["accuracy"] / fp if fp > 0 else None
+        r["retention_per_family"] = {f: (a / ref["per_family"][f] if ref["per_family"][f] > 0 else None) for f, a in r["per_family"].items()}
+        r["accuracy_ci95"] = list(bootstrap_interval(c, resamples, LEVEL, seed))
+        ratio = bootstrap_ratio_interval(c, correct[0], resamples, LEVEL, seed)
+        r["retention_ci95"] = list(ratio) if ratio is not None else None
+        other = quota.get(r["keep_ratio"]) if r["method"] not in ("none", "quota") else None
+        r["versus_quota"] = {"variant": other[0]["name"], **mcnemar(c, other[1]).as_dict()} if other else None
+
+
 def check_budgets(cfg, todo: list[Variant], layers: int, v: int) -> None:
     """Every (method, keep ratio) must be reachable on this depth; say which is not, up front."""
     for var in todo:
@@ -201,10 +223,8 @@ def _eval(config_file: Path, force: bool, console: Console) -> tuple[Path, dict]
             rows.append(row)
             console.print(f"      accuracy {row['accuracy']:.1%} ({time.perf_counter() - t0:.0f} s)", style="dim", highlight=False)
         bench = run_benchmarks(cfg, vlm, qm, span, benchmarks, console)
-    fp = rows[0]["accuracy"]
-    for r in rows:
-        r["retention"] = r["accuracy"] / fp if fp > 0 else None
-        r["retention_per_family"] = {f: (a / rows[0]["per_family"][f] if rows[0]["per_family"][f] > 0 else None) for f, a in r["per_family"].items()}
+    gold = [i.question.answer for i in questions.items]
+    add_statistics(rows, gold, cfg.eval.seed, cfg.eval.bootstrap_resamples)
     doc = {
         "format": "quota-compile eval",
         "config": str(config_file),
@@ -219,7 +239,8 @@ def _eval(config_file: Path, force: bool, console: Console) -> tuple[Path, dict]
         "pruning_settings": {k: v for k, v in cfg.pruning.model_dump(mode="json").items() if k not in ("method", "keep_ratio", "signals")},
         "calibration": cfg.calibration.model_dump(mode="json"),
         "max_new_tokens": cfg.eval.max_new_tokens,
-        "gold": [i.question.answer for i in questions.items],
+        "gold": gold,
+        "bootstrap": {"resamples": cfg.eval.bootstrap_resamples, "level": LEVEL, "seed": cfg.eval.seed},
         "variants": rows,
         "benchmarks": bench,
         "seconds": round(time.perf_counter() - start, 1),
@@ -281,10 +302,24 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
 
 
+def _interval(ci) -> str:
+    return "" if ci is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _versus(r: dict) -> str:
+    """McNemar against quota at the same budget: p, then the questions only this variant got
+    right (+) and only quota got right (−)."""
+    m = r.get("versus_quota")
+    if not m:
+        return ""
+    return f"p = {m['p_value']:.2g} (+{m['only_this']} / −{m['only_other']})"
+
+
 def eval_markdown(doc: dict, chart: str) -> str:
     rows = doc["variants"]
     fams = list(rows[0]["per_family"])
     ds = doc["dataset"]
+    boot = doc["bootstrap"]
     lines = [
         f"# Accuracy retention: {doc['model']}",
         "",
@@ -292,13 +327,20 @@ def eval_markdown(doc: dict, chart: str) -> str:
         "through its exported ONNX graphs in onnxruntime (greedy). Accuracy in %; retention = accuracy / FP32 accuracy. "
         f"{ds['visual_tokens']} visual tokens per image, on average {ds['visual_share_of_prefill']:.0%} of the prefill length.",
         "",
-        "| variant | avg. keep | accuracy | retention | " + " | ".join(fams) + " | sim. agreement |",
-        "|---|---|---|---|" + "---|" * len(fams) + "---|",
+        f"In brackets: {boot['level']:.0%} percentile-bootstrap intervals ({boot['resamples']} resamples of the questions, "
+        f"seed {boot['seed']}; a retention's resamples recompute the FP32 accuracy too). *vs quota*: McNemar's exact "
+        "test against quota at the same budget on the same questions; + questions only this variant answers right, "
+        "− questions only quota answers right.",
+        "",
+        "| variant | avg. keep | accuracy | retention | vs quota | " + " | ".join(fams) + " | sim. agreement |",
+        "|---|---|---|---|---|" + "---|" * len(fams) + "---|",
     ]
     for r in rows:
         fam = " | ".join(_pct(r["per_family"][f]) for f in fams)
         agree = "n/a" if r["simulation_agreement"] is None else f"{r['simulation_agreement']:.0%}"
-        lines.append(f"| {r['label']} | {r['average_keep']:.3f} | {_pct(r['accuracy'])} | {_pct(r['retention'])} | {fam} | {agree} |")
+        acc = _pct(r["accuracy"]) + _interval(r.get("accuracy_ci95"))
+        ret = _pct(r["retention"]) + _interval(r.get("retention_ci95"))
+        lines.append(f"| {r['label']} | {r['average_keep']:.3f} | {acc} | {ret} | {_versus(r)} | {fam} | {agree} |")
     lines += ["", f"![retention]({chart})", ""]
     lines += [
         "Per-layer visual tokens of the pruned variants:",
@@ -317,11 +359,15 @@ def eval_markdown(doc: dict, chart: str) -> str:
 
 
 def retention_table(doc: dict) -> list[list[str]]:
-    """Rows for the terminal table: variant, avg keep, accuracy, retention, worst family."""
+    """Rows for the terminal table: variant, avg keep, accuracy with its 95 % interval,
+    retention, McNemar against quota at the same budget, worst family."""
     out = []
     for r in doc["variants"]:
         worst = min(r["per_family"].items(), key=lambda kv: kv[1])
-        out.append([r["label"], f"{r['average_keep']:.3f}", _pct(r["accuracy"]), _pct(r["retention"]), f"{worst[0]} {_pct(worst[1])}"])
+        out.append([
+            r["label"], f"{r['average_keep']:.3f}", _pct(r["accuracy"]) + _interval(r.get("accuracy_ci95")),
+            _pct(r["retention"]), _versus(r), f"{worst[0]} {_pct(worst[1])}",
+        ])
     return out
 
 

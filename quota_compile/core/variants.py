@@ -14,7 +14,7 @@ from quota_compile.quant.ops import kv_packed_dim
 @dataclass(frozen=True)
 class Variant:
     name: str
-    method: str  # a registered pruning method (quota_compile.pruning.methods): none, fastv, pdrop, quota, random, ...
+    method: str  # a registered pruning method (quota_compile.pruning.methods): none, quota, quota-fp, fastv, pdrop, random, ...
     keep_ratio: float | None
     quantized: bool
     weight_only: bool = False  # INT4 weights only: float activations and KV cache (bench baseline)

@@ -140,7 +140,11 @@ class Workbench:
     def describe(self, variant: Variant | None = None) -> str:
         """The calibrate stage's progress text of a decision taken from the config."""
         p = self.config_of(variant).pruning
-        return "no token pruning" if p.method == "none" else f"{p.method}, keep_ratio {p.keep_ratio}, {p.signals} signals"
+        if p.method == "none":
+            return "no token pruning"
+        method = pruning_method(p.method)
+        how = f"{method.calibration_signals(p)} signals" if method.calibrated else "its own schedule rule"
+        return f"{p.method}, keep_ratio {p.keep_ratio}, {how}"
 
     def build(
         self,

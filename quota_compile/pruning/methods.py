@@ -10,7 +10,8 @@ methods:
   (only ``quota``); otherwise :meth:`PruningMethod.recipe` decides from the config alone, with
   :meth:`PruningMethod.keep_schedule`;
 - ``signals``: what ``eval`` calibrates the method's variant with: ``lowbit`` (the quantized
-  simulation) for ``quota``, ``fp`` for the stage-wise baselines;
+  simulation) for ``quota``, ``fp`` for the stage-wise baselines (``quota-fp`` among them);
+  :meth:`PruningMethod.calibration_signals` what a compile's calibration uses;
 - ``weights``: the fixed score weights a recipe of it carries (``None``: decided by
   calibration, or not used);
 - :meth:`PruningMethod.fixed_scores`: a fixed score per original visual token that replaces
@@ -64,6 +65,11 @@ class PruningMethod:
     def check_budget(self, options: PruningSection, num_layers: int, num_visual: int, keep_ratio: float | None) -> None:
         """Raise :class:`UserError` when ``keep_ratio`` cannot be met on this depth."""
         self.keep_schedule(options, num_layers, num_visual, keep_ratio)
+
+    def calibration_signals(self, options: PruningSection) -> Literal["lowbit", "fp"]:
+        """What a ``calibrated`` method measures on: ``pruning.signals`` (``quota``), or the
+        method's own fixed choice (``quota-fp``: always the full-precision model)."""
+        return options.signals
 
     def random_seed(self, options: PruningSection) -> int | None:
         """What the recipe records as ``random_seed``."""
@@ -124,6 +130,18 @@ class Quota(PruningMethod):
     def check_budget(self, options, num_layers, num_visual, keep_ratio):
         full = options.first_full_layers
         check_reachable(keep_ratio, num_layers, num_visual, full, f"{full} full layer(s) of {num_layers}")
+
+
+class QuotaFP(Quota):
+    """``quota-fp``: QUOTA's calibration run as a stage-wise pipeline would: signals, the
+    score-weight search and the schedule all measured on the full-precision model, the result
+    then deployed with the config's quantization (the paper's stage-wise baseline)."""
+
+    name = "quota-fp"
+    signals = "fp"
+
+    def calibration_signals(self, options):
+        return "fp"
 
 
 class FastV(PruningMethod):
@@ -204,6 +222,6 @@ def registered_methods() -> tuple[PruningMethod, ...]:
     return tuple(_METHODS.values())
 
 
-for _builtin in (NoPruning(), Quota(), FastV(), PyramidDrop(), RandomPruning()):
+for _builtin in (NoPruning(), Quota(), QuotaFP(), FastV(), PyramidDrop(), RandomPruning()):
     register_method(_builtin)
 set_pruning_method_names(lambda: tuple(_METHODS))
