@@ -149,8 +149,8 @@ class ScoreWeightsSection(_Section):
 # names below are the registered ones. `pruning.method` (in model.yaml and in a recipe) accepts
 # every registered name, `eval.methods` every one but `none`; the Literal types stay the
 # built-in names so that docs/config.md lists those.
-BUILTIN_PRUNING_METHODS = ("none", "quota", "quota-fp", "fastv", "pdrop", "random")
-EVAL_METHODS = ("fastv", "pdrop", "quota-fp", "quota", "random")  # the default of eval.methods
+BUILTIN_PRUNING_METHODS = ("none", "quota", "quota-fp", "fastv", "pdrop", "random", "dart")
+EVAL_METHODS = ("fastv", "pdrop", "dart", "quota-fp", "quota", "random")  # the default of eval.methods
 _method_names: Callable[[], Sequence[str]] = lambda: BUILTIN_PRUNING_METHODS
 
 
@@ -185,9 +185,9 @@ def _evaluated_method(value: Any) -> str:
 
 
 # A registered pruning method's name (validated against the registry, not the Literal).
-PruningMethodName = Annotated[Literal["none", "quota", "quota-fp", "fastv", "pdrop", "random"], PlainValidator(_pruning_method)]
+PruningMethodName = Annotated[Literal["none", "quota", "quota-fp", "fastv", "pdrop", "random", "dart"], PlainValidator(_pruning_method)]
 # The same, `none` excepted: what eval.methods lists.
-EvaluatedMethodName = Annotated[Literal["fastv", "pdrop", "quota-fp", "quota", "random"], PlainValidator(_evaluated_method)]
+EvaluatedMethodName = Annotated[Literal["fastv", "pdrop", "dart", "quota-fp", "quota", "random"], PlainValidator(_evaluated_method)]
 
 
 class PruningSection(_Section):
@@ -197,12 +197,13 @@ class PruningSection(_Section):
     method: PruningMethodName = Field("none", description="visual-token pruning (docs/pruning.md)")
     signals: Literal["lowbit", "fp"] = Field("lowbit", description="`quota` only (`quota-fp` always uses `fp`): calibrate on the quantized simulation (`lowbit`) or on the full-precision model (`fp`, the stage-wise combination)")
     keep_ratio: float = Field(0.3, gt=0.0, le=1.0, description="budget: average over all decoder layers of the fraction of the V visual tokens a layer processes")
-    first_full_layers: int = Field(2, ge=1, description="`quota`, `quota-fp`, `pdrop`: layers that keep all V tokens; `random`: its cut layer. Must be below the layer count")
+    first_full_layers: int = Field(2, ge=1, description="`quota`, `quota-fp`, `pdrop`: layers that keep all V tokens; `random`, `dart`: their cut layer. Must be below the layer count")
     query_tokens: int = Field(32, ge=1, description="the attention cue averages the attention of the last this-many real text tokens")
     weights: Literal["auto"] | ScoreWeightsSection = Field("auto", description="`quota`, `quota-fp`: score weights, `auto` (searched during calibration) or a mapping `{att, mag, risk}` (omitted keys 1, 0, 0)")
     fastv_layer: int = Field(2, ge=1, description="`fastv` only: the layer where the single cut happens; below the layer count")
     stages: int = Field(4, ge=1, description="`pdrop` only: number of geometric stages; at most layers − `first_full_layers`")
     seed: int = Field(0, ge=0, description="`random` only: seed of the per-token random scores")
+    pivots: int = Field(8, ge=1, description="`dart` only: pivot tokens (largest hidden-state norm at the cut), always kept; the other visual tokens are ranked by least cosine similarity to a pivot (docs/pruning.md)")
 
 
 class CalibrationSection(_Section):

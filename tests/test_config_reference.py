@@ -36,7 +36,7 @@ def test_concrete_rows():
     assert _row(text, "export.opset")[2:4] == ["`21`", "[21, 23]"]
     assert _row(text, "export.targets")[2] == '`["portable"]`'
     assert _row(text, "verify.onnxruntime.max_code_flip_rate")[1:3] == ["float or null", "`null`"]
-    assert _row(text, "pruning.method")[3] == "`none`, `quota`, `quota-fp`, `fastv`, `pdrop`, `random`"
+    assert _row(text, "pruning.method")[3] == "`none`, `quota`, `quota-fp`, `fastv`, `pdrop`, `random`, `dart`"
     # one section per top-level YAML key, in schema order
     headings = [line[4:-1] for line in text.splitlines() if line.startswith("## `")]
     assert headings == list(CompileConfig.model_fields)

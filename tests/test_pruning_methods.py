@@ -58,7 +58,7 @@ def _doc(source: str, **pruning) -> dict:
 
 
 def test_the_builtin_methods_are_registered_in_order():
-    assert [m.name for m in registered_methods()][:6] == ["none", "quota", "quota-fp", "fastv", "pdrop", "random"]
+    assert [m.name for m in registered_methods()][:7] == ["none", "quota", "quota-fp", "fastv", "pdrop", "random", "dart"]
     assert pruning_method("quota").calibrated and pruning_method("quota").signals == "lowbit"
     assert pruning_method("quota-fp").calibrated
     assert [pruning_method(n).signals for n in ("quota-fp", "fastv", "pdrop", "random")] == ["fp"] * 4
@@ -123,7 +123,7 @@ def test_a_method_is_refused_once_unregistered(tmp_path):
     with pytest.raises(ValueError, match="already registered"):
         register_method(KeepFront())
     unregister_method(method.name)
-    with pytest.raises(UserError, match=r"key 'pruning\.method' must be one of 'none', 'quota', 'quota-fp', 'fastv', 'pdrop' or 'random', got 'front'"):
+    with pytest.raises(UserError, match=r"key 'pruning\.method' must be one of 'none', 'quota', 'quota-fp', 'fastv', 'pdrop', 'random' or 'dart', got 'front'"):
         parse_config(_doc("builtin:tiny-llava", method="front"), tmp_path / "t.yaml")
     with pytest.raises(ValueError, match="built-in"):
         unregister_method("fastv")

@@ -174,6 +174,82 @@ def test_quota_fp_calibrates_on_the_full_precision_model_whatever_signals_says(t
     assert [p.kl for p in stagewise.weight_search] != [p.kl for p in low.weight_search]
 
 
+def test_duplication_score_ranks_pivots_first_and_duplicates_last():
+    from quota_compile.pruning.score import duplication_score
+
+    # 2 text tokens, then 5 visual tokens in 3 dimensions, then 1 text token
+    visual = torch.tensor([
+        [0.0, 3.0, 0.0],   # 0: orthogonal to the pivot -> -0
+        [5.0, 0.0, 0.0],   # 1: the largest norm: the pivot
+        [2.0, 0.0, 0.0],   # 2: a scaled copy of the pivot -> -1, first to go
+        [-1.0, 0.0, 0.0],  # 3: opposite to the pivot -> +1
+        [1.0, 1.0, 0.0],   # 4: 45 degrees -> -0.707
+    ])
+    h = torch.cat([torch.randn(2, 3), visual, torch.randn(1, 3)])[None]
+    score = duplication_score(h, 2, 5, pivots=1)[0]
+    assert score[1] > 2.0
+    assert score[[3, 0, 4, 2]].tolist() == pytest.approx([1.0, 0.0, -2 ** -0.5, -1.0], abs=1e-6)
+    keep = torch.ops.quota.select_topk(score[None], 3)[0].tolist()
+    assert keep == [0, 1, 3]  # the pivot and the two least like it
+    # two pivots: token 0 (norm 3) becomes one, and 4 now resembles a pivot most at 45 degrees too
+    two = duplication_score(h, 2, 5, pivots=2)[0]
+    assert two[1] > two[0] > 2.0
+    assert two[[3, 4, 2]].tolist() == pytest.approx([0.0, -2 ** -0.5, -1.0], abs=1e-6)  # 3 is orthogonal to pivot 0
+
+
+def _numpy_dart(hv: np.ndarray, pivots: int, k: int) -> list[int]:
+    """DART's kept set written out independently: the pivots by norm, then the tokens least
+    similar (cosine) to their nearest pivot; ties are not expected with random weights."""
+    norm = np.linalg.norm(hv, axis=-1)
+    piv = list(np.argsort(-norm, kind="stable")[:pivots])
+    unit = hv / norm[:, None]
+    dup = (unit @ unit[piv].T).max(axis=1)
+    others = [i for i in np.argsort(dup, kind="stable") if i not in piv]
+    return sorted(piv + others[: k - pivots])
+
+
+def test_dart_keeps_what_an_independent_dart_keeps(tiny):
+    vlm, qm = tiny
+    start, v = vlm.visual_span()
+    pr = PruningSection(method="dart", keep_ratio=0.5, first_full_layers=3, pivots=5)
+    vision = build_programs(vlm, qm).vision
+    recipe, _ = calibrate(vlm, qm, vision, (start, v), pr, CalibrationSection())
+    assert recipe.method == "dart" and recipe.pivots == 5 and recipe.weights is None
+    assert recipe.keep[:3] == [v] * 3 and recipe.pruning_layers[0] == 3  # (and a one-token step later)
+    spec = prune_spec_from_recipe(recipe, qm.spec.activations)
+    assert spec.pivots == 5 and spec.random_scores is None
+    prefill = PrefillProgram(vlm, qm, start, v, spec)
+    seen = {}
+    prefill_observe = lambda layer, h, probs, mask, index: seen.setdefault(layer, h[:, start : start + v].detach().numpy().copy())
+    batches = calibration_batches(vlm, CalibrationSection(num_samples=2), (start, v))
+    with torch.no_grad():
+        for b in batches:
+            feats = vision(torch.from_numpy(b.pixel_values))
+            seen.clear()
+            out = prefill.run(torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask), feats, observe=prefill_observe)
+            kept = out[-len(recipe.pruning_layers)].numpy()  # layer 3's kept original indices
+            for row, hv in zip(kept, seen[3]):
+                assert row.tolist() == _numpy_dart(hv.astype(np.float64), 5, recipe.keep[3])
+
+
+def test_dart_compiles_into_graphs_that_pass_the_gate_and_say_so(small_folder, tmp_path):
+    cfg = write_config(
+        tmp_path / "dart.yaml", str(small_folder), tmp_path / "out",
+        pruning={"method": "dart", "keep_ratio": 0.6, "first_full_layers": 1, "pivots": 4},
+        verify={"samples": 4, "new_tokens": 8},
+    )
+    assert main([str(cfg)]) == 0
+    bundle = tmp_path / "out" / "dart"
+    recipe = Recipe.load(bundle / "recipe.yaml")
+    assert recipe.pruning.method == "dart" and recipe.pruning.pivots == 4 and recipe.pruning.pruning_layers == [1]
+    verify = json.loads((bundle / "verify.json").read_text())
+    assert verify["kept_index_agreement"] == 1.0
+    # the pivots' TopK is in the prefill graph beside the selection's two
+    prefill = onnx.load(bundle / "prefill.onnx")
+    assert [n.op_type for n in prefill.graph.node].count("TopK") == 3
+    assert "DART, 4 pivot tokens" in (bundle / "report.md").read_text()
+
+
 @pytest.mark.parametrize("method", ["fastv", "pdrop", "random"])
 def test_baseline_schedules_meet_the_budget(tiny, method):
     vlm, qm = tiny

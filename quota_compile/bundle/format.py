@@ -36,6 +36,7 @@ from quota_compile.bundle.schema import (  # noqa: F401  (the names are also thi
     kv_name,
 )
 from quota_compile.errors import ConfigError, UserError
+from quota_compile.pruning.methods import pruning_method
 
 
 def kv_update_of(model_or_meta) -> str:
@@ -410,11 +411,9 @@ def _pruning_lines(manifest: dict, verify: dict, recipe, figures: list[str]) -> 
         f"realised average {p['average_fraction']:.4f} of {v} visual tokens per layer",
         f"- pruning layers: {', '.join(map(str, p['pruning_layers'])) or 'none'}",
     ]
-    w = recipe.pruning.weights
-    if recipe.pruning.method == "random":
-        lines.append(f"- selection: a fixed random score per visual token (seed {recipe.pruning.random_seed})")
-    elif w is not None:
-        lines.append(f"- score: {w.att:g}·att + {w.mag:g}·mag − {w.risk:g}·risk (signals normalised per sample and layer)")
+    selection = pruning_method(recipe.pruning.method).selection_text(recipe.pruning)
+    if selection:
+        lines.append(f"- {selection}")
     lines += [
         f"- KV cache per sequence ({kv['prompt_length']} prompt + {kv['generated']} generated tokens): "
         f"{human_size(kv['bundle'])} vs {human_size(kv['fp16_unpruned'])} for an unpruned FP16 cache ({kv['ratio']:.2f}× smaller)",

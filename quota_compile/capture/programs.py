@@ -35,7 +35,7 @@ from quota_compile.config import ActivationQuant
 from quota_compile.models.llava import VLM
 from quota_compile.pruning.methods import ATTENTION_ONLY, pruning_layers, pruning_method
 from quota_compile.pruning.recipe import PruningRecipe
-from quota_compile.pruning.score import ScoreWeights, token_score, visual_signals
+from quota_compile.pruning.score import ScoreWeights, duplication_score, token_score, visual_signals
 from quota_compile.quant.attention import attend
 from quota_compile.quant.simulate import QuantizedModel
 
@@ -175,6 +175,8 @@ class PruneSpec:
     act_clip: float = 1.0
     # a fixed score per original visual token instead of the signals (``random``: seeded values)
     random_scores: tuple[float, ...] | None = None
+    # DART's duplication score with this many pivots instead of the signals (``dart``)
+    pivots: int | None = None
 
     @property
     def pruning_layers(self) -> list[int]:
@@ -190,7 +192,9 @@ def prune_spec_from_recipe(pruning: PruningRecipe, activations: ActivationQuant)
         return None
     w = pruning.weights or ATTENTION_ONLY
     weights = ScoreWeights(w.att, w.mag, w.risk)
-    return PruneSpec(tuple(pruning.keep), weights, pruning.query_tokens, activations.bits, activations.clip_ratio, method.fixed_scores(pruning))
+    return PruneSpec(
+        tuple(pruning.keep), weights, pruning.query_tokens, activations.bits, activations.clip_ratio, method.fixed_scores(pruning), pruning.pivots
+    )
 
 
 def _causal_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -220,6 +224,8 @@ class PrefillProgram(_Program):
         p = self.prune
         if p.random_scores is not None:
             return self.random_scores[visual_index]
+        if p.pivots is not None:
+            return duplication_score(h, self.visual_start, visual_index.shape[1], p.pivots)
         att, mag, risk = visual_signals(
             h, probs, mask, self.visual_start, visual_index.shape[1], p.query_tokens, p.act_bits, p.act_clip
         )

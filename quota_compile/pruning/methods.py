@@ -75,6 +75,16 @@ class PruningMethod:
         """What the recipe records as ``random_seed``."""
         return None
 
+    def pivots(self, options: PruningSection) -> int | None:
+        """What the recipe records as ``pivots`` (``dart``: the duplication score's pivot
+        count, which then replaces the signals in the graph)."""
+        return None
+
+    def selection_text(self, recipe: PruningRecipe) -> str | None:
+        """How the graph ranks the visual tokens, for report.md (``None``: not said)."""
+        w = recipe.weights
+        return None if w is None else f"score: {w.att:g}·att + {w.mag:g}·mag − {w.risk:g}·risk (signals normalised per sample and layer)"
+
     def fixed_scores(self, recipe: PruningRecipe) -> tuple[float, ...] | None:
         """A score per original visual token that the graph ranks by instead of the signals
         (``None``: the signals, with the recipe's weights)."""
@@ -96,6 +106,7 @@ class PruningMethod:
             keep=keep,
             pruning_layers=pruning_layers(keep),
             random_seed=self.random_seed(options),
+            pivots=self.pivots(options),
         )
 
     def __repr__(self) -> str:
@@ -186,6 +197,31 @@ class RandomPruning(PruningMethod):
         gen = torch.Generator().manual_seed(recipe.random_seed)
         return tuple(torch.rand(recipe.keep[0], generator=gen).tolist())
 
+    def selection_text(self, recipe):
+        return f"selection: a fixed random score per visual token (seed {recipe.random_seed})"
+
+
+class Dart(PruningMethod):
+    """``dart``: duplication-aware token reduction (DART), as a static-k method: the ``fastv``
+    schedule cut at ``pruning.first_full_layers``; at the cut the ``pruning.pivots`` tokens of
+    largest hidden-state norm are kept and the others ranked by how little they resemble a
+    pivot (:func:`quota_compile.pruning.score.duplication_score`)."""
+
+    name = "dart"
+    weights = None
+
+    def keep_schedule(self, options, num_layers, num_visual, keep_ratio):
+        return list(fastv_schedule(num_layers, num_visual, keep_ratio, options.first_full_layers).keep)
+
+    def pivots(self, options):
+        return options.pivots
+
+    def selection_text(self, recipe):
+        return f"selection: DART, {recipe.pivots} pivot tokens (largest hidden-state norm), the others by least cosine similarity to a pivot"
+
+    def figure_label(self, options):
+        return f"dart (cut at {options.first_full_layers})"
+
 
 _METHODS: dict[str, PruningMethod] = {}
 
@@ -222,6 +258,6 @@ def registered_methods() -> tuple[PruningMethod, ...]:
     return tuple(_METHODS.values())
 
 
-for _builtin in (NoPruning(), Quota(), QuotaFP(), FastV(), PyramidDrop(), RandomPruning()):
+for _builtin in (NoPruning(), Quota(), QuotaFP(), FastV(), PyramidDrop(), RandomPruning(), Dart()):
     register_method(_builtin)
 set_pruning_method_names(lambda: tuple(_METHODS))

@@ -63,6 +63,7 @@ class PruningRecipe(_Frozen):
     keep: list[int] = Field(description="visual tokens processed by each decoder layer")
     pruning_layers: list[int] = Field(default_factory=list)
     random_seed: int | None = None
+    pivots: int | None = Field(None, description="`dart`: pivot tokens of the duplication score")
     weight_search: list[SearchPoint] = Field(default_factory=list)
 
 

@@ -81,6 +81,24 @@ def token_score(att: torch.Tensor, mag: torch.Tensor, risk: torch.Tensor, w: Sco
     return w.att * normalise(att) + w.mag * normalise(mag) - w.risk * normalise(risk)
 
 
+def duplication_score(h: torch.Tensor, visual_start: int, visual_count: int, pivots: int) -> torch.Tensor:
+    """DART's score ``[B, visual_count]`` (duplication-aware token reduction): the ``pivots``
+    visual tokens with the largest hidden-state norm are pivots and rank first (among them the
+    larger norm first); every other token scores minus its largest cosine similarity to a
+    pivot, so the tokens that duplicate a pivot go first. The pivot count is static; all of it
+    is standard ops (TopK, Gather, MatMul, ReduceMax, Where)."""
+    hv = h[:, visual_start : visual_start + visual_count]
+    norm = hv.norm(dim=-1)  # [B, V]
+    unit = hv / norm.clamp_min(SIGNAL_EPS)[..., None]
+    p = min(pivots, visual_count)
+    pivot = torch.topk(norm, p, dim=-1).indices  # [B, p]
+    pivot_unit = torch.gather(unit, 1, pivot[..., None].expand(-1, -1, unit.shape[-1]))  # [B, p, D]
+    duplication = torch.matmul(unit, pivot_unit.transpose(1, 2)).amax(dim=-1)  # [B, V], in [-1, 1]
+    index = torch.arange(visual_count, device=h.device)
+    is_pivot = (index[None, :, None] == pivot[:, None, :]).to(h.dtype).amax(dim=-1) > 0
+    return torch.where(is_pivot, 2.0 + normalise(norm), -duplication)
+
+
 @torch.library.custom_op("quota::select_topk", mutates_args=())
 def select_topk(score: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``[B, k]`` (int64, ascending) of the ``k`` largest scores of each row; among
