@@ -213,11 +213,18 @@ class CalibrationSection(_Section):
     num_samples: int = Field(16, ge=2, description="calibration samples")
     seed: int = Field(0, ge=0, description="calibration seed")
     holdout: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of the samples (at least one) held out for the weight search; signals come from the rest")
+    objective: Literal["kl", "answer_nll"] = Field("kl", description="what QUOTA's score-weight search minimises on the held-out samples: `kl`, the KL divergence of the pruned model's final-token distribution from the unpruned one's; `answer_nll`, the pruned model's negative log-likelihood of each question's gold answer token (teacher-forced; needs `dataset: shapesvqa`, whose questions have answers; docs/pruning.md)")
     # where calibration (GPTQ, the per_channel KV scales, QUOTA's passes) computes: cpu, cuda,
     # cuda:N. With sequential: true only one decoder layer at a time is on that device (the
     # others wait in host memory; quota_compile/capture/sequential.py); the recipe is the same.
     device: str = Field("cpu", description="where calibration (GPTQ, the `per_channel` KV scales, QUOTA's passes) computes: `cpu`, `cuda` or `cuda:N`; `cuda` without a GPU torch can use is refused (exit 2). Tracing and export stay on the CPU")
     sequential: bool = Field(False, description="`true`: layer-by-layer calibration, only one decoder layer (plus the vision tower, projector, embeddings, final norm and `lm_head`) on `calibration.device` at a time, the others in host memory; the recipe and weights are the same as with `false` (docs/quantization.md)")
+
+    @model_validator(mode="after")
+    def _answers_need_shapesvqa(self) -> CalibrationSection:
+        if self.objective == "answer_nll" and self.dataset != "shapesvqa":
+            raise ValueError("sets objective: answer_nll, which needs gold answers; add dataset: shapesvqa (the synthetic questions have none) or use objective: kl")
+        return self
 
     @field_validator("device")
     @classmethod

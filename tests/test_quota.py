@@ -174,6 +174,57 @@ def test_quota_fp_calibrates_on_the_full_precision_model_whatever_signals_says(t
     assert [p.kl for p in stagewise.weight_search] != [p.kl for p in low.weight_search]
 
 
+def test_answer_nll_is_the_mean_negative_log_probability_of_the_gold_token():
+    from quota_compile.calibration.calibrate import answer_nll
+
+    logp = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.15, 0.75]]))
+    assert answer_nll(logp, [0, 2]) == pytest.approx(-(np.log(0.5) + np.log(0.75)) / 2, rel=1e-12)
+
+
+def test_answer_nll_search_picks_the_candidate_most_likely_to_answer(tiny):
+    from quota_compile.data.shapes import vqa_items
+
+    vlm, qm = tiny
+    start, v = span = vlm.visual_span()
+    vision = build_programs(vlm, qm).vision
+    pr = PruningSection(method="quota", keep_ratio=0.4)
+    by_kl, _ = calibrate(vlm, qm, vision, span, pr, CalibrationSection(dataset="shapesvqa", num_samples=8))
+    cal = CalibrationSection(dataset="shapesvqa", num_samples=8, objective="answer_nll")
+    recipe, provenance = calibrate(vlm, qm, vision, span, pr, cal)
+    assert provenance.objective == "answer_nll"
+    search = recipe.weight_search
+    assert all(p.answer_nll is not None for p in search)
+    assert recipe.weights == min(search, key=lambda p: p.answer_nll).weights
+    # on this model the two objectives choose differently, so the line above tells them apart
+    assert recipe.weights != by_kl.weights
+    # the same candidates and the same KLs as the KL search: only the choice differs
+    assert [(p.weights, p.keep, p.kl) for p in search] == [(p.weights, p.keep, p.kl) for p in by_kl.weight_search]
+    # one candidate's NLL recomputed here: its pruned prefill on the held-out questions (the
+    # last 2 of 8) and the first token of each gold answer
+    point = search[3]
+    w = point.weights
+    spec = PruneSpec(tuple(point.keep), ScoreWeights(w.att, w.mag, w.risk), pr.query_tokens, qm.spec.activations.bits, qm.spec.activations.clip_ratio)
+    prefill = PrefillProgram(vlm, qm, start, v, spec)
+    items = vqa_items("calibration", 0, 8, vlm.image_size, vlm.patch_size)[-2:]
+    batches = calibration_batches(vlm, cal, span)[-2:]
+    nll = []
+    with torch.no_grad():
+        for item, b in zip(items, batches):
+            logits = prefill(torch.from_numpy(b.input_ids), torch.from_numpy(b.attention_mask), vision(torch.from_numpy(b.pixel_values)))[0]
+            gold = vlm.tokenizer(item.question.answer, add_special_tokens=False)["input_ids"][0]
+            nll.append(-torch.log_softmax(logits.double(), dim=-1)[0, gold].item())
+    assert point.answer_nll == pytest.approx(float(np.mean(nll)), rel=1e-9)
+
+
+def test_answer_nll_needs_shapesvqa_answers(tmp_path):
+    from quota_compile.config import parse_config
+    from quota_compile.errors import UserError
+
+    doc = {"version": 1, "model": {"source": "builtin:tiny-llava"}, "calibration": {"objective": "answer_nll"}}
+    with pytest.raises(UserError, match=r"calibration.*answer_nll.*dataset: shapesvqa"):
+        parse_config(doc, tmp_path / "m.yaml")
+
+
 def test_duplication_score_ranks_pivots_first_and_duplicates_last():
     from quota_compile.pruning.score import duplication_score
 

@@ -424,13 +424,22 @@ def _pruning_lines(manifest: dict, verify: dict, recipe, figures: list[str]) -> 
         "|---:|---:|---|",
     ]
     lines += [f"| {c['layer']} | {c['visual_tokens']} | {c['length']} |" for c in manifest["kv_cache"]]
-    if recipe.pruning.weight_search:
+    search = recipe.pruning.weight_search
+    if search and search[0].answer_nll is None:
         lines += ["", "Score-weight search (held-out KL of the final-token distribution, pruned vs unpruned):", "",
                   "| w_att | w_mag | w_risk | KL | schedule |", "|---:|---:|---:|---:|---|"]
-        best = min(recipe.pruning.weight_search, key=lambda pt: pt.kl)
-        for pt in recipe.pruning.weight_search:
+        best = min(search, key=lambda pt: pt.kl)
+        for pt in search:
             mark = " **chosen**" if pt is best else ""
             lines.append(f"| {pt.weights.att:g} | {pt.weights.mag:g} | {pt.weights.risk:g} | {pt.kl:.4g}{mark} | {pt.keep} |")
+    elif search:
+        lines += ["", "Score-weight search (held-out negative log-likelihood of the gold answer token; KL of the final-token "
+                  "distribution, pruned vs unpruned, for reference):", "",
+                  "| w_att | w_mag | w_risk | answer NLL | KL | schedule |", "|---:|---:|---:|---:|---:|---|"]
+        best = min(search, key=lambda pt: pt.answer_nll)
+        for pt in search:
+            mark = " **chosen**" if pt is best else ""
+            lines.append(f"| {pt.weights.att:g} | {pt.weights.mag:g} | {pt.weights.risk:g} | {pt.answer_nll:.4g}{mark} | {pt.kl:.4g} | {pt.keep} |")
     if figures:
         lines += ["", *[f"![{f}]({f})" for f in figures]]
     return lines + [""]

@@ -70,6 +70,26 @@ def calibration_batches(vlm: VLM, cfg: CalibrationSection, span: tuple[int, int]
     return [make_batch(vlm.processor, vlm.prompt_template, [img], [q], span, vlm.image_token_id) for img, q in zip(images, questions)]
 
 
+def calibration_answer_ids(vlm: VLM, cfg: CalibrationSection) -> list[int]:
+    """The first token of each ShapesVQA calibration question's gold answer, in the order of
+    :func:`calibration_batches` (``calibration.objective: answer_nll``)."""
+    from quota_compile.data.shapes import vqa_items
+
+    items = vqa_items("calibration", cfg.seed, cfg.num_samples, vlm.image_size, vlm.patch_size)
+    ids = []
+    for item in items:
+        tokens = vlm.tokenizer(item.question.answer, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise UserError(f"the tokenizer gives no token for the answer {item.question.answer!r}")
+        ids.append(int(tokens[0]))
+    return ids
+
+
+def answer_nll(log_probs: np.ndarray, answer_ids: list[int]) -> float:
+    """Mean over samples of −log p(gold answer token) at the final position."""
+    return float(-np.mean(log_probs[np.arange(len(answer_ids)), answer_ids]))
+
+
 def batches_sha256(batches: list[Batch]) -> str:
     h = hashlib.sha256()
     for b in batches:
@@ -164,7 +184,8 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
     act = qm.spec.activations
     method = pruning_method(pruning.method)
     provenance = CalibrationProvenance(
-        dataset=calibration.dataset, num_samples=calibration.num_samples, seed=calibration.seed, holdout=calibration.holdout
+        dataset=calibration.dataset, num_samples=calibration.num_samples, seed=calibration.seed, holdout=calibration.holdout,
+        objective=calibration.objective,
     )
     try:
         if not method.calibrated:
@@ -191,8 +212,16 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
                 ]
                 ref, *logps = _final_log_probs(vision, [unpruned, *pruned], held, place)
                 kls = [kl_divergence(ref, logp) for logp in logps]
-                search = [SearchPoint(weights=_weights(w), keep=list(sch.keep), kl=kl) for w, sch, kl in zip(candidates, schedules, kls)]
-                best = min(range(len(kls)), key=kls.__getitem__)  # ties: the earlier grid point
+                nlls: list[float | None] = [None] * len(kls)
+                if calibration.objective == "answer_nll":
+                    answers = calibration_answer_ids(vlm, calibration)[-holdout:]
+                    nlls = [answer_nll(logp, answers) for logp in logps]
+                search = [
+                    SearchPoint(weights=_weights(w), keep=list(sch.keep), kl=kl, answer_nll=nll)
+                    for w, sch, kl, nll in zip(candidates, schedules, kls, nlls)
+                ]
+                objective = kls if calibration.objective == "kl" else nlls
+                best = min(range(len(objective)), key=objective.__getitem__)  # ties: the earlier grid point
     except ConfigError:
         raise
     except UserError as e:  # the pruning methods' errors name their key (pruning.keep_ratio, ...)

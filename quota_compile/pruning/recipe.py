@@ -41,11 +41,13 @@ class Weights(_Frozen):
 
 
 class SearchPoint(_Frozen):
-    """One candidate of the ``weights: auto`` search: its schedule and held-out KL."""
+    """One candidate of the ``weights: auto`` search: its schedule, its held-out KL and, with
+    ``calibration.objective: answer_nll``, its held-out answer negative log-likelihood."""
 
     weights: Weights
     keep: list[int]
     kl: float
+    answer_nll: float | None = None
 
 
 class PruningRecipe(_Frozen):
@@ -72,6 +74,7 @@ class CalibrationProvenance(_Frozen):
     num_samples: int
     seed: int
     holdout: float
+    objective: str = Field("kl", description="what the score-weight search minimised: kl or answer_nll")
     sha256: str | None = Field(None, description="hash of the calibration inputs; null when none were run")
 
 
