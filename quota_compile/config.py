@@ -203,7 +203,7 @@ class PruningSection(_Section):
     fastv_layer: int = Field(2, ge=1, description="`fastv` only: the layer where the single cut happens; below the layer count")
     stages: int = Field(4, ge=1, description="`pdrop` only: number of geometric stages; at most layers − `first_full_layers`")
     seed: int = Field(0, ge=0, description="`random` only: seed of the per-token random scores")
-    pivots: int = Field(8, ge=1, description="`dart` only: pivot tokens (largest hidden-state norm at the cut), always kept; the other visual tokens are ranked by least cosine similarity to a pivot (docs/pruning.md)")
+    pivots: int = Field(8, ge=1, description="`dart` only: pivot tokens (largest hidden-state norm at the cut), always kept; the other visual tokens are ranked by least cosine similarity to a pivot. The default suits a few hundred visual tokens (LLaVA-1.5: 576); scale it with the model's count (docs/pruning.md)")
 
 
 class CalibrationSection(_Section):

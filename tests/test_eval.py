@@ -136,12 +136,17 @@ def test_eval_runs_every_variant_and_scores_its_answers(two_runs):
         assert r["accuracy"] == pytest.approx(np.mean([is_correct(a, g) for a, g in zip(r["answers"], gold)]))
         assert r["retention"] == pytest.approx(r["accuracy"] / rows[0]["accuracy"])
         assert r["simulation_agreement"] is not None and r["simulation_agreement"] >= 0.75
+        lo, hi = r["accuracy_ci95"]
+        assert lo <= r["accuracy"] <= hi and r["versus_quota"] is None  # quota was not evaluated
     assert rows[0]["simulation_agreement"] == 1.0  # fp32 graphs vs eager fp32
+    assert doc["bootstrap"] == {"resamples": 2000, "level": 0.95, "seed": 0}
     assert rows[0]["average_keep"] == rows[1]["average_keep"] == 1.0
     assert abs(rows[2]["average_keep"] - 0.5) <= 1 / 64 and rows[2]["visual_tokens_per_layer"][0] == 64
     folder = root / "out" / "first-eval"
     md = (folder / "eval.md").read_text()
     assert all(f"| {r['label']} |" in md for r in rows)
+    lo, hi = rows[2]["accuracy_ci95"]
+    assert f"{100 * rows[2]['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]" in md
     assert (folder / "retention.png").read_bytes()[:4] == b"\x89PNG"
     pope = doc["benchmarks"]["pope"]
     assert set(pope) == {"fp", "w4a4kv4"} and all(s["main_metric"] and s["n"] > 0 for s in pope.values())
