@@ -425,21 +425,20 @@ def _pruning_lines(manifest: dict, verify: dict, recipe, figures: list[str]) -> 
     ]
     lines += [f"| {c['layer']} | {c['visual_tokens']} | {c['length']} |" for c in manifest["kv_cache"]]
     search = recipe.pruning.weight_search
-    if search and search[0].answer_nll is None:
-        lines += ["", "Score-weight search (held-out KL of the final-token distribution, pruned vs unpruned):", "",
-                  "| w_att | w_mag | w_risk | KL | schedule |", "|---:|---:|---:|---:|---|"]
-        best = min(search, key=lambda pt: pt.kl)
+    if search:
+        by_answers = search[0].answer_nll is not None  # calibration.objective: answer_nll
+        if by_answers:
+            lines += ["", "Score-weight search (held-out negative log-likelihood of the gold answer token; KL of the final-token "
+                      "distribution, pruned vs unpruned, for reference):", "",
+                      "| w_att | w_mag | w_risk | answer NLL | KL | schedule |", "|---:|---:|---:|---:|---:|---|"]
+        else:
+            lines += ["", "Score-weight search (held-out KL of the final-token distribution, pruned vs unpruned):", "",
+                      "| w_att | w_mag | w_risk | KL | schedule |", "|---:|---:|---:|---:|---|"]
+        best = min(search, key=lambda pt: pt.answer_nll if by_answers else pt.kl)
         for pt in search:
-            mark = " **chosen**" if pt is best else ""
-            lines.append(f"| {pt.weights.att:g} | {pt.weights.mag:g} | {pt.weights.risk:g} | {pt.kl:.4g}{mark} | {pt.keep} |")
-    elif search:
-        lines += ["", "Score-weight search (held-out negative log-likelihood of the gold answer token; KL of the final-token "
-                  "distribution, pruned vs unpruned, for reference):", "",
-                  "| w_att | w_mag | w_risk | answer NLL | KL | schedule |", "|---:|---:|---:|---:|---:|---|"]
-        best = min(search, key=lambda pt: pt.answer_nll)
-        for pt in search:
-            mark = " **chosen**" if pt is best else ""
-            lines.append(f"| {pt.weights.att:g} | {pt.weights.mag:g} | {pt.weights.risk:g} | {pt.answer_nll:.4g}{mark} | {pt.kl:.4g} | {pt.keep} |")
+            cells = [f"{pt.answer_nll:.4g}", f"{pt.kl:.4g}"] if by_answers else [f"{pt.kl:.4g}"]
+            cells[0] += " **chosen**" if pt is best else ""
+            lines.append(f"| {pt.weights.att:g} | {pt.weights.mag:g} | {pt.weights.risk:g} | {' | '.join(cells)} | {pt.keep} |")
     if figures:
         lines += ["", *[f"![{f}]({f})" for f in figures]]
     return lines + [""]

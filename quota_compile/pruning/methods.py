@@ -180,15 +180,21 @@ class PyramidDrop(PruningMethod):
         return f"pdrop ({options.stages} stages)"
 
 
-class RandomPruning(PruningMethod):
-    """``random``: the ``fastv`` schedule cut at ``pruning.first_full_layers``; a fixed random
-    score per original visual token (seeded by ``pruning.seed``) ranks the tokens."""
+class _CutAtFirstFull(PruningMethod):
+    """A method that ranks by something other than the score weights, on the ``fastv``
+    schedule cut at ``pruning.first_full_layers``."""
 
-    name = "random"
     weights = None
 
     def keep_schedule(self, options, num_layers, num_visual, keep_ratio):
         return list(fastv_schedule(num_layers, num_visual, keep_ratio, options.first_full_layers).keep)
+
+
+class RandomPruning(_CutAtFirstFull):
+    """``random``: the ``fastv`` schedule cut at ``pruning.first_full_layers``; a fixed random
+    score per original visual token (seeded by ``pruning.seed``) ranks the tokens."""
+
+    name = "random"
 
     def random_seed(self, options):
         return options.seed
@@ -201,17 +207,13 @@ class RandomPruning(PruningMethod):
         return f"selection: a fixed random score per visual token (seed {recipe.random_seed})"
 
 
-class Dart(PruningMethod):
+class Dart(_CutAtFirstFull):
     """``dart``: duplication-aware token reduction (DART), as a static-k method: the ``fastv``
     schedule cut at ``pruning.first_full_layers``; at the cut the ``pruning.pivots`` tokens of
     largest hidden-state norm are kept and the others ranked by how little they resemble a
     pivot (:func:`quota_compile.pruning.score.duplication_score`)."""
 
     name = "dart"
-    weights = None
-
-    def keep_schedule(self, options, num_layers, num_visual, keep_ratio):
-        return list(fastv_schedule(num_layers, num_visual, keep_ratio, options.first_full_layers).keep)
 
     def pivots(self, options):
         return options.pivots
