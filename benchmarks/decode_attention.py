@@ -39,7 +39,7 @@ def main() -> int:
 
     from quota_compile.commands.bench import bench_variants, prepared
     from quota_compile.config import load_config
-    from quota_compile.export.onnx import save_onnx
+    from quota_compile.export.onnx import save_graphs
     from quota_compile.flavours.onnxruntime.lower import group_query_attention, lower_flavour, to_onnxruntime, uses_group_query_attention
     from quota_compile.runtime.ort import OrtBackend
 
@@ -63,8 +63,7 @@ def main() -> int:
         for name, decode in (("graph attention", plain["decode"]), ("GroupQueryAttention", group_query_attention(plain["decode"])[0])):
             folder = work / name.replace(" ", "_")
             folder.mkdir()
-            for g, m in {**plain, "decode": decode}.items():
-                save_onnx(m, folder / f"{g}.onnx")
+            save_graphs({**plain, "decode": decode}, folder)
             backends[name] = OrtBackend(folder, threads=threads)
         first = backends["graph attention"]
         logits0, cache0, _ = first.prefill(batch.input_ids, batch.attention_mask, first.vision(batch.pixel_values))

@@ -72,6 +72,34 @@ def test_an_intact_copy_runs(bundle: Path, image: Path, capsys):
     assert len(out.strip().splitlines()) == 1 and "error" not in err
 
 
+def test_the_graphs_share_one_weights_file_and_the_decoder_weights_are_in_it_once(bundle: Path):
+    import onnx
+
+    from quota_compile.bundle.format import external_tensors
+
+    m = check_bundle(bundle)
+    table = m["weights"]["."]
+    assert table["file"] == "weights.bin" and "weights.bin" in m["files"]
+    assert table["bytes"] == (bundle / "weights.bin").stat().st_size
+    read = {g: {(t["offset"], t["bytes"]) for t in table["tensors"] if g in t["graphs"]} for g in ("vision", "prefill", "decode")}
+    # every weight of the decode graph is one the prefill graph reads too, at the same place
+    assert read["decode"] and read["decode"] <= read["prefill"]
+    for g in ("vision", "prefill", "decode"):
+        refs = external_tensors(onnx.load(str(bundle / f"{g}.onnx"), load_external_data=False))
+        assert {(off, n) for _, _, off, n in refs} == read[g] and {loc for _, loc, _, _ in refs} == {"weights.bin"}
+        assert m["graphs"][g]["files"] == [f"{g}.onnx", "weights.bin"]
+        onnx.checker.check_model(str(bundle / f"{g}.onnx"), full_check=True)
+    stored_once = sum(n for _, n in read["vision"] | read["prefill"] | read["decode"])
+    assert table["bytes"] < stored_once + 64 * len(table["tensors"]) < sum(n for g in read for _, n in read[g])
+
+
+def test_a_changed_weights_file_is_refused(bundle: Path, image: Path, capsys):
+    data = bytearray((bundle / "weights.bin").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "weights.bin").write_bytes(bytes(data))
+    _run_refused(bundle, image, capsys, [f"{bundle}/weights.bin", "sha256 does not match manifest.json"])
+
+
 def test_truncated_prefill_graph_is_refused(bundle: Path, image: Path, capsys):
     data = (bundle / "prefill.onnx").read_bytes()
     (bundle / "prefill.onnx").write_bytes(data[: len(data) // 2])
@@ -156,8 +184,14 @@ def test_edited_visual_tokens_per_layer_are_refused(bundle: Path, image: Path, c
         ("model.num_layers", lambda m: m["model"].update(num_layers=7)),
         ("model.visual_tokens", lambda m: m["model"].update(visual_tokens=32)),
         ("graphs.prefill.outputs", lambda m: m["graphs"]["prefill"]["outputs"][0].update(name="scores")),
+        ('weights["."].tensors', lambda m: m["weights"]["."]["tensors"][-1].update(offset=m["weights"]["."]["tensors"][-1]["offset"] + 64)),
+        ('weights["."].tensors', lambda m: m["weights"]["."]["tensors"][0]["graphs"].update(decode="x")),
+        ('weights["."].tensors', lambda m: m["weights"]["."]["tensors"][-1].update(bytes=m["weights"]["."]["bytes"])),
+        ('weights["."].bytes', lambda m: m["weights"]["."].update(bytes=1)),
+        ('weights["../.."]', lambda m: m["weights"].update({"../..": m["weights"]["."]})),
     ],
-    ids=["keep-count", "pruning-layers", "kv-visual-tokens", "kv-heads", "layers", "visual-tokens", "io-name"],
+    ids=["keep-count", "pruning-layers", "kv-visual-tokens", "kv-heads", "layers", "visual-tokens", "io-name",
+         "weights-offset", "weights-graph", "weights-beyond-end", "weights-size", "weights-folder"],
 )
 def test_a_rehashed_manifest_that_disagrees_with_the_graphs_is_refused(bundle: Path, image: Path, capsys, key: str, edit):
     _edit_manifest(bundle, edit, rehash=True)

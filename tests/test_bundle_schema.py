@@ -37,7 +37,7 @@ def test_the_compiled_manifest_is_a_manifest_and_round_trips(tiny_bundle: Path):
     manifest = Manifest.model_validate(json.loads(text))
     assert _json_text(manifest.model_dump(mode="json")) == text
     assert manifest.files is not None and manifest.key_sha256 == key_hashes(json.loads(text))
-    assert manifest.format == schema.FORMAT and manifest.format_version == schema.FORMAT_VERSION == 2
+    assert manifest.format == schema.FORMAT and manifest.format_version == schema.FORMAT_VERSION == 3
     assert [g for g in manifest.graphs] == list(schema.GRAPHS)
     assert len(manifest.kv_cache) == manifest.model.num_layers
     # what the readers get: the same document, typed (open_bundle) or as JSON (check_bundle)

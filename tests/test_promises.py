@@ -412,77 +412,78 @@ def test_w4a4_bundle_retains_the_fp_accuracy_through_its_onnx_graphs(shapes_w4a4
     assert acc_q / acc_fp >= 0.85, (acc_q, acc_fp)
 
 
-# ------------------------------------------------------------------ .onnx.data for large graphs
+# ------------------------------------------------------------------ one weights file per folder
 
 
-def _matmul_model(k: int = 64, n: int = 48) -> onnx.ModelProto:
-    w = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+def _two_graphs() -> dict[str, onnx.ModelProto]:
+    """Two graphs y = (x @ w) @ u: they share ``w`` (250 KB, under different names) and ``u``
+    (1.2 MiB, over the alignment threshold, after ``w`` in the file: an offset that is not
+    a multiple of 64 KiB unless aligned); each has a tensor of its own and a small bias that
+    stays inline."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 250)).astype(np.float32)
+    u = rng.standard_normal((250, 1280)).astype(np.float32)
+    models = {}
+    for g, w_name in (("prefill", "w"), ("decode", "w_copy")):
+        own = rng.standard_normal((1280, 8)).astype(np.float32)
+        bias = np.full((8,), 0.5 if g == "prefill" else -0.5, np.float32)
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", w_name], ["h"]), helper.make_node("MatMul", ["h", "u"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "own"], ["h3"]), helper.make_node("Add", ["h3", "bias"], ["y"])],
+            g,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 256])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+            [numpy_helper.from_array(w, w_name), numpy_helper.from_array(u, "u"), numpy_helper.from_array(own, "own"), numpy_helper.from_array(bias, "bias")],
+        )
+        models[g] = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return models
 
 
-def test_graphs_above_the_threshold_get_onnx_data_and_load_with_identical_outputs(tmp_path: Path, monkeypatch):
+def test_graphs_share_one_weights_file_with_each_tensor_once_and_run_as_before(tmp_path: Path):
     import onnxruntime as ort
 
+    from quota_compile.bundle.format import external_tensors
     from quota_compile.export import onnx as lower
-    from quota_compile.export.onnx import save_onnx
+    from quota_compile.export.onnx import save_graphs
 
-    assert lower.EXTERNAL_DATA_THRESHOLD == 1 << 30  # docs/bundle.md: initializers exceeding 1 GiB
-    model = _matmul_model()
-    size = model.graph.initializer[0].ByteSize()
-    x = np.random.default_rng(1).standard_normal((2, 64)).astype(np.float32)
-    expected = x @ numpy_helper.to_array(model.graph.initializer[0])
-    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    models = _two_graphs()
+    x = np.random.default_rng(1).standard_normal((2, 256)).astype(np.float32)
+    before = {g: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] for g, m in models.items()}
+    assert not np.array_equal(before["prefill"], before["decode"])
 
-    big = tmp_path / "big" / "prefill.onnx"
-    big.parent.mkdir()
-    assert save_onnx(model, big, external_data_threshold=size // 2) == [big, big.with_suffix(".onnx.data")]
-    data = tmp_path / "big" / "prefill.onnx.data"
-    assert data.stat().st_size >= 64 * 48 * 4 and big.stat().st_size < 1000
-    assert data.stat().st_mode & 0o777 == big.stat().st_mode & 0o777  # readable by whoever can read the graph
-    assert model.graph.initializer[0].raw_data, "the caller's model lost its weights"
-    got = ort.InferenceSession(str(big), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert np.array_equal(got, reference)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
-    onnx.checker.check_model(str(big), full_check=True)
+    written = save_graphs(models, tmp_path)
+    assert written == [tmp_path / "prefill.onnx", tmp_path / "decode.onnx", tmp_path / "weights.bin"]
+    assert all(t.raw_data for m in models.values() for t in m.graph.initializer), "the caller's models lost their data"
+    refs = {g: {name: (loc, off, n) for name, loc, off, n in external_tensors(onnx.load(tmp_path / f"{g}.onnx", load_external_data=False))} for g in models}
+    # w and u stored once, at the same place for both graphs; each graph's own tensor apart; the bias inline
+    assert refs["prefill"]["w"] == refs["decode"]["w_copy"] and refs["prefill"]["u"] == refs["decode"]["u"]
+    assert refs["prefill"]["own"] != refs["decode"]["own"]
+    assert "bias" not in refs["prefill"] and "bias" not in refs["decode"]
+    assert {loc for r in refs.values() for loc, _, _ in r.values()} == {"weights.bin"}
+    distinct = {(off, n) for r in refs.values() for _, off, n in r.values()}
+    assert len(distinct) == 4 and sum(n for _, n in distinct) == (256 * 250 + 250 * 1280 + 2 * 1280 * 8) * 4
+    size = (tmp_path / "weights.bin").stat().st_size
+    assert sum(n for _, n in distinct) <= size < sum(n for _, n in distinct) + len(distinct) * lower.LARGE_ALIGNMENT
+    for _, off, n in refs["prefill"].values():
+        assert off % (lower.LARGE_ALIGNMENT if n > lower.ALIGN_THRESHOLD else lower.SMALL_ALIGNMENT) == 0
+    assert refs["prefill"]["u"][2] > lower.ALIGN_THRESHOLD  # the test covers the large alignment
+    for g, m in models.items():
+        onnx.checker.check_model(str(tmp_path / f"{g}.onnx"), full_check=True)
+        loaded = onnx.load(tmp_path / f"{g}.onnx")
+        assert {t.name: numpy_helper.to_array(t).tobytes() for t in loaded.graph.initializer} == {t.name: numpy_helper.to_array(t).tobytes() for t in m.graph.initializer}
+        got = ort.InferenceSession(str(tmp_path / f"{g}.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert np.array_equal(got, before[g])
 
-    small = tmp_path / "small" / "prefill.onnx"
-    small.parent.mkdir()
-    assert save_onnx(model, small, external_data_threshold=size * 2) == [small]
-    assert sorted(p.name for p in small.parent.iterdir()) == ["prefill.onnx"]
+    # the same graphs give the same bytes
+    again = tmp_path / "again"
+    again.mkdir()
+    save_graphs(models, again)
+    assert _tree_sha256(again) == {k: v for k, v in _tree_sha256(tmp_path).items() if not k.startswith("again/")}
 
-    # the default threshold is the module's, read when save_onnx is called
-    monkeypatch.setattr(lower, "EXTERNAL_DATA_THRESHOLD", size // 2)
-    default = tmp_path / "default" / "vision.onnx"
-    default.parent.mkdir()
-    assert save_onnx(model, default) == [default, default.with_suffix(".onnx.data")]
-
-
-@pytest.mark.slow
-def test_compile_with_external_data_verifies_lists_the_data_files_and_runs(small_folder: Path, tmp_path: Path, monkeypatch, capsys):
-    """With the threshold lowered so that every graph is 'large', a compile writes
-    `*.onnx.data`, verifies, lists them in the manifest with their sha256, and `run` loads
-    the bundle."""
-    from quota_compile.export import onnx as lower
-
-    monkeypatch.setattr(lower, "EXTERNAL_DATA_THRESHOLD", 1024)
-    cfg = write_config(tmp_path / "ext.yaml", str(small_folder), tmp_path / "exported", verify={"samples": 1, "new_tokens": 2})
-    assert main([str(cfg)]) == 0, capsys.readouterr().err
-    bundle = tmp_path / "exported" / "ext"
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    for g in ("vision", "prefill", "decode"):
-        data = bundle / f"{g}.onnx.data"
-        assert data.is_file()
-        assert manifest["files"][f"{g}.onnx.data"] == hashlib.sha256(data.read_bytes()).hexdigest()
-        assert any(t.data_location == TensorProto.EXTERNAL for t in onnx.load(bundle / f"{g}.onnx", load_external_data=False).graph.initializer)
-    image = tmp_path / "img.png"
-    from PIL import Image
-
-    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
-    capsys.readouterr()
-    assert main(["run", str(bundle), "--image", str(image), "--prompt", "What colour is it?", "--max-new-tokens", "3"]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 1
+    # graphs with no tensor of 1 KiB or more leave no weights file
+    small = tmp_path / "small"
+    small.mkdir()
+    tiny = helper.make_model(helper.make_graph([helper.make_node("Add", ["x", "b"], ["y"])], "g",
+                                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+                                               [numpy_helper.from_array(np.ones(4, np.float32), "b")]), opset_imports=[helper.make_opsetid("", 21)])
+    assert save_graphs({"vision": tiny}, small) == [small / "vision.onnx"]
+    assert sorted(p.name for p in small.iterdir()) == ["vision.onnx"]

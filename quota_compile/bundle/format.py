@@ -31,7 +31,9 @@ from quota_compile.bundle.schema import (  # noqa: F401  (the names are also thi
     KEPT,
     REPORT,
     VERIFY,
+    WEIGHTS,
     Manifest,
+    WeightsFile,
     VerifyReport,
     kv_name,
 )
@@ -241,7 +243,8 @@ def open_bundle(folder: str | Path) -> Manifest:
       (no unknown key, none missing, every value of its JSON type);
     - every file the manifest lists is there with its sha256, and there is no other file;
     - the manifest agrees with the graphs: recorded inputs and outputs, layer count, KV layout,
-      per-layer visual-token counts and pruning layers (:func:`check_graphs`);
+      per-layer visual-token counts and pruning layers (:func:`check_graphs`), and which
+      tensors of each weights file every graph reads (:func:`check_weights`);
     - no other key of the manifest changed since it was written (``key_sha256``, :func:`write_manifest`)."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -252,6 +255,7 @@ def open_bundle(folder: str | Path) -> Manifest:
     doc = manifest.doc()
     check_files(folder, doc)
     check_graphs(folder, doc)
+    check_weights(folder, doc)
     check_key_hashes(folder, doc)
     return manifest
 
@@ -386,6 +390,72 @@ def check_graphs(folder: Path, manifest: dict) -> None:
         codes = entry["codes"]["shape"][-1] if entry["codes"]["shape"] else None
         if key[-1] != codes:
             refuse(f"kv_cache[{layer}].codes.shape", f"ends in {codes}, the decode graph's codes have {key[-1]} bytes per head")
+
+
+def external_tensors(model: onnx.ModelProto) -> list[tuple[str, str, int, int]]:
+    """``(initializer name, file, offset, length)`` of each initializer of ``model`` (loaded
+    without its external data) whose bytes are in an external file, in the graph's order."""
+    out = []
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            out.append((t.name, info.get("location", ""), int(info.get("offset", "0")), int(info.get("length", "-1"))))
+    return out
+
+
+def weights_table(folder: Path, graphs: list[str]) -> WeightsFile | None:
+    """manifest.json's ``weights.<folder>``: every tensor of ``folder``'s weights file, in file
+    order, with the graphs (of ``graphs``, written there) that read it and their names for it.
+    None when the folder has no weights file."""
+    if not (folder / WEIGHTS).is_file():
+        return None
+    tensors: dict[tuple[int, int], dict[str, str]] = {}
+    for g in graphs:
+        for name, _, offset, length in external_tensors(onnx.load(str(folder / f"{g}.onnx"), load_external_data=False)):
+            tensors.setdefault((offset, length), {})[g] = name
+    return WeightsFile(
+        file=WEIGHTS,
+        bytes=(folder / WEIGHTS).stat().st_size,
+        tensors=[{"offset": o, "bytes": n, "graphs": used} for (o, n), used in sorted(tensors.items())],
+    )
+
+
+def graph_bytes(folder: Path, graph: str) -> int:
+    """What one graph of ``folder`` takes on disk: its ``.onnx`` file and the bytes it reads from
+    the folder's weights file (those it shares with other graphs counted for each)."""
+    path = folder / f"{graph}.onnx"
+    return path.stat().st_size + sum(n for *_, n in external_tensors(onnx.load(str(path), load_external_data=False)))
+
+
+def check_weights(folder: Path, manifest: dict) -> None:
+    """Every graph of every folder in ``weights`` reads exactly the tensors the manifest says,
+    by those names, from that folder's weights file, inside the file."""
+    path = folder / MANIFEST
+
+    def refuse(key: str, what: str):
+        raise UserError(f"{path}: key '{key}' {what}; the manifest was edited or damaged.")
+
+    for where, entry in manifest["weights"].items():
+        if where not in {f["folder"] for f in manifest["flavours"].values()}:
+            refuse(f"weights[\"{where}\"]", "is not the folder of a flavour in 'flavours'")
+        sub = folder / where
+        if entry["file"] != WEIGHTS:
+            refuse(f"weights[\"{where}\"].file", f"is {entry['file']!r}, expected {WEIGHTS}")
+        size = (sub / WEIGHTS).stat().st_size
+        if entry["bytes"] != size:
+            refuse(f"weights[\"{where}\"].bytes", f"is {entry['bytes']}, {sub / WEIGHTS} has {size} bytes")
+        said: dict[str, list] = {}
+        for t in entry["tensors"]:
+            if t["offset"] < 0 or t["offset"] + t["bytes"] > size:
+                refuse(f"weights[\"{where}\"].tensors", f"has bytes {t['offset']}..{t['offset'] + t['bytes']}, beyond the end of {WEIGHTS}")
+            for g, name in t["graphs"].items():
+                said.setdefault(g, []).append((name, WEIGHTS, t["offset"], t["bytes"]))
+        for g in sorted({p.stem for p in sub.glob("*.onnx")} | set(said)):
+            if not (sub / f"{g}.onnx").is_file():
+                refuse(f"weights[\"{where}\"].tensors", f"names graph {g!r}, which {sub} does not have")
+            actual = sorted(external_tensors(onnx.load(str(sub / f"{g}.onnx"), load_external_data=False)))
+            if actual != sorted(said.get(g, [])):
+                refuse(f"weights[\"{where}\"].tensors", f"does not describe what {(sub / g).as_posix()}.onnx reads from {WEIGHTS}")
 
 
 def write_json(path: Path, doc: dict) -> Path:

@@ -15,7 +15,8 @@ Two rules hold for every model:
 - writing gives back exactly what was given: ``model_dump(mode="json")`` writes the keys the
   model was built or read with, in that order, and no default of a key that was not given. A
   manifest read from a bundle therefore dumps to the same JSON, byte for byte, and the
-  compiler's JSON is what it was before these models existed (format_version 2).
+  compiler's JSON is what it was before these models existed (format_version 2; 3 added
+  ``weights``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, 
 from pydantic_core import PydanticCustomError
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "MANIFEST", "VERIFY", "RECIPE", "REPORT", "TOKENIZER", "KV_SCALES",
+    "FORMAT", "FORMAT_VERSION", "MANIFEST", "VERIFY", "RECIPE", "REPORT", "TOKENIZER", "KV_SCALES", "WEIGHTS",
     "GRAPHS", "PORTABLE_FOLDER", "ORT_FOLDER", "TRT_FOLDER",
     "PAST", "PRESENT", "KEPT", "IMAGE_FEATURES", "kv_name", "kept_name",
     "KV_UPDATE_KEY", "KV_APPEND", "KV_REPLACE",
-    "Manifest", "ModelFacts", "QuantizationFacts", "PruningFacts", "GraphEntry", "TensorIO", "FlavourEntry",
+    "Manifest", "ModelFacts", "QuantizationFacts", "PruningFacts", "GraphEntry", "TensorIO", "FlavourEntry", "WeightsFile", "WeightTensor",
     "KVLayer", "KVCodes", "KVScale", "KVTensor", "KVCacheBytes",
     "VerifyReport", "FlavourVerification", "Thresholds", "KeptSummary",
 ]
@@ -38,9 +39,10 @@ __all__ = [
 # ---------------------------------------------------------------- names
 
 FORMAT = "quota-compile bundle"
-# 2: manifest.json records the sha256 of each of its own keys (``key_sha256``). The typed models
-# did not change the JSON: still 2.
-FORMAT_VERSION = 2
+# 2: manifest.json records the sha256 of each of its own keys (``key_sha256``).
+# 3: each folder of graphs keeps their weights in one weights.bin, a tensor the graphs share
+#    stored once; manifest.json's ``weights`` says which graph reads which tensor.
+FORMAT_VERSION = 3
 
 # Files and folders of a bundle (beside the graphs ``<graph>.onnx``).
 MANIFEST = "manifest.json"
@@ -48,6 +50,7 @@ VERIFY = "verify.json"
 RECIPE = "recipe.yaml"
 REPORT = "report.md"
 TOKENIZER = "tokenizer"  # the processor (tokenizer and image processor), a folder
+WEIGHTS = "weights.bin"  # beside a flavour's graphs: their initializers of 1 KiB or more, each distinct tensor once
 KV_SCALES = "kv_scales.npy"  # the static per_channel KV scales, [layer, key/value, head, 1, channel]
 
 GRAPHS = ("vision", "prefill", "decode")
@@ -257,6 +260,24 @@ class FlavourEntry(_OpenRecord):
     used_by_runtime: bool = False  # the flavour ``quota-compile run`` runs (absent: not)
 
 
+class WeightTensor(_Record):
+    """One tensor of a weights file: its byte range and, for each graph that reads it, the
+    initializer name it has there."""
+
+    offset: int
+    bytes: int
+    graphs: dict[str, str]
+
+
+class WeightsFile(_Record):
+    """``weights.<folder>``: the one weights file of a folder of graphs (``.`` for the portable
+    graphs, a flavour's folder for its own), every distinct tensor once."""
+
+    file: str
+    bytes: int
+    tensors: list[WeightTensor]
+
+
 class KVTensor(_Record):
     dtype: str
     shape: list[Dim]
@@ -309,6 +330,7 @@ class Manifest(_Record):
     pruning: PruningFacts
     graphs: dict[str, GraphEntry]
     flavours: dict[str, FlavourEntry]
+    weights: dict[str, WeightsFile]
     kv_cache: list[KVLayer]
     kv_cache_bytes_per_sequence: KVCacheBytes
     versions: dict[str, str]

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from quota_compile.bundle.format import atomic_folder, check_destination, versions, write_json
+from quota_compile.bundle.format import atomic_folder, check_destination, graph_bytes, versions, write_json
 from quota_compile.config import bundle_name, load_config
 from quota_compile.core.variants import Variant, flavour_of, kv_cache_bytes, quant_name
 from quota_compile.core.workbench import Workbench
@@ -304,9 +304,9 @@ def _row(name, what, reps, b, vlm, cfg, keep, prompt_len, quantized, disk_bytes,
         "kv_fp16_unpruned_bytes": fp16,
         "disk_bytes": disk_bytes,
         "flavour": flavour,
-        # Every decoder weight is an initializer of the decode graph: its size on disk is what
-        # the decoder's weights take as stored.
-        "decoder_graph_bytes": decode_graph.stat().st_size if decode_graph else None,
+        # Every decoder weight is an initializer of the decode graph: the graph's file and the
+        # bytes it reads from weights.bin are what the decoder's weights take as stored.
+        "decoder_graph_bytes": graph_bytes(decode_graph.parent, decode_graph.stem) if decode_graph else None,
         "decoder_fp16_bytes": decoder_fp16_bytes(vlm),
         "floor": {
             **floor,

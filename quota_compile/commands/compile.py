@@ -11,17 +11,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 from rich.console import Console
 
 from quota_compile import __version__
 from quota_compile.bundle.format import (
     atomic_folder,
     check_destination,
+    external_tensors,
+    graph_bytes,
     graph_io,
     human_size,
     report_markdown,
     versions,
     write_manifest,
+    weights_table,
     write_verify,
 )
 from quota_compile.bundle.schema import (
@@ -33,6 +37,7 @@ from quota_compile.bundle.schema import (
     RECIPE,
     REPORT,
     TOKENIZER,
+    WEIGHTS,
     KVCodes,
     KVLayer,
     KVScale,
@@ -270,9 +275,15 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
     bits = cfg.quantization.kv_cache.bits
     graphs = {}
     for g, m in models.items():
-        files = sorted(p.name for p in folder.glob(f"{g}.onnx*"))
-        graphs[g] = GraphEntry(file=f"{g}.onnx", files=files, bytes=sum((folder / f).stat().st_size for f in files), **graph_io(m))
+        reads_weights = bool(external_tensors(onnx.load(str(folder / f"{g}.onnx"), load_external_data=False)))
+        files = [f"{g}.onnx"] + ([WEIGHTS] if reads_weights else [])
+        graphs[g] = GraphEntry(file=f"{g}.onnx", files=files, bytes=graph_bytes(folder, g), **graph_io(m))
     flavours = {flavour.name: flavour.manifest_entry(build) for flavour in targets}
+    weights = {}
+    for entry in flavours.values():
+        table = weights_table(folder / entry["folder"], entry["graphs"])
+        if table is not None:
+            weights[entry["folder"]] = table
     v = span[1]
     granularity = cfg.quantization.kv_cache.granularity
     codes = KVCodes(dtype="uint8", shape=["batch", vlm.num_kv_heads, "length", kv_packed_dim(vlm.head_dim, bits)],
@@ -342,6 +353,7 @@ def build_manifest(cfg, vlm, model_hash: str, span: tuple[int, int], models: dic
         ),
         graphs=graphs,
         flavours=flavours,
+        weights=weights,
         kv_cache=layers,
         kv_cache_bytes_per_sequence=kv_cache_bytes(vlm, bits, list(pruning.keep), prompt_len, report["new_tokens"], cfg.quantization.kv_cache.granularity),
         versions=versions(),

@@ -30,7 +30,7 @@ import onnx
 from quota_compile.capture.trace import build_programs, trace_programs
 from quota_compile.core.decisions import decide_pruning
 from quota_compile.core.variants import Variant, flavour_of
-from quota_compile.export.onnx import export_onnx, save_onnx
+from quota_compile.export.onnx import export_onnx, save_graphs
 from quota_compile.export.user_passes import OnnxPass, apply_passes
 from quota_compile.flavours.base import Flavour
 from quota_compile.flavours.registry import get_flavour
@@ -106,9 +106,9 @@ class Built:
         return self.lowered[flavour] if get_flavour(flavour).derived else self.models
 
     def save(self, folder: Path, flavour: str = "portable") -> None:
-        """A flavour's graphs as ``{vision,prefill,decode}.onnx`` in ``folder`` (which exists)."""
-        for g, m in self.graphs(flavour).items():
-            save_onnx(m, folder / f"{g}.onnx")
+        """A flavour's graphs as ``{vision,prefill,decode}.onnx`` in ``folder`` (which exists),
+        their weights in one shared ``weights.bin`` (:func:`~quota_compile.export.onnx.save_graphs`)."""
+        save_graphs(self.graphs(flavour), folder)
 
 
 class Workbench:

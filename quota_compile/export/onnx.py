@@ -9,6 +9,7 @@ ONNX ops only.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import warnings
@@ -20,11 +21,21 @@ import onnx
 import torch
 from onnx import TensorProto, numpy_helper
 
+from quota_compile.bundle.schema import WEIGHTS
 from quota_compile.export.onnx_translation import MARKER_DOMAIN, translation_table
 
 OPSET = 21
-# Graphs whose initializers exceed this are written with external data (the protobuf limit is 2 GB).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
+# Every graph's initializers of at least this size are written to the folder's one weights
+# file (``weights.bin``, :func:`save_graphs`); smaller ones stay in the graph.
+EXTERNAL_MIN_BYTES = 1024
+# Offsets in the weights file: tensors over ALIGN_THRESHOLD start on a LARGE_ALIGNMENT boundary,
+# which lets onnxruntime map them from the file instead of copying them (it needs offsets that
+# are multiples of the allocation granularity: 4 KiB on Linux, 64 KiB on Windows; see
+# onnxruntime's include/onnxruntime/core/graph/model_saving_options.h); the others start on a
+# SMALL_ALIGNMENT boundary.
+ALIGN_THRESHOLD = 1 << 20
+LARGE_ALIGNMENT = 1 << 16
+SMALL_ALIGNMENT = 64
 
 
 class LoweringError(RuntimeError):
@@ -167,22 +178,58 @@ def finalize(model: onnx.ModelProto, opset: int) -> None:
     onnx.checker.check_model(model, full_check=True)
 
 
-def save_onnx(model: onnx.ModelProto, path: Path, external_data_threshold: int | None = None) -> list[Path]:
-    """Write ``model``; when its initializers exceed ``external_data_threshold`` bytes (default
-    :data:`EXTERNAL_DATA_THRESHOLD`, read at call time), they go to ``<name>.onnx.data`` beside
-    it. ``model`` itself is left as it was. Returns the files written."""
-    threshold = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    if size > threshold:
-        data = path.with_suffix(".onnx.data")
-        data.unlink(missing_ok=True)  # (onnx appends to an existing data file)
-        # onnx.save_model moves the tensors of the model it is given to external data and
-        # clears their bytes; the caller's model (verified and described afterwards) must
-        # keep them, so a copy is written.
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
-        data.chmod(path.stat().st_mode & 0o777)  # onnx creates it owner-only; readable like the graph
-        return [path, data]
-    onnx.save_model(model, path)
-    return [path]
+def _aligned(offset: int, size: int) -> int:
+    """Where a tensor of ``size`` bytes starts at or after ``offset``: tensors over
+    :data:`ALIGN_THRESHOLD` on a :data:`LARGE_ALIGNMENT` boundary (so that a runtime can map
+    them from the file), the others on :data:`SMALL_ALIGNMENT`."""
+    step = LARGE_ALIGNMENT if size > ALIGN_THRESHOLD else SMALL_ALIGNMENT
+    return -(-offset // step) * step
+
+
+def save_graphs(models: Mapping[str, onnx.ModelProto], folder: Path) -> list[Path]:
+    """Write each graph as ``folder/<name>.onnx`` with its initializers of at least
+    :data:`EXTERNAL_MIN_BYTES` in one shared ``folder/weights.bin``.
+
+    A tensor held by several graphs (the same data type, shape and bytes; e.g. every decoder
+    weight, which the prefill and the decode graph both read) is written once, and each graph
+    that holds it points at the same offset and length under its own initializer name. The
+    file's layout follows the graphs' order and their initializers' order, so the same graphs
+    give the same bytes. The models passed in keep their data. Returns the files written."""
+    data_path = folder / WEIGHTS
+    stored: dict[bytes, tuple[int, int]] = {}  # tensor key -> (offset, length)
+    copies: dict[str, onnx.ModelProto] = {}
+    end = 0
+    with open(data_path, "wb") as data:
+        for name, model in models.items():
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            for t in copy.graph.initializer:
+                if t.data_location == TensorProto.EXTERNAL or len(t.raw_data) < EXTERNAL_MIN_BYTES:
+                    continue
+                key = hashlib.sha256(f"{t.data_type}:{list(t.dims)}:".encode() + t.raw_data).digest()
+                if key not in stored:
+                    offset = _aligned(end, len(t.raw_data))
+                    data.write(b"\0" * (offset - end))
+                    data.write(t.raw_data)
+                    end = offset + len(t.raw_data)
+                    stored[key] = (offset, len(t.raw_data))
+                offset, length = stored[key]
+                t.ClearField("raw_data")
+                t.data_location = TensorProto.EXTERNAL
+                del t.external_data[:]
+                for k, v in (("location", WEIGHTS), ("offset", str(offset)), ("length", str(length))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = k, v
+            copies[name] = copy
+    written = []
+    for name, copy in copies.items():
+        path = folder / f"{name}.onnx"
+        path.write_bytes(copy.SerializeToString())
+        written.append(path)
+    if stored:
+        if written:  # readable by whoever can read the graphs
+            data_path.chmod(written[0].stat().st_mode & 0o777)
+        written.append(data_path)
+    else:
+        data_path.unlink()
+    return written

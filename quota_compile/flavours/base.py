@@ -31,6 +31,7 @@ from typing import Any
 
 import onnx
 
+from quota_compile.bundle.format import graph_bytes
 from quota_compile.bundle.schema import FlavourEntry
 
 
@@ -93,6 +94,6 @@ class Flavour:
         return FlavourEntry(
             folder=self.folder,
             graphs=sorted(graphs),
-            bytes={g: (folder / f"{g}.onnx").stat().st_size for g in sorted(graphs)},
+            bytes={g: graph_bytes(folder, g) for g in sorted(graphs)},
             used_by_runtime=False,
         ).model_dump(mode="json")

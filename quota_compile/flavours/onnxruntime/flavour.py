@@ -4,7 +4,7 @@ tolerances, and the flavour ``quota-compile run`` uses when a bundle has it."""
 
 from __future__ import annotations
 
-from quota_compile.bundle.format import kv_update_of
+from quota_compile.bundle.format import graph_bytes, kv_update_of
 from quota_compile.bundle.schema import ORT_FOLDER, FlavourEntry
 from quota_compile.flavours.base import Flavour, FlavourBuild
 from quota_compile.flavours.onnxruntime.lower import describe_arithmetic, lower_flavour, uses_group_query_attention
@@ -40,7 +40,7 @@ class OnnxruntimeFlavour(Flavour):
         return FlavourEntry(
             folder=self.folder,
             graphs=sorted(p.stem for p in sub.glob("*.onnx")),
-            bytes={p.stem: p.stat().st_size for p in sorted(sub.glob("*.onnx"))},
+            bytes={p.stem: graph_bytes(sub, p.stem) for p in sorted(sub.glob("*.onnx"))},
             ops=sorted({n.op_type for m in lowered.values() for n in m.graph.node if n.op_type in ORT_OPS}),
             kv_update=kv_update_of(lowered["decode"]),
             accuracy_level=cfg.export.onnxruntime.accuracy_level,

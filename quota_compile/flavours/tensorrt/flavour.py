@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from quota_compile.bundle.format import kv_update_of
+from quota_compile.bundle.format import graph_bytes, kv_update_of
 from quota_compile.bundle.schema import TRT_FOLDER, FlavourEntry
 from quota_compile.errors import ConfigError, VerificationFailed
 from quota_compile.flavours.base import Flavour, FlavourBuild
@@ -93,7 +93,7 @@ class TensorrtFlavour(Flavour):
         return FlavourEntry(
             folder=self.folder,
             graphs=sorted(trt_models),
-            bytes={g: (sub / f"{g}.onnx").stat().st_size for g in sorted(trt_models)},
+            bytes={g: graph_bytes(sub, g) for g in sorted(trt_models)},
             plugins={g: plugin_counts(m) for g, m in trt_models.items()},
             plugin_namespace=PLUGIN_NAMESPACE,
             plugin_version=PLUGIN_VERSION,
