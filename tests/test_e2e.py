@@ -130,6 +130,23 @@ def test_two_compiles_give_byte_identical_graphs(tiny_bundle: Path, tiny_folder:
     assert first_files == second_files
 
 
+def test_graph_bytes_do_not_depend_on_where_the_code_is_installed(tiny_bundle: Path):
+    """The exporter stamps each node with the Python stack that made it (absolute paths of
+    quota_compile and of the installed packages): the compile drops those stamps, so a clone
+    elsewhere, or another virtualenv, writes the same bytes."""
+    import torch
+
+    import quota_compile
+
+    roots = {Path(quota_compile.__file__).resolve().parents[1], Path(torch.__file__).resolve().parents[1], Path(onnx.__file__).resolve().parents[1]}
+    for g in GRAPHS:
+        data = (tiny_bundle / f"{g}.onnx").read_bytes()
+        for root in roots:
+            assert str(root).encode() not in data, (g, root)
+        model = onnx.load(tiny_bundle / f"{g}.onnx", load_external_data=False)
+        assert all(p.key != "pkg.torch.onnx.stack_trace" for n in model.graph.node for p in n.metadata_props)
+
+
 def test_existing_bundle_is_kept_without_force_and_replaced_with_it(small_folder: Path, tmp_path: Path, capsys):
     out = tmp_path / "exported"
     (out / "tiny").mkdir(parents=True)

@@ -161,6 +161,18 @@ def materialize_int4_weights(model: onnx.ModelProto) -> int:
     return replaced
 
 
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    """The nodes of ``graph`` and of every subgraph inside it."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_nodes(sub)
+
+
 def finalize(model: onnx.ModelProto, opset: int) -> None:
     """Full ONNX check; refuse anything outside the standard domain (portable flavour)."""
     domains = {n.domain for n in model.graph.node} - {"", "ai.onnx"}
@@ -169,8 +181,15 @@ def finalize(model: onnx.ModelProto, opset: int) -> None:
     if not any(o.domain in ("", "ai.onnx") and o.version >= opset for o in model.opset_import):
         raise LoweringError(f"graph opset is below {opset}")
     # Drop exporter metadata that names source files or machine state: the bytes must only
-    # depend on the model, the config and the seed.
+    # depend on the model, the config and the seed. The exporter stamps every node with the
+    # Python stack that made it (absolute paths of the installed packages, line numbers of
+    # this project's source); the other node stamps (the FX node, the module scopes) stay.
     del model.metadata_props[:]
+    for node in _all_nodes(model.graph):
+        kept = [p for p in node.metadata_props if p.key != STACK_TRACE_KEY]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
     model.producer_name = "quota-compile"
     from quota_compile import __version__
 
