@@ -55,21 +55,36 @@ class QuantLinear(torch.nn.Linear):
         self.act_bits = act_bits
         self.clip_ratio = clip_ratio
         self._state = state
-        self._w = ops.dequantize_weight(qweight.codes, qweight.scale, qweight.group_size).to(linear.weight.dtype)
+        # codes and scales copied to the device the module was moved to (None: use qweight's)
+        self._placed: tuple[torch.Tensor, torch.Tensor] | None = None
         # an online rotation of the input (quantization.online_rotation; the weight holds its
         # inverse): applied before the activation quantizer, in the simulation and the graph
         self.input_rotation = getattr(linear, "input_rotation", None)
 
     def _apply(self, fn, recurse=True):
-        # .to(device) and friends also move the dequantized weight (a plain attribute)
+        # .to(device) and friends: the codes are copied to the new device on first use
         super()._apply(fn, recurse)
-        self._w = fn(self._w)
+        self._placed = None
         return self
 
     def set_qweight(self, qweight: QuantizedWeight) -> None:
         """Replace the INT4 weight (e.g. by GPTQ's codes for the same grid)."""
         self.qweight = qweight
-        self._w = ops.dequantize_weight(qweight.codes, qweight.scale, qweight.group_size).to(self.weight.device, self.weight.dtype)
+        self._placed = None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The ``[K, N]`` weight the simulation multiplies by, in the float weight's dtype and on its
+        device. Computed from the INT4 codes at each call and not kept: holding it would be a second
+        float copy of every quantized weight (``codes * scale`` is exact and the same at every call)."""
+        q = self.qweight
+        device = self.weight.device
+        if q.codes.device == device:
+            codes, scale = q.codes, q.scale
+        else:
+            if self._placed is None or self._placed[0].device != device:
+                self._placed = (q.codes.to(device), q.scale.to(device))
+            codes, scale = self._placed
+        return ops.dequantize_weight(codes, scale, q.group_size).to(self.weight.dtype)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The activations as the deployed product sees them: rotated where the Linear has an
@@ -97,7 +112,7 @@ class QuantLinear(torch.nn.Linear):
             if self.input_rotation is not None:
                 x = self.input_rotation(x)
             return F.linear(x, self.weight, self.bias)
-        y = self.quantize_input(x) @ self._w
+        y = self.quantize_input(x) @ self.dequantized_weight()
         return y if self.bias is None else y + self.bias
 
 
@@ -109,15 +124,21 @@ class QuantEmbedding(torch.nn.Embedding):
         self.weight = emb.weight
         self.codes, self.scale, self.group_size = codes, scale, group_size
         self._state = state
-        self._table = (codes.to(torch.float32) * scale.repeat_interleave(group_size, dim=1)).to(emb.weight.dtype)
 
     def _apply(self, fn, recurse=True):
+        # .to(device) and friends also move the codes and scales (plain attributes)
         super()._apply(fn, recurse)
-        self._table = fn(self._table)
+        if self.codes.device != self.weight.device:
+            self.codes, self.scale = self.codes.to(self.weight.device), self.scale.to(self.weight.device)
         return self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self._table if self._state.enabled else self.weight, self.padding_idx)
+        if not self._state.enabled:
+            return F.embedding(ids, self.weight, self.padding_idx)
+        # only the rows looked up are dequantized (element-wise, so the same values as the whole
+        # table dequantized and then indexed), never a float copy of the table
+        rows = F.embedding(ids, self.codes).to(torch.float32) * F.embedding(ids, self.scale).repeat_interleave(self.group_size, dim=-1)
+        return rows.to(self.weight.dtype)
 
 
 def matches(name: str, patterns: list[str]) -> bool:
