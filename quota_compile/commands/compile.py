@@ -226,6 +226,7 @@ def _compile(config_file: Path, force: bool, console: Console, recipe_path: str 
                     build.samples = samples = held_out_samples(vlm, cfg.verify, span, cfg.calibration.dataset)
                     build.probe = CodeProbe(models)
                     report = get_flavour("portable").verify(build)
+                    build.probe = None  # its sessions hold the weights again: released before the next flavour's
                     for flavour in targets:
                         if flavour.derived:
                             progress.note(f"the {flavour.name} flavour ...")

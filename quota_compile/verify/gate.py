@@ -261,7 +261,7 @@ class _Point:
 
 @dataclass
 class ObservationCopy:
-    model: onnx.ModelProto
+    model: onnx.ModelProto | None  # None once a session holds it (see _Copy)
     points: list[_Point]
     scores: list[str]  # outputs: the scores ranked by each pruning layer, in order
     kv_feeds: list[str]  # teacher forcing: the present.* tensors whose readers read verify.reference.<name>
@@ -393,6 +393,9 @@ class _Copy:
         self.copy, self.graph = copy, graph
         with onnxruntime_errors(f"the verification copy of {graph}.onnx does not load in onnxruntime"):
             self.session = session(copy.model)
+        # the session holds its own copy of the weights: the protobuf one (a full copy of the
+        # graph's weights per observation copy, six per flavour) is released here
+        copy.model = None
         extra = {p.output for p in copy.points} | set(copy.scores)
         self.inputs = [i.name for i in self.session.get_inputs() if not i.name.startswith("verify.reference.")]
         self.outputs = [o.name for o in self.session.get_outputs() if o.name not in extra]
