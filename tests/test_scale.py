@@ -89,13 +89,18 @@ def test_progress_lines_give_each_stage_its_time_and_peak_memory(scale):
     ]
 
 
-def test_quantized_modules_hold_no_float_copy_of_their_weights():
-    """The simulation's stored form is the INT4 codes + scales beside the float weight: no module
-    keeps a dequantized float weight or embedding table (a second float copy of the model)."""
+@pytest.mark.parametrize("budget", ["none", "one weight", "all"])
+def test_quantized_modules_keep_dequantized_weights_only_within_the_budget(budget, monkeypatch):
+    """The simulation's stored form is the INT4 codes + scales beside the float weight. A
+    dequantized float weight is kept only within ``DEQUANTIZED_CACHE_BYTES`` (the first ones
+    computed), and the embedding table never: a large model holds no second float copy. The
+    outputs are the same whatever is kept."""
     from quota_compile.config import QuantizationSection
-    from quota_compile.quant import ops
+    from quota_compile.quant import ops, simulate
     from quota_compile.quant.simulate import QuantEmbedding, QuantLinear, quantize
 
+    limit = {"none": 0, "one weight": 32 * 48 * 4, "all": 1 << 30}[budget]
+    monkeypatch.setattr(simulate, "DEQUANTIZED_CACHE_BYTES", limit)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(40, 32), torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 32))
     model.get_input_embeddings = lambda: model[0]
@@ -104,20 +109,31 @@ def test_quantized_modules_hold_no_float_copy_of_their_weights():
     ids = torch.randint(0, 40, (2, 5))
     with torch.no_grad():
         y = model(ids)
+        y_again = model(ids)
+
+    def float_copies(m) -> list[str]:
+        return [k for k, v in vars(m).items() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() >= m.weight.numel()]
+
     quantized = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
     assert len(quantized) == 3
-    for m in quantized:
-        float_tensors = {k for k, v in vars(m).items() if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() >= m.weight.numel()}
-        assert not float_tensors, (type(m).__name__, float_tensors)
-        assert not any(b.is_floating_point() and b.numel() >= m.weight.numel() for b in m.buffers())
+    assert not float_copies(model[0]) and not any(b.is_floating_point() for b in model[0].buffers())
+    held = [i for i in (1, 3) if float_copies(model[i])]
+    assert held == {"none": [], "one weight": [1], "all": [1, 3]}[budget]
+    assert qm._state.cached_bytes == sum(model[i].weight.numel() * 4 for i in held) <= limit
 
-    # and the outputs are those of the dequantized weights, computed here from the codes
+    # the outputs are those of the dequantized weights, computed here from the codes
     emb = qm.embeddings["0"]
     table = emb.codes.float() * emb.scale.repeat_interleave(16, dim=1)
     x = table[ids]
     for i in (1, 3):
         w = qm.weights[str(i)]
-        x = ops.qdq_per_token(x, 4, spec.activations.clip_ratio) @ ops.dequantize_weight(w.codes, w.scale, w.group_size) + model[i].bias
+        dequantized = w.codes.float() * w.scale.repeat_interleave(w.group_size, dim=0)
+        assert torch.equal(ops.dequantize_weight(w.codes, w.scale, w.group_size), dequantized)
+        x = ops.qdq_per_token(x, 4, spec.activations.clip_ratio) @ dequantized + model[i].bias
         if i == 1:
             x = torch.relu(x)
-    assert torch.equal(y, x)
+    assert torch.equal(y, x) and torch.equal(y_again, x)
+
+    # new codes (GPTQ's) drop the kept copy and give back its bytes
+    model[1].set_qweight(qm.weights["1"])
+    assert not float_copies(model[1]) and qm._state.cached_bytes == sum(model[i].weight.numel() * 4 for i in held if i != 1)

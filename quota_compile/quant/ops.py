@@ -111,7 +111,10 @@ def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int) -> tup
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
     """``[K, N]`` float32 weight from codes ``[K, N]`` and scales ``[K // group_size, N]``."""
-    return q.to(torch.float32) * scale.repeat_interleave(group_size, dim=0)
+    k, n = q.shape
+    # each group's scale broadcast over its rows: one float32 product per element, the same
+    # values as repeating the scales row by row, without materialising the repeated scales
+    return (q.reshape(k // group_size, group_size, n).to(torch.float32) * scale[:, None, :]).reshape(k, n)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,17 @@ class QuantizedWeight:
     group_size: int
 
 
+# The simulation keeps dequantized float weights of the quantized Linears in memory up to
+# this many bytes in all (the first ones computed; never evicted, so a pass over the model
+# finds the same ones every time) and dequantizes the others at each call. Small models run as
+# fast as with every weight dequantized once; a large one does not hold a second float copy.
+DEQUANTIZED_CACHE_BYTES = 2 << 30
+
+
 @dataclass
 class _State:
     enabled: bool = True
+    cached_bytes: int = 0  # dequantized weights held by the Linears (DEQUANTIZED_CACHE_BYTES)
 
 
 class QuantLinear(torch.nn.Linear):
@@ -57,6 +65,7 @@ class QuantLinear(torch.nn.Linear):
         self._state = state
         # codes and scales copied to the device the module was moved to (None: use qweight's)
         self._placed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._dequantized: torch.Tensor | None = None  # within DEQUANTIZED_CACHE_BYTES
         # an online rotation of the input (quantization.online_rotation; the weight holds its
         # inverse): applied before the activation quantizer, in the simulation and the graph
         self.input_rotation = getattr(linear, "input_rotation", None)
@@ -64,18 +73,34 @@ class QuantLinear(torch.nn.Linear):
     def _apply(self, fn, recurse=True):
         # .to(device) and friends: the codes are copied to the new device on first use
         super()._apply(fn, recurse)
-        self._placed = None
+        self._forget()
         return self
+
+    def _forget(self) -> None:
+        self._placed = None
+        if self._dequantized is not None:
+            self._state.cached_bytes -= self._dequantized.nbytes
+            self._dequantized = None
 
     def set_qweight(self, qweight: QuantizedWeight) -> None:
         """Replace the INT4 weight (e.g. by GPTQ's codes for the same grid)."""
         self.qweight = qweight
-        self._placed = None
+        self._forget()
 
     def dequantized_weight(self) -> torch.Tensor:
         """The ``[K, N]`` weight the simulation multiplies by, in the float weight's dtype and on its
-        device. Computed from the INT4 codes at each call and not kept: holding it would be a second
-        float copy of every quantized weight (``codes * scale`` is exact and the same at every call)."""
+        device: computed from the INT4 codes (``codes * scale``, the same values at every call) and
+        kept only while the model's kept ones stay within ``DEQUANTIZED_CACHE_BYTES``, so a large
+        model does not hold a second float copy of its weights."""
+        if self._dequantized is not None:
+            return self._dequantized
+        w = self._dequantize()
+        if self._state.cached_bytes + w.nbytes <= DEQUANTIZED_CACHE_BYTES:
+            self._dequantized = w
+            self._state.cached_bytes += w.nbytes
+        return w
+
+    def _dequantize(self) -> torch.Tensor:
         q = self.qweight
         device = self.weight.device
         if q.codes.device == device:
