@@ -149,9 +149,15 @@ def test_lowbit_and_fp_signals_differ_and_calibration_is_deterministic(tiny):
     assert not np.allclose(low.risk[:, 1:], fp.risk[:, 1:])
     pr = PruningSection(method="quota", keep_ratio=0.4)
     cal = CalibrationSection(num_samples=6)
-    a, a_provenance = calibrate(vlm, qm, vision, vlm.visual_span(), pr, cal)
+    notes: list[str] = []
+    a, a_provenance = calibrate(vlm, qm, vision, vlm.visual_span(), pr, cal, note=notes.append)
     b, b_provenance = calibrate(vlm, qm, vision, vlm.visual_span(), pr, cal)
     assert a == b and a_provenance.sha256 == b_provenance.sha256
+    # progress: the two long steps, with the counts they run (6 samples, 2 of them held out)
+    assert notes == [
+        "signals: 4 samples through the low-bit simulation on cpu ...",
+        "weight search: 15 candidates on 2 held-out samples ...",
+    ]
     assert len(a.weight_search) == 15
     assert a.weights == min(a.weight_search, key=lambda p: p.kl).weights
     keep = a.keep

@@ -173,12 +173,16 @@ def _weights(w: ScoreWeights) -> Weights:
     return Weights(att=w.att, mag=w.mag, risk=w.risk)
 
 
-def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruning: PruningSection, calibration: CalibrationSection) -> tuple[PruningRecipe, CalibrationProvenance]:
+def calibrate(
+    vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruning: PruningSection, calibration: CalibrationSection,
+    note: Callable[[str], None] | None = None,
+) -> tuple[PruningRecipe, CalibrationProvenance]:
     """Decide the pruning for ``pruning.method``: the recipe and the calibration it came from.
 
     A method that is not ``calibrated`` (:mod:`quota_compile.pruning.methods`) decides from the
     config alone and reads no data (``vision`` may then be ``None``); ``quota`` runs the
-    calibration described above."""
+    calibration described above. ``note`` gets a line as each of its two long steps starts."""
+    note = note or (lambda what: None)
     start, v = span
     layers = vlm.num_layers
     act = qm.spec.activations
@@ -199,6 +203,9 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
         on = method.calibration_signals(pruning)
         with qm.fake_quant(on == "lowbit"), place.active():
             unpruned = PrefillProgram(vlm, qm, start, v)
+            how = f", layer by layer on {calibration.device}" if calibration.sequential else f" on {calibration.device}"
+            model = "the low-bit simulation" if on == "lowbit" else "the full-precision model"
+            note(f"signals: {len(fit)} samples through {model}{how} ...")
             signals = collect_signals(vision, unpruned, fit, pruning.query_tokens, act, place)
             candidates = weight_grid() if pruning.weights == "auto" else [ScoreWeights(**pruning.weights.model_dump())]
             schedules = [quota_schedule(signals, w, pruning.keep_ratio, pruning.first_full_layers) for w in candidates]
@@ -210,6 +217,7 @@ def calibrate(vlm: VLM, qm: QuantizedModel, vision, span: tuple[int, int], pruni
                     PrefillProgram(vlm, qm, start, v, PruneSpec(tuple(sch.keep), w, pruning.query_tokens, act.bits, act.clip_ratio))
                     for w, sch in zip(candidates, schedules)
                 ]
+                note(f"weight search: {len(candidates)} candidates on {len(held)} held-out samples ...")
                 ref, *logps = _final_log_probs(vision, [unpruned, *pruned], held, place)
                 kls = [kl_divergence(ref, logp) for logp in logps]
                 nlls: list[float | None] = [None] * len(kls)

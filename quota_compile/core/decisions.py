@@ -38,13 +38,13 @@ def check_recipe(recipe: Recipe, path: Path, cfg, vlm, span: tuple[int, int], co
     return recipe
 
 
-def decide_pruning(cfg, vlm, qm, span, given: Recipe | None = None):
+def decide_pruning(cfg, vlm, qm, span, given: Recipe | None = None, note=None):
     """``(PruningRecipe, CalibrationProvenance, PruneSpec | None)`` from a given recipe, or
     decided for ``pruning.method`` (by calibration where the method calibrates, otherwise by
-    its own rule); the spec is derived from the recipe."""
+    its own rule); the spec is derived from the recipe. ``note``: calibration's progress lines."""
     if given is not None:
         recipe, provenance = given.pruning, given.calibration
     else:
         vision = build_programs(vlm, qm).vision if pruning_method(cfg.pruning.method).calibrated else None
-        recipe, provenance = calibrate(vlm, qm, vision, span, cfg.pruning, cfg.calibration)
+        recipe, provenance = calibrate(vlm, qm, vision, span, cfg.pruning, cfg.calibration, note)
     return recipe, provenance, prune_spec_from_recipe(recipe, qm.spec.activations)

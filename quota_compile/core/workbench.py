@@ -130,11 +130,11 @@ class Workbench:
         update = {"method": variant.method, "signals": signals} | ({"keep_ratio": variant.keep_ratio} if variant.keep_ratio is not None else {})
         return self.cfg.model_copy(update={"pruning": self.cfg.pruning.model_copy(update=update)})
 
-    def decide(self, variant: Variant | None = None, given: Recipe | None = None) -> Decision:
+    def decide(self, variant: Variant | None = None, given: Recipe | None = None, note=None) -> Decision:
         """The pruning decision of ``variant`` (None: of the config), as a compile takes it:
         from ``given`` (a checked ``--recipe``), by calibration where the method calibrates,
-        otherwise by the method's own rule."""
-        pruning, provenance, spec = decide_pruning(self.config_of(variant), self.vlm, self.qm, self.span, given)
+        otherwise by the method's own rule (``note``: its progress lines)."""
+        pruning, provenance, spec = decide_pruning(self.config_of(variant), self.vlm, self.qm, self.span, given, note)
         return Decision(pruning, provenance, spec)
 
     def describe(self, variant: Variant | None = None) -> str:
@@ -170,7 +170,7 @@ class Workbench:
         weight_only = variant.weight_only if variant is not None else False
         t0 = time.perf_counter()
         with progress.stage("calibrate", calibrate_what or self.describe(variant)):
-            decision = self.decide(variant, given)
+            decision = self.decide(variant, given, progress.note)
         t_cal = time.perf_counter() - t0
         with progress.stage("trace", TRACE_WHAT):
             programs = build_programs(vlm, qm, decision.spec)
