@@ -8,7 +8,7 @@ Writes a LLaVA checkpoint folder with random weights in bfloat16 (``model-NNNNN-
 shards of at most 2 GB, an index, the config, the small offline tokenizer and the processor),
 one tensor at a time so that writing it needs no more memory than one shard. Then it runs
 ``quota-compile`` on a ``model.yaml`` naming that folder (QUOTA at ``--keep-ratio``, the
-default W4A4 + INT4 KV cache, both default flavours) as a separate process and reads the
+default W4A4 + INT4 KV cache, the default export targets) as a separate process and reads the
 compile's own progress lines: the seconds and the peak resident memory (RSS) of each stage.
 The process's peak RSS as the kernel counts it (``getrusage``) and the bundle's bytes on disk
 are reported too; everything goes to ``DIR/scale-SHAPE.json``.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -163,16 +164,16 @@ def write_checkpoint(shape_name: str, folder: Path, seed: int = 0) -> Path:
     config, processor = build_config(SHAPES[shape_name])
     params = parameter_inits(config)
     shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
-    size = 0
+    size = total = 0
     for p in params:
-        nbytes = 2 * _numel(p[1])
+        nbytes = 2 * math.prod(p[1])
         if shards[-1] and size + nbytes > SHARD_BYTES:
             shards.append([])
             size = 0
         shards[-1].append(p)
         size += nbytes
-    total = sum(2 * _numel(p[1]) for p in params)
-    print(f"checkpoint: {sum(_numel(p[1]) for p in params) / 1e6:,.1f} M parameters, {total / 1e9:.3f} GB in bfloat16, {len(shards)} shard(s) -> {folder}", file=sys.stderr)
+        total += nbytes
+    print(f"checkpoint: {total / 2e6:,.1f} M parameters, {total / 1e9:.3f} GB in bfloat16, {len(shards)} shard(s) -> {folder}", file=sys.stderr)
     weight_map = {}
     t0 = time.perf_counter()
     for i, shard in enumerate(shards, 1):
@@ -185,13 +186,6 @@ def write_checkpoint(shape_name: str, folder: Path, seed: int = 0) -> Path:
     processor.save_pretrained(folder)
     (folder / COMPLETE).write_text(f"{shape_name} seed {seed}\n")
     return folder
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 MODEL_YAML = """\

@@ -60,7 +60,7 @@ from quota_compile.quant.ops import kv_packed_dim
 from quota_compile.quant.simulate import GROUP_SIZES
 from quota_compile.calibration.calibrate import quantize_model, settle_quantization
 from quota_compile.pruning.recipe import ModelIdentity, Recipe
-from quota_compile.verify.gate import CodeProbe, TorchBackend, held_out_samples
+from quota_compile.verify.gate import TorchBackend, held_out_samples
 
 STAGES = ("config", "load", "quantize", "calibrate", "trace", "lower", "verify", "bundle")
 
@@ -224,9 +224,7 @@ def _compile(config_file: Path, force: bool, console: Console, recipe_path: str 
                     build.programs, build.traced = programs, traced
                     build.reference = reference = TorchBackend(programs)
                     build.samples = samples = held_out_samples(vlm, cfg.verify, span, cfg.calibration.dataset)
-                    build.probe = CodeProbe(models)
                     report = get_flavour("portable").verify(build)
-                    build.probe = None  # its sessions hold the weights again: released before the next flavour's
                     for flavour in targets:
                         if flavour.derived:
                             progress.note(f"the {flavour.name} flavour ...")

@@ -49,7 +49,6 @@ class FlavourBuild:
     traced: Any = None  # graph name -> capture.trace.TracedProgram (after the passes)
     reference: Any = None  # the PyTorch simulation backend (verify stage)
     samples: list = field(default_factory=list)  # held-out samples (verify stage)
-    probe: Any = None  # the portable graphs' CodeProbe (verify stage)
     report: dict | None = None  # verify.json (after the verify stage)
     results: dict[str, Any] = field(default_factory=dict)  # what finish() leaves for manifest_entry()
     note: Callable[[str], None] = print  # a progress line inside a long stage

@@ -7,7 +7,7 @@ from __future__ import annotations
 from quota_compile.bundle.schema import PORTABLE_FOLDER, FlavourEntry
 from quota_compile.flavours.base import Flavour, FlavourBuild
 from quota_compile.runtime.ort import OrtBackend
-from quota_compile.verify.gate import polygraphy_compare, verify
+from quota_compile.verify.gate import CodeProbe, polygraphy_compare, verify
 
 
 class PortableFlavour(Flavour):
@@ -19,7 +19,9 @@ class PortableFlavour(Flavour):
     def verify(self, build: FlavourBuild) -> dict:
         build.note("portable graphs ...")
         graphs = polygraphy_compare(build.programs, build.folder, build.samples[0], build.reference)
-        report = verify(build.reference, OrtBackend(build.folder), build.samples, build.cfg.verify, graphs, build.probe)
+        # the observation copies' sessions hold the weights again: opened here, like the other
+        # flavours', and released when this flavour's verification returns
+        report = verify(build.reference, OrtBackend(build.folder), build.samples, build.cfg.verify, graphs, CodeProbe(build.models))
         report["flavour"] = "portable"
         report["flavours"] = {}
         return report

@@ -106,7 +106,7 @@ class QuantLinear(torch.nn.Linear):
         if q.codes.device == device:
             codes, scale = q.codes, q.scale
         else:
-            if self._placed is None or self._placed[0].device != device:
+            if self._placed is None:  # (reset by every move, so on this device when set)
                 self._placed = (q.codes.to(device), q.scale.to(device))
             codes, scale = self._placed
         return ops.dequantize_weight(codes, scale, q.group_size).to(self.weight.dtype)
