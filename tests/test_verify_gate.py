@@ -28,7 +28,8 @@ from quota_compile.core.decisions import decide_pruning
 from quota_compile.quant import ops
 from quota_compile.runtime.ort import GRAPHS, OrtBackend
 from quota_compile.capture.trace import build_programs
-from quota_compile.verify.gate import CodeProbe, TorchBackend, held_out_samples, kept_differences, verify
+from quota_compile.export.onnx import load_structure
+from quota_compile.verify.gate import CodeProbe, TorchBackend, held_out_samples, kept_differences, verify, weight_bytes
 
 from .conftest import write_config
 
@@ -184,6 +185,30 @@ def test_a_dropped_activation_quantizer_is_refused(gate, tmp_path: Path):
     assert not report["passed"]
     layers = 2
     assert f"the prefill graph has {4 * layers - 1} activation quantizers, the simulation ran {4 * layers}" in report["failures"], report["failures"]
+
+
+def test_observation_copies_opened_from_the_bundle_folder_observe_the_same_and_leave_nothing_behind(gate):
+    """CodeProbe(folder=...): the copies of graphs loaded without their weights are opened from
+    files beside the bundle's weights file (mapped by onnxruntime, not copied per session), and
+    with a weights budget of 0 only one graph's copies are open at a time. Both give the report
+    that copies held in memory give; the temporary files are gone afterwards."""
+    bundle = gate[0]
+    before = sorted(p.name for p in bundle.iterdir())
+    in_memory = _run(gate)
+    structure = load_structure(bundle, GRAPHS)
+    assert all(weight_bytes(m) > 0 and not any(t.raw_data for t in m.graph.initializer if t.data_location == TensorProto.EXTERNAL)
+               for m in structure.values())
+    assert any(t.data_location == TensorProto.EXTERNAL for t in structure["prefill"].graph.initializer)
+    resident = CodeProbe(structure, folder=bundle)
+    assert not resident.one_at_a_time and resident.opened == 6
+    assert _run(gate, probe=resident) == in_memory
+    assert resident.opened == 6
+    one = CodeProbe(structure, folder=bundle, resident_bytes=0)
+    assert one.one_at_a_time and one.opened == 0
+    assert _run(gate, probe=one) == in_memory
+    # each sample runs vision, prefill, then its decode steps: each graph's two copies opened once per sample
+    assert one.opened == 2 * len(GRAPHS) * len(gate[3])
+    assert sorted(p.name for p in bundle.iterdir()) == before
 
 
 # ------------------------------------------------------------------ thresholds on controlled flips

@@ -51,6 +51,7 @@ from quota_compile.core.decisions import check_recipe, read_recipe
 from quota_compile.core.variants import kv_cache_bytes
 from quota_compile.core.workbench import Workbench
 from quota_compile.errors import ConfigError, GraphRunError, UserError, VerificationFailed, errors_in
+from quota_compile.export.onnx import load_structure
 from quota_compile.export.user_passes import load_passes
 from quota_compile.flavours.base import FlavourBuild
 from quota_compile.flavours.registry import flavours_for, get_flavour
@@ -213,6 +214,14 @@ def _compile(config_file: Path, force: bool, console: Console, recipe_path: str 
                 if flavour.derived:
                     (tmp / flavour.folder).mkdir()
                     built.save(tmp / flavour.folder, flavour.name)
+            # The graphs are on disk: from here on the compile keeps only their structure, and
+            # verification opens them from the files, which lets onnxruntime map the weights file
+            # rather than copy it into every session (large models: docs/scale.md).
+            models.update(load_structure(tmp, list(models)))
+            for flavour in targets:
+                if flavour.derived and flavour.verifies_from_folder:
+                    graphs = build.lowered[flavour.name]
+                    graphs.update(load_structure(tmp / flavour.folder, list(graphs)))
             vlm.processor.save_pretrained(tmp / TOKENIZER)
             if qm.kv_scales is not None:
                 import numpy as np

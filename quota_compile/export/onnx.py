@@ -252,3 +252,10 @@ def save_graphs(models: Mapping[str, onnx.ModelProto], folder: Path) -> list[Pat
     else:
         data_path.unlink()
     return written
+
+
+def load_structure(folder: Path, names) -> dict[str, onnx.ModelProto]:
+    """The graphs :func:`save_graphs` wrote to ``folder``, loaded without the tensors it put in
+    the weights file (those stay references to it): their nodes, inputs, outputs and small
+    constants, for whatever reads the graphs' structure once they are on disk."""
+    return {name: onnx.load(str(folder / f"{name}.onnx"), load_external_data=False) for name in names}

@@ -42,7 +42,7 @@ class FlavourBuild:
     cfg: Any  # CompileConfig, quantization settled
     vlm: Any
     span: tuple[int, int]  # (first visual token, visual tokens)
-    models: dict[str, onnx.ModelProto]  # the portable graphs, after export.passes
+    models: dict[str, onnx.ModelProto]  # the portable graphs, after export.passes (once written: without the weights file's tensors)
     folder: Path | None = None  # the bundle's work folder, once it exists
     lowered: dict[str, dict[str, onnx.ModelProto]] = field(default_factory=dict)  # per flavour name
     programs: Any = None  # the traced programs' eager modules (capture.trace.Programs)
@@ -66,6 +66,11 @@ class Flavour:
     # ``eval``/``bench`` and the default runtime pick, among a config's targets, the flavour of
     # highest rank; None: never picked (e.g. graphs the onnxruntime runner cannot run as such).
     runtime_rank: int | None = None
+    # Once its graphs are written, the compile replaces them in ``FlavourBuild.lowered`` by their
+    # structure (loaded without the weights file), so that verification does not hold the weights
+    # in protobufs beside the sessions that run them; False: the flavour's verification needs
+    # them in memory.
+    verifies_from_folder: bool = True
 
     def check_config(self, cfg) -> None:
         """Refuse (``ConfigError`` naming the key, exit 2) a config this flavour cannot compile; nothing loaded yet."""

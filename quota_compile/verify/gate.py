@@ -352,19 +352,45 @@ def observation_copy(model: onnx.ModelProto, quantizers: list[onnx.NodeProto], t
     return ObservationCopy(out, points, scores, kv_feeds)
 
 
-def _ort_session(model: onnx.ModelProto):
+def _ort_session(model: onnx.ModelProto, folder: Path | None = None):
+    """An onnxruntime session of an observation copy, with the options of the deployed graphs.
+
+    ``folder``: where the copy's external weights are (the bundle folder of the graph it copies,
+    loaded without its weights): the copy is written there under a temporary name, opened from
+    that file and deleted. onnxruntime then maps the large tensors of the folder's weights file
+    instead of copying them (``bundle`` aligns them for that), so the copies and the deployed
+    session share those pages."""
     import tempfile
 
     import onnxruntime as ort
 
     from quota_compile.runtime.ort import session_options
 
+    if folder is not None:
+        fd, name = tempfile.mkstemp(prefix=".verify-", suffix=".onnx", dir=folder)
+        try:
+            with open(fd, "wb") as f:
+                f.write(model.SerializeToString())
+            return ort.InferenceSession(name, session_options(), providers=["CPUExecutionProvider"])
+        finally:
+            Path(name).unlink()
     if model.ByteSize() < (1 << 31) - (1 << 26):
         return ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory() as tmp:  # over protobuf's 2 GB: through a file with external data
         path = Path(tmp) / "copy.onnx"
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="copy.onnx.data")
         return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of ``model``'s initializers, in the graph or in an external file."""
+    total = 0
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next((e.value for e in t.external_data if e.key == "length"), "0"))
+        else:
+            total += len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+    return total
 
 
 @dataclass
@@ -389,13 +415,15 @@ class Observation:
 
 
 class _Copy:
-    def __init__(self, copy: ObservationCopy, session, graph: str):
+    def __init__(self, copy: ObservationCopy, session, graph: str, keep_model: bool = False):
         self.copy, self.graph = copy, graph
         with onnxruntime_errors(f"the verification copy of {graph}.onnx does not load in onnxruntime"):
             self.session = session(copy.model)
-        # the session holds its own copy of the weights: the protobuf one (a full copy of the
-        # graph's weights per observation copy, six per flavour) is released here
-        copy.model = None
+        # the session holds the weights (its own copy, or the pages it maps from the bundle's
+        # weights file): a protobuf holding them too (a full copy of the graph's weights per
+        # observation copy, six per flavour) is released here
+        if not keep_model:
+            copy.model = None
         extra = {p.output for p in copy.points} | set(copy.scores)
         self.inputs = [i.name for i in self.session.get_inputs() if not i.name.startswith("verify.reference.")]
         self.outputs = [o.name for o in self.session.get_outputs() if o.name not in extra]
@@ -412,37 +440,72 @@ class _Copy:
         return Observation(dict(zip(self.outputs, out[:n])), codes, list(out[n + len(points) :]))
 
 
+# Above this many bytes of weights in a flavour's three graphs, a CodeProbe reading them from the
+# bundle's folder keeps only one graph's observation copies open at a time (each session holds
+# what onnxruntime derives from the weights: pre-packed float matrices, fused INT4 blocks).
+RESIDENT_COPIES_BYTES = 1 << 30
+
+
 class CodeProbe:
     """The observation copies (:func:`observation_copy`) of one flavour's three graphs, free
     running and teacher-forced, in sessions of their own. ``portable``: the portable graphs
     (they define the quantizers); ``flavour``: the graphs to observe (default: the portable
-    ones); ``session``: how to open one (the tensorrt flavour's need its custom ops)."""
+    ones); ``session``: how to open one (the tensorrt flavour's need its custom ops).
 
-    def __init__(self, portable: dict[str, onnx.ModelProto], flavour: dict[str, onnx.ModelProto] | None = None, session=None):
+    ``folder``: the bundle folder the observed graphs were written to, which they were loaded
+    back from without their weights (``onnx.load(..., load_external_data=False)``): the copies
+    are then opened from files there and map the folder's weights file (:func:`_ort_session`).
+    If their weights exceed ``resident_bytes``, only the copies of the graph last run stay
+    open: a call to another graph closes them and opens that graph's (the verification runs
+    vision, prefill, then the decode steps, so this opens each graph's copies once per sample)."""
+
+    def __init__(self, portable: dict[str, onnx.ModelProto], flavour: dict[str, onnx.ModelProto] | None = None, session=None,
+                 folder: Path | None = None, resident_bytes: int = RESIDENT_COPIES_BYTES):
         flavour = flavour or portable
-        session = session or _ort_session
+        if session is None:
+            session = (lambda model: _ort_session(model, folder)) if folder is not None else _ort_session
+        self._session = session
         self.quantizers: dict[str, int] = {}
         self.observed: dict[str, int] = {}
         self.kv_forced: dict[str, int] = {}
-        self.free: dict[str, _Copy] = {}
-        self.forced: dict[str, _Copy] = {}
+        self._copies: dict[str, tuple[ObservationCopy, ObservationCopy]] = {}
         for g in GRAPHS:
             quantizers = activation_quantizers(portable[g])
             self.quantizers[g] = len(quantizers)
-            self.free[g] = _Copy(observation_copy(flavour[g], quantizers), session, g)
-            self.forced[g] = _Copy(observation_copy(flavour[g], quantizers, teacher_forced=True), session, g)
-            self.observed[g] = len({p.index for p in self.free[g].copy.points})
-            self.kv_forced[g] = len(self.forced[g].copy.kv_feeds)
+            free, forced = observation_copy(flavour[g], quantizers), observation_copy(flavour[g], quantizers, teacher_forced=True)
+            self._copies[g] = (free, forced)
+            self.observed[g] = len({p.index for p in free.points})
+            self.kv_forced[g] = len(forced.kv_feeds)
+        # one graph at a time only where the copies' protobufs hold no weights (they are kept to reopen)
+        self.one_at_a_time = folder is not None and sum(weight_bytes(flavour[g]) for g in GRAPHS) > resident_bytes
+        self.opened = 0  # sessions opened so far
+        self._open: dict[str, tuple[_Copy, _Copy]] = {}
+        if not self.one_at_a_time:
+            for g in GRAPHS:
+                self._sessions(g)
+
+    def _sessions(self, graph: str) -> tuple[_Copy, _Copy]:
+        if graph not in self._open:
+            if self.one_at_a_time:
+                self._open.clear()  # the other graph's sessions go before this one's open
+            free, forced = self._copies[graph]
+            self._open[graph] = (_Copy(free, self._session, graph, self.one_at_a_time), _Copy(forced, self._session, graph, self.one_at_a_time))
+            self.opened += 2
+        return self._open[graph]
+
+    def kv_feeds(self, graph: str) -> list[str]:
+        """The ``present.*`` outputs the teacher-forced copy of ``graph`` reads from the simulation."""
+        return self._copies[graph][1].kv_feeds
 
     def run(self, graph: str, values: list[np.ndarray]) -> Observation:
-        return self.free[graph].run(values)
+        return self._sessions(graph)[0].run(values)
 
     def run_forced(self, graph: str, values: list[np.ndarray], codes: list[np.ndarray], kv: dict[str, np.ndarray]) -> Observation:
         """The teacher-forced copy: ``codes`` the simulation's, per portable quantizer;
         ``kv`` the simulation's KV outputs by name (``present.<layer>.<tensor>``)."""
-        c = self.forced[graph].copy
+        forced = self._sessions(graph)[1]
         feeds = {}
-        for p in c.points:
+        for p in forced.copy.points:
             ref = codes[p.index]
             if p.dtype == onnx.TensorProto.FLOAT:
                 feeds[p.feed] = ref.astype(np.float32)
@@ -450,8 +513,8 @@ class CodeProbe:
                 feeds[p.feed] = (ref.astype(np.int16) + p.offset).astype(np.uint8)
             else:
                 feeds[p.feed] = ref.astype(np.int8)
-        feeds.update({f"verify.reference.{name}": kv[name] for name in c.kv_feeds})
-        return self.forced[graph].run(values, feeds)
+        feeds.update({f"verify.reference.{name}": kv[name] for name in forced.copy.kv_feeds})
+        return forced.run(values, feeds)
 
 
 # ------------------------------------------------------------------ counting code flips
@@ -666,7 +729,7 @@ class _SameInputs:
                 self.forced.problems.append(problem)
             return None, None
         by_name = self._kv_by_name(kv) if kv is not None and self.kv_names is not None else {}
-        if any(n not in by_name for n in self.probe.forced[graph].copy.kv_feeds):
+        if any(n not in by_name for n in self.probe.kv_feeds(graph)):
             return free, None
         return free, self.probe.run_forced(graph, values, [c for _, c in record.codes], by_name)
 
