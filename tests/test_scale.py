@@ -137,3 +137,32 @@ def test_quantized_modules_keep_dequantized_weights_only_within_the_budget(budge
     # new codes (GPTQ's) drop the kept copy and give back its bytes
     model[1].set_qweight(qm.weights["1"])
     assert not float_copies(model[1]) and qm._state.cached_bytes == sum(model[i].weight.numel() * 4 for i in held if i != 1)
+
+
+def test_released_float_weights_leave_the_simulation_unchanged_and_the_float_path_refuses():
+    """After lowering, the compile drops the float weights of the quantized Linears
+    (``QuantizedModel.release_float_weights``): the simulation's outputs stay the same bit for
+    bit (it reads the codes), the bytes are counted, the weight is a meta tensor of the same shape
+    and dtype, and the full-precision path fails instead of computing with a stale weight. A
+    move of the model still moves the codes where the weight would have gone."""
+    from quota_compile.config import QuantizationSection
+    from quota_compile.quant.simulate import QuantLinear, quantize
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16))
+    qm = quantize(model, QuantizationSection.model_validate({"weights": {"group_size": 16}, "ignore": []}))
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        y = model(x)
+        released = qm.release_float_weights()
+        assert released == (32 * 48 + 48 * 16) * 4
+        assert qm.release_float_weights() == 0  # once
+        for m in (model[0], model[2]):
+            assert isinstance(m, QuantLinear) and m.weight.is_meta and m.weight.dtype == torch.float32
+        assert model[0].weight.shape == (48, 32)
+        assert torch.equal(model(x), y)
+        with qm.fake_quant(False), pytest.raises(RuntimeError, match="float weight was released"):
+            model(x)
+        model.to(torch.float64)
+        assert model[0].dequantized_weight().dtype == torch.float64
+        assert torch.allclose(model(x.double()), y.double(), rtol=1e-5, atol=1e-5)

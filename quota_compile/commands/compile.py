@@ -222,6 +222,13 @@ def _compile(config_file: Path, force: bool, console: Console, recipe_path: str 
                 if flavour.derived and flavour.verifies_from_folder:
                     graphs = build.lowered[flavour.name]
                     graphs.update(load_structure(tmp / flavour.folder, list(graphs)))
+            # Nothing is traced any more: the float weights of the quantized Linears go (the
+            # simulation reads their codes), and so do the traced programs unless a flavour's
+            # verification reads them.
+            qm.release_float_weights()
+            passes = {g: t.passes for g, t in traced.items()}
+            if not any(flavour.reads_traced_programs for flavour in targets):
+                traced = built.traced = None
             vlm.processor.save_pretrained(tmp / TOKENIZER)
             if qm.kv_scales is not None:
                 import numpy as np
@@ -258,7 +265,6 @@ def _compile(config_file: Path, force: bool, console: Console, recipe_path: str 
                 recipe.dump(tmp / RECIPE)
                 manifest = build_manifest(cfg, vlm, model_hash, span, models, tmp, pruning, report, build, targets)
                 figures = draw_figures(tmp, vlm, span, pruning, cfg.pruning, samples, reference)
-                passes = {g: t.passes for g, t in traced.items()}
                 (tmp / REPORT).write_text(report_markdown(name, manifest, report, passes, recipe, figures), encoding="utf-8")
                 manifest = write_manifest(tmp, manifest)
 

@@ -46,7 +46,7 @@ class FlavourBuild:
     folder: Path | None = None  # the bundle's work folder, once it exists
     lowered: dict[str, dict[str, onnx.ModelProto]] = field(default_factory=dict)  # per flavour name
     programs: Any = None  # the traced programs' eager modules (capture.trace.Programs)
-    traced: Any = None  # graph name -> capture.trace.TracedProgram (after the passes)
+    traced: Any = None  # graph name -> capture.trace.TracedProgram (after the passes), for flavours that read them
     reference: Any = None  # the PyTorch simulation backend (verify stage)
     samples: list = field(default_factory=list)  # held-out samples (verify stage)
     report: dict | None = None  # verify.json (after the verify stage)
@@ -71,6 +71,9 @@ class Flavour:
     # in protobufs beside the sessions that run them; False: the flavour's verification needs
     # them in memory.
     verifies_from_folder: bool = True
+    # Its verification reads ``FlavourBuild.traced`` (the compile drops the traced programs
+    # after lowering otherwise).
+    reads_traced_programs: bool = False
 
     def check_config(self, cfg) -> None:
         """Refuse (``ConfigError`` naming the key, exit 2) a config this flavour cannot compile; nothing loaded yet."""

@@ -88,6 +88,7 @@ class TorchFlavour(Flavour):
     folder = "torch"
     derived = True  # a folder of its own; no ONNX graphs in it
     runtime_rank = None  # eval, bench and the default runner use the ONNX flavours
+    reads_traced_programs = True  # its verification saves and runs them
 
     def lower(self, cfg, models, quantized_kv: bool = True) -> dict:
         return {}

@@ -66,6 +66,8 @@ class QuantLinear(torch.nn.Linear):
         # codes and scales copied to the device the module was moved to (None: use qweight's)
         self._placed: tuple[torch.Tensor, torch.Tensor] | None = None
         self._dequantized: torch.Tensor | None = None  # within DEQUANTIZED_CACHE_BYTES
+        # (device, dtype) of the float weight once :meth:`release_float_weight` dropped it
+        self._released: tuple[torch.device, torch.dtype] | None = None
         # an online rotation of the input (quantization.online_rotation; the weight holds its
         # inverse): applied before the activation quantizer, in the simulation and the graph
         self.input_rotation = getattr(linear, "input_rotation", None)
@@ -73,8 +75,27 @@ class QuantLinear(torch.nn.Linear):
     def _apply(self, fn, recurse=True):
         # .to(device) and friends: the codes are copied to the new device on first use
         super()._apply(fn, recurse)
+        if self._released is not None:  # where the weight would have gone (it is a meta tensor now)
+            moved = fn(torch.empty(0, device=self._released[0], dtype=self._released[1]))
+            self._released = (moved.device, moved.dtype)
         self._forget()
         return self
+
+    def release_float_weight(self) -> None:
+        """Drop the float weight once nothing traces the module any more: the simulation reads
+        the INT4 codes, and the float copy is the largest thing a large model holds (4 bytes per
+        weight). A meta tensor of its shape and dtype takes its place, so that anything still
+        computing with it (the full-precision path, :meth:`QuantizedModel.fake_quant` ``(False)``)
+        fails instead of reading stale values."""
+        if self._released is None:
+            w = self.weight
+            self._released = (w.device, w.dtype)
+            self.weight = torch.nn.Parameter(torch.empty(w.shape, dtype=w.dtype, device="meta"), requires_grad=False)
+
+    @property
+    def _home(self) -> tuple[torch.device, torch.dtype]:
+        """Device and dtype of the float weight (kept after it was released)."""
+        return self._released or (self.weight.device, self.weight.dtype)
 
     def _forget(self) -> None:
         self._placed = None
@@ -102,14 +123,14 @@ class QuantLinear(torch.nn.Linear):
 
     def _dequantize(self) -> torch.Tensor:
         q = self.qweight
-        device = self.weight.device
+        device, dtype = self._home
         if q.codes.device == device:
             codes, scale = q.codes, q.scale
         else:
             if self._placed is None:  # (reset by every move, so on this device when set)
                 self._placed = (q.codes.to(device), q.scale.to(device))
             codes, scale = self._placed
-        return ops.dequantize_weight(codes, scale, q.group_size).to(self.weight.dtype)
+        return ops.dequantize_weight(codes, scale, q.group_size).to(dtype)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The activations as the deployed product sees them: rotated where the Linear has an
@@ -134,6 +155,8 @@ class QuantLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._state.enabled:
+            if self._released is not None:
+                raise RuntimeError("this quantized Linear's float weight was released (release_float_weight): only the simulation can run")
             if self.input_rotation is not None:
                 x = self.input_rotation(x)
             return F.linear(x, self.weight, self.bias)
@@ -204,6 +227,17 @@ class QuantizedModel:
         if self.kv_scales is None:
             raise RuntimeError("the per_channel KV scales have not been calibrated")
         return self.kv_scales[layer, which]
+
+    def release_float_weights(self) -> int:
+        """:meth:`QuantLinear.release_float_weight` for every quantized Linear: for a compile
+        whose graphs are traced and written (the verification runs the simulation, which reads
+        the codes). Returns the bytes released."""
+        released = 0
+        for m in self.model.modules():
+            if isinstance(m, QuantLinear) and m._released is None:
+                released += m.weight.nbytes
+                m.release_float_weight()
+        return released
 
     @property
     def simulating(self) -> bool:
