@@ -66,11 +66,13 @@ class Flavour:
     # ``eval``/``bench`` and the default runtime pick, among a config's targets, the flavour of
     # highest rank; None: never picked (e.g. graphs the onnxruntime runner cannot run as such).
     runtime_rank: int | None = None
-    # Once its graphs are written, the compile replaces them in ``FlavourBuild.lowered`` by their
-    # structure (loaded without the weights file), so that verification does not hold the weights
-    # in protobufs beside the sessions that run them; False: the flavour's verification needs
-    # them in memory.
-    verifies_from_folder: bool = True
+    # True: once its graphs are written, the compile replaces them in ``FlavourBuild.lowered`` by
+    # their structure (loaded without the weights file), so that verification does not hold the
+    # weights in protobufs beside the sessions that run them; the flavour's verification then
+    # opens the graphs from its folder (e.g. ``CodeProbe(..., folder=...)``). False (the
+    # default): they stay in memory as lowered. The portable graphs (``FlavourBuild.models``)
+    # are always replaced by their structure.
+    verifies_from_folder: bool = False
     # Its verification reads ``FlavourBuild.traced`` (the compile drops the traced programs
     # after lowering otherwise).
     reads_traced_programs: bool = False

@@ -19,6 +19,7 @@ class OnnxruntimeFlavour(Flavour):
     name = "onnxruntime"
     folder = ORT_FOLDER
     runtime_rank = 1  # faster than the portable graphs on onnxruntime's CPU provider
+    verifies_from_folder = True  # its CodeProbe opens the copies from its folder
 
     def lower(self, cfg, models, quantized_kv: bool = True):
         return lower_flavour(models, cfg.export.onnxruntime, uses_group_query_attention(cfg, quantized_kv))

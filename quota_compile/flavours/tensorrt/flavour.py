@@ -20,7 +20,6 @@ class TensorrtFlavour(Flavour):
     name = "tensorrt"
     folder = TRT_FOLDER
     runtime_rank = None  # plugin nodes: not run by the onnxruntime runner
-    verifies_from_folder = False  # its reference backend opens the graphs from memory (custom ops)
 
     def check_config(self, cfg) -> None:
         """INT4 activations (the W4A4 plugin's Triton kernel quantizes to INT4) and
