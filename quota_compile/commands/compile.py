@@ -215,8 +215,8 @@ def _compile(config_file: Path, force: bool, console: Console, recipe_path: str 
                     (tmp / flavour.folder).mkdir()
                     built.save(tmp / flavour.folder, flavour.name)
             # The graphs are on disk: from here on the compile keeps only their structure, and
-            # verification opens them from the files, which lets onnxruntime map the weights file
-            # rather than copy it into every session (large models: docs/scale.md).
+            # verification opens them from the files, so that no protobuf holds the weights beside
+            # the sessions that run them (large models: docs/scale.md).
             models.update(load_structure(tmp, list(models)))
             for flavour in targets:
                 if flavour.derived and flavour.verifies_from_folder:

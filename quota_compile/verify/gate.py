@@ -357,9 +357,9 @@ def _ort_session(model: onnx.ModelProto, folder: Path | None = None):
 
     ``folder``: where the copy's external weights are (the bundle folder of the graph it copies,
     loaded without its weights): the copy is written there under a temporary name, opened from
-    that file and deleted. onnxruntime then maps the large tensors of the folder's weights file
-    instead of copying them (``bundle`` aligns them for that), so the copies and the deployed
-    session share those pages."""
+    that file and deleted, so that onnxruntime reads the weights from the folder's weights file
+    and no protobuf of the copy holds them (its large tensors are aligned so that onnxruntime
+    may map them rather than copy them; whether it does is its choice)."""
     import tempfile
 
     import onnxruntime as ort
@@ -454,7 +454,7 @@ class CodeProbe:
 
     ``folder``: the bundle folder the observed graphs were written to, which they were loaded
     back from without their weights (``onnx.load(..., load_external_data=False)``): the copies
-    are then opened from files there and map the folder's weights file (:func:`_ort_session`).
+    are then opened from files there and read the folder's weights file (:func:`_ort_session`).
     If their weights exceed ``resident_bytes``, only the copies of the graph last run stay
     open: a call to another graph closes them and opens that graph's (the verification runs
     vision, prefill, then the decode steps, so this opens each graph's copies once per sample)."""
