@@ -51,6 +51,7 @@ import torch
 
 from quota_compile.config import VerifySection
 from quota_compile.errors import onnxruntime_errors
+from quota_compile.bundle.format import external_tensors
 from quota_compile.bundle.schema import GRAPHS, KEPT, KV_REPLACE, PRESENT, kv_name
 from quota_compile.runtime.ort import Backend, Batch, Generation, append_kv, greedy_generate, make_batch
 from quota_compile.capture.trace import Programs
@@ -384,13 +385,9 @@ def _ort_session(model: onnx.ModelProto, folder: Path | None = None):
 
 def weight_bytes(model: onnx.ModelProto) -> int:
     """The bytes of ``model``'s initializers, in the graph or in an external file."""
-    total = 0
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            total += int(next((e.value for e in t.external_data if e.key == "length"), "0"))
-        else:
-            total += len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
-    return total
+    inline = sum(len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+                 for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
+    return inline + sum(length for *_, length in external_tensors(model))
 
 
 @dataclass
