@@ -211,6 +211,31 @@ def test_observation_copies_opened_from_the_bundle_folder_observe_the_same_and_l
     assert sorted(p.name for p in bundle.iterdir()) == before
 
 
+def test_verification_sessions_run_without_the_memory_arena_and_compute_what_the_runtime_computes(gate):
+    """Verification opens the deployed graphs and the observation copies without onnxruntime's
+    CPU memory arena (what a run allocates is freed when it ends; docs/scale.md), the runtime
+    with it. The deployed graphs' outputs are the same bit for bit either way, and so is the
+    verification report."""
+    bundle, _, _, samples, _ = gate
+    lean, runtime = OrtBackend(bundle, arena=False), OrtBackend(bundle)
+    assert not any(s.get_session_options().enable_cpu_mem_arena for s in lean.sessions.values())
+    assert all(s.get_session_options().enable_cpu_mem_arena for s in runtime.sessions.values())
+    probe = CodeProbe(_models(bundle))
+    copies = [c.session for pair in probe._open.values() for c in pair]
+    assert len(copies) == 2 * len(GRAPHS) and not any(s.get_session_options().enable_cpu_mem_arena for s in copies)
+    batch = samples[0].batch
+    outputs = []
+    for backend in (lean, runtime):
+        feats = backend.vision(batch.pixel_values)
+        logits, cache, kept = backend.prefill(batch.input_ids, batch.attention_mask, feats)
+        step = [np.array([[1]], dtype=np.int64), batch.attention_mask.sum(axis=1)[:, None].astype(np.int64),
+                np.ones((1, cache[0].shape[2] + 1), dtype=np.int64)]
+        next_logits, next_cache = backend.decode(*step, cache)
+        outputs.append([feats, logits, *cache, *kept, next_logits, *next_cache])
+    assert len(outputs[0]) == len(outputs[1]) and all(np.array_equal(a, b) for a, b in zip(*outputs))
+    assert _run(gate, backend=lean, probe=probe) == _run(gate, backend=runtime, probe=probe)
+
+
 # ------------------------------------------------------------------ thresholds on controlled flips
 
 

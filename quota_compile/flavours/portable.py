@@ -21,7 +21,7 @@ class PortableFlavour(Flavour):
         graphs = polygraphy_compare(build.programs, build.folder, build.samples[0], build.reference)
         # the observation copies' sessions hold the weights again: opened here, like the other
         # flavours', and released when this flavour's verification returns
-        report = verify(build.reference, OrtBackend(build.folder), build.samples, build.cfg.verify, graphs,
+        report = verify(build.reference, OrtBackend(build.folder, arena=False), build.samples, build.cfg.verify, graphs,
                         CodeProbe(build.models, folder=build.folder))
         report["flavour"] = "portable"
         report["flavours"] = {}

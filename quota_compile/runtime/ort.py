@@ -129,11 +129,19 @@ def choose_providers(device: str = "auto") -> list[str]:
     return ([] if device == "cpu" else gpu) + ["CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None):
-    """The onnxruntime session options every bundle graph runs with."""
+def session_options(threads: int | None = None, arena: bool = True):
+    """The onnxruntime session options every bundle graph runs with.
+
+    ``arena=False``: the session frees what a run allocated when the run ends instead of
+    keeping it in onnxruntime's CPU memory arena for the next run. Same arithmetic, same
+    results; slower where a run allocates large buffers (the portable graphs' dequantized
+    weights), but the memory a session holds between runs stays at its weights. Verification
+    opens its sessions so (docs/scale.md: on a 1.1 B decoder, the portable decode graph's arena
+    held 3.5 GiB after one step)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = arena
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Keep fp32 arithmetic if DQ(INT4)+MatMul is fused into MatMulNBits (the default
     # accuracy level 4 would quantize activations to int8, which is not the deployed W4A4).
@@ -146,11 +154,13 @@ def session_options(threads: int | None = None):
 class OrtBackend:
     """The bundle's three graphs in onnxruntime sessions."""
 
-    def __init__(self, bundle: Path, providers: list[str] | None = None, threads: int | None = None, profile_prefix: str | None = None):
-        """``profile_prefix``: turn onnxruntime's profiler on, writing ``<prefix>*.json``."""
+    def __init__(self, bundle: Path, providers: list[str] | None = None, threads: int | None = None, profile_prefix: str | None = None,
+                 arena: bool = True):
+        """``profile_prefix``: turn onnxruntime's profiler on, writing ``<prefix>*.json``;
+        ``arena``: :func:`session_options`."""
         import onnxruntime as ort
 
-        opts = session_options(threads)
+        opts = session_options(threads, arena)
         if profile_prefix:
             opts.enable_profiling = True
             opts.profile_file_prefix = profile_prefix

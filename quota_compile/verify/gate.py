@@ -39,6 +39,7 @@ not teacher-forced). verify.json says what was observed (``codes.activations.obs
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import time
 from collections.abc import Iterator
@@ -354,7 +355,9 @@ def observation_copy(model: onnx.ModelProto, quantizers: list[onnx.NodeProto], t
 
 
 def _ort_session(model: onnx.ModelProto, folder: Path | None = None):
-    """An onnxruntime session of an observation copy, with the options of the deployed graphs.
+    """An onnxruntime session of an observation copy, with the options of the deployed graphs
+    but without the CPU memory arena (``session_options(arena=False)``: what a run allocates is
+    freed when it ends, so each of the copies holds no more than its weights between runs).
 
     ``folder``: where the copy's external weights are (the bundle folder of the graph it copies,
     loaded without its weights): the copy is written there under a temporary name, opened from
@@ -367,20 +370,21 @@ def _ort_session(model: onnx.ModelProto, folder: Path | None = None):
 
     from quota_compile.runtime.ort import session_options
 
+    options = session_options(arena=False)
     if folder is not None:
         fd, name = tempfile.mkstemp(prefix=".verify-", suffix=".onnx", dir=folder)
         try:
             with open(fd, "wb") as f:
                 f.write(model.SerializeToString())
-            return ort.InferenceSession(name, session_options(), providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(name, options, providers=["CPUExecutionProvider"])
         finally:
             Path(name).unlink()
     if model.ByteSize() < (1 << 31) - (1 << 26):
-        return ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     with tempfile.TemporaryDirectory() as tmp:  # over protobuf's 2 GB: through a file with external data
         path = Path(tmp) / "copy.onnx"
         onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="copy.onnx.data")
-        return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
@@ -967,7 +971,10 @@ def polygraphy_compare(programs: Programs, bundle, sample: Sample, torch_backend
     reassociation between PyTorch and onnxruntime legitimately moves a few values across a
     rounding boundary (one code step), which a tolerance cannot tell from an error; the code
     comparison of :func:`verify` counts them."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    from quota_compile.runtime.ort import session_options
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
 
@@ -983,7 +990,9 @@ def polygraphy_compare(programs: Programs, bundle, sample: Sample, torch_backend
     }
     results = {}
     for graph, values in feeds.items():
-        session = SessionFromOnnx(str(bundle / f"{graph}.onnx"))
+        # the deployed graph as the runtime opens it (its session options), without the memory arena
+        session = functools.partial(ort.InferenceSession, str(bundle / f"{graph}.onnx"), session_options(arena=False),
+                                    providers=["CPUExecutionProvider"])
         ort_runner = OnnxrtRunner(session, name=f"onnxruntime-{graph}")
         with ort_runner:
             names_in = [i.name for i in ort_runner.sess.get_inputs()]

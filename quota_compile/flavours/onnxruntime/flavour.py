@@ -28,7 +28,7 @@ class OnnxruntimeFlavour(Flavour):
         cfg = build.cfg
         lowered = build.lowered[self.name]
         tolerances = cfg.verify.for_flavour("onnxruntime", cfg.export.onnxruntime.accuracy_level)
-        result = verify(build.reference, OrtBackend(build.folder / self.folder), build.samples, tolerances,
+        result = verify(build.reference, OrtBackend(build.folder / self.folder, arena=False), build.samples, tolerances,
                         probe=CodeProbe(build.models, lowered, folder=build.folder / self.folder))
         result["flavour"] = self.name
         result["arithmetic"] = describe_arithmetic(cfg)

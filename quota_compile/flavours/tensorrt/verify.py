@@ -161,10 +161,11 @@ def contrib_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def session(model: onnx.ModelProto, threads: int | None = None):
     """An onnxruntime session of a TensorRT-flavour graph (plugins as custom ops), with the
-    options :class:`~quota_compile.runtime.ort.OrtBackend` uses."""
+    options :class:`~quota_compile.runtime.ort.OrtBackend` uses, without the memory arena (it
+    serves verification, as the other flavours' verification sessions)."""
     import onnxruntime as ort
 
-    opts = session_options(threads)
+    opts = session_options(threads, arena=False)
     opts.register_custom_ops_library(register_custom_ops())
     return ort.InferenceSession(contrib_copy(model).SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
