@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -166,3 +167,19 @@ def test_released_float_weights_leave_the_simulation_unchanged_and_the_float_pat
         model.to(torch.float64)
         assert model[0].dequantized_weight().dtype == torch.float64
         assert torch.allclose(model(x.double()), y.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_session_memory_measures_both_arena_settings_on_the_same_logits(tiny_bundle, tmp_path):
+    """benchmarks/session_memory.py opens a bundle's graphs with the memory arena (the runtime)
+    and without it (verification), each in a fresh process, and prints their memory per call
+    and whether every logit agreed bit for bit; a folder without the graphs is refused (exit 2)."""
+    script = str(ROOT / "benchmarks" / "session_memory.py")
+    done = subprocess.run([sys.executable, script, str(tiny_bundle), "--new-tokens", "2", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    calls = [line.split()[0] + (" " + line.split()[1] if line.startswith("decode") else "") for line in lines[2:-1]]
+    assert calls == ["(start)", "open", "vision", "prefill", "decode 1", "decode 2"], lines
+    assert lines[-1] == "logits of every call bit-identical: yes"
+    bad = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no vision.onnx, prefill.onnx, decode.onnx" in bad.stderr and "Traceback" not in bad.stderr
