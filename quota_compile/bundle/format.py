@@ -541,6 +541,7 @@ def _gate_lines(v: dict) -> list[str]:
         lines.append(
             f"- kept sets at the pruning layers: {k['identical']} of {k['compared']} comparisons identical, {k['near_tie']} near-ties "
             f"(within {k['tolerance']:g} of the score scale{margin}), {k['not_a_tie']} not ties, {k['missing']} missing"
+            + (f", {k['after_rounding_tie']} free-running differences after a rounding tie (teacher-forced sets the same)" if k.get("after_rounding_tie") else "")
         )
     lines.append(f"- worst relative logits error: {v['max_logits_rel_error']:.3g} ({_limit(t['max_logits_rel_error'])})")
     return lines

@@ -370,6 +370,9 @@ class KeptSummary(_Record):
     not_a_tie: int
     downstream: int
     missing: int
+    # free-running differences after a rounding tie upstream, the teacher-forced sets the
+    # same (verify.gate.kept_after_rounding_ties); absent in bundles written before it
+    after_rounding_tie: int = 0
     max_margin: Number | None
     max_score_rel_difference_same_inputs: Number | None
 

@@ -668,6 +668,33 @@ def kept_differences(ref_kept: list[np.ndarray], got_kept: list[np.ndarray], sco
     return rows
 
 
+def kept_after_rounding_ties(kept: list[dict], end_to_end: list[dict], firsts: list[dict]) -> int:
+    """Mark as ``after_rounding_tie`` the kept-set differences of one sample that a rounding
+    tie upstream explains, and return how many. ``kept``: its same-inputs and teacher-forced
+    rows (:func:`kept_differences`), ``end_to_end``: its end-to-end rows, ``firsts``: the
+    first code difference of each of its calls (:meth:`_SameInputs._first_difference`).
+
+    A free-running difference is explained when the teacher-forced graph, given the
+    simulation's codes, kept the same sets at every pruning layer (or near-ties), and each
+    call's first code difference was a rounding-boundary case (for the prefill: a code of a
+    layer before the pruning layer, one step, at a tie): what the pruning layer ranked then
+    differed only because such a code did, as a greedy divergence after a rounding tie
+    (``verify.min_greedy_agreement``). Only differences with a margin (the same number of
+    kept tokens, all of them candidates) are marked; without teacher-forced rows (no
+    observation copies) none is."""
+    forced = [r for r in kept if r["source"] == "teacher forced"]
+    if not forced or any(r["status"] not in ("identical", "near_tie", "downstream") for r in forced):
+        return 0
+    if not firsts or not all(f["tie"] for f in firsts):
+        return 0
+    marked = 0
+    for r in [*kept, *end_to_end]:
+        if r["source"] != "teacher forced" and r["status"] == "not_a_tie" and r.get("margin") is not None:
+            r["status"] = "after_rounding_tie"
+            marked += 1
+    return marked
+
+
 def _score_difference(ref_scores: list, got_scores: list[np.ndarray]) -> float | None:
     """Largest ``|onnxruntime - reference|`` of a pruning layer's scores, over its score scale,
     up to the first layer whose candidates differ in length."""
@@ -1047,6 +1074,7 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
             # each call's first code difference on the same inputs (_SameInputs._first_difference)
             row["first_differences"] = same.firsts
             row["divergence_at_rounding_tie"] = not row["identical"] and bool(same.firsts) and all(f["tie"] for f in same.firsts)
+            kept_after_rounding_ties(same.kept, row["kept_end_to_end"], same.firsts)
             rows.append(row)
             tally.merge(same.forced)
             free.merge(same.free)
@@ -1076,7 +1104,7 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
         "tolerance": cfg.kept_tie_tolerance,
         "tolerance_unit": "spread (max - min) of the reference scores over the pruning layer's candidates",
         "compared": len(kept_rows),
-        **{k: status.count(k) for k in ("identical", "near_tie", "not_a_tie", "downstream", "missing")},
+        **{k: status.count(k) for k in ("identical", "near_tie", "not_a_tie", "downstream", "missing", "after_rounding_tie")},
         "max_margin": max(margins) if margins else None,
         "max_score_rel_difference_same_inputs": max(score_diffs) if score_diffs else None,
     }
