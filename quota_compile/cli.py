@@ -135,7 +135,9 @@ def _compile(args) -> int:
         f"verified: {v['samples']} samples x {v['new_tokens']} tokens; codes that differ: "
         + ", ".join(f"{kind.replace('_', ' ')} {c['flips']:,} of {c['compared']:,}" for kind, c in ((k, v["codes"][k]) for k in KINDS) if c["compared"])
         + f" (limit {v['thresholds']['max_code_flip_rate']:g}); kept-set differences: {v['kept']['compared'] - v['kept']['identical']}"
-        f" of {v['kept']['compared']} (near-ties only allowed); greedy agreement {v['greedy_agreement']:.0%}"
+        f" of {v['kept']['compared']} (near-ties only allowed"
+        + (f"; {v['kept']['after_rounding_tie']} free running after a rounding tie" if v["kept"].get("after_rounding_tie") else "")
+        + f"); greedy agreement {v['greedy_agreement']:.0%}"
         + (f" (+{v['greedy_divergences_at_rounding_ties']} diverging after a rounding tie)" if v.get("greedy_divergences_at_rounding_ties") else "")
         + "; "
         f"worst logits rel. error {v['max_logits_rel_error']:.2e} (reported); total {result.seconds:.1f} s"
