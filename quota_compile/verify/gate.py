@@ -1000,10 +1000,10 @@ def polygraphy_compare(programs: Programs, bundle, sample: Sample, torch_backend
     comparison of :func:`verify` counts them."""
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
-
-    from quota_compile.runtime.ort import session_options
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
+
+    from quota_compile.runtime.ort import session_options
 
     G_LOGGER.module_severity = G_LOGGER.ERROR
     feats = torch_backend.vision(sample.batch.pixel_values)
