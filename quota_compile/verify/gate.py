@@ -668,6 +668,13 @@ def kept_differences(ref_kept: list[np.ndarray], got_kept: list[np.ndarray], sco
     return rows
 
 
+def after_rounding_ties(firsts: list[dict]) -> bool:
+    """Whether a sample's free-running differences all follow rounding-boundary cases: it had
+    some, and each call's first code difference (:meth:`_SameInputs._first_difference`) was a
+    tie. What explains a greedy divergence and a kept-set difference alike."""
+    return bool(firsts) and all(f["tie"] for f in firsts)
+
+
 def kept_after_rounding_ties(kept: list[dict], end_to_end: list[dict], firsts: list[dict]) -> int:
     """Mark as ``after_rounding_tie`` the kept-set differences of one sample that a rounding
     tie upstream explains, and return how many. ``kept``: its same-inputs and teacher-forced
@@ -685,7 +692,7 @@ def kept_after_rounding_ties(kept: list[dict], end_to_end: list[dict], firsts: l
     forced = [r for r in kept if r["source"] == "teacher forced"]
     if not forced or any(r["status"] not in ("identical", "near_tie", "downstream") for r in forced):
         return 0
-    if not firsts or not all(f["tie"] for f in firsts):
+    if not after_rounding_ties(firsts):
         return 0
     marked = 0
     for r in [*kept, *end_to_end]:
@@ -1073,7 +1080,7 @@ def verify(torch_backend: Backend, ort_backend: Backend, samples: list[Sample], 
             row["max_score_rel_difference"] = same.score_difference
             # each call's first code difference on the same inputs (_SameInputs._first_difference)
             row["first_differences"] = same.firsts
-            row["divergence_at_rounding_tie"] = not row["identical"] and bool(same.firsts) and all(f["tie"] for f in same.firsts)
+            row["divergence_at_rounding_tie"] = not row["identical"] and after_rounding_ties(same.firsts)
             kept_after_rounding_ties(same.kept, row["kept_end_to_end"], same.firsts)
             rows.append(row)
             tally.merge(same.forced)

@@ -247,7 +247,7 @@ def compare_runners(reference, candidate, names_in: list[str], names_out: list[s
 
 def feeds_of(folder: Path, sample) -> dict[str, list[np.ndarray]]:
     """Inputs of the three graphs for one verification sample, from the portable graphs."""
-    backend = OrtBackend(folder)
+    backend = OrtBackend(folder, arena=False)
     batch = sample.batch
     feats = backend.vision(batch.pixel_values)
     _, cache, _ = backend.prefill(batch.input_ids, batch.attention_mask, feats)
