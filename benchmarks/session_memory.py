@@ -26,8 +26,10 @@ import numpy as np
 
 
 def rss_gib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**30
+    """This process's resident memory, as the compile's progress lines measure it (psutil)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
 
 
 class _Recorder:
