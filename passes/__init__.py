@@ -6,7 +6,8 @@ parameters as ``get_attr`` nodes, as in torchao's PT2E flow) and returns a
 ``requires``) and what it guarantees afterwards (checked by ``ensures``); calling the pass
 object runs all three. The compiler applies them in the order ``quota_compile.capture.trace._run_passes``
 lists them (strip asserts, fold top-k gathers, insert Q/DQ, quantize KV I/O, pack INT4 weights,
-quantize the embedding table) and re-exports the result for lowering.
+fuse each W4A4 Linear into one operator, quantize the embedding table) and re-exports the
+result for lowering.
 """
 
 from __future__ import annotations

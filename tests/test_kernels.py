@@ -565,11 +565,12 @@ def _assert_same_generation(got, ref) -> None:
 
 def test_torch_path_runs_the_traced_programs_with_the_kernel(torch_path_build, monkeypatch):
     """quota_compile.flavours.torch_path on the 2-layer model with QUOTA-style pruning (fastv):
-    every W4A4 Linear of the traced graphs becomes one quota.w4a4_linear and each decode layer's
-    attention one quota.kv_decode_attention, run here by the Triton kernels in the interpreter;
+    every W4A4 Linear of the traced graphs is one quota.w4a4_linear (none left as its pieces)
+    and each decode layer's attention becomes one quota.kv_decode_attention, run here by the
+    Triton kernels in the interpreter;
     greedy decoding through them matches the simulation (same tokens and kept indices, logits
     within float-summation error)."""
-    from quota_compile.passes.use_triton_kernels import w4a4_matmuls
+    from quota_compile.passes.fuse_w4a4_linear import w4a4_matmuls
     from quota_compile.config import VerifySection
     from quota_compile.kernels.ops import cpu_uses_kernel
     from quota_compile.flavours.torch_path import KernelBackend
@@ -577,7 +578,8 @@ def test_torch_path_runs_the_traced_programs_with_the_kernel(torch_path_build, m
     from quota_compile.verify.gate import TorchBackend, held_out_samples
 
     vlm, span, programs, traced = torch_path_build("per_token")
-    linears = {g: len(w4a4_matmuls(t.module)) for g, t in traced.items()}
+    linears = {g: _count(t.module, torch.ops.quota.w4a4_linear.default) for g, t in traced.items()}
+    assert not any(w4a4_matmuls(t.module) for t in traced.values())
     # quota.w4a4_linear and quota.kv_decode_attention run the Triton kernels here, not the simulation's ops
     assert cpu_uses_kernel("w4a4_linear") and cpu_uses_kernel("kv_decode_attention")
     backend = KernelBackend(traced, "cpu")

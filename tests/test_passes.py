@@ -28,6 +28,7 @@ from torch import nn
 from torch.export import Dim
 
 from quota_compile.passes import PassError, count_calls, outputs, placeholders, plain_signature, remove_unused_attributes
+from quota_compile.passes.fuse_w4a4_linear import FuseW4A4Linear, w4a4_matmuls
 from quota_compile.passes.insert_qdq import InsertQDQ, LinearQuantSpec
 from quota_compile.passes.pack_int4_weights import PackInt4Weights
 from quota_compile.passes.quantize_kv_io import STORED_SUFFIXES, QuantizeKVIO
@@ -39,6 +40,7 @@ from quota_compile.quant.simulate import QuantizedWeight
 QDQ_ACT = torch.ops.quota.qdq_per_token.default
 QDQ_W = torch.ops.quota.qdq_weight.default
 DQ_INT4 = torch.ops.quota.dequantize_int4.default
+W4A4 = torch.ops.quota.w4a4_linear.default
 Q_KV = torch.ops.quota.quantize_kv.default
 DQ_KV = torch.ops.quota.dequantize_kv.default
 LINEAR = torch.ops.aten.linear.default
@@ -710,13 +712,90 @@ def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
     return seen
 
 
+# ---------------------------------------------------------------------------- FuseW4A4Linear
+
+
+def _pieces(gm) -> dict[torch.fx.Node, tuple]:
+    """Each W4A4 Linear as insert_qdq and pack_int4_weights left it: matmul -> (activation
+    input, packed weight node, scale node, k, n, group, clip ratio), read from the nodes."""
+    out = {}
+    for mm in w4a4_matmuls(gm):
+        qdq, deq = mm.args
+        out[mm] = (qdq.args[0], *deq.args, qdq.args[2])
+    return out
+
+
+def test_fuse_w4a4_linear_makes_each_w4a4_linear_one_operator(prefill_ep):
+    gm = _fresh(prefill_ep)
+    for p in (StripRuntimeAsserts(), InsertQDQ(_targets(PREFILL_LINEARS, LinearQuantSpec(4, GROUP, 4, 0.9))), PackInt4Weights()):
+        p(gm)
+    x = _x(3, T_PREFILL, 70)
+    before = _run(gm, x)
+    pieces = _pieces(gm)
+    assert len(pieces) == len(PREFILL_LINEARS)
+    # where each Linear's result goes (the bias add of q, the attention, the residual...)
+    readers = {args[1].target: {u for u in mm.users} for mm, args in pieces.items()}
+    assert FuseW4A4Linear()(gm).modified is True
+    assert w4a4_matmuls(gm) == [] and count_calls(gm, QDQ_ACT) == count_calls(gm, DQ_INT4) == 0
+    fused = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == W4A4]
+    # one operator per Linear, with the arguments its pieces had, read by what read the matmul
+    assert sorted(n.args[1:] for n in fused) == sorted(args[1:] for args in pieces.values())
+    for n in fused:
+        want = next(args for args in pieces.values() if args[1] is n.args[1])
+        assert n.args == want
+        assert set(n.users) == readers[n.args[1].target]
+    # Linears that read the same input read it through their own operator, from that input
+    assert len({n.args[0] for n in fused}) == len(INPUT_GROUPS)
+    assert all(n.args[6] == 0.9 for n in fused)
+    _assert_same(_run(gm, x), before)
+
+
+def test_fuse_w4a4_linear_leaves_other_linears_as_their_pieces(prefill_ep):
+    """8-bit activations and weight-only Linears are not W4A4 Linears: nothing changes."""
+    specs = {"q.weight": LinearQuantSpec(4, GROUP, 8, 1.0), "k.weight": LinearQuantSpec(4, GROUP, 8, 1.0),
+             "gate.weight": LinearQuantSpec(4, GROUP, None, 1.0)}
+    gm = _fresh(prefill_ep)
+    for p in (InsertQDQ(specs), PackInt4Weights()):
+        p(gm)
+    snapshot = _snapshot(gm)
+    assert FuseW4A4Linear()(gm).modified is False
+    assert _snapshot(gm) == snapshot and count_calls(gm, W4A4) == 0
+
+
+def test_the_fused_graph_lowers_to_the_graph_its_pieces_lower_to(prefill_ep, decode_ep):
+    """The portable ONNX translation of ``quota.w4a4_linear`` is the graph the pieces gave:
+    node for node the same operators, attributes, inputs and initializers (names aside)."""
+    from tests.graph_structure import differences, structure
+
+    names = ["logits", "k", "k_scale", "k_zero_point", "v", "v_scale", "v_zero_point"]
+    models = []
+    for fuse in (False, True):
+        gm = _fresh(prefill_ep)
+        _pipeline(gm, _targets(PREFILL_LINEARS), 4, kv_outputs=(1, 2), fuse=fuse)
+        assert count_calls(gm, W4A4) == (len(PREFILL_LINEARS) if fuse else 0)
+        models.append(export_onnx(gm, (_x(2, T_PREFILL, 50),), ["x"], names, PREFILL_DYN))
+    assert differences(*models) == []
+    ops_used = [n[1] for n in structure(models[1])["nodes"]]
+    assert ops_used.count("MatMul") >= len(PREFILL_LINEARS) and ops_used.count("QuantizeLinear") == len(INPUT_GROUPS) + 4
+    # and the comparison sees a difference where there is one: the decode graph is another graph
+    gm = _fresh(decode_ep)
+    _pipeline(gm, _targets(DECODE_LINEARS), 4, kv_inputs=(1, 2), kv_outputs=(1, 2))
+    x, pk, pv = _x(2, 1, 60), *_past(2, S_PAST, 60)
+    args = (x, *ops.quantize_kv(pk, 4), *ops.quantize_kv(pv, 4))
+    in_names = ["x"] + [f"past_{kv}{s}" for kv in "kv" for s in ("", "_scale", "_zero_point")]
+    other = export_onnx(gm, args, in_names, names, ({0: _BATCH},) + ({0: _BATCH, 2: _PAST},) * 6)
+    assert differences(models[1], other)
+
+
 # ---------------------------------------------------------------------------- lowering
 
 
-def _pipeline(gm, targets, kv_bits, kv_inputs=(), kv_outputs=()) -> list[tuple[str, bool]]:
-    """The passes in the order the compiler applies them (``quota_compile.capture.trace``)."""
+def _pipeline(gm, targets, kv_bits, kv_inputs=(), kv_outputs=(), fuse: bool = True) -> list[tuple[str, bool]]:
+    """The passes in the order the compiler applies them (``quota_compile.capture.trace``);
+    ``fuse=False`` stops before ``fuse_w4a4_linear`` (the W4A4 Linears as their pieces)."""
     log = []
-    for p in (StripRuntimeAsserts(), InsertQDQ(targets), QuantizeKVIO(kv_bits, kv_inputs, kv_outputs), PackInt4Weights()):
+    passes = [StripRuntimeAsserts(), InsertQDQ(targets), QuantizeKVIO(kv_bits, kv_inputs, kv_outputs), PackInt4Weights()]
+    for p in passes + ([FuseW4A4Linear()] if fuse else []):
         log.append((p.name, p(gm).modified))
     remove_unused_attributes(gm)
     return log
@@ -729,14 +808,19 @@ def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return counts
 
 
-def _expected_qdq(counts: dict) -> dict[str, int]:
-    """ONNX QuantizeLinear / DequantizeLinear counts from our ops' lowering: qdq_per_token ->
-    1 Q + 1 DQ; dequantize_int4 -> 1 DQ; quantize_kv -> 2 Q (zero point, codes);
-    dequantize_kv -> 1 DQ."""
+def _expected_qdq(counts: dict, act_inputs: int) -> dict[str, int]:
+    """ONNX QuantizeLinear / DequantizeLinear counts from our ops' lowering: each distinct
+    activation quantizer input (``act_inputs``: Linears that read the same input share one) ->
+    1 Q + 1 DQ; each w4a4_linear -> 1 DQ of its weight; quantize_kv -> 2 Q (zero point,
+    codes); dequantize_kv -> 1 DQ."""
     return {
-        "n_q": counts[QDQ_ACT] + 2 * counts[Q_KV],
-        "n_dq": counts[QDQ_ACT] + counts[DQ_INT4] + counts[DQ_KV],
+        "n_q": act_inputs + 2 * counts[Q_KV],
+        "n_dq": act_inputs + counts[W4A4] + counts[DQ_KV],
     }
+
+
+def _w4a4_inputs(gm) -> int:
+    return len({n.args[0] for n in gm.graph.nodes if n.op == "call_function" and n.target == W4A4})
 
 
 def _check_lowered(model: onnx.ModelProto, n_q: int, n_dq: int, int4_shapes: list[tuple[int, int]]) -> None:
@@ -777,18 +861,19 @@ def _session(model):
 def test_lowered_prefill_graph(prefill_ep):
     gm = _fresh(prefill_ep)
     log = _pipeline(gm, _targets(PREFILL_LINEARS), 4, kv_outputs=(1, 2))
-    assert log == [("strip_runtime_asserts", True), ("insert_qdq", True), ("quantize_kv_io", True), ("pack_int4_weights", True)]
-    counts = {t: count_calls(gm, t) for t in (QDQ_ACT, DQ_INT4, Q_KV, DQ_KV, QDQ_W)}
+    assert log == [("strip_runtime_asserts", True), ("insert_qdq", True), ("quantize_kv_io", True), ("pack_int4_weights", True),
+                   ("fuse_w4a4_linear", True)]
+    counts = {t: count_calls(gm, t) for t in (QDQ_ACT, DQ_INT4, W4A4, Q_KV, DQ_KV, QDQ_W)}
     n_pl = len(PREFILL_LINEARS)
-    assert counts == {QDQ_ACT: len(INPUT_GROUPS), DQ_INT4: n_pl, Q_KV: 2, DQ_KV: 2, QDQ_W: 0}
+    assert counts == {QDQ_ACT: 0, DQ_INT4: 0, W4A4: n_pl, Q_KV: 2, DQ_KV: 2, QDQ_W: 0}
+    assert _w4a4_inputs(gm) == len(INPUT_GROUPS)
     assert _linear_weights(gm) == ["head.weight"]
     x = _x(2, T_PREFILL, 50)
     names = ["logits", "k", "k_scale", "k_zero_point", "v", "v_scale", "v_zero_point"]
     model = export_onnx(gm, (x,), ["x"], names, PREFILL_DYN)
-    # qdq_per_token -> 1 Q + 1 DQ; dequantize_int4 -> 1 DQ; quantize_kv -> 2 Q (zero point,
-    # codes); dequantize_kv -> 1 DQ. The optimizer's CSE could only merge identical
-    # subexpressions: every Q/DQ here has a different input, so none merges.
-    _check_lowered(model, int4_shapes=[SHAPES[n] for n in PREFILL_LINEARS], **_expected_qdq(counts))
+    # Each w4a4_linear is written as its activation Q/DQ, its weight's DQ and a MatMul; the
+    # Linears of one input group write the same Q/DQ pair, which the exporter's CSE keeps once.
+    _check_lowered(model, int4_shapes=[SHAPES[n] for n in PREFILL_LINEARS], **_expected_qdq(counts, len(INPUT_GROUPS)))
     assert [o.name for o in model.graph.output] == names
     elem = [o.type.tensor_type.elem_type for o in model.graph.output]
     assert elem == [TensorProto.FLOAT] + [TensorProto.UINT8, TensorProto.FLOAT, TensorProto.UINT8] * 2
@@ -802,9 +887,10 @@ def test_lowered_prefill_graph(prefill_ep):
 def test_lowered_decode_graph(decode_ep):
     gm = _fresh(decode_ep)
     _pipeline(gm, _targets(DECODE_LINEARS), 8, kv_inputs=(1, 2), kv_outputs=(1, 2))
-    counts = {t: count_calls(gm, t) for t in (QDQ_ACT, DQ_INT4, Q_KV, DQ_KV)}
+    counts = {t: count_calls(gm, t) for t in (QDQ_ACT, DQ_INT4, W4A4, Q_KV, DQ_KV)}
     # activations: x (q, k, v) and the attention output (o); KV: 2 new entries, 2 + 2 read back
-    assert counts == {QDQ_ACT: 2, DQ_INT4: len(DECODE_LINEARS), Q_KV: 2, DQ_KV: 4}
+    assert counts == {QDQ_ACT: 0, DQ_INT4: 0, W4A4: len(DECODE_LINEARS), Q_KV: 2, DQ_KV: 4}
+    assert _w4a4_inputs(gm) == 2
     assert not [n for n in gm.graph.nodes if _is_assert(n)]
     x, pk, pv = _x(2, 1, 60), *_past(2, S_PAST, 60)
     args = (x, *ops.quantize_kv(pk, 8), *ops.quantize_kv(pv, 8))
@@ -812,7 +898,7 @@ def test_lowered_decode_graph(decode_ep):
     out_names = ["logits"] + [f"present_{kv}{s}" for kv in "kv" for s in ("", "_scale", "_zero_point")]
     stored_dyn = {0: _BATCH, 2: _PAST}
     model = export_onnx(gm, args, in_names, out_names, ({0: _BATCH},) + (stored_dyn,) * 6)
-    _check_lowered(model, int4_shapes=[SHAPES[n] for n in DECODE_LINEARS], **_expected_qdq(counts))
+    _check_lowered(model, int4_shapes=[SHAPES[n] for n in DECODE_LINEARS], **_expected_qdq(counts, 2))
     elem = [i.type.tensor_type.elem_type for i in model.graph.input]
     assert elem == [TensorProto.FLOAT] + [TensorProto.UINT8, TensorProto.FLOAT, TensorProto.UINT8] * 2
     batch, past = 3, S_PAST + 3

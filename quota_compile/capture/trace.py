@@ -16,6 +16,7 @@ from torch.export import Dim
 
 from quota_compile.passes import plain_signature, remove_unused_attributes
 from quota_compile.passes.fold_topk_gather import FoldTopKGather
+from quota_compile.passes.fuse_w4a4_linear import FuseW4A4Linear
 from quota_compile.passes.insert_qdq import InsertQDQ, LinearQuantSpec
 from quota_compile.passes.pack_int4_weights import PackInt4Weights
 from quota_compile.passes.quantize_embedding import QuantizeEmbedding
@@ -94,6 +95,7 @@ def _run_passes(gm: fx.GraphModule, qm: QuantizedModel, kv_inputs=(), kv_outputs
             outs = _kv_scales(qm, kv_out, kv_out[0]) if kv_out else ([] if qm.kv_granularity == "per_channel" else None)
             pipeline.append(QuantizeKVIO(qm.kv_bits, kv_in, kv_out, ins, outs))
         pipeline.append(PackInt4Weights({t: qm.weights[name] for t, name in targets.items()}))
+        pipeline.append(FuseW4A4Linear())
         tables = {f"hf.{name}.weight": (e.codes, e.scale, e.group_size) for name, e in qm.embeddings.items()}
         read = {n.args[0].target for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.embedding.default and n.args[0].op == "get_attr"}
         tables = {t: v for t, v in tables.items() if t in read}

@@ -1,5 +1,9 @@
 """ONNX lowerings of the ``quota::`` custom ops (portable flavour: standard ONNX ops only).
 
+The semantic operator ``w4a4_linear`` (one W4A4 Linear, :mod:`passes.fuse_w4a4_linear`) is
+written as its pieces: the per-token activation Q/DQ, the INT4 weight's dequantization and a
+``MatMul``.
+
 Each function mirrors its PyTorch definition in :mod:`quota_compile.quant.ops` operation for
 operation, so the integers agree bit for bit. They are given to
 ``torch.onnx.export(..., custom_translation_table=TRANSLATIONS)``.
@@ -63,6 +67,13 @@ def dequantize_int4(packed, scale, k: int, n: int, group_size: int):
 def dequantize_int4_rows(packed, scale, v: int, d: int, group_size: int):
     codes = _int4_weight(packed, shape=[v, d])
     return op.DequantizeLinear(codes, scale, axis=1, block_size=group_size)
+
+
+def w4a4_linear(x, packed, scale, k: int, n: int, group_size: int, clip_ratio: float):
+    # The portable form of the semantic operator: the per-token INT4 Q/DQ pair, the INT4
+    # weight's DequantizeLinear and a float MatMul. Linears that read the same input (Q/K/V,
+    # gate/up) write the same Q/DQ pair; the exporter's common-subexpression pass keeps one.
+    return op.MatMul(qdq_per_token(x, 4, clip_ratio), dequantize_int4(packed, scale, k, n, group_size))
 
 
 def _pack_nibbles(q, d: int):
@@ -136,12 +147,14 @@ def select_topk(score, k: int):
 def translation_table() -> dict:
     import torch
 
+    from quota_compile.kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.quota.w4a4_linear)
     from quota_compile.pruning import score  # noqa: F401  (registers torch.ops.quota.select_topk)
     from quota_compile.quant import ops  # noqa: F401  (registers the torch.ops.quota namespace)
 
     return {
         torch.ops.quota.select_topk.default: select_topk,
         torch.ops.quota.qdq_per_token.default: qdq_per_token,
+        torch.ops.quota.w4a4_linear.default: w4a4_linear,
         torch.ops.quota.dequantize_int4.default: dequantize_int4,
         torch.ops.quota.dequantize_int4_rows.default: dequantize_int4_rows,
         torch.ops.quota.quantize_kv.default: quantize_kv,

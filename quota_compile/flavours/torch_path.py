@@ -3,14 +3,13 @@ lowered from) run by PyTorch on a GPU, each W4A4 Linear and each decode layer's 
 the quantized KV cache as a Triton kernel.
 
 What a user without TensorRT runs on an NVIDIA GPU. :func:`kernel_programs` copies the traced
-vision / prefill / decode graph modules (:func:`quota_compile.capture.trace.trace_programs`), applies
-the passes of ``passes/use_triton_kernels.py`` and moves them to the device:
-``use_triton_kernels`` in every graph (each ``matmul(qdq_per_token(x), dequantize_int4(...))``
-becomes one ``quota.w4a4_linear``) and, in the decode graph with a quantized cache,
-``use_kv_decode_attention`` (each layer's dequantize / concatenate / repeat-heads / matmul /
-scale / mask / softmax / matmul becomes one ``quota.kv_decode_attention``: the flash-decoding
-kernel of :mod:`quota_compile.kernels.kv_attention` reading the stored past in place, with the
-mask as an additive bias and the new token's entry merged in). The prefill keeps its own
+vision / prefill / decode graph modules (:func:`quota_compile.capture.trace.trace_programs`), whose
+W4A4 Linears already are ``quota.w4a4_linear`` operators (the ``fuse_w4a4_linear`` pass of the
+trace), applies ``passes/use_kv_decode_attention.py`` to the decode graph with a quantized cache
+(each layer's dequantize / concatenate / repeat-heads / matmul / scale / mask / softmax /
+matmul becomes one ``quota.kv_decode_attention``: the flash-decoding kernel of
+:mod:`quota_compile.kernels.kv_attention` reading the stored past in place, with the mask as an
+additive bias and the new token's entry merged in) and moves them to the device. The prefill keeps its own
 attention (QUOTA reads its softmax probabilities); a float cache keeps the graph's attention.
 :class:`KernelBackend` runs them behind the :class:`~quota_compile.runtime.ort.Backend` interface,
 so ``greedy_generate`` and the verification take it like the onnxruntime sessions.
@@ -40,13 +39,11 @@ from quota_compile.runtime.torch_programs import PROGRAM_SUFFIX, ProgramBackend,
 def kernel_programs(traced: dict, device: str | torch.device = "cuda") -> dict[str, fx.GraphModule]:
     """Copies of the traced programs with the Triton W4A4 Linear and, in the decode program
     with a quantized cache, the Triton decode attention, on ``device``."""
-    from quota_compile.passes.use_triton_kernels import UseKVDecodeAttention, UseTritonKernels, quantized_past, w4a4_matmuls
+    from quota_compile.passes.use_kv_decode_attention import UseKVDecodeAttention, quantized_past
 
     out = {}
     for name, t in traced.items():
         gm = copy.deepcopy(t.module)
-        if w4a4_matmuls(gm):
-            gm = UseTritonKernels()(gm).graph_module
         if name == "decode" and quantized_past(gm):
             layers = {n.split(".")[1] for n in t.input_names if n.startswith(PAST)}
             gm = UseKVDecodeAttention(len(layers))(gm).graph_module

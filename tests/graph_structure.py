@@ -1,0 +1,69 @@
+"""What an ONNX graph computes, with every name the exporter chose erased: for comparing two
+graphs node for node (same operators in the same order, same attributes, each input read from
+the same place, the same initializer contents) when only their value and node names differ."""
+
+from __future__ import annotations
+
+import hashlib
+
+import onnx
+
+
+def _attribute(a: onnx.AttributeProto):
+    if a.type in (onnx.AttributeProto.TENSOR, onnx.AttributeProto.GRAPH, onnx.AttributeProto.SPARSE_TENSOR):
+        copy = onnx.AttributeProto()
+        copy.CopyFrom(a)
+        copy.t.name = ""
+        return (a.name, hashlib.sha256(copy.SerializeToString()).hexdigest())
+    value = onnx.helper.get_attribute_value(a)
+    return (a.name, tuple(value) if isinstance(value, list) else value)
+
+
+def _tensor_key(t: onnx.TensorProto) -> str:
+    copy = onnx.TensorProto()
+    copy.CopyFrom(t)
+    copy.name = ""
+    return "init:" + hashlib.sha256(copy.SerializeToString()).hexdigest()[:16]
+
+
+def structure(model: onnx.ModelProto) -> dict:
+    """``nodes``: ``(domain, op_type, inputs, outputs, attributes)`` in graph order, every value
+    named by where it comes from (``in<i>`` a graph input, ``init:<hash>`` an initializer by
+    its contents, ``v<j>`` the j-th node output); ``outputs``: the graph outputs' names and
+    sources; ``initializers``: the sorted content keys. External-data initializers are compared
+    by their location fields, so load graphs with their data for a content comparison."""
+    g = model.graph
+    source: dict[str, str] = {v.name: f"in{i}" for i, v in enumerate(g.input)}
+    inits = sorted(_tensor_key(t) for t in g.initializer)
+    source.update({t.name: _tensor_key(t) for t in g.initializer})
+    nodes, produced = [], 0
+    for n in g.node:
+        ins = tuple(source[x] if x else "" for x in n.input)
+        outs = []
+        for o in n.output:
+            if o:
+                source[o] = f"v{produced}"
+                outs.append(source[o])
+                produced += 1
+            else:
+                outs.append("")
+        nodes.append((n.domain, n.op_type, ins, tuple(outs), tuple(sorted(_attribute(a) for a in n.attribute))))
+    outputs = [(o.name, source.get(o.name)) for o in g.output]
+    return {"nodes": nodes, "outputs": outputs, "initializers": inits, "inputs": [v.name for v in g.input]}
+
+
+def differences(a: onnx.ModelProto, b: onnx.ModelProto, limit: int = 5) -> list[str]:
+    """Where :func:`structure` of ``a`` and ``b`` differ (empty when they compute alike)."""
+    sa, sb = structure(a), structure(b)
+    out = []
+    for key in ("inputs", "outputs", "initializers"):
+        if sa[key] != sb[key]:
+            out.append(f"{key} differ")
+    if len(sa["nodes"]) != len(sb["nodes"]):
+        out.append(f"{len(sa['nodes'])} nodes against {len(sb['nodes'])}")
+    for i, (x, y) in enumerate(zip(sa["nodes"], sb["nodes"])):
+        if x != y:
+            out.append(f"node {i}: {x[:4]} against {y[:4]}")
+            if len(out) >= limit:
+                break
+    return out
