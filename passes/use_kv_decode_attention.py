@@ -19,9 +19,6 @@ from quota_compile.quant import ops  # noqa: F401
 
 from . import GraphPass, PassError, PassResult, count_calls
 
-
-# ---------------------------------------------------------------------------- decode attention
-
 _SOFTMAX = (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
 _CASTS = (torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default)
 _RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
