@@ -543,11 +543,14 @@ def _attention_calls(monkeypatch) -> list:
 
 
 def _assert_decode_graph(backend, traced, layers: int) -> None:
-    """One quota.kv_decode_attention per decoder layer and no softmax in the decode program; the
-    prefill keeps its attention (QUOTA reads its probabilities); the vision program none."""
-    attention = torch.ops.quota.kv_decode_attention.default
-    assert _count(backend.programs["decode"], attention) == layers
-    assert _count(backend.programs["decode"], *SOFTMAX) == 0 < _count(traced["decode"].module, *SOFTMAX)
+    """The traced decode program holds one quota.decode_attention per decoder layer (over the
+    dequantized past) and the kernel program one quota.kv_decode_attention in its place (over
+    the stored past), neither a softmax; the prefill keeps its attention (QUOTA reads its
+    probabilities); the vision program none."""
+    attention, semantic = torch.ops.quota.kv_decode_attention.default, torch.ops.quota.decode_attention.default
+    assert _count(traced["decode"].module, semantic) == layers and _count(traced["decode"].module, attention) == 0
+    assert _count(backend.programs["decode"], attention) == layers and _count(backend.programs["decode"], semantic) == 0
+    assert _count(backend.programs["decode"], *SOFTMAX) == _count(traced["decode"].module, *SOFTMAX) == 0
     assert _count(backend.programs["prefill"], *SOFTMAX) == _count(traced["prefill"].module, *SOFTMAX) >= layers
     assert _count(backend.programs["prefill"], attention) == _count(backend.programs["vision"], attention) == 0
     # the past cache is read as stored, never dequantized; the new entries are still quantized

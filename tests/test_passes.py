@@ -915,3 +915,69 @@ def test_lowered_decode_graph(decode_ep):
         (np.float32, stat),
         (np.uint8, stat),
     ]
+
+
+# ---------------------------------------------------------------------------- decode attention
+
+
+class _DecodeStep(nn.Module):
+    """One decode step's attention with grouped heads (4 query heads on 2 KV heads), written
+    as the semantic operator or as its definition inline."""
+
+    def __init__(self, semantic: bool):
+        super().__init__()
+        self.semantic = semantic
+
+    def forward(self, q, k_past, k_new, v_past, v_new, bias):
+        from quota_compile.quant.attention import decode_attention_reference
+
+        attend = torch.ops.quota.decode_attention if self.semantic else decode_attention_reference
+        return (attend(q, k_past, k_new, v_past, v_new, bias, 0.25) * 2.0,)
+
+
+def _decode_step_args(batch: int, past: int, seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, 4, 1, HEAD_DIM, generator=g)
+    kv = [torch.randn(batch, 2, n, HEAD_DIM, generator=g) for n in (past, 1, past, 1)]
+    bias = torch.zeros(batch, 1, 1, past + 1)
+    bias[0, ..., :2] = float("-inf")  # two masked positions in the first sample
+    return (q, *kv, bias)
+
+
+def test_the_decode_attention_operator_exports_as_its_definition():
+    """``quota.decode_attention`` stays one node in the traced program, and the ONNX export
+    writes it as the operations of its PyTorch definition: the same computation, dimension
+    names and I/O as the definition traced inline, and onnxruntime's result is the definition's."""
+    from quota_compile.quant.attention import decode_attention_reference
+    from tests.graph_structure import computation, computation_differences
+
+    args = _decode_step_args(2, S_PAST, 80)
+    batch, past = Dim("batch"), Dim("past")
+    dyn = ({0: batch}, {0: batch, 2: past}, {0: batch}, {0: batch, 2: past}, {0: batch}, {0: batch, 3: past + 1})
+    names = ["q", "k_past", "k_new", "v_past", "v_new", "bias"]
+    models, graphs = [], []
+    for semantic in (True, False):
+        with torch.no_grad():
+            gm = plain_signature(torch.export.export(_DecodeStep(semantic), args, dynamic_shapes=dyn, strict=False).module())
+        graphs.append(gm)
+        models.append(export_onnx(gm, args, names, ["out"], dyn))
+    assert count_calls(graphs[0], torch.ops.quota.decode_attention.default) == 1
+    assert count_calls(graphs[1], torch.ops.quota.decode_attention.default) == 0
+    assert computation_differences(*models) == []
+    assert computation(models[0])["io"][0] == ("q", TensorProto.FLOAT, ("batch", 4, 1, HEAD_DIM))
+    assert "Softmax" in [n.op_type for n in models[0].graph.node]
+    other = _decode_step_args(3, S_PAST + 4, 81)
+    got = _session(models[0]).run(None, dict(zip(names, (t.numpy() for t in other))))[0]
+    want = decode_attention_reference(*other, 0.25) * 2.0
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_use_kv_decode_attention_refuses_an_attention_over_a_float_past():
+    from quota_compile.passes.use_kv_decode_attention import UseKVDecodeAttention
+
+    args = _decode_step_args(2, S_PAST, 82)
+    batch = Dim("batch")
+    gm = plain_signature(torch.export.export(_DecodeStep(True), args, dynamic_shapes=({0: batch},) * 6, strict=False).module())
+    QuantizeKVIO(4, [1], [])(gm)  # the past key is stored; the past value stays float
+    with pytest.raises(PassError, match="does not read its past from the stored cache"):
+        UseKVDecodeAttention(1)(gm)

@@ -36,7 +36,7 @@ from quota_compile.models.llava import VLM
 from quota_compile.pruning.methods import ATTENTION_ONLY, pruning_layers, pruning_method
 from quota_compile.pruning.recipe import PruningRecipe
 from quota_compile.pruning.score import ScoreWeights, duplication_score, token_score, visual_signals
-from quota_compile.quant.attention import attend
+from quota_compile.quant.attention import attend  # (the module also registers torch.ops.quota.decode_attention)
 from quota_compile.quant.simulate import QuantizedModel
 
 KV_FLOAT = ("key", "value")
@@ -122,11 +122,12 @@ class _Program(torch.nn.Module):
             q, k = rotation(q), rotation(k)
         k_read, k_out = self._store(k, i, 0)
         v_read, v_out = self._store(v, i, 1)
-        if past is not None:
+        if past is None:
+            o, probs = attend(q, k_read, v_read, bias, attn.scaling)
+        else:  # a decode step: one operator, the semantic form every flavour starts from
             n = len(past) // 2
-            k_read = torch.cat([self._load(past[:n], i, 0), k_read], dim=2)
-            v_read = torch.cat([self._load(past[n:], i, 1), v_read], dim=2)
-        o, probs = attend(q, k_read, v_read, bias, attn.scaling)
+            k_past, v_past = self._load(past[:n], i, 0), self._load(past[n:], i, 1)
+            o, probs = torch.ops.quota.decode_attention(q, k_past, k_read, v_past, v_read, bias, attn.scaling), None
         o = o.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         h = h + attn.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -1,9 +1,10 @@
 """Lower a traced, pass-processed program to ONNX (portable flavour).
 
 ``torch.onnx.export`` (the dynamo exporter) translates the graph, with the ``quota::`` ops
-lowered by :mod:`quota_compile.export.onnx_translation`; then INT4 weight markers become INT4
-initializers, the graph is checked with ``onnx.checker`` (full check) and it must use standard
-ONNX ops only.
+lowered by :mod:`quota_compile.export.onnx_translation` (``quota::decode_attention`` is first
+decomposed into its PyTorch definition's operations: :data:`DECOMPOSED`); then INT4 weight
+markers become INT4 initializers, the graph is checked with ``onnx.checker`` (full check) and
+it must use standard ONNX ops only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from onnx import TensorProto, numpy_helper
 
 from quota_compile.bundle.schema import WEIGHTS
 from quota_compile.export.onnx_translation import MARKER_DOMAIN, translation_table
+from quota_compile.quant.attention import decode_attention_reference
 
 OPSET = 21
 # Every graph's initializers of at least this size are written to the folder's one weights
@@ -36,6 +38,16 @@ EXTERNAL_MIN_BYTES = 1024
 ALIGN_THRESHOLD = 1 << 20
 LARGE_ALIGNMENT = 1 << 16
 SMALL_ALIGNMENT = 64
+
+
+# Semantic operators that every ONNX flavour receives as their decomposition (the operations
+# of their PyTorch definition), not as a translation of their own.
+DECOMPOSED = {torch.ops.quota.decode_attention.default: decode_attention_reference}
+
+
+def _calls(module: torch.nn.Module, op) -> bool:
+    graph = getattr(module, "graph", None)
+    return graph is not None and any(n.op == "call_function" and n.target == op for n in graph.nodes)
 
 
 class LoweringError(RuntimeError):
@@ -65,18 +77,17 @@ def export_onnx(
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module,
-            args,
-            dynamo=True,
-            opset_version=opset,
-            input_names=list(input_names),
-            output_names=list(output_names),
-            dynamic_shapes=dynamic_shapes,
-            custom_translation_table=translation_table(),
-            optimize=False,
-            verbose=False,
-        )
+        common = dict(dynamo=True, opset_version=opset, input_names=list(input_names), output_names=list(output_names),
+                      custom_translation_table=translation_table(), optimize=False, verbose=False)
+        decompose = {op: fn for op, fn in DECOMPOSED.items() if _calls(module, op)}
+        if decompose:
+            # Operators written as their PyTorch definition: exported, decomposed, then
+            # translated like any other program (the same ONNX as the definition traced inline).
+            ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+            # (args and dynamic_shapes again: the exporter names the graph's dimensions after them)
+            program = torch.onnx.export(ep.run_decompositions(decompose), args, dynamic_shapes=dynamic_shapes, **common)
+        else:
+            program = torch.onnx.export(module, args, dynamic_shapes=dynamic_shapes, **common)
     simplify(program.model)
     model = program.model_proto
     if axis_names:

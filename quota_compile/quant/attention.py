@@ -47,3 +47,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
         scores = scores + bias
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v), probs
+
+
+def decode_attention_reference(q: torch.Tensor, k_past: torch.Tensor, k_new: torch.Tensor, v_past: torch.Tensor,
+                               v_new: torch.Tensor, bias: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """One decode step's attention: the past keys and values ``[B, Hkv, S, D]`` with the new
+    token's ``[B, Hkv, 1, D]`` appended, then :func:`attend`; ``[B, H, 1, D]``. The definition
+    of ``quota::decode_attention``, and what the ONNX export decomposes that operator into."""
+    k = torch.cat([k_past, k_new], dim=2)
+    v = torch.cat([v_past, v_new], dim=2)
+    return attend(q, k, v, bias, sm_scale)[0]
+
+
+@torch.library.custom_op("quota::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_past: torch.Tensor, k_new: torch.Tensor, v_past: torch.Tensor,
+                     v_new: torch.Tensor, bias: torch.Tensor, sm_scale: float) -> torch.Tensor:
+    """The decode attention as one operator in the traced decode program (the semantic form):
+    the PyTorch path turns it into ``quota::kv_decode_attention`` over the stored cache
+    (``passes/use_kv_decode_attention.py``); the ONNX export decomposes it into
+    :func:`decode_attention_reference`'s operations."""
+    return decode_attention_reference(q, k_past, k_new, v_past, v_new, bias, sm_scale)
+
+
+@decode_attention.register_fake
+def _(q, k_past, k_new, v_past, v_new, bias, sm_scale):
+    return q.new_empty(q.shape)
