@@ -6,8 +6,8 @@ What a user without TensorRT runs on an NVIDIA GPU. :func:`kernel_programs` copi
 vision / prefill / decode graph modules (:func:`quota_compile.capture.trace.trace_programs`), whose
 W4A4 Linears already are ``quota.w4a4_linear`` operators (the ``fuse_w4a4_linear`` pass of the
 trace), applies ``passes/use_kv_decode_attention.py`` to the decode graph with a quantized cache
-(each layer's dequantize / concatenate / repeat-heads / matmul / scale / mask / softmax /
-matmul becomes one ``quota.kv_decode_attention``: the flash-decoding kernel of
+(each layer's ``quota.decode_attention`` over the dequantized past, as the decode program
+traced it, becomes one ``quota.kv_decode_attention``: the flash-decoding kernel of
 :mod:`quota_compile.kernels.kv_attention` reading the stored past in place, with the mask as an
 additive bias and the new token's entry merged in) and moves them to the device. The prefill keeps its own
 attention (QUOTA reads its softmax probabilities); a float cache keeps the graph's attention.

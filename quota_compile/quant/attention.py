@@ -1,7 +1,8 @@
 """The attention arithmetic, written once.
 
 Every place that computes a decoder layer's attention from its query, key and value calls
-:func:`attend`: the simulation and the traced programs (:mod:`quota_compile.capture.programs`),
+:func:`attend`: the simulation and the traced programs (:mod:`quota_compile.capture.programs`;
+a decode step's attention there is the operator ``quota::decode_attention`` defined below),
 the CPU fallback of ``quota::kv_decode_attention`` (:mod:`quota_compile.kernels.ops`), the
 reference the Triton decode kernel is tested against (:mod:`quota_compile.kernels.kv_attention`)
 and the definition of the TensorRT decode-attention plugin
