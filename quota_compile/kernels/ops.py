@@ -36,7 +36,7 @@ import torch
 
 from quota_compile.quant import ops  # noqa: F401  (registers torch.ops.quota.*, used below)
 from quota_compile.kernels.reference import dequantize_cache
-from quota_compile.quant.attention import attend
+from quota_compile.quant.attention import decode_attention_reference
 
 
 def _kernel_module():
@@ -142,11 +142,11 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.T
             bias=bias.to(torch.float32).expand(b, 1, 1, t + 1).reshape(b, t + 1),
             k_new=k_new.reshape(b, hkv, d), v_new=v_new.reshape(b, hkv, d))
         return out.reshape(b, h, 1, d)
-    # the decode graph's own operations: the cache dequantized, the new entry appended, then
-    # the attention every path shares (quant.attention.attend)
-    k = torch.cat([dequantize_cache(k_codes, k_scale, k_zero_point, bits, granularity), k_new.to(torch.float32)], dim=2)
-    v = torch.cat([dequantize_cache(v_codes, v_scale, v_zero_point, bits, granularity), v_new.to(torch.float32)], dim=2)
-    return attend(q, k.to(q.dtype), v.to(q.dtype), bias, sm_scale)[0]
+    # the definition of quota::decode_attention over the dequantized cache: what the decode
+    # graph computes
+    k_past = dequantize_cache(k_codes, k_scale, k_zero_point, bits, granularity).to(q.dtype)
+    v_past = dequantize_cache(v_codes, v_scale, v_zero_point, bits, granularity).to(q.dtype)
+    return decode_attention_reference(q, k_past, k_new.to(q.dtype), v_past, v_new.to(q.dtype), bias, sm_scale)
 
 
 @w4a4_linear.register_fake
