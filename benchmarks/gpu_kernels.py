@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_kernels.py [--quick] [--json PATH]   # NVIDIA GPU (H100 class)
     python benchmarks/gpu_kernels.py --interpret                # CPU: correctness at tiny shapes
-    python benchmarks/gpu_kernels.py --compile-only [--quick]   # CPU: compile for sm_90, no GPU
+    python benchmarks/gpu_kernels.py --compile-only [--quick] [--arch 90,87]   # CPU, no GPU
 
 On a GPU it first MEASURES the machine: FP16 tensor-core rate (a large ``torch.matmul``),
 INT8 rate (``torch._int_mm``, where available) and memory bandwidth (a device-to-device
@@ -10,7 +10,9 @@ copy). Then, for each shape, it checks the kernel against its reference (activat
 for bit against ``quant.ops`` on the CPU, outputs to a relative error) and times kernel and
 FP16 baseline with ``triton.testing.do_bench`` (median of repeated runs, L2 flushed):
 - ``w4a4_linear`` (group 128, fp16 in/out) vs ``torch.matmul`` fp16, M in {16, 640, 2048} x
-  (K, N) in {(4096, 4096), (4096, 11008), (11008, 4096)};
+  (K, N) in {(4096, 4096), (4096, 11008), (11008, 4096)}; each shape also through
+  ``w4a4_kmajor`` (the K-major weight layout; variants ``kmajor`` and ``kmajor-fused``) where
+  the group size fits that layout;
 - ``kv_decode_attention`` with INT4 ``per_token`` and ``per_channel`` caches vs
   ``scaled_dot_product_attention`` on an fp16 cache: context 4096, 32 heads, head_dim 128,
   batch 1 and 8; and as the PyTorch path's decode step calls it (``+mask+new``: the additive
@@ -19,6 +21,12 @@ FP16 baseline with ``triton.testing.do_bench`` (median of repeated runs, L2 flus
 The floor of each row is ``max(FLOPs / measured peak rate, bytes / measured bandwidth)``, with
 the INT8 rate for the W4A4 GEMM and the FP16 rate otherwise. Exit status: 0 when every check
 passes, 1 when one fails, 2 without a CUDA GPU (unless ``--interpret`` / ``--compile-only``).
+
+``--compile-only`` compiles every kernel variant for each compute capability of ``--arch``
+(default sm_90, H100/H200, and sm_87, Jetson AGX Orin) with triton's bundled ptxas and prints,
+per variant, the PTX target, the tensor-core instructions (``wgmma`` / ``mma.sync`` with s8
+operands), the divisions (the quantizers must divide correctly rounded) and the registers and
+stack bytes per thread from the cubin (``cuobjdump -res-usage``; stack above 0 means spills).
 """
 
 from __future__ import annotations
@@ -102,11 +110,29 @@ def linear_case(m: int, k: int, n: int, group: int, device: str, seed: int = 0) 
     codes = torch.randint(-8, 8, (k, n), generator=gen, dtype=torch.int8)
     w_scale = torch.rand(k // group, n, generator=gen) * 0.02 + 0.001
     x = torch.randn(m, k, generator=gen).to(torch.float16)
-    return {"x": x.to(device), "codes": codes, "packed": ops.pack_int4(codes).to(device),
-            "w_scale": w_scale.to(device), "group": group}
+    case = {"x": x.to(device), "codes": codes, "packed": ops.pack_int4(codes).to(device),
+            "w_scale": w_scale.to(device), "group": group, "kmajor": None}
+    if group == k or (k // 2) % group == 0:  # the layouts the K-major kernel takes
+        from quota_compile.kernels.w4a4_kmajor import pack_int4_kmajor
+
+        case["kmajor"] = pack_int4_kmajor(codes).to(device)
+    return case
 
 
-def check_linear(case: dict, fused: bool | None) -> dict:
+def linear_call(case: dict, variant: str) -> Callable[[], torch.Tensor]:
+    """The kernel launch of a variant: ``fused`` / ``two-pass`` (the graph-packing kernel,
+    ``w4a4_linear``), ``kmajor-fused`` / ``kmajor`` (the K-major weight, ``w4a4_kmajor``)."""
+    from quota_compile.kernels import w4a4_kmajor as KM
+    from quota_compile.kernels import w4a4_linear as W
+
+    x, w_scale, group = case["x"], case["w_scale"], case["group"]
+    fused = variant.endswith("fused")
+    if variant.startswith("kmajor"):
+        return lambda: KM.w4a4_linear_kmajor(x, case["kmajor"], w_scale, group, 1.0, fused=fused)
+    return lambda: W.w4a4_linear(x, case["packed"], w_scale, group, 1.0, fused=fused)
+
+
+def check_linear(case: dict, variant: str) -> dict:
     """Kernel vs reference: activation codes/scales bit for bit against ``quant.ops`` on the
     CPU (the definition), output relative to a reference built from those codes."""
     from quota_compile.kernels import w4a4_linear as W
@@ -114,7 +140,7 @@ def check_linear(case: dict, fused: bool | None) -> dict:
     x = case["x"]
     codes, scale = W.quantize_activations(x, 1.0)
     ref_codes, ref_scale = W.quantize_activations_reference(x.cpu(), 1.0)
-    out = W.w4a4_linear(x, case["packed"], case["w_scale"], case["group"], 1.0, fused=fused)
+    out = linear_call(case, variant)()
     ref = W.w4a4_matmul_reference(ref_codes.to(x.device), ref_scale.to(x.device), case["packed"],
                                   case["w_scale"], case["group"]).to(torch.float16)
     err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
@@ -131,15 +157,14 @@ def check_linear(case: dict, fused: bool | None) -> dict:
     return result
 
 
-def time_linear(case: dict, fused: bool | None, peaks: dict) -> dict:
+def time_linear(case: dict, variant: str, peaks: dict) -> dict:
     """Median times of the kernel and of ``torch.matmul`` in fp16, rates, floors."""
-    from quota_compile.kernels import w4a4_linear as W
     from quota_compile.quant import ops
 
-    x, packed, w_scale, group = case["x"], case["packed"], case["w_scale"], case["group"]
+    x, w_scale, group = case["x"], case["w_scale"], case["group"]
     (m, k), n = x.shape, w_scale.shape[1]
     w16 = ops.dequantize_weight(case["codes"].to(x.device), w_scale, group).to(torch.float16)
-    t_kernel = bench(lambda: W.w4a4_linear(x, packed, w_scale, group, 1.0, fused=fused))
+    t_kernel = bench(linear_call(case, variant))
     t_fp16 = bench(lambda: x @ w16)
     flops = 2 * m * n * k
     bytes_w4 = m * k * 2 + k * n // 2 + w_scale.numel() * 4 + m * n * 2
@@ -159,12 +184,14 @@ def run_linear(shapes: list[tuple[int, int, int]], group: int, device: str, peak
     rows = []
     for m, k, n in shapes:
         case = linear_case(m, k, n, group, device)
-        variants = [True, False] if m <= FUSED_MAX_M else [False]
-        for fused in variants:
-            row = {"M": m, "K": k, "N": n, "group": case["group"], "variant": "fused" if fused else "two-pass"}
-            row.update(check_linear(case, fused))
+        variants = ["fused", "two-pass"] if m <= FUSED_MAX_M else ["two-pass"]
+        if case["kmajor"] is not None:
+            variants += [f"kmajor-{v}" if v == "fused" else "kmajor" for v in variants]
+        for variant in variants:
+            row = {"M": m, "K": k, "N": n, "group": case["group"], "variant": variant}
+            row.update(check_linear(case, variant))
             if peaks is not None:
-                row.update(time_linear(case, fused, peaks))
+                row.update(time_linear(case, variant, peaks))
             rows.append(row)
             print_row("linear", row)
     return rows
@@ -279,27 +306,59 @@ def print_row(kind: str, row: dict) -> None:
 # ---------------------------------------------------------------------------- compile-only
 
 
-def _compile(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 3):
-    """Compile ``fn`` for sm_90 (``trt_aot.compile_kernel``: pointers 16-byte aligned, as the
-    launcher specializes them; every other non-constexpr argument i32 unless typed)."""
+# Compute capabilities --compile-only builds for by default: Hopper (H100/H200, sm_90) and
+# Jetson AGX Orin (sm_87, Ampere's int8 mma.sync).
+ARCHS = (90, 87)
+
+
+def _compile_for(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int = 3, arch: int = 90):
+    """Compile ``fn`` for ``sm_<arch>`` (``trt_aot.compile_kernel``: pointers 16-byte aligned, as
+    the launcher specializes them; every other non-constexpr argument i32 unless typed)."""
     from triton.backends.compiler import GPUTarget
 
     from quota_compile.kernels.trt_aot import compile_kernel
 
-    return compile_kernel(fn, types, constexprs, num_warps, num_stages, target=GPUTarget("cuda", 90, 32))
+    return compile_kernel(fn, types, constexprs, num_warps, num_stages, target=GPUTarget("cuda", arch, 32))
 
 
 def _ptx_summary(ptx: str) -> str:
+    target = re.search(r"^[.]target\s+(\w+)", ptx, re.M)
     mma = sorted({".".join(m.split(".")[:2]) + ("(s8)" if ".s8" in m else "")
                   for m in re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*", ptx)})
     divs = {p: len(re.findall(re.escape(p), ptx)) for p in ("div.rn.f32", "div.full.f32", "div.approx.f32")}
-    return f"mma={'+'.join(mma) or '-'} " + " ".join(f"{p}={c}" for p, c in divs.items() if c)
+    return (f"target={target.group(1) if target else '?'} mma={'+'.join(mma) or '-'} "
+            + " ".join(f"{p}={c}" for p, c in divs.items() if c))
 
 
-def compile_variants(quick: bool) -> list[tuple[str, Callable[[], object], bool]]:
-    """(label, compile thunk, quantizes?) for the kernel variants the GPU run may launch."""
+def resource_usage(cubin: bytes) -> dict[str, int] | None:
+    """Registers per thread and stack bytes per thread (register spills and local arrays) of a
+    compiled kernel, read from its cubin by the ``cuobjdump -res-usage`` that triton bundles;
+    None where that tool is not there."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.is_file():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return {"regs": int(m.group(1)), "stack": int(m.group(2))} if m else None
+
+
+def compile_variants(quick: bool, arch: int = 90) -> list[tuple[str, Callable[[], object], bool]]:
+    """(label, compile thunk, quantizes?) for the kernel variants the GPU run may launch,
+    compiled for ``sm_<arch>``."""
     from quota_compile.kernels import kv_attention as A
+    from quota_compile.kernels import w4a4_kmajor as KM
     from quota_compile.kernels import w4a4_linear as W
+
+    def _compile(*args, **kw):
+        return _compile_for(*args, **kw, arch=arch)
 
     gemm_types = {"a_scale_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32",
                   "out_ptr": "*fp16", "clip": "fp32"}
@@ -314,6 +373,15 @@ def compile_variants(quick: bool) -> list[tuple[str, Callable[[], object], bool]
             types = dict(gemm_types, a_ptr="*fp16" if fused else "*i8")
             label = f"w4a4_gemm {c.kwargs} w{c.num_warps} s{c.num_stages} fused={fused} tile_groups={tile_groups}"
             out.append((label, lambda t=types, k=consts, c=c: _compile(W.w4a4_gemm_kernel, t, k, c.num_warps,
+                                                                         c.num_stages), fused))
+    kmajor = KM.gemm_kmajor_configs()
+    for c in ([kmajor[0], kmajor[-1]] if quick else kmajor):
+        for fused, per_channel in ((True, True), (False, True), (False, False)):
+            consts = {"FUSED": fused, "HAS_BIAS": True, "PER_CHANNEL": per_channel, "GROUP_M": 8, **c.kwargs}
+            types = dict(gemm_types, a_ptr="*fp16" if fused else "*i8")
+            label = (f"w4a4_gemm_kmajor {c.kwargs} w{c.num_warps} s{c.num_stages} fused={fused} "
+                     f"per_channel={per_channel}")
+            out.append((label, lambda t=types, k=consts, c=c: _compile(KM.w4a4_gemm_kmajor_kernel, t, k, c.num_warps,
                                                                          c.num_stages), fused))
     attn_types = {"q_ptr": "*fp16", "kc_ptr": "*u8", "ks_ptr": "*fp32", "kz_ptr": "*u8", "vc_ptr": "*u8",
                   "vs_ptr": "*fp32", "vz_ptr": "*u8", "seqlens_ptr": "*i32", "part_m_ptr": "*fp32",
@@ -341,22 +409,28 @@ def compile_variants(quick: bool) -> list[tuple[str, Callable[[], object], bool]
     return out
 
 
-def compile_only(quick: bool) -> bool:
-    """Compile every variant for sm_90; quantizing kernels must use only ``div.rn.f32``."""
+def compile_only(quick: bool, archs: tuple[int, ...] = ARCHS) -> bool:
+    """Compile every variant for each of ``archs``; quantizing kernels must use only
+    ``div.rn.f32``. Each line gives the PTX's target, the tensor-core instructions, the
+    divisions and the registers and stack bytes per thread (stack > 0: spills or local arrays)."""
     ok = True
-    for label, thunk, quantizes in compile_variants(quick):
-        start = time.perf_counter()
-        try:
-            ptx = thunk().asm["ptx"]
-        except Exception as err:  # report every failure, not just the first
-            print(f"FAIL {label}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-            ok = False
-            continue
-        summary = _ptx_summary(ptx)
-        exact = "div.rn.f32" in summary and "div.full" not in summary and "div.approx" not in summary
-        good = exact or not quantizes
-        ok &= good
-        print(f"{'ok  ' if good else 'FAIL'} {label}: {summary} ({time.perf_counter() - start:.1f}s)", flush=True)
+    for arch in archs:
+        for label, thunk, quantizes in compile_variants(quick, arch):
+            start = time.perf_counter()
+            try:
+                compiled = thunk()
+            except Exception as err:  # report every failure, not just the first
+                print(f"FAIL {label}: sm_{arch}: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                ok = False
+                continue
+            summary = _ptx_summary(compiled.asm["ptx"])
+            usage = resource_usage(compiled.asm["cubin"])
+            if usage is not None:
+                summary += f" regs={usage['regs']} stack={usage['stack']}"
+            exact = "div.rn.f32" in summary and "div.full" not in summary and "div.approx" not in summary
+            good = exact or not quantizes
+            ok &= good
+            print(f"{'ok  ' if good else 'FAIL'} {label}: {summary} ({time.perf_counter() - start:.1f}s)", flush=True)
     return ok
 
 
@@ -370,7 +444,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interpret", action="store_true",
                    help="CPU smoke test: TRITON_INTERPRET=1, correctness only, tiny shapes")
     p.add_argument("--compile-only", action="store_true",
-                   help="compile the kernel variants for sm_90 with Triton's bundled ptxas (no GPU)")
+                   help="compile the kernel variants with Triton's bundled ptxas (no GPU), for --arch")
+    p.add_argument("--arch", default=",".join(str(a) for a in ARCHS),
+                   help="--compile-only: compute capabilities, comma-separated (default: 90,87 = H100/H200, Jetson Orin)")
     return p.parse_args(argv)
 
 
@@ -390,7 +466,12 @@ def main(argv: list[str] | None = None) -> int:
     print("  ".join(f"{k}={v}" for k, v in env.items() if k != "command"))
     print(f"command: {env['command']}")
     if mode == "compile-only":
-        return 0 if compile_only(args.quick) else 1
+        try:
+            archs = tuple(int(a) for a in args.arch.split(","))
+        except ValueError:
+            print(f"gpu_kernels.py: --arch {args.arch!r}: expected compute capabilities such as 90,87")
+            return 2
+        return 0 if compile_only(args.quick, archs) else 1
     report: dict = {"environment": env}
     if mode == "interpret":
         linear = [(m, k, n) for m in (1, 5, 33) for k, n in ((96, 40), (128, 48))]

@@ -62,7 +62,7 @@ def _restore_interpret_env() -> None:
 def _import_interpreted():
     """The kernel modules, decorated in interpreter mode (reloaded if imported compiled)."""
     mods = []
-    for name in ("w4a4_linear", "kv_attention"):
+    for name in ("w4a4_linear", "kv_attention", "w4a4_kmajor"):  # w4a4_kmajor after the module it imports
         mod = importlib.import_module(f"quota_compile.kernels.{name}")
         mods.append(mod if kernels.module_is_interpreted(mod) else importlib.reload(mod))
     return mods
@@ -85,7 +85,7 @@ def _cannot_run() -> str | None:
 
 
 CANNOT_RUN = _cannot_run()
-W, A = _import_interpreted() if CANNOT_RUN is None else (None, None)
+W, A, KM = _import_interpreted() if CANNOT_RUN is None else (None, None, None)
 _restore_interpret_env()
 U = 2.0**-24  # float32 unit roundoff
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,6 +277,63 @@ def test_w4a4_rejects_inconsistent_arguments():
         W.w4a4_linear(torch.randn(2, 96), packed[:-1], w_scale, 32)
 
 
+# ---------------------------------------------------------------------------- W4A4 linear, K-major weight
+
+
+def test_kmajor_layout_by_hand():
+    """Byte ``(n, j)`` holds ``codes[j, n]`` (low nibble) and ``codes[j + K/2, n]`` (high)."""
+    codes = torch.tensor([[1, -8], [2, 7], [-1, 0], [3, -2]], dtype=torch.int8)  # [K=4, N=2]
+    packed = KM.pack_int4_kmajor(codes)
+    # n=0: (k0=1, k2=-1 -> 0xF) (k1=2, k3=3); n=1: (k0=-8 -> 0x8, k2=0) (k1=7, k3=-2 -> 0xE)
+    assert packed.tolist() == [[0xF1, 0x32], [0x08, 0xE7]]
+    assert torch.equal(KM.unpack_int4_kmajor(packed, 4), codes)
+    assert torch.equal(KM.kmajor_from_graph_packing(ops.pack_int4(codes), 4, 2), packed)
+
+
+KMAJOR_CASES = [  # (M, N, K, group): per channel (ragged tiles too), and even numbers of groups
+    (5, 40, 96, 96), (1, 40, 96, 48), (33, 48, 128, 32), (3, 24, 256, 256), (2, 16, 80, 40), (7, 24, 128, 16),
+]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["two-pass", "fused"])
+@pytest.mark.parametrize("case", KMAJOR_CASES, ids=lambda c: "M{}-N{}-K{}-g{}".format(*c))
+def test_kmajor_matches_reference(case, fused):
+    m, n, k, group = case
+    codes, packed, w_scale = _weights(n, k, group, seed=m + n + k)
+    gen = torch.Generator().manual_seed(k + 1)
+    x = torch.randn(m, k, generator=gen)
+    bias = torch.randn(n, generator=gen) if m % 2 else None
+    out = KM.w4a4_linear_kmajor(x, KM.pack_int4_kmajor(codes), w_scale, group, 0.9, bias, fused=fused)
+    ref = W.w4a4_linear_reference(x, packed, w_scale, group, 0.9, bias)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    _assert_within(out, ref, 4 * (k // group + 2) * U * _magnitude(x, codes, w_scale, group, 0.9, bias))
+
+
+def test_kmajor_float16_and_ties():
+    codes, packed, w_scale = _weights(16, 32, 32, seed=4)
+    x = torch.cat([_tie_rows(), 3.0 * torch.randn(2, 32, generator=torch.Generator().manual_seed(3))])
+    for clip in (1.0, 0.5):
+        out = KM.w4a4_linear_kmajor(x, KM.pack_int4_kmajor(codes), w_scale, 32, clip)
+        ref = W.w4a4_linear_reference(x, packed, w_scale, 32, clip)
+        _assert_within(out, ref, 4 * 3 * U * _magnitude(x, codes, w_scale, 32, clip, None))
+    x16 = x.to(torch.float16)
+    out = KM.w4a4_linear_kmajor(x16, KM.pack_int4_kmajor(codes), w_scale, 32)
+    ref = W.w4a4_linear_reference(x16, packed, w_scale, 32)
+    assert out.dtype == torch.float16
+    _assert_within(out, ref, 4 * 3 * U * _magnitude(x16, codes, w_scale, 32, 1.0, None) + 2.0**-10 * ref.float().abs())
+
+
+def test_kmajor_refuses_what_its_layout_cannot_hold():
+    codes, _, w_scale = _weights(40, 96, 32, seed=9)  # 3 groups: an odd number
+    with pytest.raises(ValueError, match="even number of groups"):
+        KM.w4a4_linear_kmajor(torch.randn(2, 96), KM.pack_int4_kmajor(codes), w_scale, 32)
+    _, _, w_scale = _weights(40, 96, 48, seed=9)
+    with pytest.raises(ValueError, match=r"uint8 \[N=40, K/2=48\]"):
+        KM.w4a4_linear_kmajor(torch.randn(2, 96), ops.pack_int4(codes).reshape(96, 20), w_scale, 48)
+    with pytest.raises(ValueError, match="even K"):
+        KM.pack_int4_kmajor(torch.zeros(3, 2, dtype=torch.int8))
+
+
 # ---------------------------------------------------------------------------- decode attention
 
 
@@ -421,26 +478,35 @@ def _nvidia_compiler_env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
-def test_kernels_compile_for_hopper():
-    """The interpreter cannot see the GPU compiler: compile every kernel for sm_90 (Triton's
-    bundled ptxas, no GPU needed) through the benchmark script's ``--compile-only`` check. Every
-    kernel a linear or a decode step launches is among the variants and compiles; the GEMM's
-    products run on the int8 tensor cores (``mma`` / ``wgmma`` with s8 operands); the kernels
-    that quantize activations (the row quantizer, the fused GEMM) divide correctly rounded
-    only (the codes are bit-identical to ``quant.ops`` only so)."""
+def test_kernels_compile_for_hopper_and_orin():
+    """The interpreter cannot see the GPU compiler: compile every kernel for sm_90 (H100/H200)
+    and sm_87 (Jetson Orin) with Triton's bundled ptxas, no GPU needed, through the benchmark
+    script's ``--compile-only`` check. Every kernel a linear or a decode step launches, and the
+    K-major GEMM, is among the variants and compiles for both, to PTX of that target; the GEMMs'
+    products run on the int8 tensor cores (``wgmma`` with s8 operands on Hopper for the tiles of
+    64 rows and more, ``mma.sync`` s8 otherwise and on Orin); the kernels that quantize
+    activations (the row quantizer, the fused GEMMs) divide correctly rounded only (the codes
+    are bit-identical to ``quant.ops`` only so); each line reports registers and stack bytes."""
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernels.py"), "--compile-only", "--quick"],
-                         capture_output=True, text=True, env=_nvidia_compiler_env(), cwd=ROOT, timeout=300)
+                         capture_output=True, text=True, env=_nvidia_compiler_env(), cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [line for line in run.stdout.splitlines() if line.startswith(("ok ", "FAIL"))]
-    kinds = [re.match(r"(?:ok|FAIL)\s+(\w+)", line).group(1) for line in rows]
-    assert set(kinds) == {"quantize_rows", "w4a4_gemm"} | {f"decode_{k}" for k in A.DECODE_KERNELS}
     assert all(line.startswith("ok ") for line in rows), run.stdout
-    for kind, line in zip(kinds, rows):
-        summary = line.split(": ", 1)[1]
-        if kind == "w4a4_gemm":
-            assert re.search(r"mma=\S*(mma\.sync|wgmma\.mma_async)\(s8\)", summary), line
-        if kind == "quantize_rows" or "fused=True" in line:
-            assert "div.rn.f32" in summary and "div.full" not in summary and "div.approx" not in summary, line
+    kinds = {"quantize_rows", "w4a4_gemm", "w4a4_gemm_kmajor"} | {f"decode_{k}" for k in A.DECODE_KERNELS}
+    for arch, target in ((90, "sm_90a"), (87, "sm_87")):
+        mine = [line for line in rows if f" target={target} " in line]
+        assert {re.match(r"ok\s+(\w+)", line).group(1) for line in mine} == kinds, (arch, run.stdout)
+        for line in mine:
+            kind = re.match(r"ok\s+(\w+)", line).group(1)
+            summary = line.split(": ", 1)[1]
+            assert re.search(r"regs=\d+ stack=\d+", summary), line
+            if kind.startswith("w4a4_gemm"):
+                big = int(re.search(r"'BLOCK_M': (\d+)", line).group(1)) >= 64
+                wanted = "wgmma.mma_async(s8)" if arch == 90 and big else "mma.sync(s8)"
+                assert f"mma={wanted} " in summary, line
+            if kind == "quantize_rows" or "fused=True" in line:
+                assert "div.rn.f32" in summary and "div.full" not in summary and "div.approx" not in summary, line
+    assert len(rows) == 2 * len([line for line in rows if " target=sm_87 " in line])
 
 
 _BIAS_KERNELS_FOR_HOPPER = """

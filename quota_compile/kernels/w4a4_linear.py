@@ -51,7 +51,7 @@ from quota_compile.quant import ops
 
 ACT_BITS = 4
 FUSED_MAX_M = 64  # default: quantize inside the GEMM for at most this many rows
-_GROUP_M = 8  # tile swizzle: column blocks of GROUP_M row blocks share the weight tiles in L2
+GROUP_M = 8  # tile swizzle: column blocks of GROUP_M row blocks share the weight tiles in L2
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}  # small fixed tiles keep the interpreter fast
 _QUANT_BLOCK_M = 4
 
@@ -76,7 +76,7 @@ def round_half_even(v):
 
 
 @triton.jit
-def _quantize(x, scale):
+def quantize_codes(x, scale):
     """INT4 codes (int8) of float32 ``x`` with the broadcastable float32 ``scale``."""
     v = tl.math.div_rn(x, scale)
     v = tl.minimum(tl.maximum(v, -8.0), 7.0)
@@ -84,13 +84,13 @@ def _quantize(x, scale):
 
 
 @triton.jit
-def _row_scale(amax, clip):
+def row_scale(amax, clip):
     """``max((amax * clip) / 7, 1e-8)`` in float32, the division correctly rounded."""
     return tl.maximum(tl.math.div_rn(amax * clip, 7.0), 1e-8)
 
 
 @triton.jit
-def _rows_absmax(x_ptr, offs_m, m_mask, K, stride_xm, BLOCK_K: tl.constexpr):
+def rows_absmax(x_ptr, offs_m, m_mask, K, stride_xm, BLOCK_K: tl.constexpr):
     """float32 ``max |x|`` of the rows ``offs_m`` (masked rows give 0)."""
     amax = tl.zeros_like(offs_m).to(tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -113,7 +113,7 @@ def _load_int4_halves(w_ptr, offs_k, k_mask, offs_j, half_n):
 
 
 @triton.jit
-def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(row block, column block) of this program, row blocks grouped by ``GROUP_M``."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -133,13 +133,13 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, clip,
     """Codes ``q [M, K]`` (int8, contiguous) and scales ``s [M]`` (float32) of ``x``."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-    scale = _row_scale(_rows_absmax(x_ptr, offs_m, m_mask, K, stride_xm, BLOCK_K), clip)
+    scale = row_scale(rows_absmax(x_ptr, offs_m, m_mask, K, stride_xm, BLOCK_K), clip)
     tl.store(s_ptr + offs_m, scale, mask=m_mask)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = m_mask[:, None] & (offs_k < K)[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-        q = _quantize(x.to(tl.float32), scale[:, None])
+        q = quantize_codes(x.to(tl.float32), scale[:, None])
         tl.store(q_ptr + offs_m[:, None] * K + offs_k[None, :], q, mask=mask)
 
 
@@ -151,7 +151,7 @@ def _load_operands(a_ptr, w_ptr, offs_m, m_mask, offs_j, offs_k, k_mask, a_scale
     a_mask = m_mask[:, None] & k_mask[None, :]
     a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_k[None, :], mask=a_mask, other=0)
     if FUSED:
-        a = _quantize(a.to(tl.float32), a_scale[:, None])
+        a = quantize_codes(a.to(tl.float32), a_scale[:, None])
     w_even, w_odd = _load_int4_halves(w_ptr, offs_k, k_mask, offs_j, N // 2)
     return a, w_even, w_odd
 
@@ -178,13 +178,13 @@ def w4a4_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     ``BLOCK_K`` tile the K loop is flat (software-pipelined); larger groups (per channel) nest
     a pipelined loop over the group's tiles. ``TILE_GROUPS``: ``group_size == BLOCK_K``.
     """
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_j = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
     m_mask = offs_m < M
     j_mask = offs_j < N // 2
     if FUSED:
-        a_scale = _row_scale(_rows_absmax(a_ptr, offs_m, m_mask, K, stride_am, BLOCK_K), clip)
+        a_scale = row_scale(rows_absmax(a_ptr, offs_m, m_mask, K, stride_am, BLOCK_K), clip)
     else:
         a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=1.0)
     acc_even = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
@@ -248,13 +248,13 @@ def _block_k(group_size: int) -> int:
     return next((b for b in (128, 64, 32) if group_size % b == 0), 32)
 
 
-def _check_device(t: torch.Tensor) -> None:
+def check_device(t: torch.Tensor) -> None:
     if not t.is_cuda and not is_interpreted(w4a4_gemm_kernel):
         raise RuntimeError("the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
                            "triton is first imported (CPU interpreter)")
 
 
-def _check_linear_args(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+def check_linear_args(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                        group_size: int, bias: torch.Tensor | None) -> tuple[int, int]:
     """``(K, N)`` of a valid call; raises ``ValueError`` naming the first inconsistency."""
     k, n = x.shape[-1], w_scale.shape[-1]
@@ -279,7 +279,7 @@ def _check_linear_args(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.T
 def quantize_activations(x: torch.Tensor, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton per-token INT4 quantization of ``x [..., K]``: codes (int8, ``x``'s shape) and
     float32 scales ``[..., 1]``, bit-identical to ``ops.quantize_per_token(x.float(), 4, clip)``."""
-    _check_device(x)
+    check_device(x)
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
@@ -306,7 +306,7 @@ def _launch_gemm(a: torch.Tensor, a_scale: torch.Tensor, w_packed: torch.Tensor,
             m, n, k, group_size, float(clip_ratio), a.stride(0), out.stride(0))
     block_k = _block_k(group_size)
     flags = {"FUSED": fused, "HAS_BIAS": bias is not None, "TILE_GROUPS": block_k == group_size,
-             "BLOCK_K": block_k, "GROUP_M": _GROUP_M}
+             "BLOCK_K": block_k, "GROUP_M": GROUP_M}
     if is_interpreted(w4a4_gemm_kernel):
         bm, bn = _INTERPRET_BLOCKS["BLOCK_M"], _INTERPRET_BLOCKS["BLOCK_N"]
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
@@ -328,8 +328,8 @@ def w4a4_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, 
     float32; ``bias [N]`` optional. ``out_dtype`` defaults to ``x``'s dtype. ``fused`` (launch
     option): quantize inside the GEMM instead of a separate pass; default ``M <= 64``.
     """
-    _check_device(x)
-    k, n = _check_linear_args(x, w_packed, w_scale, group_size, bias)
+    check_device(x)
+    k, n = check_linear_args(x, w_packed, w_scale, group_size, bias)
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
@@ -355,7 +355,7 @@ def w4a4_linear_reference(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torc
     is the definition (and what ONNX Runtime computes), so quantize on the CPU to compare codes
     bit for bit, as ``benchmarks/gpu_kernels.py`` does.
     """
-    k, n = _check_linear_args(x, w_packed, w_scale, group_size, bias)
+    k, n = check_linear_args(x, w_packed, w_scale, group_size, bias)
     codes, scale = quantize_activations_reference(x.reshape(-1, k), clip_ratio)
     out = w4a4_matmul_reference(codes, scale, w_packed, w_scale, group_size, bias)
     return out.to(out_dtype or x.dtype).reshape(*x.shape[:-1], n)
