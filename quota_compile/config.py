@@ -446,6 +446,30 @@ class BenchSection(_Section):
     new_tokens: int = Field(64, ge=1, description="decode steps timed after the prefill (EOS ignored)")
     prompt_tokens: int = Field(64, ge=1, description="the question text is lengthened to at least this many tokens")
     threads: int | None = Field(None, ge=1, description="intra-op threads of PyTorch and onnxruntime; null: torch's default")
+    paths: list[Literal["onnxruntime", "torch"]] = Field(["onnxruntime"], min_length=1, description="which execution paths are timed besides the Hugging Face model: `onnxruntime` (the fp32, weight-only, quantized and bundle graphs, on the CPU) and/or `torch` (the quantized and the bundle's traced programs through the PyTorch path on `bench.device`: the Triton kernels on CUDA, their PyTorch definitions on the CPU)")
+    device: str = Field("cpu", description="where the Hugging Face model and the `torch` path run: `cpu`, `cuda` or `cuda:N` (refused, exit 2, without a GPU torch can use); onnxruntime always runs on the CPU")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="the Hugging Face model's dtype on a CUDA `bench.device` (on the CPU it runs in float32)")
+    batch_sizes: list[int] = Field([1], min_length=1, description="batch sizes timed, each a row per variant (the bench prompt repeated); rows of batch B > 1 are named `<variant> xB`")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        try:
+            d = torch.device(v)
+        except RuntimeError:
+            raise ValueError(f"{v!r} is not a torch device (cpu, cuda or cuda:N)") from None
+        if d.type not in ("cpu", "cuda"):
+            raise ValueError(f"{v!r}: the bench runs on cpu or cuda")
+        return v
+
+    @field_validator("paths", "batch_sizes")
+    @classmethod
+    def _distinct(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} lists an entry twice")
+        if any(isinstance(x, int) and x < 1 for x in v):
+            raise ValueError(f"{v}: batch sizes must be at least 1")
+        return v
 
 
 class OutputSection(_Section):

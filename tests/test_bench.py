@@ -71,3 +71,53 @@ def test_shipped_configs_are_valid():
     assert len(files) >= 3
     for f in files:
         load_config(f)
+
+
+def test_bench_times_the_pytorch_path_at_each_batch_size(tmp_path, monkeypatch):
+    """``bench.paths: [torch]``: the Hugging Face row, then the quantized and the bundle's builds
+    through the PyTorch path (its kernel operators in the programs run), each at every batch
+    size; ratios compare rows of one batch size; tokens/s count every sequence of the batch."""
+    from quota_compile.flavours import torch_path
+
+    seen = []
+
+    class Recording(torch_path.KernelBackend):
+        def __init__(self, traced, device="cuda"):
+            super().__init__(traced, device)
+            seen.append({str(n.target) for m in self.programs.values() for n in m.graph.nodes if n.op == "call_function"})
+
+    monkeypatch.setattr(torch_path, "KernelBackend", Recording)
+    cfg = write_config(
+        tmp_path / "t.yaml", "builtin:tiny-llava", tmp_path / "out",
+        pruning={"method": "quota", "keep_ratio": 0.3, "weights": {"att": 1.0}},
+        bench={"repeats": 2, "warmup": 0, "new_tokens": 3, "prompt_tokens": 8, "threads": 1,
+               "paths": ["torch"], "batch_sizes": [1, 2]},
+    )
+    assert main(["bench", str(cfg)]) == 0
+    doc = json.loads((tmp_path / "out" / "t-bench" / "bench.json").read_text())
+    assert doc["device"] == "cpu" and doc["batch_sizes"] == [1, 2]
+    names = ["pytorch-fp32", "pytorch-fp32 x2", "torch-w4a4kv4", "torch-w4a4kv4 x2", "torch-quota@0.3", "torch-quota@0.3 x2"]
+    assert [r["name"] for r in doc["variants"]] == names
+    assert len(seen) == 2 and all({"quota.w4a4_linear.default", "quota.kv_decode_attention.default"} <= ops for ops in seen)
+    by = {r["name"]: r for r in doc["variants"]}
+    for r in doc["variants"]:
+        bs = r["batch_size"]
+        assert bs == (2 if r["name"].endswith(" x2") else 1)
+        assert set(r["ratios"]) == {n for n in names if by[n]["batch_size"] == bs}
+        decode = statistics.median(x["decode_s"] for x in r["repetitions"])
+        assert r["decode_tokens_per_s"] == pytest.approx(bs * 3 / decode)
+        if r["name"].startswith("torch-"):
+            assert r["flavour"] == "torch" and r["disk_bytes"] is None
+    assert by["torch-quota@0.3"]["kv_bytes_per_sequence"] < by["torch-w4a4kv4"]["kv_bytes_per_sequence"] < by["pytorch-fp32"]["kv_bytes_per_sequence"]
+
+
+def test_bench_on_a_gpu_torch_cannot_see_is_refused(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU torch can use: the refusal is for machines without one")
+    cfg = write_config(tmp_path / "g.yaml", "builtin:tiny-llava", tmp_path / "out", bench={"device": "cuda", "paths": ["torch"]})
+    assert main(["bench", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "g.yaml" in err and "bench.device" in err and "CUDA" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

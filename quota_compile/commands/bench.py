@@ -1,17 +1,31 @@
 """``quota-compile bench model.yaml``: speed of the deployment variants on the same prompts.
 
-Variants (all on the CPU, float32 arithmetic where not quantized):
+Variants (float32 arithmetic where not quantized, unless said):
 
 - ``pytorch-fp32``: the Hugging Face model in eager PyTorch with its own KV cache, what users
-  run today (timed before anything is quantized; the model object is the checkpoint's);
+  run today (timed before anything is quantized; the model object is the checkpoint's). On a
+  CUDA ``bench.device`` a copy of it in ``bench.dtype`` runs there instead (``pytorch-fp16``,
+  ``pytorch-bf16``);
+
+with ``onnxruntime`` in ``bench.paths`` (the default), on the CPU:
+
 - ``ort-fp32``: full-precision ONNX graphs of the same programs (float KV cache) in onnxruntime;
+- ``ort-w4``, a weight-only INT4 variant (MatMulNBits, FP activations and KV cache), always
+  in the onnxruntime flavour;
 - ``ort-<quant>`` (e.g. ``ort-w4a4kv4``): the configured quantization, all visual tokens;
 - ``<method>@<keep>`` (e.g. ``quota@0.3``): the bundle: the configured quantization plus the
   configured pruning (``pruning.method``; ``quota`` when the YAML says ``none``) at
-  ``pruning.keep_ratio``.
+  ``pruning.keep_ratio``; the quantized variants run in the flavour the bundle runs;
 
-Also ``ort-w4``, a weight-only INT4 variant (MatMulNBits, FP activations and KV cache), always
-in the onnxruntime flavour; the quantized variants run in the flavour the bundle runs.
+with ``torch`` in ``bench.paths``, on ``bench.device``:
+
+- ``torch-<quant>`` and ``torch-<method>@<keep>``: the same two builds' traced programs through
+  the PyTorch path (:class:`~quota_compile.flavours.torch_path.KernelBackend`: every W4A4
+  Linear and every decode attention over the quantized cache one operator, the Triton kernels
+  on CUDA, their PyTorch definitions on the CPU). What the ``torch`` flavour of a bundle runs.
+
+Every variant is timed at each of ``bench.batch_sizes`` (the bench prompt repeated); a row of
+batch ``B > 1`` is named ``<variant> xB``, and ratios compare rows of the same batch size.
 
 For every variant and repetition, on one prompt (the image plus about ``bench.prompt_tokens``
 text tokens): ``prefill_s`` is the time from pixels and token ids to the first logits (vision
@@ -30,6 +44,7 @@ stored plus the KV cache read once), with the rate the measured time implies.
 from __future__ import annotations
 
 import contextlib
+import copy
 import platform
 import statistics
 import tempfile
@@ -44,7 +59,7 @@ from quota_compile.bundle.format import atomic_folder, check_destination, graph_
 from quota_compile.config import bundle_name, load_config
 from quota_compile.core.variants import Variant, flavour_of, kv_cache_bytes, quant_name
 from quota_compile.core.workbench import Workbench
-from quota_compile.errors import errors_in
+from quota_compile.errors import ConfigError, errors_in
 from quota_compile.models import load_model
 from quota_compile.calibration.calibrate import quantize_model, settle_quantization
 from quota_compile.quant.simulate import QuantEmbedding, QuantLinear
@@ -53,8 +68,9 @@ from quota_compile.runtime.ort import OrtBackend, greedy_generate, make_batch
 FILLER = "Describe the image in detail: the shapes, their colours, their sizes and where they are."
 
 
-def bench_prompt(vlm, span, tokens: int):
-    """One (image, question) batch whose text part has at least ``tokens`` tokens."""
+def bench_prompt(vlm, span, tokens: int, batch_size: int = 1):
+    """One (image, question) prompt whose text part has at least ``tokens`` tokens, repeated
+    ``batch_size`` times."""
     from PIL import Image
 
     words = FILLER.split()
@@ -63,7 +79,7 @@ def bench_prompt(vlm, span, tokens: int):
         text = f"{text} {words[len(text.split()) % len(words)]}"
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (vlm.image_size, vlm.image_size, 3), dtype=np.uint8))
-    return make_batch(vlm.processor, vlm.prompt_template, [image], [text], span, vlm.image_token_id)
+    return make_batch(vlm.processor, vlm.prompt_template, [image] * batch_size, [text] * batch_size, span, vlm.image_token_id)
 
 
 class _PrefillClock:
@@ -86,7 +102,10 @@ class _PrefillClock:
         return self.backend.decode(input_ids, position_ids, attention_mask, past)
 
 
-def _time_ort(backend: OrtBackend, batch, new_tokens: int) -> dict:
+def _time_runtime(backend, batch, new_tokens: int) -> dict:
+    """A runtime backend (onnxruntime sessions, or the PyTorch path's programs: numpy in and
+    out, so a CUDA program has finished when its outputs are back) through the runtime's greedy
+    loop."""
     clock = _PrefillClock(backend)
     t0 = time.perf_counter()
     # new_tokens + 1 greedy steps: the first token comes from the prefill, then new_tokens decodes
@@ -96,18 +115,24 @@ def _time_ort(backend: OrtBackend, batch, new_tokens: int) -> dict:
 
 
 @torch.no_grad()
-def _time_torch(model, batch, new_tokens: int) -> dict:
-    ids, mask = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
-    pixels = torch.from_numpy(batch.pixel_values)
+def _time_torch(model, batch, new_tokens: int, device: torch.device = torch.device("cpu")) -> dict:
+    """The Hugging Face model with its own KV cache (on ``device``, in its parameters' dtype)."""
+    dtype = next(model.parameters()).dtype
+    ids, mask = torch.from_numpy(batch.input_ids).to(device), torch.from_numpy(batch.attention_mask).to(device)
+    pixels = torch.from_numpy(batch.pixel_values).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, use_cache=True, logits_to_keep=1)
+    sync()
     t1 = time.perf_counter()
     past = out.past_key_values
     for _ in range(new_tokens):
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=device)], dim=1)
         out = model(input_ids=nxt, attention_mask=mask, past_key_values=past, use_cache=True)
         past = out.past_key_values
+    sync()
     t2 = time.perf_counter()
     return {"prefill_s": t1 - t0, "decode_s": t2 - t1}
 
@@ -122,10 +147,11 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
-def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, mode: str) -> dict:
+def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, mode: str, float_bytes: int = 4) -> dict:
     """Prefill FLOPs and decode bytes per token that a variant must at least spend. ``mode``:
-    ``none`` (fp32 weights and KV cache), ``weights`` (INT4 weights, fp32 KV cache) or
-    ``full`` (the configured quantization)."""
+    ``none`` (float weights and KV cache), ``weights`` (INT4 weights, float KV cache) or
+    ``full`` (the configured quantization); ``float_bytes``: the size of a float weight or
+    cache entry (4: float32, 2: the Hugging Face model in fp16 / bf16)."""
     model = vlm.model
     v = keep[0]
     vis_cfg = vlm.config.vision_config
@@ -159,16 +185,16 @@ def floors(vlm, cfg, keep: list[int], prompt_len: int, new_tokens: int, mode: st
                 if isinstance(module, QuantEmbedding) and mode != "none":
                     weight_bytes += row // 2 + 4 * row // module.group_size
                 else:
-                    weight_bytes += 4 * row
+                    weight_bytes += float_bytes * row
             elif name in quant and pname == "weight":
                 weight_bytes += p.numel() // 2 + 4 * p.numel() // module.qweight.group_size
             else:
-                weight_bytes += 4 * p.numel()
+                weight_bytes += float_bytes * p.numel()
     final = prompt_len + new_tokens
     if mode == "full":
         kv = kv_cache_bytes(vlm, cfg.quantization.kv_cache.bits, keep, prompt_len, new_tokens, cfg.quantization.kv_cache.granularity)["bundle"]
     else:
-        kv = vlm.num_layers * 2 * vlm.num_kv_heads * vlm.head_dim * 4 * final
+        kv = vlm.num_layers * 2 * vlm.num_kv_heads * vlm.head_dim * float_bytes * final
     return {"prefill_flops": flops, "decode_bytes_per_token": weight_bytes + kv, "decode_weight_bytes": weight_bytes, "kv_bytes_at_end": kv}
 
 
@@ -204,6 +230,33 @@ def bench_variants(cfg) -> list[tuple[Variant, str, str, str]]:
     ]
 
 
+def torch_path_variants(cfg) -> list[tuple[Variant, str, str]]:
+    """The PyTorch-path variants of a bench: ``(variant, name, description)``."""
+    method = cfg.pruning.method if cfg.pruning.method != "none" else "quota"
+    qname = quant_name(cfg)
+    keep = cfg.pruning.keep_ratio
+    return [
+        (Variant(qname, "none", None, True), f"torch-{qname}", "the PyTorch path (Triton kernels on CUDA), the configured quantization, all visual tokens"),
+        (Variant(f"{method}@{keep:g}", method, keep, True), f"torch-{method}@{keep:g}",
+         f"the PyTorch path (Triton kernels on CUDA), the configured quantization + {method} at keep ratio {keep:g} (the bundle)"),
+    ]
+
+
+DTYPES = {"float16": (torch.float16, "fp16"), "bfloat16": (torch.bfloat16, "bf16"), "float32": (torch.float32, "fp32")}
+
+
+def check_bench_device(cfg) -> torch.device:
+    """``bench.device``, refused (exit 2) where it names a GPU this torch cannot use."""
+    device = torch.device(cfg.bench.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("bench.device", f"{cfg.bench.device!r} needs a CUDA GPU, and torch {torch.__version__} sees none; use cpu.")
+    return device
+
+
+def _batch_name(name: str, batch_size: int) -> str:
+    return name if batch_size == 1 else f"{name} x{batch_size}"
+
+
 def run_bench(config_path, force: bool = False, console: Console | None = None) -> tuple[Path, dict]:
     config_file = Path(config_path)
     with errors_in(config_file):
@@ -213,6 +266,7 @@ def run_bench(config_path, force: bool = False, console: Console | None = None) 
 def _bench(config_file: Path, force: bool, console: Console) -> tuple[Path, dict]:
     cfg = load_config(config_file)
     b = cfg.bench
+    device = check_bench_device(cfg)
     final = Path(cfg.output.dir) / f"{bundle_name(cfg, config_file)}-bench"
     check_destination(final, force)
     threads = b.threads or torch.get_num_threads()
@@ -225,29 +279,58 @@ def _bench(config_file: Path, force: bool, console: Console) -> tuple[Path, dict
             vlm = load_model(cfg, stack, config_file.parent)
             cfg = settle_quantization(cfg, vlm)
             span = vlm.visual_span()
-            batch = bench_prompt(vlm, span, b.prompt_tokens)
-            prompt_len = int(batch.attention_mask.sum())
+            batches = {bs: bench_prompt(vlm, span, b.prompt_tokens, bs) for bs in b.batch_sizes}
+            prompt_len = int(batches[b.batch_sizes[0]].attention_mask[0].sum())
             source_bytes = sum(p.stat().st_size for p in Path(vlm.path).glob("*.safetensors"))
-            console.print(f"prompt: {span[1]} visual + {prompt_len - span[1]} text tokens; {b.new_tokens} new tokens; {threads} threads", highlight=False)
+            console.print(f"prompt: {span[1]} visual + {prompt_len - span[1]} text tokens; {b.new_tokens} new tokens; "
+                          f"batch {', '.join(map(str, b.batch_sizes))}; {threads} threads; PyTorch on {device}", highlight=False)
             all_tokens = [span[1]] * vlm.num_layers
+            ort = bench_variants(cfg) if "onnxruntime" in b.paths else []
+            on_torch = torch_path_variants(cfg) if "torch" in b.paths else []
+            n = 1 + len(ort) + len(on_torch)
 
-            console.print("[1/5] pytorch-fp32 (Hugging Face eager) ...", highlight=False)
-            reps = _repeat(lambda: _time_torch(vlm.model, batch, b.new_tokens), b.warmup, b.repeats)
-            rows.append(_row("pytorch-fp32", "Hugging Face model, eager PyTorch, fp32 KV cache", reps, b, vlm, cfg, all_tokens, prompt_len, "none", source_bytes, "pytorch"))
+            hf_bytes = 4
+            if device.type == "cpu":
+                hf_model, hf_name, hf_what = vlm.model, "pytorch-fp32", "Hugging Face model, eager PyTorch, fp32 KV cache"
+            else:
+                dtype, short = DTYPES[b.dtype]
+                hf_bytes = torch.finfo(dtype).bits // 8
+                hf_name, hf_what = f"pytorch-{short}", f"Hugging Face model, eager PyTorch on {device} in {b.dtype}, {short} KV cache"
+                console.print(f"[1/{n}] {hf_name}: copying the model to {device} ...", highlight=False)
+                hf_model = copy.deepcopy(vlm.model).to(device=device, dtype=dtype)  # vlm.model itself stays float32 on the CPU
+            console.print(f"[1/{n}] {hf_name} (Hugging Face eager) ...", highlight=False)
+            for bs, batch in batches.items():
+                reps = _repeat(lambda: _time_torch(hf_model, batch, b.new_tokens, device), b.warmup, b.repeats)
+                rows.append(_row(_batch_name(hf_name, bs), hf_what, reps, b, vlm, cfg, all_tokens, prompt_len, "none", source_bytes, "pytorch",
+                                 batch_size=bs, float_bytes=hf_bytes))
+            hf_model = None  # (the CUDA copy goes)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
             workbench = Workbench(cfg, vlm, quantize_model(vlm, cfg, span), span)
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-bench-")))
-            todo = bench_variants(cfg)
-            n = len(todo) + 1
-            for i, (v, name, what, flav) in enumerate(todo, 2):
+            for i, (v, name, what, flav) in enumerate(ort, 2):
                 console.print(f"[{i}/{n}] {name}: building graphs ...", highlight=False)
                 built = workbench.build_into(v, work, flavour=flav)
                 backend = OrtBackend(built.folder, threads=threads)
                 console.print("      timing ...", highlight=False)
-                reps = _repeat(lambda: _time_ort(backend, batch, b.new_tokens), b.warmup, b.repeats)
                 mode = "weights" if v.weight_only else ("full" if v.quantized else "none")
-                rows.append(_row(name, what, reps, b, vlm, cfg, built.keep, prompt_len, mode, _folder_bytes(built.folder), flav, built.folder / "decode.onnx"))
-                del backend
+                for bs, batch in batches.items():
+                    reps = _repeat(lambda: _time_runtime(backend, batch, b.new_tokens), b.warmup, b.repeats)
+                    rows.append(_row(_batch_name(name, bs), what, reps, b, vlm, cfg, built.keep, prompt_len, mode, _folder_bytes(built.folder),
+                                     flav, built.folder / "decode.onnx", batch_size=bs))
+                backend = None
+            for i, (v, name, what) in enumerate(on_torch, 2 + len(ort)):
+                from quota_compile.flavours.torch_path import KernelBackend
+
+                console.print(f"[{i}/{n}] {name}: tracing the programs ...", highlight=False)
+                built = workbench.build(v, onnx=False)
+                backend = KernelBackend(built.traced, device)
+                console.print(f"      timing on {device} ...", highlight=False)
+                for bs, batch in batches.items():
+                    reps = _repeat(lambda: _time_runtime(backend, batch, b.new_tokens), b.warmup, b.repeats)
+                    rows.append(_row(_batch_name(name, bs), what, reps, b, vlm, cfg, built.keep, prompt_len, "full", None, "torch", batch_size=bs))
+                backend = built = None
     finally:
         torch.set_num_threads(old_threads)
     for r in rows:
@@ -257,7 +340,7 @@ def _bench(config_file: Path, force: bool, console: Console) -> tuple[Path, dict
                 "decode_speedup": r["decode_tokens_per_s"] / other["decode_tokens_per_s"],
                 "kv_bytes_reduction": other["kv_bytes_per_sequence"] / r["kv_bytes_per_sequence"],
             }
-            for other in rows
+            for other in rows if other["batch_size"] == r["batch_size"]
         }
     doc = {
         "format": "quota-compile bench",
@@ -266,6 +349,8 @@ def _bench(config_file: Path, force: bool, console: Console) -> tuple[Path, dict
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": _cpus()},
         "threads": threads,
         "prompt": {"visual_tokens": span[1], "prompt_tokens": prompt_len, "new_tokens": b.new_tokens},
+        "device": str(device),
+        "batch_sizes": list(b.batch_sizes),
         "repeats": b.repeats,
         "warmup": b.warmup,
         "variants": rows,
@@ -288,21 +373,25 @@ def decoder_fp16_bytes(vlm) -> int:
     return 2 * sum(p.numel() for n, p in vlm.model.named_parameters() if "vision_tower" not in n and "projector" not in n)
 
 
-def _row(name, what, reps, b, vlm, cfg, keep, prompt_len, quantized, disk_bytes, flavour, decode_graph: Path | None = None) -> dict:
+def _row(name, what, reps, b, vlm, cfg, keep, prompt_len, quantized, disk_bytes, flavour, decode_graph: Path | None = None,
+         batch_size: int = 1, float_bytes: int = 4) -> dict:
+    """One variant at one batch size. Figures per sequence (KV bytes, floors) are of one
+    sequence; ``decode_tokens_per_s`` counts the tokens of every sequence of the batch."""
     prefill = statistics.median(r["prefill_s"] for r in reps)
     decode = statistics.median(r["decode_s"] for r in reps)
-    floor = floors(vlm, cfg, keep, prompt_len, b.new_tokens, quantized)
+    floor = floors(vlm, cfg, keep, prompt_len, b.new_tokens, quantized, float_bytes)
     fp16 = kv_cache_bytes(vlm, cfg.quantization.kv_cache.bits, keep, prompt_len, b.new_tokens)["fp16_unpruned"]
-    tps = b.new_tokens / decode
+    tps = batch_size * b.new_tokens / decode
     return {
         "name": name,
         "what": what,
+        "batch_size": batch_size,
         "visual_tokens_per_layer": keep,
         "prefill_s": prefill,
         "decode_tokens_per_s": tps,
         "kv_bytes_per_sequence": floor["kv_bytes_at_end"],
         "kv_fp16_unpruned_bytes": fp16,
-        "disk_bytes": disk_bytes,
+        "disk_bytes": disk_bytes,  # None: the PyTorch path's programs (in memory; the torch flavour saves them)
         "flavour": flavour,
         # Every decoder weight is an initializer of the decode graph: the graph's file and the
         # bytes it reads from weights.bin are what the decoder's weights take as stored.
@@ -311,7 +400,8 @@ def _row(name, what, reps, b, vlm, cfg, keep, prompt_len, quantized, disk_bytes,
         "floor": {
             **floor,
             "prefill_gflops_per_s": floor["prefill_flops"] / prefill / 1e9,
-            "decode_gb_per_s": floor["decode_bytes_per_token"] * tps / 1e9,
+            # each step reads the weights once and every sequence's cache
+            "decode_gb_per_s": (floor["decode_weight_bytes"] + batch_size * floor["kv_bytes_at_end"]) * tps / batch_size / 1e9,
         },
         "repetitions": reps,
     }

@@ -155,6 +155,7 @@ class Workbench:
         passes: Sequence[tuple[str, OnnxPass]] = (),
         progress: Progress | None = None,
         calibrate_what: str | None = None,
+        onnx: bool = True,
     ) -> Built:
         """Decide, build the programs, trace them, export the portable graphs, apply
         ``passes`` to them and lower them to each derived flavour of ``flavours``.
@@ -163,7 +164,8 @@ class Workbench:
         decision if set; a variant builds its own: full precision, weight-only or quantized,
         pruned by its method at its budget. ``progress`` sees the ``calibrate``, ``trace`` and
         ``lower`` stages (``calibrate_what``: the calibrate stage's text, default
-        :meth:`describe`)."""
+        :meth:`describe`). ``onnx=False``: decide and trace only (no ONNX graphs, for the
+        PyTorch path's programs)."""
         progress = progress or Quiet()
         cfg, vlm, qm = self.cfg, self.vlm, self.qm
         quantized = variant.quantized if variant is not None else True
@@ -175,6 +177,8 @@ class Workbench:
         with progress.stage("trace", TRACE_WHAT):
             programs = build_programs(vlm, qm, decision.spec)
             traced = trace_programs(vlm, qm, programs, quantized=quantized, weight_only=weight_only)
+        if not onnx:
+            return Built(variant, decision, programs, traced, {}, {}, t_cal, time.perf_counter() - t0 - t_cal)
         with progress.stage("lower", f"ONNX opset {cfg.export.opset} ({' + '.join(cfg.export.targets)})"):
             models = {}
             for g, t in traced.items():
