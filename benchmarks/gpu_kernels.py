@@ -121,14 +121,18 @@ def linear_case(m: int, k: int, n: int, group: int, device: str, seed: int = 0) 
 
 def linear_call(case: dict, variant: str) -> Callable[[], torch.Tensor]:
     """The kernel launch of a variant: ``fused`` / ``two-pass`` (the graph-packing kernel,
-    ``w4a4_linear``), ``kmajor-fused`` / ``kmajor`` (the K-major weight, ``w4a4_kmajor``)."""
+    ``w4a4_linear``), ``kmajor-fused`` / ``kmajor`` (the K-major weight, ``w4a4_kmajor``, one
+    pass over K) and ``kmajor-splitk`` (per-channel weights, K split over programs)."""
     from quota_compile.kernels import w4a4_kmajor as KM
     from quota_compile.kernels import w4a4_linear as W
 
     x, w_scale, group = case["x"], case["w_scale"], case["group"]
     fused = variant.endswith("fused")
+    if variant == "kmajor-splitk":  # split K by default on a GPU (at least 2 splits here)
+        splits = max(2, KM.split_k_for(x.shape[0], w_scale.shape[1], x.shape[1], x.device))
+        return lambda: KM.w4a4_linear_kmajor(x, case["kmajor"], w_scale, group, 1.0, split_k=splits)
     if variant.startswith("kmajor"):
-        return lambda: KM.w4a4_linear_kmajor(x, case["kmajor"], w_scale, group, 1.0, fused=fused)
+        return lambda: KM.w4a4_linear_kmajor(x, case["kmajor"], w_scale, group, 1.0, fused=fused, split_k=1)
     return lambda: W.w4a4_linear(x, case["packed"], w_scale, group, 1.0, fused=fused)
 
 
@@ -179,14 +183,18 @@ def time_linear(case: dict, variant: str, peaks: dict) -> dict:
 
 
 def run_linear(shapes: list[tuple[int, int, int]], group: int, device: str, peaks: dict | None) -> list[dict]:
+    """Every shape with weight groups of ``group`` and with per-channel weights (group = K)."""
+    from quota_compile.kernels.w4a4_kmajor import SPLIT_K_MAX_M
     from quota_compile.kernels.w4a4_linear import FUSED_MAX_M
 
     rows = []
-    for m, k, n in shapes:
-        case = linear_case(m, k, n, group, device)
+    for (m, k, n), g in ((shape, g) for shape in shapes for g in (group, shape[1])):
+        case = linear_case(m, k, n, g, device)
         variants = ["fused", "two-pass"] if m <= FUSED_MAX_M else ["two-pass"]
         if case["kmajor"] is not None:
             variants += [f"kmajor-{v}" if v == "fused" else "kmajor" for v in variants]
+            if g == k and m <= SPLIT_K_MAX_M:
+                variants.append("kmajor-splitk")
         for variant in variants:
             row = {"M": m, "K": k, "N": n, "group": case["group"], "variant": variant}
             row.update(check_linear(case, variant))
@@ -288,7 +296,8 @@ def run_attention(shapes: list[tuple[int, int, int, int, int]], device: str, pea
 def print_row(kind: str, row: dict) -> None:
     """One table line: check, then (on a GPU) time, rate, FP16 time, speed-up and floors."""
     if kind == "linear":
-        shape = f"M={row['M']:<5} K={row['K']:<6} N={row['N']:<6} {row['variant']:<8}"
+        group = "ch" if row["group"] == row["K"] else row["group"]
+        shape = f"M={row['M']:<5} K={row['K']:<6} N={row['N']:<6} g={group:<4} {row['variant']:<13}"
         check = f"codes!={row['code_mismatches']} scales!={row['scale_mismatches']} err={row['max_rel_err']:.1e}"
         rate = f"{row['tflops']:7.1f} TFLOP/s" if "tflops" in row else ""
     else:
@@ -383,6 +392,12 @@ def compile_variants(quick: bool, arch: int = 90) -> list[tuple[str, Callable[[]
                      f"per_channel={per_channel}")
             out.append((label, lambda t=types, k=consts, c=c: _compile(KM.w4a4_gemm_kmajor_kernel, t, k, c.num_warps,
                                                                          c.num_stages), fused))
+    t = KM.SPLIT_K_TILE
+    out.append((f"w4a4_gemm_kmajor_splitk {t} w4 s3", lambda: _compile(KM.w4a4_gemm_kmajor_splitk_kernel, {
+        "a_ptr": "*i8", "w_ptr": "*u8", "acc_ptr": "*i32"}, dict(t), 4), False))
+    out.append(("w4a4_kmajor_scale", lambda: _compile(KM._scale_kernel, {
+        "acc_ptr": "*i32", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*fp16"},
+        {"HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 64}, 4), False))
     attn_types = {"q_ptr": "*fp16", "kc_ptr": "*u8", "ks_ptr": "*fp32", "kz_ptr": "*u8", "vc_ptr": "*u8",
                   "vs_ptr": "*fp32", "vz_ptr": "*u8", "seqlens_ptr": "*i32", "part_m_ptr": "*fp32",
                   "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "sm_scale": "fp32"}

@@ -323,6 +323,22 @@ def test_kmajor_float16_and_ties():
     _assert_within(out, ref, 4 * 3 * U * _magnitude(x16, codes, w_scale, 32, 1.0, None) + 2.0**-10 * ref.float().abs())
 
 
+@pytest.mark.parametrize("splits", [2, 3, 50])
+def test_kmajor_split_k_is_bit_identical_to_the_reference(splits):
+    """Per output channel, split K: the int32 partial sums are exact whatever their order, so
+    the output equals the reference's bit for bit (the one-pass kernel's too), with ragged
+    splits and more splits than K steps."""
+    m, n, k = 5, 40, 192
+    codes, packed, w_scale = _weights(n, k, k, seed=21)
+    gen = torch.Generator().manual_seed(22)
+    x, bias = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    w = KM.pack_int4_kmajor(codes)
+    out = KM.w4a4_linear_kmajor(x, w, w_scale, k, 0.9, bias, split_k=splits)
+    assert torch.equal(out, W.w4a4_linear_reference(x, packed, w_scale, k, 0.9, bias))
+    assert torch.equal(out, KM.w4a4_linear_kmajor(x, w, w_scale, k, 0.9, bias, split_k=1, fused=False))
+    assert KM.split_k_for(m, n, k, torch.device("cpu")) == 1  # no split by default off the GPU
+
+
 def test_kmajor_refuses_what_its_layout_cannot_hold():
     codes, _, w_scale = _weights(40, 96, 32, seed=9)  # 3 groups: an odd number
     with pytest.raises(ValueError, match="even number of groups"):
@@ -332,6 +348,9 @@ def test_kmajor_refuses_what_its_layout_cannot_hold():
         KM.w4a4_linear_kmajor(torch.randn(2, 96), ops.pack_int4(codes).reshape(96, 20), w_scale, 48)
     with pytest.raises(ValueError, match="even K"):
         KM.pack_int4_kmajor(torch.zeros(3, 2, dtype=torch.int8))
+    codes, _, w_scale = _weights(40, 96, 48, seed=9)  # 2 groups: no split of K
+    with pytest.raises(ValueError, match="per-channel"):
+        KM.w4a4_linear_kmajor(torch.randn(2, 96), KM.pack_int4_kmajor(codes), w_scale, 48, split_k=2)
 
 
 # ---------------------------------------------------------------------------- decode attention
@@ -492,7 +511,8 @@ def test_kernels_compile_for_hopper_and_orin():
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [line for line in run.stdout.splitlines() if line.startswith(("ok ", "FAIL"))]
     assert all(line.startswith("ok ") for line in rows), run.stdout
-    kinds = {"quantize_rows", "w4a4_gemm", "w4a4_gemm_kmajor"} | {f"decode_{k}" for k in A.DECODE_KERNELS}
+    kinds = {"quantize_rows", "w4a4_gemm", "w4a4_gemm_kmajor", "w4a4_gemm_kmajor_splitk", "w4a4_kmajor_scale"}
+    kinds |= {f"decode_{k}" for k in A.DECODE_KERNELS}
     for arch, target in ((90, "sm_90a"), (87, "sm_87")):
         mine = [line for line in rows if f" target={target} " in line]
         assert {re.match(r"ok\s+(\w+)", line).group(1) for line in mine} == kinds, (arch, run.stdout)
@@ -500,7 +520,7 @@ def test_kernels_compile_for_hopper_and_orin():
             kind = re.match(r"ok\s+(\w+)", line).group(1)
             summary = line.split(": ", 1)[1]
             assert re.search(r"regs=\d+ stack=\d+", summary), line
-            if kind.startswith("w4a4_gemm"):
+            if kind.startswith("w4a4_gemm"):  # every GEMM, the split-K one too
                 big = int(re.search(r"'BLOCK_M': (\d+)", line).group(1)) >= 64
                 wanted = "wgmma.mma_async(s8)" if arch == 90 and big else "mma.sync(s8)"
                 assert f"mma={wanted} " in summary, line

@@ -24,6 +24,10 @@ out for the int8 tensor cores:
   summation order only; the integers are the same).
 - Activations: quantized per token inside the GEMM (``FUSED``, as the other kernel does for
   small ``M``) or read as codes from ``w4a4_linear.quantize_activations``.
+- **Split K** (per output channel, at most :data:`SPLIT_K_MAX_M` rows, the decode-sized
+  products that the weight's bytes bound): the K range is split over programs so that every
+  SM has work; each adds its int32 partial dots to an int32 workspace with ``atomic_add``
+  (exact and order-independent: deterministic), and :func:`_scale_kernel` scales the sums.
 
 Status: correct in Triton's interpreter (``tests/test_kernels.py``) and compiled for sm_90 and
 sm_87 without a GPU (``benchmarks/gpu_kernels.py --compile-only``, which also reports the
@@ -153,6 +157,71 @@ def w4a4_gemm_kmajor_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, ou
              mask=m_mask[:, None] & n_mask[None, :])
 
 
+@triton.jit
+def w4a4_gemm_kmajor_splitk_kernel(a_ptr, w_ptr, acc_ptr, M, N, K, stride_am, chunk,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Split K, per output channel: program ``(tile, s)`` adds the int32 dots of the activation
+    codes ``a`` (int8) and the K-major weight over the bytes ``[s * chunk, (s + 1) * chunk)`` of
+    each half of K into ``acc [M, N]`` (int32, zeroed), atomically. Integer addition is exact
+    and associative, so the sum is the same in any order (deterministic)."""
+    pid = tl.program_id(0)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    offs_m = (pid // grid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % grid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    HALF = K // 2
+    start = tl.program_id(1) * chunk
+    end = tl.minimum(start + chunk, HALF)
+    dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for j0 in range(start, end, BLOCK_H):
+        offs_h = j0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < end
+        a_lo, a_hi = _activations(a_ptr, offs_m, m_mask, offs_h, h_mask, HALF, offs_m, stride_am, False)
+        w_lo, w_hi = _halves(w_ptr, offs_n, n_mask, offs_h, h_mask, HALF)
+        dots = tl.dot(a_lo, tl.trans(w_lo), dots, out_dtype=tl.int32)
+        dots = tl.dot(a_hi, tl.trans(w_hi), dots, out_dtype=tl.int32)
+    tl.atomic_add(acc_ptr + offs_m[:, None] * N + offs_n[None, :], dots, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _scale_kernel(acc_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, stride_om,
+                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``out = float(acc) * w_scale[n] * a_scale[m] (+ bias[n])``: the per-channel epilogue,
+    in the order of the one-pass kernel."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    mask = m_mask[:, None] & n_mask[None, :]
+    acc = tl.load(acc_ptr + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    w_scale = tl.load(w_scale_ptr + offs_n, mask=n_mask, other=0.0)
+    a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=1.0)
+    out = (acc.to(tl.float32) * w_scale[None, :]) * a_scale[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Split-K (per output channel, M <= SPLIT_K_MAX_M): small-M products are bound by the weight's
+# bytes, and one program per column tile leaves most SMs idle (N = 4096 in tiles of 64: 64
+# programs on an H100's 132 SMs). The splits give every SM about two programs.
+SPLIT_K_MAX_M = 64
+SPLIT_K_TILE = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_H": 64}
+
+
+def split_k_for(m: int, n: int, k: int, device: torch.device) -> int:
+    """How many K splits the per-channel kernel uses by default: 1 on the CPU and above
+    :data:`SPLIT_K_MAX_M` rows; on a GPU enough for about two programs per SM, each split at
+    least two ``BLOCK_H`` steps."""
+    if device.type != "cuda" or m > SPLIT_K_MAX_M:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(m, SPLIT_K_TILE["BLOCK_M"]) * triton.cdiv(n, SPLIT_K_TILE["BLOCK_N"])
+    most = max(1, (k // 2) // (2 * SPLIT_K_TILE["BLOCK_H"]))
+    return max(1, min(most, triton.cdiv(2 * sms, tiles)))
+
+
 def gemm_kmajor_configs() -> list[triton.Config]:
     """Tiles for GPUs (``BLOCK_H`` bytes per row and step: ``2 * BLOCK_H`` values of K). Chosen
     by what ptxas reports without a GPU (``benchmarks/gpu_kernels.py --compile-only``): with
@@ -185,11 +254,34 @@ def _check_kmajor(w_kmajor: torch.Tensor, k: int, n: int, group_size: int) -> bo
     return per_channel
 
 
+def _split_k_linear(x2: torch.Tensor, w_kmajor: torch.Tensor, w_scale: torch.Tensor, bias, out: torch.Tensor,
+                    clip_ratio: float, splits: int) -> None:
+    """The per-channel product in ``splits`` K ranges: activation codes, the int32 split-K
+    kernel into a zeroed workspace, then the epilogue."""
+    m, k = x2.shape
+    n = out.shape[1]
+    codes, a_scale = quantize_activations(x2, clip_ratio)
+    acc = torch.zeros((m, n), dtype=torch.int32, device=x2.device)
+    t = SPLIT_K_TILE if not is_interpreted(w4a4_gemm_kmajor_splitk_kernel) else _INTERPRET_BLOCKS
+    step = t["BLOCK_H"]
+    chunk = triton.cdiv(triton.cdiv(k // 2, splits), step) * step  # whole BLOCK_H steps per split
+    splits = triton.cdiv(k // 2, chunk)
+    tiles = triton.cdiv(m, t["BLOCK_M"]) * triton.cdiv(n, t["BLOCK_N"])
+    w4a4_gemm_kmajor_splitk_kernel[(tiles, splits)](codes, w_kmajor, acc, m, n, k, codes.stride(0), chunk, **t)
+    grid = (triton.cdiv(m, t["BLOCK_M"]), triton.cdiv(n, t["BLOCK_N"]))
+    _scale_kernel[grid](acc, a_scale, w_scale, w_scale if bias is None else bias, out, m, n, out.stride(0),
+                        HAS_BIAS=bias is not None, BLOCK_M=t["BLOCK_M"], BLOCK_N=t["BLOCK_N"])
+
+
 def w4a4_linear_kmajor(x: torch.Tensor, w_kmajor: torch.Tensor, w_scale: torch.Tensor, group_size: int,
                        clip_ratio: float = 1.0, bias: torch.Tensor | None = None, *,
-                       out_dtype: torch.dtype | None = None, fused: bool | None = None) -> torch.Tensor:
+                       out_dtype: torch.dtype | None = None, fused: bool | None = None,
+                       split_k: int | None = None) -> torch.Tensor:
     """``x [..., K] -> [..., N]``: the W4A4 linear of ``w4a4_linear.w4a4_linear`` over the
-    weight :func:`pack_int4_kmajor` laid out; the other arguments are that function's."""
+    weight :func:`pack_int4_kmajor` laid out; the other arguments are that function's.
+    ``split_k`` (per-channel weights only; launch option): the K ranges the product is split
+    into (:func:`split_k_for` by default; ``fused`` does not apply then: the rows are
+    quantized first)."""
     check_device(x)
     k, n = x.shape[-1], w_scale.shape[-1]
     if k % 2:
@@ -200,7 +292,13 @@ def w4a4_linear_kmajor(x: torch.Tensor, w_kmajor: torch.Tensor, w_scale: torch.T
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
-    if m:
+    if split_k is not None and (split_k < 1 or (split_k > 1 and not per_channel)):
+        raise ValueError(f"split_k {split_k}: at least 1, and more only with per-channel scales")
+    splits = (split_k_for(m, n, k, x.device) if per_channel else 1) if split_k is None else split_k
+    if m and splits > 1:
+        _split_k_linear(x2, w_kmajor.contiguous(), w_scale.contiguous(), None if bias is None else bias.contiguous(), out,
+                        clip_ratio, splits)
+    elif m:
         fused = m <= FUSED_MAX_M if fused is None else fused
         a, a_scale = (x2, w_scale) if fused else quantize_activations(x2, clip_ratio)
         w_scale = w_scale.contiguous()
