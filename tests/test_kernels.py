@@ -720,3 +720,19 @@ def test_torch_path_decodes_a_right_padded_batch_like_the_simulation(granularity
         plain = greedy_generate(backend, batch, 4, None, keep_logits=True)
     assert len(calls) == 3 * vlm.num_layers
     _assert_same_generation(plain, ref)
+
+
+def test_kernel_programs_name_only_the_device_they_are_placed_on(torch_path_build):
+    """The traced graphs carry the CPU they were traced on as constants (``arange(device=cpu)``,
+    a buffer moved ``to(cpu)``); :func:`kernel_programs` places every such constant on its
+    device too (``meta`` here: no GPU), so nothing runs back to the CPU on a GPU."""
+    from quota_compile.flavours.torch_path import kernel_programs
+
+    _, _, _, traced = torch_path_build("per_token")
+    before = {a for t in traced.values() for n in t.module.graph.nodes for a in (*n.args, *n.kwargs.values())
+              if isinstance(a, torch.device)}
+    assert torch.device("cpu") in before
+    for g, gm in kernel_programs(traced, "meta").items():
+        devices = {a for n in gm.graph.nodes for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.device)}
+        assert devices <= {torch.device("meta")}, (g, devices)
+        assert all(p.device.type == "meta" for p in gm.parameters()), g

@@ -99,3 +99,33 @@ def test_a_wrong_saved_program_is_refused_and_leaves_no_bundle(tmp_path: Path, s
     err = capsys.readouterr().err
     assert code == 1 and "torch flavour: KV-cache code-flip rate" in err and "verification failed" in err, err
     assert not (tmp_path / "out" / "m").exists()
+
+
+def test_the_saved_programs_move_to_another_device(torch_bundle: Path):
+    """A traced graph holds the device it was traced on as constants (``arange(device=cpu)``,
+    RoPE's ``inv_freq.to(cpu)``), which ``Module.to`` leaves alone: loaded for a device, every
+    device the graphs name is that one, and the programs run there end to end. Shown on the
+    ``meta`` device (no GPU here), with the inputs a CPU run of the bundle gave each program."""
+    from PIL import Image
+
+    from quota_compile.runtime.ort import BundleRunner
+    from quota_compile.runtime.torch_programs import retarget_devices
+
+    fresh = torch.export.load(torch_bundle / "torch" / "prefill.pt2").module()
+    assert retarget_devices(fresh, "meta") > 0  # the trace did write the CPU into the graph
+    runner = BundleRunner(torch_bundle, device="cpu", backend="torch")
+    seen = {}
+    for g, program in list(runner.backend.programs.items()):
+        def recording(*args, _g=g, _p=program):
+            seen.setdefault(_g, args)
+            return _p(*args)
+        runner.backend.programs[g] = recording
+    runner.answer([Image.open(IMAGE)], ["What colour is the circle?"], max_new_tokens=2)
+    assert set(seen) == {"vision", "prefill", "decode"}
+    moved = load_programs(torch_bundle / "torch", "meta")
+    for g, program in moved.items():
+        devices = {a for n in program.graph.nodes for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.device)}
+        assert devices <= {torch.device("meta")}, (g, devices)
+        out = program(*(a.to("meta") for a in seen[g]))
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        assert out and all(o.device.type == "meta" for o in out), g

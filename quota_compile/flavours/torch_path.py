@@ -33,7 +33,7 @@ from torch import fx
 
 from quota_compile.bundle.schema import GRAPHS, KEPT, PAST, FlavourEntry
 from quota_compile.flavours.base import Flavour, FlavourBuild
-from quota_compile.runtime.torch_programs import PROGRAM_SUFFIX, ProgramBackend, load_programs
+from quota_compile.runtime.torch_programs import PROGRAM_SUFFIX, ProgramBackend, load_programs, retarget_devices
 
 
 def kernel_programs(traced: dict, device: str | torch.device = "cuda") -> dict[str, fx.GraphModule]:
@@ -47,6 +47,7 @@ def kernel_programs(traced: dict, device: str | torch.device = "cuda") -> dict[s
         if name == "decode" and quantized_past(gm):
             layers = {n.split(".")[1] for n in t.input_names if n.startswith(PAST)}
             gm = UseKVDecodeAttention(len(layers))(gm).graph_module
+        retarget_devices(gm, device)  # the devices the trace wrote into the graph
         out[name] = gm.to(device).eval()
     return out
 

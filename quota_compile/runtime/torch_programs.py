@@ -30,6 +30,31 @@ def register_operators() -> None:
     from quota_compile.quant import ops as _quant  # noqa: F401  (the quantizers)
 
 
+def retarget_devices(gm: torch.fx.GraphModule, device: str | torch.device) -> int:
+    """Make ``gm``'s graph create and move its tensors on ``device``: a traced graph holds the
+    device it was traced on as a constant argument (``aten.arange(..., device=cpu)``, a
+    ``to(cpu)`` of a buffer such as RoPE's ``inv_freq``), which ``.to(device)`` leaves as it
+    is. Every ``torch.device`` argument of a call in the graph becomes ``device``; returns how
+    many were changed."""
+    target = torch.device(device)
+    changed = 0
+
+    def swap(a):
+        nonlocal changed
+        if isinstance(a, torch.device) and a != target:
+            changed += 1
+            return target
+        return a
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.args = torch.fx.node.map_aggregate(node.args, swap)
+            node.kwargs = torch.fx.node.map_aggregate(node.kwargs, swap)
+    if changed:
+        gm.recompile()
+    return changed
+
+
 def load_programs(folder: Path, device: str | torch.device = "cpu") -> dict[str, torch.nn.Module]:
     """The three programs saved in ``folder``, on ``device``."""
     import warnings
@@ -39,7 +64,10 @@ def load_programs(folder: Path, device: str | torch.device = "cpu") -> dict[str,
         # (torch 2.10 reads the archive's weights from a read-only buffer and says so; they are
         # never written)
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
-        return {g: torch.export.load(folder / f"{g}{PROGRAM_SUFFIX}").module().to(device) for g in GRAPHS}
+        programs = {g: torch.export.load(folder / f"{g}{PROGRAM_SUFFIX}").module() for g in GRAPHS}
+    for gm in programs.values():
+        retarget_devices(gm, device)
+    return {g: gm.to(device) for g, gm in programs.items()}
 
 
 class ProgramBackend:
