@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 GROUP = 128
 LINEAR_M = (16, 640, 2048)
 LINEAR_KN = ((4096, 4096), (4096, 11008), (11008, 4096))
-ATTN = {"heads": 32, "head_dim": 128, "context": 4096, "batches": (1, 8)}
+ATTN = {"heads": 32, "head_dim": 128, "context": 4096, "batches": (1, 8), "gqa_group": 4}
 LINEAR_TOL = 2e-3  # relative to max|ref|: fp16 output rounding (1 ulp = 2**-10) + fp32 order
 ATTN_TOL = 2e-3  # relative to max|V|: fp16 output + float32 softmax summation order
 
@@ -260,7 +260,8 @@ def time_attention(case: dict, peaks: dict) -> dict:
     t = k16.shape[2]
     q4 = q[:, :, None, :]
     t_kernel = bench(lambda: A.kv_decode_attention(*case["args"], **case["kw"]))
-    t_fp16 = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k16, v16, attn_mask=case["mask16"]))
+    gqa = {"enable_gqa": True} if k16.shape[1] != h else {}
+    t_fp16 = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q4, k16, v16, attn_mask=case["mask16"], **gqa))
     flops = 4 * b * h * t * d
     stats = sum(s.numel() * s.element_size() for s in case["args"][3:5])
     stats += sum(z.numel() for z in (case["kw"]["k_zero_point"], case["kw"]["v_zero_point"]) if z is not None)
@@ -408,6 +409,15 @@ def compile_variants(quick: bool, arch: int = 90) -> list[tuple[str, Callable[[]
                 consts = {"PER_TOKEN": per_token, "BITS": bits, "BLOCK_T": bt, "BLOCK_D": 128}
                 label = f"decode_split per_token={per_token} bits={bits} BLOCK_T={bt} w{warps}"
                 out.append((label, lambda k=consts, w=warps: _compile(A._decode_split_kernel, attn_types, k, w), False))
+    for per_token in (True, False):  # the grouped-query splits, 4 query heads per KV head
+        warps = 4
+        consts = {"PER_TOKEN": per_token, "BITS": 4, "BLOCK_T": A._GROUP_BLOCK_T[4], "BLOCK_D": 128, "BLOCK_R": 4}
+        bt = consts["BLOCK_T"]
+        out.append((f"decode_split_group per_token={per_token} bits=4 BLOCK_T={bt} w{warps}",
+                    lambda k=consts, w=warps: _compile(A._decode_split_group_kernel, attn_types, k, w), False))
+        out.append((f"decode_split_group_bias per_token={per_token} bits=4 BLOCK_T={bt} w{warps}",
+                    lambda k=consts, w=warps: _compile(A._decode_split_group_bias_kernel, dict(attn_types, bias_ptr="*fp32"),
+                                                       k, w), False))
     out.append(("decode_combine", lambda: _compile(A._decode_combine_kernel, {
         "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": "*fp16"},
         {"BLOCK_S": 8, "BLOCK_D": 128}, 4), False))
@@ -497,7 +507,10 @@ def main(argv: list[str] | None = None) -> int:
         kns = LINEAR_KN[:1] if args.quick else LINEAR_KN
         linear = [(m, k, n) for k, n in kns for m in ms]
         h, d, t = ATTN["heads"], ATTN["head_dim"], ATTN["context"]
-        attention = [(b, h, h, t, d) for b in (ATTN["batches"][-1:] if args.quick else ATTN["batches"])]
+        batches = ATTN["batches"][-1:] if args.quick else ATTN["batches"]
+        # LLaVA-1.5-7B's MHA, and GQA with 4 query heads per KV head (Llama-3-8B-like: the
+        # grouped kernel reads each KV head once for its 4 query heads)
+        attention = [(b, h, h, t, d) for b in batches] + [(b, h, h // ATTN["gqa_group"], t, d) for b in batches]
         peaks = measure_peaks()
         report["peaks"] = peaks
         print(f"measured: fp16 {peaks['fp16_flops'] / 1e12:.0f} TFLOP/s, int8 "

@@ -387,19 +387,46 @@ def _v_max(args, kw) -> float:
     return A.dequantize_cache(args[2], args[4], kw["v_zero_point"], kw["bits"], kw["granularity"]).abs().max().item()
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["per-head", "grouped"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("granularity", ["per_token", "per_channel"])
-def test_decode_attention_matches_reference(granularity, bits):
+def test_decode_attention_matches_reference(granularity, bits, grouped):
     # GQA (4 query heads on 2 KV heads), odd T, per-sequence lengths, 3 splits of 16 positions
-    # (sequences 1 and 2 leave whole splits empty)
+    # (sequences 1 and 2 leave whole splits empty); one program per query head, or per KV head
+    # for its group
     args, kw = _attention_inputs(3, 4, 2, 37, 32, [37, 20, 5], bits, granularity, seed=bits)
     ref = A.kv_decode_attention_reference(*args, **kw)
     assert ref.abs().max().item() < 10  # the 1e3 padding is masked out
     tol = 1e-4 * _v_max(args, kw)
     for splits in (3, None):
-        out = A.kv_decode_attention(*args, **kw, num_splits=splits)
+        out = A.kv_decode_attention(*args, **kw, num_splits=splits, grouped=grouped)
         assert out.shape == (3, 4, 32) and out.dtype == torch.float32
         torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("h, hkv", [(6, 2), (16, 2), (8, 8)], ids=["3-per-kv", "8-per-kv", "mha"])
+def test_grouped_decode_attention_reads_each_kv_head_once_for_its_group(h, hkv, monkeypatch):
+    """The grouped split kernel (the default when H > Hkv): one program per KV head and split,
+    whatever the group size (3: padded to 4 rows; 8; 1), the same result as the reference and
+    as the per-head kernel."""
+    calls = []
+    kernel = A._decode_split_group_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(A, "_decode_split_group_kernel", Counting())
+    args, kw = _attention_inputs(2, h, hkv, 29, 32, [29, 11], 4, "per_token", seed=h)
+    ref = A.kv_decode_attention_reference(*args, **kw)
+    out = A.kv_decode_attention(*args, **kw, num_splits=2, grouped=True)
+    assert calls == [(2 * hkv, 2)]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * _v_max(args, kw))
+    torch.testing.assert_close(out, A.kv_decode_attention(*args, **kw, num_splits=2, grouped=False), rtol=0,
+                               atol=1e-4 * _v_max(args, kw))
+    A.kv_decode_attention(*args, **kw, num_splits=2)
+    assert len(calls) == (2 if h > hkv else 1)  # grouped by default only for grouped-query heads
 
 
 def test_decode_attention_head_dim_64_mha_float16():
@@ -442,10 +469,11 @@ def _holes(b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # row 2 without the new entry
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("granularity", ["per_token", "per_channel"])
-def test_decode_attention_with_mask_bias_and_the_new_entry(granularity, bits):
+@pytest.mark.parametrize("grouped", [False, True], ids=["per-head", "grouped"])
+def test_decode_attention_with_mask_bias_and_the_new_entry(granularity, bits, grouped):
     """The decode graph's form: holes in the cache masked by the additive bias (a split with no
     unmasked position, a whole row masked but for the new entry), the new entry merged after
-    the cache; GQA, 3 splits and 1."""
+    the cache; GQA, 3 splits and 1, per query head or per group."""
     b, h, hkv, t, d = 3, 4, 2, 37, 32
     bias, valid = _holes(b, t)
     args, kw = _attention_inputs(b, h, hkv, t, d, [t] * b, bits, granularity, seed=20 + bits, valid=valid)
@@ -457,12 +485,12 @@ def test_decode_attention_with_mask_bias_and_the_new_entry(granularity, bits):
     torch.testing.assert_close(ref[2], v_new[2].repeat_interleave(h // hkv, dim=0), rtol=0, atol=1e-6)
     tol = 1e-4 * max(_v_max(args, kw), v_new.abs().max().item())
     for splits in (3, 1):
-        out = A.kv_decode_attention(*args, **kw, **extra, num_splits=splits)
+        out = A.kv_decode_attention(*args, **kw, **extra, num_splits=splits, grouped=grouped)
         assert out.shape == (b, h, d) and not out.isnan().any()
         torch.testing.assert_close(out, ref, rtol=0, atol=tol)
     # the bias without a new entry: row 2 has no position left (NaN, as the reference's)
     ref = A.kv_decode_attention_reference(*args, **kw, bias=bias[:, :t])
-    out = A.kv_decode_attention(*args, **kw, bias=bias[:, :t], num_splits=3)
+    out = A.kv_decode_attention(*args, **kw, bias=bias[:, :t], num_splits=3, grouped=grouped)
     assert out[2].isnan().all() and ref[2].isnan().all()
     torch.testing.assert_close(out[:2], ref[:2], rtol=0, atol=1e-4 * _v_max(args, kw))
 

@@ -40,9 +40,11 @@ exponentials are taken against 0 instead: no ``-inf - -inf``, as the ``live`` gu
 partial results (``_decode_combine_kernel``) and, with ``k_new`` (``_decode_combine_new_kernel``),
 the new entry as one more partial state ``m = s_new, l = 1, acc = v_new``: it is one dot product
 per query head, and keeping it out of the splits leaves every split a plain tile loop over the
-stored cache. GQA heads of one group read the same KV tiles (from L2 after the first), the price
-of keeping every program a plain ``[BLOCK_T, D]`` tile loop that also serves ``H == Hkv``
-(LLaVA-1.5-7B) at full width.
+stored cache. With grouped-query heads (``H > Hkv``) the split kernels run one program per KV
+head instead (``_decode_split_group_kernel``, grid ``(B * Hkv, splits)``): each K and V tile
+is read and dequantized once for the ``H / Hkv`` query heads that attend to it, and the
+partial states land where the per-head kernel puts them, so the merge is the same. With
+``H == Hkv`` (LLaVA-1.5-7B) the per-head kernel runs, at full tile width.
 
 Verified (``tests/test_kernels.py``): every variant against the reference in Triton's CPU
 interpreter; the bias and new-entry variants compiled for sm_90 there, the others by
@@ -186,6 +188,83 @@ def _decode_split_bias_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_
 
 
 @triton.jit
+def _split_group_body(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_ptr, bias_ptr,
+                      part_m_ptr, part_l_ptr, part_acc_ptr, H, H_KV, T, D, chunk, sm_scale,
+                      stride_qb, stride_qh, stride_bias, PER_TOKEN: tl.constexpr, BITS: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_R: tl.constexpr):
+    """:func:`_split_body` for the whole query group of KV head ``program_id(0) = b*H_KV + hk``
+    (its ``H / H_KV`` query heads, padded to ``BLOCK_R`` rows, a power of two): each K and V
+    tile is loaded and dequantized once for the group; the scores ``[BLOCK_R, BLOCK_T]`` and the
+    weighted values are float32 products summed over ``[BLOCK_R, BLOCK_T, BLOCK_D]`` (CUDA
+    cores, as :func:`_split_body`; a ``tl.dot`` would need 16 rows and round to TF32 or, in
+    IEEE float32, spill), and each head's partial state goes where :func:`_split_body` puts
+    it, so the same merge kernels follow."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // H_KV
+    hk = pid % H_KV
+    rep = H // H_KV
+    seq = pid.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rep
+    heads = hk * rep + offs_r
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=r_mask[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+    k_cs = kv_channel_scale(ks_ptr, hk, offs_d, D, PER_TOKEN)
+    v_cs = kv_channel_scale(vs_ptr, hk, offs_d, D, PER_TOKEN)
+    start = split * chunk
+    stop = tl.minimum(tl.minimum(start + chunk, tl.load(seqlens_ptr + b)), T)
+    m_i = tl.full([BLOCK_R], -float("inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for t0 in range(start, stop, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_mask = offs_t < stop
+        k = kv_tile(kc_ptr, ks_ptr, kz_ptr, seq, k_cs, offs_t, t_mask, T, D, PER_TOKEN, BITS, BLOCK_D)
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * sm_scale
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + b.to(tl.int64) * stride_bias + offs_t, mask=t_mask, other=0.0)
+            s = tl.where((bias > _MASKED)[None, :], s + bias[None, :], -float("inf"))
+        s = tl.where(t_mask[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new > -float("inf"), m_new, 0.0)  # as in _split_body
+        alpha = tl.exp(m_i - m_ref)
+        p = tl.exp(s - m_ref[:, None])
+        v = kv_tile(vc_ptr, vs_ptr, vz_ptr, seq, v_cs, offs_t, t_mask, T, D, PER_TOKEN, BITS, BLOCK_D)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m_i = m_new
+    part = (b * H + heads) * tl.num_programs(1) + split
+    tl.store(part_m_ptr + part, m_i, mask=r_mask)
+    tl.store(part_l_ptr + part, l_i, mask=r_mask)
+    tl.store(part_acc_ptr + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=r_mask[:, None])
+
+
+@triton.jit
+def _decode_split_group_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_ptr,
+                               part_m_ptr, part_l_ptr, part_acc_ptr, H, H_KV, T, D, chunk, sm_scale,
+                               stride_qb, stride_qh, PER_TOKEN: tl.constexpr, BITS: tl.constexpr,
+                               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """:func:`_split_group_body` without a bias."""
+    _split_group_body(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_ptr, part_m_ptr,
+                      part_m_ptr, part_l_ptr, part_acc_ptr, H, H_KV, T, D, chunk, sm_scale, stride_qb, stride_qh,
+                      0, PER_TOKEN, BITS, False, BLOCK_T, BLOCK_D, BLOCK_R)
+
+
+@triton.jit
+def _decode_split_group_bias_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_ptr, bias_ptr,
+                                    part_m_ptr, part_l_ptr, part_acc_ptr, H, H_KV, T, D, chunk, sm_scale,
+                                    stride_qb, stride_qh, stride_bias, PER_TOKEN: tl.constexpr, BITS: tl.constexpr,
+                                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """:func:`_split_group_body` with the additive bias."""
+    _split_group_body(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, seqlens_ptr, bias_ptr,
+                      part_m_ptr, part_l_ptr, part_acc_ptr, H, H_KV, T, D, chunk, sm_scale, stride_qb, stride_qh,
+                      stride_bias, PER_TOKEN, BITS, True, BLOCK_T, BLOCK_D, BLOCK_R)
+
+
+@triton.jit
 def _combine_body(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, q_ptr, kn_ptr, vn_ptr, bias_ptr,
                   H, H_KV, D, T, n_splits, sm_scale, stride_qb, stride_qh, stride_bias,
                   stride_ob, stride_oh, HAS_NEW: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -255,11 +334,15 @@ _SPLIT_TILES = ((32, 4), (64, 4), (64, 8), (128, 8))
 # for the checks that compile them for a GPU (tests/test_kernels.py).
 SPLIT_TILES = _SPLIT_TILES
 DECODE_KERNELS = {"split": _decode_split_kernel, "split_bias": _decode_split_bias_kernel,
+                  "split_group": _decode_split_group_kernel, "split_group_bias": _decode_split_group_bias_kernel,
                   "combine": _decode_combine_kernel, "combine_new": _decode_combine_new_kernel}
 _decode_split_tuned, _decode_split_bias_tuned = (triton.autotune(
     configs=[triton.Config({"BLOCK_T": bt}, num_warps=w) for bt, w in _SPLIT_TILES],
     key=["chunk", "D", "PER_TOKEN", "BITS"],
 )(kernel) for kernel in (_decode_split_kernel, _decode_split_bias_kernel))
+# the grouped splits' tiles: positions per step, by the group's padded size (the product
+# [BLOCK_R, BLOCK_T, BLOCK_D] is held in registers)
+_GROUP_BLOCK_T = {1: 64, 2: 32, 4: 16, 8: 8, 16: 4}
 
 
 # ---------------------------------------------------------------------------- host side
@@ -327,11 +410,15 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.T
                         k_zero_point: torch.Tensor | None = None, v_zero_point: torch.Tensor | None = None,
                         sm_scale: float | None = None, out_dtype: torch.dtype | None = None,
                         num_splits: int | None = None, bias: torch.Tensor | None = None,
-                        k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None) -> torch.Tensor:
+                        k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+                        grouped: bool | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over the quantized cache (module docstring):
     ``[B, H, D]``. ``sm_scale`` defaults to ``1/sqrt(D)``; ``num_splits`` (launch option) fixes
     the number of context chunks (default: enough programs to fill the GPU); ``bias``,
-    ``k_new``, ``v_new``: the additive mask and the new entry (module docstring)."""
+    ``k_new``, ``v_new``: the additive mask and the new entry (module docstring); ``grouped``
+    (launch option; default: when ``H > Hkv``): one program per KV head and split for all the
+    query heads that read it (:func:`_split_group_body`: each KV tile read once per group)
+    instead of one per query head."""
     b, h, hkv, t, d = _check_attention_args(q, k_codes, v_codes, k_scale, v_scale, seqlens, bits,
                                              granularity, k_zero_point, v_zero_point)
     _check_extra_args(q, b, hkv, t, d, bias, k_new, v_new)
@@ -342,7 +429,8 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.T
     out = torch.empty((b, h, d), dtype=out_dtype or q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    splits, chunk = _split_plan(q.device, b * h, t, num_splits)
+    grouped = h > hkv if grouped is None else grouped
+    splits, chunk = _split_plan(q.device, b * (hkv if grouped else h), t, num_splits)
     block_d = triton.next_power_of_2(d)
     part_m = torch.empty((b * h, splits), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
@@ -360,12 +448,22 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.T
         args.insert(8, bias)
         args.append(bias.stride(0))
     flags = {"PER_TOKEN": per_token, "BITS": bits, "BLOCK_D": block_d}
-    if is_interpreted(_decode_split_kernel):
-        kernel = _decode_split_bias_kernel if has_bias else _decode_split_kernel
-        kernel[(b * h, splits)](*args, **flags, BLOCK_T=_INTERPRET_BLOCK_T)
+    interpreted = is_interpreted(_decode_split_kernel)
+    if grouped:
+        flags["BLOCK_R"] = triton.next_power_of_2(h // hkv)
+        kernel = _decode_split_group_bias_kernel if has_bias else _decode_split_group_kernel
+        if not interpreted:
+            flags["BLOCK_T"] = _GROUP_BLOCK_T.get(flags["BLOCK_R"], 4)
+        programs = b * hkv
     else:
-        kernel = _decode_split_bias_tuned if has_bias else _decode_split_tuned
-        kernel[(b * h, splits)](*args, **flags)
+        if interpreted:
+            kernel = _decode_split_bias_kernel if has_bias else _decode_split_kernel
+        else:
+            kernel = _decode_split_bias_tuned if has_bias else _decode_split_tuned
+        programs = b * h
+    if interpreted:
+        flags["BLOCK_T"] = _INTERPRET_BLOCK_T
+    kernel[(programs, splits)](*args, **flags)
     block_s = triton.next_power_of_2(splits)
     if has_new:
         bias_arg = bias if has_bias else part_m  # placeholder, unused without bias
