@@ -3,9 +3,14 @@
 - :mod:`quota_compile.kernels.w4a4_linear`: ``w4a4_linear`` — activations quantized per token
   to INT4 on the fly (the integers of ``quant.ops.quantize_per_token``), weights
   packed INT4 with group-wise scales, int8 ``tl.dot`` with int32 accumulation per group.
+- :mod:`quota_compile.kernels.w4a4_kmajor`: the same W4A4 Linear over a K-major INT4 weight
+  (``[N, K/2]``, the two halves of K in the two nibbles): one int32 accumulation over K per
+  output channel, split over K for small ``M``; a candidate not yet used by the PyTorch path
+  or the plugins (it has not been timed on a GPU).
 - :mod:`quota_compile.kernels.kv_attention`: ``kv_decode_attention`` — one query token over a
   quantized KV cache (``per_token`` or ``per_channel``, INT4 or INT8, grouped-query heads),
-  flash-decoding split over the context with an online softmax; optionally with an additive
+  flash-decoding split over the context with an online softmax (one program per KV head for
+  its whole query group with grouped-query heads); optionally with an additive
   mask bias (holes of right-padded batches) and the new token's entry merged after the cache.
 - :mod:`quota_compile.kernels.trt_aot`: single-launch variants with TensorRT's AOT calling
   convention, for the TensorRT plugins.
