@@ -449,6 +449,7 @@ class BenchSection(_Section):
     paths: list[Literal["onnxruntime", "torch"]] = Field(["onnxruntime"], min_length=1, description="which execution paths are timed besides the Hugging Face model: `onnxruntime` (the fp32, weight-only, quantized and bundle graphs, on the CPU) and/or `torch` (the quantized and the bundle's traced programs through the PyTorch path on `bench.device`: the Triton kernels on CUDA, their PyTorch definitions on the CPU)")
     device: str = Field("cpu", description="where the Hugging Face model and the `torch` path run: `cpu`, `cuda` or `cuda:N` (refused, exit 2, without a GPU torch can use); onnxruntime always runs on the CPU")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="the Hugging Face model's dtype on a CUDA `bench.device` (on the CPU it runs in float32)")
+    torch_weight_layouts: list[Literal["graph", "kmajor"]] = Field(["graph"], min_length=1, description="with `torch` in `bench.paths`: the INT4 weight layouts the PyTorch path is timed with, each a row per build: `graph` (the graphs' packing, the `w4a4_linear` kernel) and/or `kmajor` (converted once to the K-major layout where it fits, the `w4a4_kmajor` kernel; rows named `<variant> kmajor`)")
     batch_sizes: list[int] = Field([1], min_length=1, description="batch sizes timed, each a row per variant (the bench prompt repeated); rows of batch B > 1 are named `<variant> xB`")
 
     @field_validator("device")
@@ -462,7 +463,7 @@ class BenchSection(_Section):
             raise ValueError(f"{v!r}: the bench runs on cpu or cuda")
         return v
 
-    @field_validator("paths", "batch_sizes")
+    @field_validator("paths", "batch_sizes", "torch_weight_layouts")
     @classmethod
     def _distinct(cls, v: list) -> list:
         if len(set(v)) != len(v):

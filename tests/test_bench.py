@@ -75,30 +75,36 @@ def test_shipped_configs_are_valid():
 
 def test_bench_times_the_pytorch_path_at_each_batch_size(tmp_path, monkeypatch):
     """``bench.paths: [torch]``: the Hugging Face row, then the quantized and the bundle's builds
-    through the PyTorch path (its kernel operators in the programs run), each at every batch
-    size; ratios compare rows of one batch size; tokens/s count every sequence of the batch."""
+    through the PyTorch path (its kernel operators in the programs run), with the graphs' and
+    the K-major weight layout, each at every batch size; ratios compare rows of one batch size;
+    tokens/s count every sequence of the batch."""
     from quota_compile.flavours import torch_path
 
     seen = []
 
     class Recording(torch_path.KernelBackend):
-        def __init__(self, traced, device="cuda"):
-            super().__init__(traced, device)
-            seen.append({str(n.target) for m in self.programs.values() for n in m.graph.nodes if n.op == "call_function"})
+        def __init__(self, traced, device="cuda", weight_layout="graph"):
+            super().__init__(traced, device, weight_layout)
+            seen.append((weight_layout, {str(n.target) for m in self.programs.values() for n in m.graph.nodes if n.op == "call_function"}))
 
     monkeypatch.setattr(torch_path, "KernelBackend", Recording)
     cfg = write_config(
         tmp_path / "t.yaml", "builtin:tiny-llava", tmp_path / "out",
         pruning={"method": "quota", "keep_ratio": 0.3, "weights": {"att": 1.0}},
         bench={"repeats": 2, "warmup": 0, "new_tokens": 3, "prompt_tokens": 8, "threads": 1,
-               "paths": ["torch"], "batch_sizes": [1, 2]},
+               "paths": ["torch"], "batch_sizes": [1, 2], "torch_weight_layouts": ["graph", "kmajor"]},
     )
     assert main(["bench", str(cfg)]) == 0
     doc = json.loads((tmp_path / "out" / "t-bench" / "bench.json").read_text())
     assert doc["device"] == "cpu" and doc["batch_sizes"] == [1, 2]
-    names = ["pytorch-fp32", "pytorch-fp32 x2", "torch-w4a4kv4", "torch-w4a4kv4 x2", "torch-quota@0.3", "torch-quota@0.3 x2"]
+    names = ["pytorch-fp32", "pytorch-fp32 x2"]
+    for build in ("torch-w4a4kv4", "torch-quota@0.3"):
+        names += [build, f"{build} x2", f"{build} kmajor", f"{build} kmajor x2"]
     assert [r["name"] for r in doc["variants"]] == names
-    assert len(seen) == 2 and all({"quota.w4a4_linear.default", "quota.kv_decode_attention.default"} <= ops for ops in seen)
+    assert [layout for layout, _ in seen] == ["graph", "kmajor"] * 2
+    for layout, ops in seen:  # the kernel operators are what runs; kmajor: the K-major Linear
+        linear = "quota.w4a4_linear_kmajor.default" if layout == "kmajor" else "quota.w4a4_linear.default"
+        assert {linear, "quota.kv_decode_attention.default"} <= ops, layout
     by = {r["name"]: r for r in doc["variants"]}
     for r in doc["variants"]:
         bs = r["batch_size"]

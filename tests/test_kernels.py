@@ -764,3 +764,23 @@ def test_kernel_programs_name_only_the_device_they_are_placed_on(torch_path_buil
         devices = {a for n in gm.graph.nodes for a in (*n.args, *n.kwargs.values()) if isinstance(a, torch.device)}
         assert devices <= {torch.device("meta")}, (g, devices)
         assert all(p.device.type == "meta" for p in gm.parameters()), g
+
+
+def test_the_kmajor_operator_runs_its_kernel_and_matches_its_definition():
+    """``quota.w4a4_linear_kmajor`` (the PyTorch path's operator over K-major weights): the
+    Triton kernel here (interpreter), the simulation's arithmetic under ``simulated_on_cpu``;
+    the two agree within float summation, and the definition equals ``quota.w4a4_linear``'s over
+    the same codes in the graphs' packing, bit for bit."""
+    from quota_compile.kernels.ops import cpu_uses_kernel, simulated_on_cpu
+
+    m, n, k, group = 3, 24, 64, 16
+    codes, packed, w_scale = _weights(n, k, group, seed=31)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(32))
+    w = KM.pack_int4_kmajor(codes)
+    assert cpu_uses_kernel("w4a4_linear_kmajor")
+    kernel = torch.ops.quota.w4a4_linear_kmajor(x, w, w_scale, k, n, group, 0.9)
+    with simulated_on_cpu("w4a4_linear_kmajor", "w4a4_linear"):
+        assert not cpu_uses_kernel("w4a4_linear_kmajor")
+        definition = torch.ops.quota.w4a4_linear_kmajor(x, w, w_scale, k, n, group, 0.9)
+        assert torch.equal(definition, torch.ops.quota.w4a4_linear(x, packed, w_scale, k, n, group, 0.9))
+    _assert_within(kernel, definition, 4 * (k + k // group + 2) * U * _magnitude(x, codes, w_scale, group, 0.9, None))

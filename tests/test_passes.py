@@ -750,6 +750,36 @@ def test_fuse_w4a4_linear_makes_each_w4a4_linear_one_operator(prefill_ep):
     _assert_same(_run(gm, x), before)
 
 
+def test_use_kmajor_weights_holds_the_same_codes_in_the_kmajor_layout(prefill_ep):
+    """The PyTorch path's optional layout: each W4A4 Linear whose K-major form exists (K/2 a
+    multiple of the group) reads a new constant with the same codes in that layout through
+    ``w4a4_linear_kmajor``; the one that does not fit (down: K = 48, 3 groups) is left; the
+    old packed constants go; the outputs are the same (the CPU computes both alike)."""
+    from quota_compile.kernels.reference import unpack_int4_kmajor
+    from quota_compile.passes.use_kmajor_weights import UseKMajorWeights, fits_kmajor
+
+    gm = _fresh(prefill_ep)
+    for p in (StripRuntimeAsserts(), InsertQDQ(_targets(PREFILL_LINEARS, LinearQuantSpec(4, GROUP, 4, 0.9))), PackInt4Weights(),
+              FuseW4A4Linear()):
+        p(gm)
+    x = _x(3, T_PREFILL, 71)
+    before = _run(gm, x)
+    fused = {n.args[1].target: n.args for n in gm.graph.nodes if n.op == "call_function" and n.target == W4A4}
+    packed = {t: getattr(gm, t).clone() for t in fused}
+    assert UseKMajorWeights()(gm).modified is True
+    kmajor = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.quota.w4a4_linear_kmajor.default]
+    left = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == W4A4]
+    assert len(kmajor) == len(PREFILL_LINEARS) - 1 and [n.args[3] for n in left] == [FFN]
+    assert not fits_kmajor(FFN, GROUP) and fits_kmajor(D_MODEL, GROUP) and fits_kmajor(FFN, FFN)
+    for n in kmajor:
+        old = next(t for t, args in fused.items() if args[0] is n.args[0] and args[2] is n.args[2])
+        assert n.args[2:] == fused[old][2:]
+        k, width = n.args[3], n.args[4]
+        assert torch.equal(unpack_int4_kmajor(getattr(gm, n.args[1].target), k), ops.unpack_int4(packed[old], (k, width)))
+        assert not hasattr(gm, old)  # no operator reads the graph-packing copy any more
+    _assert_same(_run(gm, x), before)
+
+
 def test_fuse_w4a4_linear_leaves_other_linears_as_their_pieces(prefill_ep):
     """8-bit activations and weight-only Linears are not W4A4 Linears: nothing changes."""
     specs = {"q.weight": LinearQuantSpec(4, GROUP, 8, 1.0), "k.weight": LinearQuantSpec(4, GROUP, 8, 1.0),

@@ -23,6 +23,8 @@ with ``torch`` in ``bench.paths``, on ``bench.device``:
   the PyTorch path (:class:`~quota_compile.flavours.torch_path.KernelBackend`: every W4A4
   Linear and every decode attention over the quantized cache one operator, the Triton kernels
   on CUDA, their PyTorch definitions on the CPU). What the ``torch`` flavour of a bundle runs.
+  With ``kmajor`` in ``bench.torch_weight_layouts`` each is also timed with its INT4 weights in
+  the K-major layout (``<variant> kmajor``: :mod:`quota_compile.kernels.w4a4_kmajor`).
 
 Every variant is timed at each of ``bench.batch_sizes`` (the bench prompt repeated); a row of
 batch ``B > 1`` is named ``<variant> xB``, and ratios compare rows of the same batch size.
@@ -325,12 +327,16 @@ def _bench(config_file: Path, force: bool, console: Console) -> tuple[Path, dict
 
                 console.print(f"[{i}/{n}] {name}: tracing the programs ...", highlight=False)
                 built = workbench.build(v, onnx=False)
-                backend = KernelBackend(built.traced, device)
-                console.print(f"      timing on {device} ...", highlight=False)
-                for bs, batch in batches.items():
-                    reps = _repeat(lambda: _time_runtime(backend, batch, b.new_tokens), b.warmup, b.repeats)
-                    rows.append(_row(_batch_name(name, bs), what, reps, b, vlm, cfg, built.keep, prompt_len, "full", None, "torch", batch_size=bs))
-                backend = built = None
+                for layout in b.torch_weight_layouts:
+                    backend = KernelBackend(built.traced, device, layout)
+                    label = name if layout == "graph" else f"{name} {layout}"
+                    console.print(f"      timing on {device}" + ("" if layout == "graph" else f", {layout} weights") + " ...", highlight=False)
+                    for bs, batch in batches.items():
+                        reps = _repeat(lambda: _time_runtime(backend, batch, b.new_tokens), b.warmup, b.repeats)
+                        rows.append(_row(_batch_name(label, bs), what + ("" if layout == "graph" else f"; {layout} INT4 weights"), reps, b,
+                                         vlm, cfg, built.keep, prompt_len, "full", None, "torch", batch_size=bs))
+                    backend = None
+                built = None
     finally:
         torch.set_num_threads(old_threads)
     for r in rows:

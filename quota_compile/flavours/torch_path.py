@@ -36,17 +36,28 @@ from quota_compile.flavours.base import Flavour, FlavourBuild
 from quota_compile.runtime.torch_programs import PROGRAM_SUFFIX, ProgramBackend, load_programs, retarget_devices
 
 
-def kernel_programs(traced: dict, device: str | torch.device = "cuda") -> dict[str, fx.GraphModule]:
+WEIGHT_LAYOUTS = ("graph", "kmajor")
+
+
+def kernel_programs(traced: dict, device: str | torch.device = "cuda", weight_layout: str = "graph") -> dict[str, fx.GraphModule]:
     """Copies of the traced programs with the Triton W4A4 Linear and, in the decode program
-    with a quantized cache, the Triton decode attention, on ``device``."""
+    with a quantized cache, the Triton decode attention, on ``device``. ``weight_layout``:
+    ``graph`` (the INT4 weights as the graphs pack them, ``quota.w4a4_linear``) or ``kmajor``
+    (converted once to the K-major layout where it fits, ``quota.w4a4_linear_kmajor``:
+    ``passes/use_kmajor_weights.py``)."""
+    from quota_compile.passes.use_kmajor_weights import UseKMajorWeights
     from quota_compile.passes.use_kv_decode_attention import UseKVDecodeAttention, quantized_past
 
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"weight_layout {weight_layout!r}: expected one of {WEIGHT_LAYOUTS}")
     out = {}
     for name, t in traced.items():
         gm = copy.deepcopy(t.module)
         if name == "decode" and quantized_past(gm):
             layers = {n.split(".")[1] for n in t.input_names if n.startswith(PAST)}
             gm = UseKVDecodeAttention(len(layers))(gm).graph_module
+        if weight_layout == "kmajor":
+            gm = UseKMajorWeights()(gm).graph_module
         retarget_devices(gm, device)  # the devices the trace wrote into the graph
         out[name] = gm.to(device).eval()
     return out
@@ -55,9 +66,9 @@ def kernel_programs(traced: dict, device: str | torch.device = "cuda") -> dict[s
 class KernelBackend(ProgramBackend):
     """:func:`kernel_programs` behind the runtime's Backend interface (numpy in and out)."""
 
-    def __init__(self, traced: dict, device: str | torch.device = "cuda"):
+    def __init__(self, traced: dict, device: str | torch.device = "cuda", weight_layout: str = "graph"):
         kept = sum(1 for n in traced["prefill"].output_names if n.startswith(KEPT))
-        super().__init__(kernel_programs(traced, device), kept, device)
+        super().__init__(kernel_programs(traced, device, weight_layout), kept, device)
 
 
 def save_programs(traced: dict, folder: Path) -> dict[str, Path]:

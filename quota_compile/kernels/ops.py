@@ -5,6 +5,9 @@ execution path (:mod:`quota_compile.flavours.torch_path`).
 ``w4a4_linear(x, packed, scale, k, n, group_size, clip_ratio) = qdq_per_token(x, 4,
 clip_ratio) @ dequantize_int4(packed, scale, k, n, group_size)``: the same codes, the product
 computed as integers per weight group (``quota_compile.kernels.w4a4_linear``).
+``w4a4_linear_kmajor(x, w_kmajor, scale, k, n, group_size, clip_ratio)``: the same over the
+weight in the K-major layout (``quota_compile.kernels.w4a4_kmajor``), which the PyTorch path
+uses with ``weight_layout="kmajor"`` (``passes/use_kmajor_weights.py``).
 
 ``kv_decode_attention(q, k_codes, v_codes, k_scale, v_scale, k_zero_point, v_zero_point,
 k_new, v_new, bias, sm_scale, bits, granularity)``: one decode layer's attention as the decode
@@ -35,12 +38,18 @@ from collections.abc import Iterator
 import torch
 
 from quota_compile.quant import ops  # noqa: F401  (registers torch.ops.quota.*, used below)
-from quota_compile.kernels.reference import dequantize_cache
+from quota_compile.kernels.reference import dequantize_cache, unpack_int4_kmajor
 from quota_compile.quant.attention import decode_attention_reference
 
 
 def _kernel_module():
     from quota_compile.kernels import w4a4_linear as mod
+
+    return mod
+
+
+def _kmajor_module():
+    from quota_compile.kernels import w4a4_kmajor as mod
 
     return mod
 
@@ -59,7 +68,7 @@ def _interpreted(kernel_of) -> bool:
     return available() and is_interpreted(kernel_of())
 
 
-OPERATORS = ("w4a4_linear", "kv_decode_attention")
+OPERATORS = ("w4a4_linear", "w4a4_linear_kmajor", "kv_decode_attention")
 _SIMULATED: set[str] = set()  # operators held to the simulation's arithmetic (simulated_on_cpu)
 
 
@@ -88,6 +97,8 @@ def cpu_uses_kernel(operator: str) -> bool:
         return False
     if operator == "w4a4_linear":
         return _interpreted(lambda: _kernel_module().w4a4_gemm_kernel)
+    if operator == "w4a4_linear_kmajor":
+        return _interpreted(lambda: _kmajor_module().w4a4_gemm_kmajor_kernel)
     return _interpreted(lambda: _attention_module()._decode_split_kernel)
 
 
@@ -105,6 +116,18 @@ def w4a4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, k: i
     if x.is_cuda or _cpu_uses_kernel():
         return _kernel_module().w4a4_linear(x, packed, scale, group_size, clip_ratio)
     w = torch.ops.quota.dequantize_int4(packed, scale, k, n, group_size)
+    return torch.ops.quota.qdq_per_token(x, 4, clip_ratio) @ w
+
+
+@torch.library.custom_op("quota::w4a4_linear_kmajor", mutates_args=())
+def w4a4_linear_kmajor(x: torch.Tensor, w_kmajor: torch.Tensor, scale: torch.Tensor, k: int, n: int, group_size: int,
+                       clip_ratio: float) -> torch.Tensor:
+    """``quota.w4a4_linear`` over the K-major weight (``uint8 [N, K/2]``,
+    :func:`~quota_compile.kernels.reference.pack_int4_kmajor`): the same codes, so the same
+    values on the CPU; the K-major Triton kernel on CUDA."""
+    if x.is_cuda or cpu_uses_kernel("w4a4_linear_kmajor"):
+        return _kmajor_module().w4a4_linear_kmajor(x, w_kmajor, scale, group_size, clip_ratio)
+    w = ops.dequantize_weight(unpack_int4_kmajor(w_kmajor, k), scale, group_size).to(scale.dtype)
     return torch.ops.quota.qdq_per_token(x, 4, clip_ratio) @ w
 
 
@@ -151,6 +174,11 @@ def kv_decode_attention(q: torch.Tensor, k_codes: torch.Tensor, v_codes: torch.T
 
 @w4a4_linear.register_fake
 def _(x, packed, scale, k, n, group_size, clip_ratio):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@w4a4_linear_kmajor.register_fake
+def _(x, w_kmajor, scale, k, n, group_size, clip_ratio):
     return x.new_empty((*x.shape[:-1], n))
 
 

@@ -1,4 +1,5 @@
 """The kernels' arithmetic in PyTorch, without triton: the W4A4 Linear's integer product, the
+K-major INT4 weight layout of :mod:`quota_compile.kernels.w4a4_kmajor`, the
 reference of the Triton kernel (:mod:`quota_compile.kernels.w4a4_linear`, which re-exports it)
 and of the TensorRT plugin (:mod:`quota_compile.flavours.tensorrt.verify`, which must not import triton: the
 test suite imports triton in its interpreter mode first); the KV cache's dequantizer, for the
@@ -37,3 +38,24 @@ def dequantize_cache(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch
     if granularity == "per_token":
         return ops.dequantize_kv(codes, scale, zero_point, bits)
     return ops.dequantize_kv_static(codes, scale, bits)
+
+
+def pack_int4_kmajor(codes: torch.Tensor) -> torch.Tensor:
+    """``uint8 [N, K/2]`` from signed INT4 codes ``[K, N]`` (int8 in ``[-8, 7]``): byte
+    ``(n, j)`` holds ``codes[j, n]`` in its low nibble and ``codes[j + K/2, n]`` in its high
+    nibble."""
+    k, n = codes.shape
+    if k % 2:
+        raise ValueError(f"the K-major INT4 layout needs an even K, got {k}")
+    if codes.dtype != torch.int8 or (codes.numel() and (codes.min() < -8 or codes.max() > 7)):
+        raise ValueError("codes must be int8 in [-8, 7]")
+    t = codes.t().to(torch.int16) & 0xF  # [N, K]
+    return (t[:, : k // 2] | (t[:, k // 2:] << 4)).to(torch.uint8).contiguous()
+
+
+def unpack_int4_kmajor(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_kmajor`: the codes ``[K, N]`` (int8)."""
+    p = packed.to(torch.int16)
+    low, high = p & 0xF, (p >> 4) & 0xF
+    nibbles = torch.cat([low, high], dim=1)[:, :k]  # [N, K]
+    return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8).t().contiguous()

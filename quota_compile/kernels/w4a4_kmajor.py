@@ -47,30 +47,10 @@ from quota_compile.kernels.w4a4_linear import (
     GROUP_M, FUSED_MAX_M, check_device, check_linear_args, quantize_codes, row_scale, rows_absmax, tile_ids,
     quantize_activations,
 )
+from quota_compile.kernels.reference import pack_int4_kmajor, unpack_int4_kmajor  # noqa: F401  (this module's API)
 from quota_compile.quant import ops
 
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_H": 16}
-
-
-def pack_int4_kmajor(codes: torch.Tensor) -> torch.Tensor:
-    """``uint8 [N, K/2]`` from signed INT4 codes ``[K, N]`` (int8 in ``[-8, 7]``): byte
-    ``(n, j)`` holds ``codes[j, n]`` in its low nibble and ``codes[j + K/2, n]`` in its high
-    nibble."""
-    k, n = codes.shape
-    if k % 2:
-        raise ValueError(f"the K-major INT4 layout needs an even K, got {k}")
-    if codes.dtype != torch.int8 or (codes.numel() and (codes.min() < -8 or codes.max() > 7)):
-        raise ValueError("codes must be int8 in [-8, 7]")
-    t = codes.t().to(torch.int16) & 0xF  # [N, K]
-    return (t[:, : k // 2] | (t[:, k // 2:] << 4)).to(torch.uint8).contiguous()
-
-
-def unpack_int4_kmajor(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int4_kmajor`: the codes ``[K, N]`` (int8)."""
-    p = packed.to(torch.int16)
-    low, high = p & 0xF, (p >> 4) & 0xF
-    nibbles = torch.cat([low, high], dim=1)[:, :k]  # [N, K]
-    return torch.where(nibbles >= 8, nibbles - 16, nibbles).to(torch.int8).t().contiguous()
 
 
 def kmajor_from_graph_packing(w_packed: torch.Tensor, k: int, n: int) -> torch.Tensor:
