@@ -1,10 +1,11 @@
 """Lower a traced, pass-processed program to ONNX (portable flavour).
 
-``torch.onnx.export`` (the dynamo exporter) translates the graph, with the ``quota::`` ops
-lowered by :mod:`quota_compile.export.onnx_translation` (``quota::decode_attention`` is first
-decomposed into its PyTorch definition's operations: :data:`DECOMPOSED`); then INT4 weight
-markers become INT4 initializers, the graph is checked with ``onnx.checker`` (full check) and
-it must use standard ONNX ops only.
+``torch.onnx.export`` (the dynamo exporter) translates the graph into its semantic form: each
+``quota::`` operator one ``quota.<op>`` node (:mod:`quota_compile.export.semantic`;
+``quota::decode_attention`` is first decomposed into its PyTorch definition's operations:
+:data:`DECOMPOSED`). The portable rules then write each as standard ONNX
+(:mod:`quota_compile.export.onnx_translation`); INT4 weight markers become INT4 initializers,
+the graph is checked with ``onnx.checker`` (full check) and it must use standard ONNX ops only.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 import torch
 from onnx import TensorProto, numpy_helper
 
 from quota_compile.bundle.schema import WEIGHTS
-from quota_compile.export.onnx_translation import MARKER_DOMAIN, translation_table
+from quota_compile.export.onnx_translation import MARKER_DOMAIN
+from quota_compile.export.semantic import PORTABLE_RULES, expand, translation_table
 from quota_compile.quant.attention import decode_attention_reference
 
 OPSET = 21
@@ -54,21 +57,18 @@ class LoweringError(RuntimeError):
     """The graph could not be lowered to a valid portable ONNX model (a bug, not bad input)."""
 
 
-def export_onnx(
+def export_semantic(
     module: torch.nn.Module,
     args: tuple,
     input_names: Sequence[str],
     output_names: Sequence[str],
     dynamic_shapes: tuple,
     opset: int = OPSET,
-    axis_names: Mapping[str, Mapping[int, str]] | None = None,
-) -> onnx.ModelProto:
-    """Export ``module`` (a ``torch.fx.GraphModule`` after the passes) to a checked ONNX model.
-
-    ``axis_names`` (I/O name -> axis -> name) renames the exporter's symbolic dimensions
-    (``s15``) everywhere in the graph, so that e.g. every past KV tensor says ``past``; axes
-    the exporter derived from another (``s15 + 44``) follow that one's name.
-    """
+) -> ir.Model:
+    """The semantic graph of ``module`` (a ``torch.fx.GraphModule`` after the passes): the
+    exporter's ONNX IR with every ``quota::`` operator as one ``quota.<op>`` node
+    (:mod:`quota_compile.export.semantic`), the operators of :data:`DECOMPOSED` as their
+    definition's operations, nothing simplified yet."""
     # The programs were traced in eval mode; the unlifted module refuses .eval(), so set the flag.
     for m in module.modules():
         m.training = False
@@ -88,8 +88,30 @@ def export_onnx(
             program = torch.onnx.export(ep.run_decompositions(decompose), args, dynamic_shapes=dynamic_shapes, **common)
         else:
             program = torch.onnx.export(module, args, dynamic_shapes=dynamic_shapes, **common)
-    simplify(program.model)
-    model = program.model_proto
+    return program.model
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    args: tuple,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_shapes: tuple,
+    opset: int = OPSET,
+    axis_names: Mapping[str, Mapping[int, str]] | None = None,
+) -> onnx.ModelProto:
+    """Export ``module`` (a ``torch.fx.GraphModule`` after the passes) to a checked portable
+    ONNX model: its semantic graph (:func:`export_semantic`) with the portable rules applied
+    (:data:`~quota_compile.export.semantic.PORTABLE_RULES`), simplified.
+
+    ``axis_names`` (I/O name -> axis -> name) renames the exporter's symbolic dimensions
+    (``s15``) everywhere in the graph, so that e.g. every past KV tensor says ``past``; axes
+    the exporter derived from another (``s15 + 44``) follow that one's name.
+    """
+    semantic = export_semantic(module, args, input_names, output_names, dynamic_shapes, opset)
+    expand(semantic, PORTABLE_RULES)
+    simplify(semantic)
+    model = ir.serde.serialize_model(semantic)
     if axis_names:
         rename_dims(model, axis_names)
     materialize_int4_weights(model)

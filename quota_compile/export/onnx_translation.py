@@ -5,8 +5,9 @@ written as its pieces: the per-token activation Q/DQ, the INT4 weight's dequanti
 ``MatMul``.
 
 Each function mirrors its PyTorch definition in :mod:`quota_compile.quant.ops` operation for
-operation, so the integers agree bit for bit. They are given to
-``torch.onnx.export(..., custom_translation_table=TRANSLATIONS)``.
+operation, so the integers agree bit for bit. They are the portable rules of the semantic graph
+(:data:`quota_compile.export.semantic.PORTABLE_RULES`): the exporter writes each ``quota::``
+operator as one semantic node, and each function replaces such a node by its arithmetic.
 
 INT4 weights are the one thing a translation cannot express directly: the packed ``uint8``
 buffer must become an ``INT4`` initializer (the same bytes, reinterpreted). The translation
@@ -142,23 +143,3 @@ def select_topk(score, k: int):
     _, keep = op.TopK(score, kk, axis=-1, largest=1, sorted=1)
     ordered, _ = op.TopK(keep, kk, axis=-1, largest=0, sorted=1)
     return ordered
-
-
-def translation_table() -> dict:
-    import torch
-
-    from quota_compile.kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.quota.w4a4_linear)
-    from quota_compile.pruning import score  # noqa: F401  (registers torch.ops.quota.select_topk)
-    from quota_compile.quant import ops  # noqa: F401  (registers the torch.ops.quota namespace)
-
-    return {
-        torch.ops.quota.select_topk.default: select_topk,
-        torch.ops.quota.qdq_per_token.default: qdq_per_token,
-        torch.ops.quota.w4a4_linear.default: w4a4_linear,
-        torch.ops.quota.dequantize_int4.default: dequantize_int4,
-        torch.ops.quota.dequantize_int4_rows.default: dequantize_int4_rows,
-        torch.ops.quota.quantize_kv.default: quantize_kv,
-        torch.ops.quota.dequantize_kv.default: dequantize_kv,
-        torch.ops.quota.quantize_kv_static.default: quantize_kv_static,
-        torch.ops.quota.dequantize_kv_static.default: dequantize_kv_static,
-    }

@@ -1,0 +1,174 @@
+"""The semantic ONNX graph: every ``quota::`` operator of a traced program as one node.
+
+The exporter (:func:`quota_compile.export.onnx.export_onnx`) does not write the ``quota::``
+operators as their ONNX arithmetic directly. It first translates each into a single node of
+the :data:`SEMANTIC_DOMAIN` domain that carries the operator's inputs and attributes (a W4A4
+Linear is one ``quota.w4a4_linear(x, packed, scale)`` node with ``k``, ``n``, ``group_size``
+and ``clip_ratio``). That graph is the one every ONNX flavour starts from; a flavour is a set of
+*rules*, one per operator, that :func:`expand` applies node by node: a rule receives the node's
+inputs and attributes and returns the values that replace its outputs, built with the
+ONNX-Script opsets as a translation would (``op.MatMul(a, b)``).
+
+The portable rules are the translations of :mod:`quota_compile.export.onnx_translation`
+(:data:`PORTABLE_RULES`). Applied to the semantic graph they give the graph the exporter
+would have written with those translations inline, node for node and name for name: the
+rule's nodes take the semantic node's place and metadata, its outputs take the semantic
+outputs' names, types and shapes, and each output's producer is named after it as the
+exporter names a translation's (``node_<output>``).
+
+A rule returns as many values as the operator has outputs, each made by a node of the rule's
+(not one of its inputs: the output takes over the value's name).
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Mapping, Sequence
+
+import onnx
+import onnx_ir as ir
+import onnxscript
+from onnxscript import evaluator
+
+from quota_compile.export import onnx_translation as portable
+
+SEMANTIC_DOMAIN = "quota"
+SEMANTIC_VERSION = 1
+
+# operator -> number of outputs (the others write one)
+_OUTPUTS = {"quantize_kv": 3}
+_TENSORS = [f"tensor({t})" for t in ("float", "float16", "bfloat16", "uint8", "int8", "int32", "int64")]
+
+
+class SemanticError(RuntimeError):
+    """A semantic node without a rule, or a rule that broke the operator's contract (a bug)."""
+
+
+def _schema(name: str, fn: Callable) -> onnx.defs.OpSchema:
+    """The ``quota.<name>`` schema from a portable translation's signature: annotated ``int`` /
+    ``float`` parameters are attributes, the others inputs."""
+    hints = typing.get_type_hints(fn)
+    inputs, attributes = [], []
+    kinds = {int: onnx.defs.OpSchema.AttrType.INT, float: onnx.defs.OpSchema.AttrType.FLOAT}
+    for p in inspect.signature(fn).parameters.values():
+        kind = kinds.get(hints.get(p.name))
+        if kind is None:
+            inputs.append(onnx.defs.OpSchema.FormalParameter(p.name, f"T{len(inputs)}"))
+        else:
+            attributes.append(onnx.defs.OpSchema.Attribute(p.name, kind, p.name))
+    outputs = [onnx.defs.OpSchema.FormalParameter(f"out{i}", f"U{i}") for i in range(_OUTPUTS.get(name, 1))]
+    constraints = [(t, _TENSORS, "any tensor") for t in [p.type_str for p in inputs + outputs]]
+    return onnx.defs.OpSchema(name, SEMANTIC_DOMAIN, SEMANTIC_VERSION, inputs=inputs, outputs=outputs, attributes=attributes,
+                              type_constraints=constraints)
+
+
+# The portable translation of each quota:: operator, by the operator's name.
+PORTABLE_RULES: dict[str, Callable] = {
+    "select_topk": portable.select_topk,
+    "qdq_per_token": portable.qdq_per_token,
+    "w4a4_linear": portable.w4a4_linear,
+    "dequantize_int4": portable.dequantize_int4,
+    "dequantize_int4_rows": portable.dequantize_int4_rows,
+    "quantize_kv": portable.quantize_kv,
+    "dequantize_kv": portable.dequantize_kv,
+    "quantize_kv_static": portable.quantize_kv_static,
+    "dequantize_kv_static": portable.dequantize_kv_static,
+}
+
+_opset = onnxscript.values.Opset(SEMANTIC_DOMAIN, SEMANTIC_VERSION)
+_SEMANTIC_OPS = {name: onnxscript.values.Op(_opset, name, _schema(name, fn)) for name, fn in PORTABLE_RULES.items()}
+
+
+def _semantic_translation(name: str, fn: Callable) -> Callable:
+    """An exporter translation with ``fn``'s signature that writes one ``quota.<name>`` node."""
+    params = list(inspect.signature(fn).parameters.values())
+    hints = typing.get_type_hints(fn)
+    op = _SEMANTIC_OPS[name]
+
+    def translation(*args, **kwargs):
+        bound = inspect.Signature(params).bind(*args, **kwargs)
+        inputs = [bound.arguments[p.name] for p in params if hints.get(p.name) not in (int, float)]
+        attrs = {p.name: bound.arguments[p.name] for p in params if hints.get(p.name) in (int, float)}
+        return op(*inputs, **attrs)
+
+    translation.__name__ = f"semantic_{name}"
+    translation.__signature__ = inspect.Signature(params)  # the exporter reads inputs / attributes from it
+    translation.__annotations__ = {p.name: hints[p.name] for p in params if p.name in hints}
+    return translation
+
+
+def translation_table() -> dict:
+    """``torch.onnx.export``'s ``custom_translation_table``: each ``quota::`` operator as its
+    semantic node."""
+    import torch
+
+    from quota_compile.kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.quota.w4a4_linear)
+    from quota_compile.pruning import score  # noqa: F401  (registers torch.ops.quota.select_topk)
+    from quota_compile.quant import ops  # noqa: F401  (registers the torch.ops.quota namespace)
+
+    return {getattr(torch.ops.quota, name).default: _semantic_translation(name, fn) for name, fn in PORTABLE_RULES.items()}
+
+
+class _Recorder:
+    """An ONNX-Script evaluator that records each operator call as an ``ir.Node`` (in call
+    order) instead of running it; what a rule builds."""
+
+    def __init__(self):
+        self.nodes: list[ir.Node] = []
+
+    def eval(self, schema: onnx.defs.OpSchema, args: Sequence, kwargs: Mapping):
+        # in the schema's attribute order, as the exporter writes a translation's nodes
+        order = {name: i for i, name in enumerate(schema.attributes)}
+        attributes = dict(sorted(((k, v) for k, v in kwargs.items() if v is not None), key=lambda kv: order.get(kv[0], len(order))))
+        outputs = len(schema.outputs)
+        if schema.outputs and schema.outputs[-1].option == onnx.defs.OpSchema.FormalParameterOption.Variadic:
+            if "num_outputs" not in attributes:
+                raise SemanticError(f"{schema.name}: a variadic output count needs num_outputs")
+            outputs = int(attributes["num_outputs"])
+        inputs = list(args)
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        node = ir.Node(schema.domain, schema.name, inputs, ir.convenience.convert_attributes(attributes), num_outputs=outputs)
+        self.nodes.append(node)
+        return node.outputs[0] if outputs == 1 else tuple(node.outputs)
+
+
+def semantic_nodes(graph: ir.Graph) -> list[ir.Node]:
+    return [n for n in graph if n.domain == SEMANTIC_DOMAIN]
+
+
+def expand(model: ir.Model, rules: Mapping[str, Callable]) -> int:
+    """Replace every semantic node of ``model`` (in place) by what its rule builds; returns the
+    number of nodes replaced. Domains the rules use are imported at version 1 where the model
+    does not import them yet; the semantic domain's import goes."""
+    graph = model.graph
+    replaced = 0
+    for node in semantic_nodes(graph):
+        rule = rules.get(node.op_type)
+        if rule is None:
+            raise SemanticError(f"no rule for {SEMANTIC_DOMAIN}.{node.op_type} ({node.name})")
+        recorder = _Recorder()
+        attrs = {name: attr.value for name, attr in node.attributes.items()}
+        with evaluator.default_as(recorder):
+            result = rule(*node.inputs, **attrs)
+        values = list(result) if isinstance(result, (tuple, list)) else [result]
+        if len(values) != len(node.outputs):
+            raise SemanticError(f"the rule for {node.op_type} returned {len(values)} values for {len(node.outputs)} outputs")
+        for new in recorder.nodes:
+            new.metadata_props.update(node.metadata_props)
+            for key, value in node.meta.items():
+                new.meta.setdefault(key, value)
+        made = set(map(id, recorder.nodes))
+        if any(v.producer() is None or id(v.producer()) not in made for v in values):
+            raise SemanticError(f"the rule for {node.op_type} returned a value it did not make ({node.name})")
+        ir.convenience.replace_nodes_and_values(graph, node, [node], recorder.nodes, list(node.outputs), values)
+        for v in values:  # the exporter's naming of a translation's outputs
+            v.producer().name = f"node_{v.name}"
+        for new in recorder.nodes:
+            if new.domain and new.domain not in model.opset_imports:
+                model.opset_imports[new.domain] = 1
+        replaced += 1
+    if not semantic_nodes(graph):
+        model.opset_imports.pop(SEMANTIC_DOMAIN, None)
+    return replaced

@@ -1,0 +1,138 @@
+"""The semantic ONNX graph (quota_compile.export.semantic): each quota:: operator of a traced
+program exported as one ``quota.<op>`` node, and flavour rules that replace those nodes.
+
+- the semantic graph holds one node per operator call, with the call's attributes, and none
+  of the operators' arithmetic;
+- the portable rules turn it into the graph ``export_onnx`` writes;
+- a flavour's own rule for one operator replaces that operator only, keeps the output's name,
+  type and shape and the node's provenance, and computes what the rule says (run by
+  onnxruntime against NumPy);
+- a missing rule, a wrong number of values, or a rule that hands back a value it did not make
+  are refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from onnxscript import opset21 as op
+from torch.export import Dim
+
+from quota_compile.export import onnx_translation
+from quota_compile.export.onnx import export_onnx, export_semantic, finalize, materialize_int4_weights, simplify
+from quota_compile.export.semantic import PORTABLE_RULES, SEMANTIC_DOMAIN, SemanticError, expand
+from quota_compile.kernels import ops as kernel_ops  # noqa: F401  (registers quota::w4a4_linear)
+from quota_compile.pruning import score  # noqa: F401  (registers quota::select_topk)
+from quota_compile.quant import ops
+from quota_compile.verify.gate import activation_quantizers
+
+K, N, GROUP = 64, 24, 32
+
+
+class _Block(torch.nn.Module):
+    """Two W4A4 Linears on one input, a KV quantizer round trip and a top-k selection."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        for name in ("a", "b"):
+            q, scale = ops.quantize_weight_rtn(torch.randn(N, K, generator=g) * 0.1, 4, GROUP)
+            self.register_buffer(f"packed_{name}", ops.pack_int4(q))
+            self.register_buffer(f"scale_{name}", scale)
+
+    def forward(self, x):
+        ya = torch.ops.quota.w4a4_linear(x, self.packed_a, self.scale_a, K, N, GROUP, 1.0)
+        yb = torch.ops.quota.w4a4_linear(x, self.packed_b, self.scale_b, K, N, GROUP, 0.9)
+        codes, s, zp = torch.ops.quota.quantize_kv(ya.unsqueeze(1), 4)  # [B, 1, T, N]: one head
+        kv = torch.ops.quota.dequantize_kv(codes, s, zp, 4)
+        keep = torch.ops.quota.select_topk(yb.sum(-1), 2)
+        return kv, keep
+
+
+ARGS = (torch.randn(1, 6, K, generator=torch.Generator().manual_seed(5)),)
+NAMES = (["x"], ["kv", "keep"], ({1: Dim("seq", min=2)},))
+
+
+def _semantic() -> ir.Model:
+    return export_semantic(_Block().eval(), ARGS, *NAMES)
+
+
+def _finish(model: ir.Model) -> onnx.ModelProto:
+    simplify(model)
+    proto = ir.serde.serialize_model(model)
+    materialize_int4_weights(proto)
+    return proto
+
+
+def test_semantic_graph_holds_one_node_per_operator_call_with_its_attributes():
+    model = _semantic()
+    found = [(n.op_type, {k: a.value for k, a in n.attributes.items()}) for n in model.graph if n.domain == SEMANTIC_DOMAIN]
+    assert found == [
+        ("w4a4_linear", {"k": K, "n": N, "group_size": GROUP, "clip_ratio": 1.0}),
+        ("w4a4_linear", {"k": K, "n": N, "group_size": GROUP, "clip_ratio": pytest.approx(0.9)}),
+        ("quantize_kv", {"bits": 4}),
+        ("dequantize_kv", {"bits": 4}),
+        ("select_topk", {"k": 2}),
+    ]
+    # none of the operators' arithmetic is in the graph yet
+    standard = {n.op_type for n in model.graph if n.domain in ("", "ai.onnx")}
+    assert not standard & {"QuantizeLinear", "DequantizeLinear", "MatMul", "TopK", "BitShift"}
+    linear = next(n for n in model.graph if n.op_type == "w4a4_linear")
+    assert [v.name for v in linear.inputs] == ["x", "packed_a", "scale_a"]
+    assert linear.outputs[0].shape[-1] == N
+
+
+def test_portable_rules_give_the_exported_graph():
+    model = _semantic()
+    assert expand(model, PORTABLE_RULES) == 5
+    assert not [n for n in model.graph if n.domain == SEMANTIC_DOMAIN]
+    assert SEMANTIC_DOMAIN not in model.opset_imports
+    proto = _finish(model)
+    finalize(proto, 21)
+    assert proto.SerializeToString() == export_onnx(_Block().eval(), ARGS, *NAMES).SerializeToString()
+
+
+def _weight_only(x, packed, scale, k: int, n: int, group_size: int, clip_ratio: float):
+    """A flavour's W4A4 Linear that leaves the activations in float (weight-only INT4)."""
+    return op.MatMul(x, onnx_translation.dequantize_int4(packed, scale, k, n, group_size))
+
+
+def test_a_flavour_rule_replaces_its_operator_and_keeps_names_shapes_and_provenance():
+    model = _semantic()
+    linears = [n for n in model.graph if n.op_type == "w4a4_linear"]
+    names = [n.outputs[0].name for n in linears]
+    shapes = [n.outputs[0].shape for n in linears]
+    provenance = [dict(n.metadata_props) for n in linears]
+    expand(model, {**PORTABLE_RULES, "w4a4_linear": _weight_only})
+    by_output = {v.name: v for n in model.graph for v in n.outputs}
+    for name, shape, meta in zip(names, shapes, provenance):
+        producer = by_output[name].producer()
+        assert producer.op_type == "MatMul" and producer.name == f"node_{name}"
+        assert by_output[name].shape == shape
+        assert dict(producer.metadata_props) == meta and meta  # the exporter's stamps, carried over
+    proto = _finish(model)
+    # the activation quantizers of the W4A4 Linears went; the KV quantizer stayed
+    assert activation_quantizers(proto) == []
+    assert len(activation_quantizers(export_onnx(_Block().eval(), ARGS, *NAMES))) == 2  # portable: one per Linear (their clip ratios differ)
+    assert any(n.op_type == "QuantizeLinear" and len(n.input) == 3 for n in proto.graph.node)  # the KV codes, with zero points
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = ARGS[0].numpy()
+    _, keep = sess.run(None, {"x": x})
+    block = _Block()
+    w_b = ops.dequantize_weight(ops.unpack_int4(block.packed_b, (K, N)).to(torch.float32), block.scale_b, GROUP).numpy()
+    expected = np.argsort(-(x @ w_b).sum(-1), kind="stable")[:, :2]
+    assert np.array_equal(keep, np.sort(expected, axis=-1))
+
+
+@pytest.mark.parametrize("rules, message", [
+    ({k: v for k, v in PORTABLE_RULES.items() if k != "quantize_kv"}, "no rule for quota.quantize_kv"),
+    ({**PORTABLE_RULES, "quantize_kv": lambda x, bits: op.Identity(x)}, "returned 1 values for 3 outputs"),
+    ({**PORTABLE_RULES, "select_topk": lambda scores, k: scores}, "returned a value it did not make"),
+])
+def test_rule_errors(rules, message):
+    with pytest.raises(SemanticError, match=message):
+        expand(_semantic(), rules)
