@@ -14,7 +14,6 @@ program exported as one ``quota.<op>`` node, and flavour rules that replace thos
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -23,7 +22,7 @@ from onnxscript import opset21 as op
 from torch.export import Dim
 
 from quota_compile.export import onnx_translation
-from quota_compile.export.onnx import export_onnx, export_semantic, finalize, materialize_int4_weights, simplify
+from quota_compile.export.onnx import expand_to_onnx, export_onnx, export_semantic
 from quota_compile.export.semantic import PORTABLE_RULES, SEMANTIC_DOMAIN, SemanticError, expand
 from quota_compile.kernels import ops as kernel_ops  # noqa: F401  (registers quota::w4a4_linear)
 from quota_compile.pruning import score  # noqa: F401  (registers quota::select_topk)
@@ -61,13 +60,6 @@ def _semantic() -> ir.Model:
     return export_semantic(_Block().eval(), ARGS, *NAMES)
 
 
-def _finish(model: ir.Model) -> onnx.ModelProto:
-    simplify(model)
-    proto = ir.serde.serialize_model(model)
-    materialize_int4_weights(proto)
-    return proto
-
-
 def test_semantic_graph_holds_one_node_per_operator_call_with_its_attributes():
     model = _semantic()
     found = [(n.op_type, {k: a.value for k, a in n.attributes.items()}) for n in model.graph if n.domain == SEMANTIC_DOMAIN]
@@ -91,8 +83,7 @@ def test_portable_rules_give_the_exported_graph():
     assert expand(model, PORTABLE_RULES) == 5
     assert not [n for n in model.graph if n.domain == SEMANTIC_DOMAIN]
     assert SEMANTIC_DOMAIN not in model.opset_imports
-    proto = _finish(model)
-    finalize(proto, 21)
+    proto = expand_to_onnx(model, PORTABLE_RULES)  # nothing left to expand
     assert proto.SerializeToString() == export_onnx(_Block().eval(), ARGS, *NAMES).SerializeToString()
 
 
@@ -107,14 +98,14 @@ def test_a_flavour_rule_replaces_its_operator_and_keeps_names_shapes_and_provena
     names = [n.outputs[0].name for n in linears]
     shapes = [n.outputs[0].shape for n in linears]
     provenance = [dict(n.metadata_props) for n in linears]
-    expand(model, {**PORTABLE_RULES, "w4a4_linear": _weight_only})
+    expand(model, {**PORTABLE_RULES, "w4a4_linear": _weight_only})  # (expand_to_onnx below has nothing left to expand)
     by_output = {v.name: v for n in model.graph for v in n.outputs}
     for name, shape, meta in zip(names, shapes, provenance):
         producer = by_output[name].producer()
         assert producer.op_type == "MatMul" and producer.name == f"node_{name}"
         assert by_output[name].shape == shape
         assert dict(producer.metadata_props) == meta and meta  # the exporter's stamps, carried over
-    proto = _finish(model)
+    proto = expand_to_onnx(model, PORTABLE_RULES)
     # the activation quantizers of the W4A4 Linears went; the KV quantizer stayed
     assert activation_quantizers(proto) == []
     assert len(activation_quantizers(export_onnx(_Block().eval(), ARGS, *NAMES))) == 2  # portable: one per Linear (their clip ratios differ)

@@ -109,7 +109,16 @@ def export_onnx(
     the exporter derived from another (``s15 + 44``) follow that one's name.
     """
     semantic = export_semantic(module, args, input_names, output_names, dynamic_shapes, opset)
-    expand(semantic, PORTABLE_RULES)
+    return expand_to_onnx(semantic, PORTABLE_RULES, opset, axis_names)
+
+
+def expand_to_onnx(semantic: ir.Model, rules: Mapping, opset: int = OPSET,
+                   axis_names: Mapping[str, Mapping[int, str]] | None = None) -> onnx.ModelProto:
+    """The checked ONNX model of a semantic graph (:func:`export_semantic`) under ``rules``
+    (:func:`~quota_compile.export.semantic.expand`, in place), simplified, its dimensions
+    renamed (``axis_names``, as :func:`export_onnx` says), its INT4 weight markers made
+    initializers; standard ONNX ops only."""
+    expand(semantic, rules)
     simplify(semantic)
     model = ir.serde.serialize_model(semantic)
     if axis_names:

@@ -11,10 +11,11 @@ ONNX-Script opsets as a translation would (``op.MatMul(a, b)``).
 
 The portable rules are the translations of :mod:`quota_compile.export.onnx_translation`
 (:data:`PORTABLE_RULES`). Applied to the semantic graph they give the graph the exporter
-would have written with those translations inline, node for node and name for name: the
-rule's nodes take the semantic node's place and metadata, its outputs take the semantic
-outputs' names, types and shapes, and each output's producer is named after it as the
-exporter names a translation's (``node_<output>``).
+would have written with those translations inline, node for node: the rule's nodes take the
+semantic node's place and metadata, its outputs take the semantic outputs' names, types and
+shapes, and each output's producer is named after it as the exporter names a translation's
+(``node_<output>``). Only the generated names of the rule's internal nodes and values differ
+(``node_Abs_96`` for ``node_Abs_95``): the IR numbers them in the order they are created.
 
 A rule returns as many values as the operator has outputs, each made by a node of the rule's
 (not one of its inputs: the output takes over the value's name).
@@ -45,18 +46,22 @@ class SemanticError(RuntimeError):
     """A semantic node without a rule, or a rule that broke the operator's contract (a bug)."""
 
 
-def _schema(name: str, fn: Callable) -> onnx.defs.OpSchema:
-    """The ``quota.<name>`` schema from a portable translation's signature: annotated ``int`` /
-    ``float`` parameters are attributes, the others inputs."""
+def _parameters(fn: Callable) -> list[tuple[inspect.Parameter, type | None]]:
+    """A portable translation's parameters, each with its attribute type (``int`` / ``float``
+    annotations) or None for an input."""
     hints = typing.get_type_hints(fn)
+    return [(p, hints.get(p.name) if hints.get(p.name) in (int, float) else None) for p in inspect.signature(fn).parameters.values()]
+
+
+def _schema(name: str, fn: Callable) -> onnx.defs.OpSchema:
+    """The ``quota.<name>`` schema from a portable translation's signature (:func:`_parameters`)."""
     inputs, attributes = [], []
     kinds = {int: onnx.defs.OpSchema.AttrType.INT, float: onnx.defs.OpSchema.AttrType.FLOAT}
-    for p in inspect.signature(fn).parameters.values():
-        kind = kinds.get(hints.get(p.name))
+    for p, kind in _parameters(fn):
         if kind is None:
             inputs.append(onnx.defs.OpSchema.FormalParameter(p.name, f"T{len(inputs)}"))
         else:
-            attributes.append(onnx.defs.OpSchema.Attribute(p.name, kind, p.name))
+            attributes.append(onnx.defs.OpSchema.Attribute(p.name, kinds[kind], p.name))
     outputs = [onnx.defs.OpSchema.FormalParameter(f"out{i}", f"U{i}") for i in range(_OUTPUTS.get(name, 1))]
     constraints = [(t, _TENSORS, "any tensor") for t in [p.type_str for p in inputs + outputs]]
     return onnx.defs.OpSchema(name, SEMANTIC_DOMAIN, SEMANTIC_VERSION, inputs=inputs, outputs=outputs, attributes=attributes,
@@ -82,19 +87,18 @@ _SEMANTIC_OPS = {name: onnxscript.values.Op(_opset, name, _schema(name, fn)) for
 
 def _semantic_translation(name: str, fn: Callable) -> Callable:
     """An exporter translation with ``fn``'s signature that writes one ``quota.<name>`` node."""
-    params = list(inspect.signature(fn).parameters.values())
-    hints = typing.get_type_hints(fn)
+    params = _parameters(fn)
+    signature = inspect.Signature([p for p, _ in params])
     op = _SEMANTIC_OPS[name]
 
     def translation(*args, **kwargs):
-        bound = inspect.Signature(params).bind(*args, **kwargs)
-        inputs = [bound.arguments[p.name] for p in params if hints.get(p.name) not in (int, float)]
-        attrs = {p.name: bound.arguments[p.name] for p in params if hints.get(p.name) in (int, float)}
-        return op(*inputs, **attrs)
+        bound = signature.bind(*args, **kwargs).arguments
+        return op(*[bound[p.name] for p, kind in params if kind is None],
+                  **{p.name: bound[p.name] for p, kind in params if kind is not None})
 
     translation.__name__ = f"semantic_{name}"
-    translation.__signature__ = inspect.Signature(params)  # the exporter reads inputs / attributes from it
-    translation.__annotations__ = {p.name: hints[p.name] for p in params if p.name in hints}
+    translation.__signature__ = signature  # the exporter reads inputs / attributes from it
+    translation.__annotations__ = {p.name: kind for p, kind in params if kind is not None}
     return translation
 
 
