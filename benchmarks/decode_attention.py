@@ -40,7 +40,7 @@ def main() -> int:
     from quota_compile.commands.bench import bench_variants, prepared
     from quota_compile.config import load_config
     from quota_compile.export.onnx import save_graphs
-    from quota_compile.flavours.onnxruntime.lower import group_query_attention, lower_flavour, to_onnxruntime, uses_group_query_attention
+    from quota_compile.flavours.onnxruntime.lower import group_query_attention, lower_flavour, lower_graph, uses_group_query_attention
     from quota_compile.runtime.ort import OrtBackend
 
     cfg = load_config(args.config)
@@ -54,9 +54,8 @@ def main() -> int:
         workbench, batch = prepared(cfg, args.config, stack)
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-decode-")))
         bundle = bench_variants(cfg)[-1][0]
-        built = workbench.build_into(bundle, work, flavour="portable")
-        graphs = {g: onnx.load(built.folder / f"{g}.onnx") for g in ("vision", "prefill", "decode")}
-        plain = lower_flavour(graphs, options)
+        built = workbench.build(bundle, keep_semantic=True)
+        plain = lower_flavour(built.semantic, options)
         # two copies of the flavour that differ only in the decode graph; the runtime's backend
         # appends or replaces the cache as each decode graph's metadata says
         backends = {}
@@ -92,7 +91,7 @@ def main() -> int:
         # to int8 per block, which turns a float-rounding difference (summation order) in one
         # layer's attention into different codes in the next layers of a random-weight model.
         # Level 0 isolates what the attention rewrite itself changes.
-        exact = to_onnxruntime(graphs["decode"], 0, "decode" in options.integer_graphs)[0]
+        exact = lower_graph(built.semantic["decode"], 0, "decode" in options.integer_graphs)
         exact_fused = group_query_attention(exact)[0]
         attn = [n.output[0] for n in exact_fused.graph.node if n.op_type == "GroupQueryAttention"]
 

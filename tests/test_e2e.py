@@ -168,11 +168,11 @@ def test_a_wrong_graph_fails_verification_exits_1_and_leaves_no_bundle(small_fol
 
     import quota_compile.core.workbench as workbench  # the one build every command goes through
 
-    real = workbench.export_onnx
+    real = workbench.expand_to_onnx  # the portable graphs from the semantic ones
 
-    def wrong_prefill(module, args, input_names, *rest, **kw):
-        model = real(module, args, input_names, *rest, **kw)
-        if "image_features" in input_names:
+    def wrong_prefill(*args, **kw):
+        model = real(*args, **kw)
+        if "image_features" in [i.name for i in model.graph.input]:
             q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear"
                      and any(a.name == "output_dtype" and a.i == TensorProto.INT4 for a in n.attribute))
             model.graph.initializer.append(numpy_helper.from_array(np.array(3.0, np.float32), "test.three"))
@@ -183,7 +183,7 @@ def test_a_wrong_graph_fails_verification_exits_1_and_leaves_no_bundle(small_fol
             model.graph.node.extend(nodes)
         return model
 
-    monkeypatch.setattr(workbench, "export_onnx", wrong_prefill)
+    monkeypatch.setattr(workbench, "expand_to_onnx", wrong_prefill)
     cfg = write_config(tmp_path / "wrong.yaml", str(small_folder), tmp_path / "out", verify={"samples": 1, "new_tokens": 2})
     assert main([str(cfg)]) == 1
     err = " ".join(capsys.readouterr().err.split())  # (rich wraps long lines)

@@ -188,7 +188,7 @@ def _method_calls(path: Path, cls: str, method: str) -> set[str]:
 
 # What only the workbench's build does: a command that did any of it would build graphs by a
 # path of its own, beside the shared one.
-BUILD_STEPS = {"decide_pruning", "calibrate", "build_programs", "trace_programs", "export_onnx", "apply_passes"}
+BUILD_STEPS = {"decide_pruning", "calibrate", "build_programs", "trace_programs", "export_onnx", "export_semantic", "expand_to_onnx", "apply_passes"}
 
 
 @pytest.mark.parametrize("command, entry", [("compile", ".build"), ("evaluate", ".build_into"), ("bench", ".build_into")])
@@ -207,4 +207,4 @@ def test_the_commands_build_through_the_one_workbench_build(command, entry):
     assert not steps, f"commands/{command}.py builds by hand: {sorted(steps)}"
     core = ROOT / "quota_compile" / "core" / "workbench.py"
     assert ".build" in _method_calls(core, "Workbench", "build_into")
-    assert {"trace_programs", "export_onnx", ".decide", ".lower"} <= _method_calls(core, "Workbench", "build")
+    assert {"trace_programs", "export_semantic", "expand_to_onnx", ".decide", ".lower"} <= _method_calls(core, "Workbench", "build")

@@ -15,8 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quota_compile.cli import main
 from quota_compile.bundle.format import KV_APPEND, KV_REPLACE, kv_update_of
+from quota_compile.export.onnx import SemanticGraph, export_semantic
 from quota_compile.flavours.onnxruntime.lower import (
-    OrtLoweringError, group_query_attention, matmulnbits_weights, ort_counts, to_onnxruntime,
+    OrtLoweringError, fuse_readers, group_query_attention, lower_graph, matmulnbits_weights, ort_counts,
 )
 from quota_compile.quant import ops
 
@@ -182,7 +183,7 @@ def test_onnxruntime_flavour_uses_matmulnbits_and_matches_the_simulation(ort_bun
     # portable graphs do (float summation order only)
     assert v["passed"] and o["passed"] and o["greedy_agreement"] == 1.0 and o["kept_index_agreement"] == 1.0
     assert o["max_logits_rel_error"] < 1e-4 and all("accuracy_level 0" in o["arithmetic"][g] for g in ("vision", "prefill", "decode"))
-    # the flavour's activation codes are observed where lower_ort wrote them (every quantizer),
+    # the flavour's activation codes are observed where its rules wrote them (every quantizer),
     # and its KV codes; GroupQueryAttention quantizes the decode's new entries inside the op
     observed = o["codes"]["activations"]["observed_quantizers"]
     assert all(observed[g]["observed"] == observed[g]["in_graph"] > 0 for g in ("prefill", "decode"))
@@ -222,7 +223,7 @@ def test_groupqueryattention_decode_equals_the_graphs_own_attention(ort_bundle: 
 
     m = json.loads((ort_bundle / "manifest.json").read_text())
     assert len({e["visual_tokens"] for e in m["kv_cache"]}) > 1  # the layers' caches differ in length
-    plain = to_onnxruntime(onnx.load(ort_bundle / "decode.onnx"), accuracy_level=0, integer=False)[0]
+    plain = onnx.load(ort_bundle / "decode.onnx")  # the graph's own attention (the portable decode graph)
     fused, layers = group_query_attention(plain)
     assert layers == m["model"]["num_layers"]
     sessions = [ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"]) for g in (plain, fused)]
@@ -288,23 +289,11 @@ def test_runner_uses_the_onnxruntime_flavour_and_answers_like_the_portable_graph
     assert a.tokens == b.tokens
 
 
-def test_to_onnxruntime_rejects_blocks_matmulnbits_cannot_take():
+def test_int4_weights_with_blocks_matmulnbits_cannot_take_are_refused():
     k, n = 24, 8
     codes = np.zeros((k, n), np.int8)
-    raw = ops.pack_int4(torch.from_numpy(codes)).numpy().tobytes()
-    w = helper.make_tensor("w", TensorProto.INT4, [k, n], raw, raw=True)
-    s = numpy_helper.from_array(np.ones((k // 8, n), np.float32), "s")
-    nodes = [
-        helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=0, block_size=8),
-        helper.make_node("MatMul", ["x", "wf"], ["y"]),
-    ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])], [w, s])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    from quota_compile.flavours.onnxruntime.lower import OrtLoweringError
-
     with pytest.raises(OrtLoweringError, match="power of two >= 16"):
-        to_onnxruntime(model, 4)
+        lower_graph(_semantic(_Linear(codes, np.ones((k // 8, n), np.float32)), (1, 3, k)), 4, integer=False)
 
 
 def test_onnxruntime_target_without_portable_is_refused(tmp_path: Path, capsys):
@@ -315,34 +304,36 @@ def test_onnxruntime_target_without_portable_is_refused(tmp_path: Path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def _w4a4_matmul_graph(x_shape, codes: np.ndarray, w_scale: np.ndarray, clip_ratio: float = 1.0):
-    """The portable lowering of one W4A4 Linear with per-channel weights: per-token INT4
-    Q/DQ of x (scale clip_ratio * max|x| / 7), a blocked INT4 DequantizeLinear (block = K) of
-    the weight, MatMul."""
-    k, n = codes.shape
-    raw = ops.pack_int4(torch.from_numpy(codes)).numpy().tobytes()
-    inits = [
-        helper.make_tensor("W", TensorProto.INT4, [k, n], raw, raw=True),
-        numpy_helper.from_array(w_scale.astype(np.float32), "sw"),
-        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
-        numpy_helper.from_array(np.array(7.0, np.float32), "seven"),
-        numpy_helper.from_array(np.array(ops.SCALE_EPS, np.float32), "eps"),
-        numpy_helper.from_array(np.array(clip_ratio, np.float32), "clip"),
-    ]
-    nodes = [
-        helper.make_node("Abs", ["x"], ["a"]),
-        helper.make_node("ReduceMax", ["a", "axes"], ["m0"], keepdims=1),
-        helper.make_node("Mul", ["m0", "clip"], ["m"]),
-        helper.make_node("Div", ["m", "seven"], ["s0"]),
-        helper.make_node("Max", ["s0", "eps"], ["s"]),
-        helper.make_node("QuantizeLinear", ["x", "s"], ["q"], axis=-1, block_size=k, output_dtype=TensorProto.INT4),
-        helper.make_node("DequantizeLinear", ["q", "s"], ["xq"], axis=-1, block_size=k),
-        helper.make_node("DequantizeLinear", ["W", "sw"], ["w"], axis=0, block_size=k),
-        helper.make_node("MatMul", ["xq", "w"], ["y"]),
-    ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+class _Linear(torch.nn.Module):
+    """One W4A4 Linear (``quota::w4a4_linear``) with the given INT4 codes ``[K, N]`` and scales
+    ``[K/g, N]``; with ``act_bits`` 8 its pieces instead (an 8-bit per-token quantizer, the INT4
+    weight's dequantizer and a matmul, as ``fuse_w4a4_linear`` leaves such a Linear), with
+    ``act_bits`` None a weight-only Linear."""
+
+    def __init__(self, codes: np.ndarray, w_scale: np.ndarray, clip_ratio: float = 1.0, act_bits: int | None = 4):
+        super().__init__()
+        self.k, self.n = codes.shape
+        self.group = self.k // w_scale.shape[0]
+        self.clip_ratio, self.act_bits = clip_ratio, act_bits
+        self.register_buffer("packed", ops.pack_int4(torch.from_numpy(codes)))
+        self.register_buffer("scale", torch.from_numpy(w_scale.astype(np.float32)))
+
+    def forward(self, x):
+        if self.act_bits == 4:
+            return torch.ops.quota.w4a4_linear(x, self.packed, self.scale, self.k, self.n, self.group, self.clip_ratio)
+        w = torch.ops.quota.dequantize_int4(self.packed, self.scale, self.k, self.n, self.group)
+        if self.act_bits is not None:
+            x = torch.ops.quota.qdq_per_token(x, self.act_bits, self.clip_ratio)
+        return torch.matmul(x, w)
+
+
+def _semantic(module: torch.nn.Module, x_shape) -> SemanticGraph:
+    x = torch.zeros(x_shape)
+    return SemanticGraph.of(export_semantic(module.eval(), (x,), ["x"], ["y"], None), 21)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
 
 
 @pytest.mark.parametrize("integer", [True, False])
@@ -352,21 +343,21 @@ def test_per_channel_w4a4_runs_as_exact_integer_products_or_matmulnbits(integer)
     codes = rng.integers(-7, 8, (k, n)).astype(np.int8)
     w_scale = (rng.random((1, n)) * 0.1 + 0.01).astype(np.float32)
     x = rng.standard_normal((2, 5, k)).astype(np.float32)
-    model = _w4a4_matmul_graph(x.shape, codes, w_scale)
     # the deployed arithmetic in float64: per-token INT4 codes times the INT4 weight codes
     s = np.maximum(np.abs(x).max(-1, keepdims=True) / 7, ops.SCALE_EPS).astype(np.float32)
     qx = np.clip(np.round(x / s), -8, 7)
     ref = (qx.astype(np.float64) @ codes.astype(np.float64)) * w_scale.astype(np.float64) * s.astype(np.float64)
-    flavour, rewritten = to_onnxruntime(model, 0, integer=integer)
+    flavour = lower_graph(_semantic(_Linear(codes, w_scale), x.shape), 0, integer=integer)
     counts = ort_counts(flavour)
     # no blocked Q/DQ is left; the integer form quantizes its input rows with one per-axis
     # QuantizeLinear
-    assert rewritten == 1 and counts["DequantizeLinear"] == 0 and counts["QuantizeLinear"] == int(integer)
-    assert all("block_size" not in [a.name for a in n.attribute] for n in flavour.graph.node if n.op_type == "QuantizeLinear")
+    assert counts["MatMul"] == 0 and counts["DequantizeLinear"] == 0 and counts["QuantizeLinear"] == int(integer)
+    assert all(helper.get_attribute_value(a) == 0 for n in flavour.graph.node if n.op_type == "QuantizeLinear"
+               for a in n.attribute if a.name == "block_size")  # (0: per axis, not blocked)
     assert counts["MatMulIntegerToFloat" if integer else "MatMulNBits"] == 1
     # the weights stay 4-bit on disk in both forms
     assert not any(t.data_type == TensorProto.INT8 for t in flavour.graph.initializer)
-    got = ort.InferenceSession(flavour.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = _run(flavour, x)
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
@@ -386,9 +377,35 @@ def test_integer_w4a4_codes_round_half_to_even_and_saturate(clip_ratio):
     assert (np.abs(x / s - np.trunc(x / s)) == 0.5).any() or clip_ratio != 1.0  # ties present
     assert (np.abs(np.round(x / s)) > 7).any() or clip_ratio == 1.0  # saturation present
     ref = (qx @ codes.astype(np.float64)) * w_scale.astype(np.float64) * float(s)
-    flavour, _ = to_onnxruntime(_w4a4_matmul_graph(x.shape, codes, w_scale, clip_ratio), 0, integer=True)
-    got = ort.InferenceSession(flavour.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    flavour = lower_graph(_semantic(_Linear(codes, w_scale, clip_ratio), x.shape), 0, integer=True)
+    assert ort_counts(flavour)["MatMulIntegerToFloat"] == 1
+    got = _run(flavour, x)
     assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("act_bits", [8, None])
+def test_linears_in_pieces_join_their_readers_for_onnxruntime(act_bits):
+    """A Linear with 8-bit activations (a per-token quantizer, the INT4 weight's dequantizer and
+    a matmul) takes the integer path like a W4A4 one; a weight-only Linear becomes MatMulNBits
+    of its float input. Both compute what the simulation does."""
+    rng = np.random.default_rng(4)
+    k, n = 64, 16
+    codes = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    w_scale = (rng.random((1, n)) * 0.1 + 0.01).astype(np.float32)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    module = _Linear(codes, w_scale, act_bits=act_bits)
+    semantic = _semantic(module, x.shape)
+    model = semantic.copy()
+    assert fuse_readers(model) == 1
+    joined = [node.op_type for node in model.graph if node.domain == "quota"]
+    assert joined == (["quantized_matmul"] if act_bits else ["int4_matmul"])  # the pieces went
+    flavour = lower_graph(semantic, 0, integer=True)
+    counts = ort_counts(flavour)
+    assert counts["MatMul"] == counts["DequantizeLinear"] == 0
+    assert counts["MatMulIntegerToFloat" if act_bits else "MatMulNBits"] == 1
+    with torch.no_grad():
+        ref = module(torch.from_numpy(x)).double().numpy()
+    assert np.abs(_run(flavour, x) - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def test_per_channel_weights_compile_with_integer_prefill_and_matmulnbits_decode(small_folder: Path, tmp_path: Path):

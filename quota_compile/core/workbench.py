@@ -30,7 +30,8 @@ import onnx
 from quota_compile.capture.trace import build_programs, trace_programs
 from quota_compile.core.decisions import decide_pruning
 from quota_compile.core.variants import Variant, flavour_of
-from quota_compile.export.onnx import export_onnx, save_graphs
+from quota_compile.export.onnx import SemanticGraph, expand_to_onnx, export_semantic, save_graphs
+from quota_compile.export.semantic import PORTABLE_RULES
 from quota_compile.export.user_passes import OnnxPass, apply_passes
 from quota_compile.flavours.base import Flavour
 from quota_compile.flavours.registry import get_flavour
@@ -90,6 +91,7 @@ class Built:
     seconds_calibrate: float = 0.0
     seconds_build: float = 0.0  # trace, export and lowering (and saving, by build_into)
     folder: Path | None = None  # where build_into saved the graphs
+    semantic: dict[str, SemanticGraph] = field(default_factory=dict)  # kept only when build(keep_semantic=True)
 
     @property
     def keep(self) -> list[int]:
@@ -156,16 +158,20 @@ class Workbench:
         progress: Progress | None = None,
         calibrate_what: str | None = None,
         onnx: bool = True,
+        keep_semantic: bool = False,
     ) -> Built:
-        """Decide, build the programs, trace them, export the portable graphs, apply
-        ``passes`` to them and lower them to each derived flavour of ``flavours``.
+        """Decide, build the programs, trace them, export their semantic graphs, expand those
+        to the portable graphs, apply ``passes`` to them and lower each derived flavour of
+        ``flavours`` (from the semantic graphs where the flavour translates them with its own
+        rules, else from the portable graphs).
 
         ``variant`` None builds the config's own (quantized) graphs, with ``given`` as the
         decision if set; a variant builds its own: full precision, weight-only or quantized,
         pruned by its method at its budget. ``progress`` sees the ``calibrate``, ``trace`` and
         ``lower`` stages (``calibrate_what``: the calibrate stage's text, default
         :meth:`describe`). ``onnx=False``: decide and trace only (no ONNX graphs, for the
-        PyTorch path's programs)."""
+        PyTorch path's programs). ``keep_semantic``: :attr:`Built.semantic` holds the
+        semantic graphs (for a benchmark that lowers them itself)."""
         progress = progress or Quiet()
         cfg, vlm, qm = self.cfg, self.vlm, self.qm
         quantized = variant.quantized if variant is not None else True
@@ -180,10 +186,15 @@ class Workbench:
         if not onnx:
             return Built(variant, decision, programs, traced, {}, {}, t_cal, time.perf_counter() - t0 - t_cal)
         with progress.stage("lower", f"ONNX opset {cfg.export.opset} ({' + '.join(cfg.export.targets)})"):
-            models = {}
+            models, semantic = {}, {}
+            keep_semantic = keep_semantic or any(f.derived and f.reads_semantic for f in flavours)
+            opset = cfg.export.opset
             for g, t in traced.items():
                 progress.note(f"{g}: torch.onnx export ...")
-                models[g] = export_onnx(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, cfg.export.opset, t.axis_names)
+                exported = export_semantic(t.module, t.args, t.input_names, t.output_names, t.dynamic_shapes, opset)
+                if keep_semantic:
+                    semantic[g] = SemanticGraph.of(exported, opset, t.axis_names)
+                models[g] = expand_to_onnx(exported, PORTABLE_RULES, opset, t.axis_names)
             if passes:
                 progress.note(f"export.passes: {', '.join(spec for spec, _ in passes)} ...")
                 models = apply_passes(list(passes), models)
@@ -191,8 +202,12 @@ class Workbench:
             for flavour in flavours:
                 if flavour.derived:
                     progress.note(f"the {flavour.name} flavour ...")
-                    lowered[flavour.name] = flavour.lower(cfg, models, quantized_kv=quantized and not weight_only)
-        return Built(variant, decision, programs, traced, models, lowered, t_cal, time.perf_counter() - t0 - t_cal)
+                    lowered[flavour.name] = flavour.lower(cfg, models, quantized_kv=quantized and not weight_only,
+                                                          semantic=semantic if flavour.reads_semantic else None)
+        built = Built(variant, decision, programs, traced, models, lowered, t_cal, time.perf_counter() - t0 - t_cal)
+        if keep_semantic:
+            built.semantic = semantic
+        return built
 
     def build_into(self, variant: Variant, work: Path, flavour: str | None = None) -> Built:
         """:meth:`build` of one variant in one flavour (default: the one the config's bundle

@@ -17,6 +17,7 @@ import logging
 import warnings
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -113,19 +114,48 @@ def export_onnx(
 
 
 def expand_to_onnx(semantic: ir.Model, rules: Mapping, opset: int = OPSET,
-                   axis_names: Mapping[str, Mapping[int, str]] | None = None) -> onnx.ModelProto:
+                   axis_names: Mapping[str, Mapping[int, str]] | None = None, standard_only: bool = True) -> onnx.ModelProto:
     """The checked ONNX model of a semantic graph (:func:`export_semantic`) under ``rules``
     (:func:`~quota_compile.export.semantic.expand`, in place), simplified, its dimensions
     renamed (``axis_names``, as :func:`export_onnx` says), its INT4 weight markers made
-    initializers; standard ONNX ops only."""
+    initializers; standard ONNX ops only unless ``standard_only`` is False (a flavour whose
+    rules write a runtime's own operators)."""
     expand(semantic, rules)
     simplify(semantic)
     model = ir.serde.serialize_model(semantic)
     if axis_names:
         rename_dims(model, axis_names)
     materialize_int4_weights(model)
-    finalize(model, opset)
+    finalize(model, opset, standard_only)
     return model
+
+
+@dataclass
+class SemanticGraph:
+    """One program's semantic graph as the export made it (before any rule), kept for the
+    flavours that translate it with rules of their own (:attr:`Flavour.reads_semantic
+    <quota_compile.flavours.base.Flavour.reads_semantic>`). Each :meth:`expand` works on a
+    fresh copy, so the same graph serves every flavour."""
+
+    model: onnx.ModelProto  # the serialized semantic graph, weights included
+    opset: int
+    axis_names: Mapping[str, Mapping[int, str]] | None = None
+
+    @classmethod
+    def of(cls, semantic: ir.Model, opset: int, axis_names=None) -> SemanticGraph:
+        return cls(ir.serde.serialize_model(semantic), opset, axis_names)
+
+    def copy(self) -> ir.Model:
+        """A fresh IR copy of the graph, for a flavour to edit."""
+        return ir.serde.deserialize_model(self.model)
+
+    def expand(self, rules: Mapping, standard_only: bool = True, prepare=None) -> onnx.ModelProto:
+        """:func:`expand_to_onnx` of a copy under ``rules``; ``prepare(model)`` edits the copy
+        first (e.g. a flavour's fusions of a semantic node with its direct readers)."""
+        model = self.copy()
+        if prepare is not None:
+            prepare(model)
+        return expand_to_onnx(model, rules, self.opset, self.axis_names, standard_only)
 
 
 def simplify(model) -> None:
@@ -215,10 +245,11 @@ def _all_nodes(graph: onnx.GraphProto):
                 yield from _all_nodes(sub)
 
 
-def finalize(model: onnx.ModelProto, opset: int) -> None:
-    """Full ONNX check; refuse anything outside the standard domain (portable flavour)."""
+def finalize(model: onnx.ModelProto, opset: int, standard_only: bool = True) -> None:
+    """Full ONNX check; refuse anything outside the standard domain (``standard_only``: the
+    portable flavour)."""
     domains = {n.domain for n in model.graph.node} - {"", "ai.onnx"}
-    if domains:
+    if domains and standard_only:
         raise LoweringError(f"portable graph uses non-standard op domains {sorted(domains)}")
     if not any(o.domain in ("", "ai.onnx") and o.version >= opset for o in model.opset_import):
         raise LoweringError(f"graph opset is below {opset}")

@@ -48,20 +48,32 @@ def _last_dim(x) -> int:
     return dim
 
 
-def qdq_per_token(x, bits: int, clip_ratio: float):
-    k = _last_dim(x)
+def token_scale(x, bits: int, clip_ratio: float):
+    """The per-token scale of :func:`qdq_per_token`: ``max(clip_ratio * max|x| / qmax, eps)``
+    over the last axis (kept)."""
     qmax = float(2 ** (bits - 1) - 1)
     amax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
     if clip_ratio != 1.0:
         amax = op.Mul(amax, op.Constant(value_float=clip_ratio))
-    scale = op.Max(op.Div(amax, op.Constant(value_float=qmax)), op.Constant(value_float=SCALE_EPS))
+    return op.Max(op.Div(amax, op.Constant(value_float=qmax)), op.Constant(value_float=SCALE_EPS))
+
+
+def qdq_per_token(x, bits: int, clip_ratio: float):
+    k = _last_dim(x)
+    scale = token_scale(x, bits, clip_ratio)
     qtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
     q = op.QuantizeLinear(x, scale, axis=-1, block_size=k, output_dtype=qtype)
     return op.DequantizeLinear(q, scale, axis=-1, block_size=k)
 
 
+def int4_codes(packed, k: int, n: int):
+    """The INT4 codes ``[k, n]`` of a packed weight: a marker that becomes an INT4 initializer of
+    the same bytes after export."""
+    return _int4_weight(packed, shape=[k, n])
+
+
 def dequantize_int4(packed, scale, k: int, n: int, group_size: int):
-    codes = _int4_weight(packed, shape=[k, n])
+    codes = int4_codes(packed, k, n)
     return op.DequantizeLinear(codes, scale, axis=0, block_size=group_size)
 
 

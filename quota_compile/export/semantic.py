@@ -68,6 +68,21 @@ def _schema(name: str, fn: Callable) -> onnx.defs.OpSchema:
                               type_constraints=constraints)
 
 
+def custom_op(domain: str, name: str, inputs: Sequence[str], outputs: int = 1,
+              attributes: Sequence[tuple[str, onnx.defs.OpSchema.AttrType]] = ()) -> onnxscript.values.Op:
+    """An ONNX-Script operator of another domain (e.g. a runtime's own, ``com.microsoft``) for
+    a rule to call like a standard one; its attributes are written in the order given."""
+    schema = onnx.defs.OpSchema(
+        name, domain, 1,
+        inputs=[onnx.defs.OpSchema.FormalParameter(p, f"T{i}") for i, p in enumerate(inputs)],
+        outputs=[onnx.defs.OpSchema.FormalParameter(f"out{i}", f"U{i}") for i in range(outputs)],
+        attributes=[onnx.defs.OpSchema.Attribute(a, kind, a) for a, kind in attributes],
+        type_constraints=[(f"T{i}", _TENSORS, "any tensor") for i in range(len(inputs))]
+        + [(f"U{i}", _TENSORS, "any tensor") for i in range(outputs)],
+    )
+    return onnxscript.values.Op(onnxscript.values.Opset(domain, 1), name, schema)
+
+
 # The portable translation of each quota:: operator, by the operator's name.
 PORTABLE_RULES: dict[str, Callable] = {
     "select_topk": portable.select_topk,

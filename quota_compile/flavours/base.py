@@ -24,7 +24,7 @@ manifest, not this code: it runs the flavour whose entry says ``used_by_runtime`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ import onnx
 
 from quota_compile.bundle.format import graph_bytes
 from quota_compile.bundle.schema import FlavourEntry
+from quota_compile.export.onnx import SemanticGraph
 
 
 @dataclass
@@ -76,6 +77,9 @@ class Flavour:
     # Its verification reads ``FlavourBuild.traced`` (the compile drops the traced programs
     # after lowering otherwise).
     reads_traced_programs: bool = False
+    # :meth:`lower` translates the semantic graphs (``semantic``) with rules of its own instead
+    # of rewriting the portable graphs; ``export.passes`` then do not reach its graphs.
+    reads_semantic: bool = False
 
     def check_config(self, cfg) -> None:
         """Refuse (``ConfigError`` naming the key, exit 2) a config this flavour cannot compile; nothing loaded yet."""
@@ -83,9 +87,12 @@ class Flavour:
     def check_settled(self, cfg, vlm) -> None:
         """Refuse a config once the model is loaded and the quantization settled."""
 
-    def lower(self, cfg, models: dict[str, onnx.ModelProto], quantized_kv: bool = True) -> dict[str, onnx.ModelProto]:
-        """This flavour's graphs from the portable ones (``quantized_kv``: the graphs store a
-        quantized KV cache, False for the float-cache variants ``eval``/``bench`` build)."""
+    def lower(self, cfg, models: dict[str, onnx.ModelProto], quantized_kv: bool = True,
+              semantic: Mapping[str, SemanticGraph] | None = None) -> dict[str, onnx.ModelProto]:
+        """This flavour's graphs: translated from ``semantic`` (each graph's semantic graph,
+        given when :attr:`reads_semantic`) with the flavour's own rules, or derived from the
+        portable ``models`` (after ``export.passes``). ``quantized_kv``: the graphs store a
+        quantized KV cache, False for the float-cache variants ``eval``/``bench`` build."""
         return models
 
     def verify(self, build: FlavourBuild) -> dict:

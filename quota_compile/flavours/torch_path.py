@@ -99,7 +99,7 @@ class TorchFlavour(Flavour):
     runtime_rank = None  # eval, bench and the default runner use the ONNX flavours
     reads_traced_programs = True  # its verification saves and runs them
 
-    def lower(self, cfg, models, quantized_kv: bool = True) -> dict:
+    def lower(self, cfg, models, quantized_kv: bool = True, semantic=None) -> dict:
         return {}
 
     def verify(self, build: FlavourBuild) -> dict:

@@ -28,8 +28,8 @@ On held-out samples (generated images and questions, seeded apart from calibrati
 
 What is compared depends on the flavour: the portable graphs show every activation quantizer
 (``QuantizeLinear``) and every KV output, and both are teacher-forced; the onnxruntime flavour
-shows its activation codes where ``lower_ort`` wrote them (``<node>_clip``, ``<node>_u8``) and
-its KV outputs (GroupQueryAttention quantizes the new entry inside the op: the decode's KV
+shows its activation codes among the nodes its rules wrote for each quantizing operator
+(found by provenance, :func:`observation_copy`) and its KV outputs (GroupQueryAttention quantizes the new entry inside the op: the decode's KV
 attention is not teacher-forced there); the tensorrt flavour quantizes activations inside its
 W4A4 plugin (none observable) and its KV plugins read their own codes (KV outputs compared,
 not teacher-forced). verify.json says what was observed (``codes.activations.observed_quantizers``,
@@ -269,6 +269,33 @@ class ObservationCopy:
     kv_feeds: list[str]  # teacher forcing: the present.* tensors whose readers read verify.reference.<name>
 
 
+FX_NODE_KEY = "pkg.torch.onnx.fx_node"
+
+
+def _operator(node: onnx.NodeProto) -> str | None:
+    """The traced program's operator a node was written for: the FX node the exporter stamps on
+    every node it writes (``%w4a4_linear_3 : ... = call_function[...]``), by its name. A
+    flavour's rules keep the stamps of the semantic node they replace."""
+    stamp = next((p.value for p in node.metadata_props if p.key == FX_NODE_KEY), None)
+    return stamp.split(" ", 1)[0] if stamp else None
+
+
+def _flavour_codes(nodes: list[onnx.NodeProto], produced: dict, consumers: dict) -> list[tuple[str, int]]:
+    """Where a flavour's nodes written for one operator (``nodes``) hold that operator's
+    activation codes, as ``(tensor, ONNX type)``: a ``Clip(Round(Div(x, s)))`` that a ``Mul``
+    rescales (the codes as float), and the uint8 codes a ``MatMulIntegerToFloat`` reads (codes
+    plus 2^(bits-1)); none where the operator quantizes inside one node (a plugin)."""
+    found = []
+    for n in nodes:
+        if n.op_type == "Clip" and any(c.op_type == "Mul" for c in consumers.get(n.output[0], [])):
+            rounded = produced.get(n.input[0])
+            if rounded is not None and rounded.op_type == "Round":
+                found.append((n.output[0], onnx.TensorProto.FLOAT))
+        elif n.op_type == "MatMulIntegerToFloat" and (n.input[0], onnx.TensorProto.UINT8) not in found:
+            found.append((n.input[0], onnx.TensorProto.UINT8))
+    return found
+
+
 def observation_copy(model: onnx.ModelProto, quantizers: list[onnx.NodeProto], teacher_forced: bool = False) -> ObservationCopy:
     """A verification-only copy of ``model`` (a portable graph or a flavour derived from it)
     whose extra outputs are the codes of each activation quantizer of the portable graph
@@ -276,10 +303,11 @@ def observation_copy(model: onnx.ModelProto, quantizers: list[onnx.NodeProto], t
     ranks. The original outputs come first; the bundle's graphs are not touched.
 
     Where a quantizer's codes are: the portable graph's own ``QuantizeLinear`` output (INT4 or
-    INT8); in the onnxruntime flavour (``lower_ort.to_onnxruntime``, which names what it writes
-    after the portable node) ``<node>_clip`` (the codes as float, before the rescaling ``Mul``)
-    and/or ``<node>_u8`` (the codes plus 2^(bits-1), uint8, read by ``MatMulIntegerToFloat``).
-    The tensorrt flavour quantizes inside its W4A4 plugin: none there.
+    INT8); in a flavour translated from the semantic graph (the onnxruntime flavour's rules),
+    among the nodes written for the same operator of the traced program (:func:`_operator`):
+    the float codes before the rescaling ``Mul`` and/or the uint8 codes a
+    ``MatMulIntegerToFloat`` reads (:func:`_flavour_codes`). The tensorrt flavour quantizes
+    inside its W4A4 plugin: none there.
 
     ``teacher_forced``: every reader of those codes, and every reader of a ``present.*`` KV
     output other than its own quantizer (the attention's dequantization), reads an extra input
@@ -296,16 +324,21 @@ def observation_copy(model: onnx.ModelProto, quantizers: list[onnx.NodeProto], t
     for n in graph.node:
         for name in n.input:
             consumers.setdefault(name, []).append(n)
+    by_operator: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        if (key := _operator(n)) is not None:
+            by_operator.setdefault(key, []).append(n)
     points: list[_Point] = []
     for i, q in enumerate(quantizers):
         dtype = next(onnx.helper.get_attribute_value(a) for a in q.attribute if a.name == "output_dtype")
         off = 2 ** ((4 if dtype == onnx.TensorProto.INT4 else 8) - 1)
         own = produced.get(q.output[0])
-        if own is not None and own.op_type == "QuantizeLinear":
+        # (a graph translated separately names its values on its own: the same name there can
+        # be another tensor)
+        if own is not None and own.op_type == "QuantizeLinear" and _operator(own) == _operator(q) and own.attribute == q.attribute:
             candidates = [(q.output[0], 0, dtype)]
         else:
-            candidates = [(t, o, d) for t, o, d in ((f"{q.name}_clip", 0, onnx.TensorProto.FLOAT), (f"{q.name}_u8", off, onnx.TensorProto.UINT8))
-                          if q.name and t in produced]
+            candidates = [(t, off if d == onnx.TensorProto.UINT8 else 0, d) for t, d in _flavour_codes(by_operator.get(_operator(q), []), produced, consumers)]
         for tensor, offset, kind in candidates:
             points.append(_Point(i, tensor, offset, kind, f"verify.activation.{len(points)}"))
     # select_topk: a TopK of the scores whose indices a second TopK sorts (onnx_translation)

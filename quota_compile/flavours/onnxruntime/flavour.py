@@ -21,8 +21,10 @@ class OnnxruntimeFlavour(Flavour):
     runtime_rank = 1  # faster than the portable graphs on onnxruntime's CPU provider
     verifies_from_folder = True  # its CodeProbe opens the copies from its folder
 
-    def lower(self, cfg, models, quantized_kv: bool = True):
-        return lower_flavour(models, cfg.export.onnxruntime, uses_group_query_attention(cfg, quantized_kv))
+    reads_semantic = True  # translated from the semantic graphs by its own rules
+
+    def lower(self, cfg, models, quantized_kv: bool = True, semantic=None):
+        return lower_flavour(semantic, cfg.export.onnxruntime, uses_group_query_attention(cfg, quantized_kv))
 
     def verify(self, build: FlavourBuild) -> dict:
         cfg = build.cfg

@@ -1,36 +1,40 @@
-"""The ``onnxruntime`` flavour: the portable graphs rewritten for onnxruntime's CPU provider.
+"""The ``onnxruntime`` flavour: the semantic graphs translated for onnxruntime's CPU provider.
 
-What changes (and only this; everything else is the portable graph, node for node):
+The flavour starts from each program's semantic graph (every ``quota::`` operator one node,
+:mod:`quota_compile.export.semantic`), not from the portable graph: :func:`fuse_readers` joins
+the operators whose onnxruntime form spans their direct reader, then :func:`rules` translates
+each operator. What differs from the portable graph (everything else is the same operations):
 
-- every INT4 weight, i.e. ``DequantizeLinear(INT4 [K, N] initializer, scale [K/g, N], axis=0,
-  block_size=g)`` feeding ``MatMul(x, ·)``, becomes one ``com.microsoft.MatMulNBits(x, B,
-  scales)`` with the same codes (``B uint8 [N, K/g, g/2]``, code + 8 in each nibble, even k in
-  the low nibble; ``scales float32 [N, K/g]``; the default zero point 8), so the weights stay
-  4-bit in memory and the kernel dequantizes block by block;
-- its ``accuracy_level`` (``export.onnxruntime.accuracy_level``) says how the kernel computes:
-  ``0`` in float32 (the deployed W4A4 arithmetic, up to float summation order), ``4`` with
-  the activations requantized to int8 per block of ``g`` along K, symmetric, and int8 x int4
-  dot products. The activations are already on the per-token INT4 grid (the graph's
-  ``qdq_per_token`` stays), so level 4 changes the arithmetic only where a block's INT4
-  values do not land on the int8 grid of that block (``x / scale_b`` with
-  ``scale_b = max|x_b| / 127``): a relative error of at most 1/254 per activation. The
-  verification measures what that does (``verify.json``, flavour ``onnxruntime``).
-
-- an INT4 token-embedding table (``quantization.embeddings.bits: 4``), i.e.
-  ``DequantizeLinear(INT4 [V, D], scale [V, D/g], axis=1, block_size=g)`` feeding
-  ``Gather(·, ids, axis=0)``, becomes ``com.microsoft.GatherBlockQuantized`` over the packed
-  table (code + 8 per nibble, the default zero point 8): only the gathered rows are
-  dequantized, where onnxruntime would otherwise dequantize the whole table on every call;
-- every per-token activation fake-quant, ``QuantizeLinear(x, s, axis=-1, block_size=K,
-  INT4|INT8) -> DequantizeLinear(·, s)``, becomes ``Mul(Clip(Round(Div(x, s)), qmin, qmax),
-  s)``: the same float operations (ONNX Round is half to even, like QuantizeLinear), but
-  onnxruntime's blocked Q/DQ kernels are generic loops (measured on builtin:bench-llava: 84 ms
-  of a 640 ms prefill) while these are vectorised element-wise kernels;
+- a W4A4 Linear (``quota.w4a4_linear``; a Linear with 8-bit activations is its quantizer, the
+  INT4 weight's dequantizer and a ``MatMul``, joined into ``quota.quantized_matmul``) becomes
+  its per-token activation fake-quant (below) and one ``com.microsoft.MatMulNBits(x, B,
+  scales)`` with the weight's codes (``B uint8 [N, K/g, g/2]``, code + 8 in each nibble, even k
+  in the low nibble; ``scales float32 [N, K/g]``; the default zero point 8), so the weights stay
+  4-bit in memory and the kernel dequantizes block by block; a weight-only Linear
+  (``dequantize_int4`` read by a ``MatMul``) becomes MatMulNBits of its float input;
+- MatMulNBits' ``accuracy_level`` (``export.onnxruntime.accuracy_level``) says how the kernel
+  computes: ``0`` in float32 (the deployed W4A4 arithmetic, up to float summation order),
+  ``4`` with the activations requantized to int8 per block of ``g`` along K, symmetric, and
+  int8 x int4 dot products. The activations are already on the per-token INT4 grid, so level 4
+  changes the arithmetic only where a block's INT4 values do not land on the int8 grid of that
+  block (``x / scale_b`` with ``scale_b = max|x_b| / 127``): a relative error of at most 1/254
+  per activation. The verification measures what that does (``verify.json``, flavour
+  ``onnxruntime``);
+- an INT4 token-embedding table (``quantization.embeddings.bits: 4``: ``dequantize_int4_rows``
+  read by a ``Gather`` on axis 0, joined into ``quota.int4_gather``) becomes
+  ``com.microsoft.GatherBlockQuantized`` over the packed table (code + 8 per nibble, the
+  default zero point 8): only the gathered rows are dequantized, where onnxruntime would
+  otherwise dequantize the whole table on every call;
+- every per-token activation fake-quant becomes ``Mul(Clip(Round(Div(x, s)), qmin, qmax), s)``
+  instead of a blocked ``QuantizeLinear`` / ``DequantizeLinear`` pair: the same float
+  operations (ONNX Round is half to even, like QuantizeLinear), but onnxruntime's blocked Q/DQ
+  kernels are generic loops (measured on builtin:bench-llava: 84 ms of a 640 ms prefill) while
+  these are vectorised element-wise kernels;
 - with per-channel weights (``quantization.weights.granularity: per_channel``), in the graphs
-  of ``export.onnxruntime.integer_graphs``, a W4A4 Linear becomes exact integer arithmetic
-  instead: the input's per-token codes as uint8 (code + 2^(bits-1)) from one per-row
-  ``QuantizeLinear`` (zero point 2^(bits-1), then a uint8 ``Clip`` to the INT4 range), and
-  ``com.microsoft.MatMulIntegerToFloat`` of those codes with the INT4 weight codes cast to
+  of ``export.onnxruntime.integer_graphs``, a W4A4 (or W4A8) Linear is exact integer
+  arithmetic instead: the input's per-token codes as uint8 (code + 2^(bits-1)) from one
+  per-row ``QuantizeLinear`` (zero point 2^(bits-1), then a uint8 ``Clip`` to the INT4 range),
+  and ``com.microsoft.MatMulIntegerToFloat`` of those codes with the INT4 weight codes cast to
   int8, scaled by the token and weight scales;
 
 - with an INT4 ``per_channel`` KV cache (``export.onnxruntime.group_query_attention``, on by
@@ -41,16 +45,27 @@ What changes (and only this; everything else is the portable graph, node for nod
   products and softmax. Its ``present.*`` outputs are the whole updated cache, which the
   graph's metadata records for the runtime. The prefill keeps the graph's attention:
   GroupQueryAttention's prefill with a quantized cache measured 3-5.5x slower than fp32
-  (onnxruntime 1.32, CPU provider). See docs/speed.md for the measurements.
+  (onnxruntime 1.32, CPU provider). See docs/speed.md for the measurements. The decode
+  attention is not a semantic operator yet (it reaches the ONNX graph as its PyTorch
+  definition's operations), so this one is still a rewrite of the translated graph.
+
+Every node a rule writes keeps the provenance stamps of the semantic node it replaces (the
+traced program's FX node), which is how the verification finds the flavour's activation codes.
+``export.passes`` edit the portable graphs only; they do not reach this flavour.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
+from onnxscript import opset21 as op
 
 from quota_compile.bundle.schema import KV_REPLACE, KV_UPDATE_KEY, ORT_FOLDER, PAST, PRESENT, kv_name  # noqa: F401  (ORT_FOLDER: also this module's)
+from quota_compile.export import onnx_translation as portable
+from quota_compile.export.onnx import SemanticGraph
+from quota_compile.export.semantic import PORTABLE_RULES, SEMANTIC_DOMAIN, custom_op
 from quota_compile.export.graph_edit import MS_DOMAIN, downstream_node, follow_chain, indexed_copy, is_cache_concat, live_nodes, node_attrs, toposort_nodes, write_back
 
 ORT_ARITHMETIC = {
@@ -81,15 +96,8 @@ def describe_arithmetic(cfg) -> dict[str, str]:
 
 
 class OrtLoweringError(RuntimeError):
-    """The portable graph does not have the form this rewrite expects (a bug)."""
-
-
-def _int4_codes(t: onnx.TensorProto) -> np.ndarray:
-    """Signed INT4 codes of an INT4 initializer, in its shape (int8)."""
-    shape = tuple(t.dims)
-    raw = np.frombuffer(t.raw_data, dtype=np.uint8)
-    nib = np.stack([raw & 0xF, raw >> 4], axis=-1).reshape(-1)[: int(np.prod(shape))].astype(np.int8)
-    return np.where(nib >= 8, nib - 16, nib).astype(np.int8).reshape(shape)
+    """A graph this flavour cannot translate (an INT4 block size its operators do not take), or a
+    translated graph without the form the GroupQueryAttention rewrite expects."""
 
 
 def matmulnbits_weights(codes: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,173 +109,169 @@ def matmulnbits_weights(codes: np.ndarray, scale: np.ndarray, block: int) -> tup
     return np.ascontiguousarray(b), np.ascontiguousarray(scale.astype(np.float32).T)
 
 
-def to_onnxruntime(model: onnx.ModelProto, accuracy_level: int, integer: bool = True) -> tuple[onnx.ModelProto, int]:
-    """A copy of ``model`` with every INT4 DequantizeLinear + MatMul as MatMulNBits; returns
-    it and the number of MatMuls rewritten."""
-    out, graph, inits, producers, consumers = indexed_copy(model)
+def _const(value):
+    """An initializer-to-be (the simplification lifts Constants into initializers)."""
+    return op.Constant(value=ir.tensor(np.ascontiguousarray(value)))
 
-    replaced: dict[int, onnx.NodeProto | list[onnx.NodeProto]] = {}  # id(node) -> its replacement(s)
-    dead: set[int] = set()
-    new_inits: list[onnx.TensorProto] = []
-    have: set[str] = set()
 
-    def add_init(array: np.ndarray, name: str) -> str:
-        if name not in have:
-            have.add(name)
-            new_inits.append(numpy_helper.from_array(array, name))
-        return name
+def _array(value, what: str) -> np.ndarray:
+    """The constant data of a semantic node's input (a packed weight, its scales)."""
+    if value is None or value.const_value is None:
+        raise OrtLoweringError(f"{what} {getattr(value, 'name', None)!r} is not a constant of the graph")
+    return value.const_value.numpy()
 
-    # Per-token Q -> DQ pairs (the activation fake-quant): found first, so that the MatMuls
-    # they feed can take the integer path.
-    pairs: dict[str, tuple[str, str, int, str]] = {}  # DQ output -> (x, scale, bits, base)
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
-            continue
-        q = producers.get(node.input[0])
-        if q is None or q.op_type != "QuantizeLinear" or len(q.input) != 2 or q.input[1] != node.input[1]:
-            continue
-        if len(consumers.get(q.output[0], [])) != 1:
-            continue
-        qa = node_attrs(q)
-        da = node_attrs(node)
-        dtype = qa.get("output_dtype")
-        if dtype not in (TensorProto.INT4, TensorProto.INT8) or qa.get("axis") != -1 or da.get("axis") != -1:
-            continue
-        if qa.get("block_size") != da.get("block_size"):
-            continue
-        bits = 4 if dtype == TensorProto.INT4 else 8
-        pairs[node.output[0]] = (q.input[0], q.input[1], bits, q.name or node.output[0])
-        lo = add_init(np.array(-(2 ** (bits - 1)), np.float32), f"quota_qmin{bits}")
-        hi = add_init(np.array(2 ** (bits - 1) - 1, np.float32), f"quota_qmax{bits}")
-        x, scale, base = pairs[node.output[0]][0], q.input[1], pairs[node.output[0]][3]
-        replaced[id(node)] = [
-            helper.make_node("Div", [x, scale], [f"{base}_div"], name=f"{base}_div"),
-            helper.make_node("Round", [f"{base}_div"], [f"{base}_round"], name=f"{base}_round"),
-            helper.make_node("Clip", [f"{base}_round", lo, hi], [f"{base}_clip"], name=f"{base}_clip"),
-            helper.make_node("Mul", [f"{base}_clip", scale], [node.output[0]], name=f"{base}_mul"),
-        ]
-        dead.add(id(q))
 
-    codes_u8: set[str] = set()
-    rewritten = 0
-    for node in graph.node:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
-            continue
-        dq = producers.get(node.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
-            continue
-        w = inits[dq.input[0]]
-        if w.data_type != TensorProto.INT4 or len(w.dims) != 2 or len(dq.input) > 2 or dq.input[1] not in inits:
-            continue
-        attrs = node_attrs(dq)
-        block = int(attrs.get("block_size", 0))
-        k, n = w.dims
-        if attrs.get("axis", 1) != 0:
-            raise OrtLoweringError(f"{dq.name}: INT4 weight quantized along axis {attrs.get('axis')}, expected 0")
-        scale = numpy_helper.to_array(inits[dq.input[1]])
-        a = node.input[0]
-        if integer and block == k and a in pairs:
-            # Per-channel weights and a per-token quantized input: exact integer W4A4.
-            # y = (sum_k (qx + off - off) * qw) * s_x[m] * s_w[n] with uint8 activations
-            # (onnxruntime's fast u8 x s8 kernels), the INT4 codes cast to int8 once (the Cast
-            # of an initializer is folded when the session loads).
-            x, s_x, bits, base = pairs[a]
-            off = 2 ** (bits - 1)
-            u8 = f"{base}_u8"
-            nodes = []
-            if u8 not in codes_u8:
-                codes_u8.add(u8)
-                # The codes in one pass: a per-row QuantizeLinear (uint8, zero point `off`) over
-                # the tokens, i.e. saturate(round_half_even(x / s) + off), then the INT4/INT8
-                # range. The same integers as Clip(Round(Div(x, s))) + off, but one vectorised
-                # kernel instead of five element-wise passes (docs/speed.md).
-                p = f"{base}_rows"
-                nodes += [
-                    helper.make_node("Shape", [x], [f"{p}_shape"], name=f"{p}_shape"),
-                    helper.make_node("Reshape", [x, add_init(np.array([-1, k], np.int64), f"quota_rows{k}")], [p], name=p),
-                    helper.make_node("Reshape", [s_x, add_init(np.array([-1], np.int64), "quota_flat")], [f"{p}_scale"], name=f"{p}_scale"),
-                    helper.make_node("Shape", [f"{p}_scale"], [f"{p}_count"], name=f"{p}_count"),
-                    helper.make_node("Expand", [add_init(np.array(off, np.uint8), f"quota_zp{bits}"), f"{p}_count"], [f"{p}_zp"], name=f"{p}_zp"),
-                    helper.make_node("QuantizeLinear", [p, f"{p}_scale", f"{p}_zp"], [f"{p}_q"], name=f"{p}_q", axis=0),
-                ]
-                if bits == 4:
-                    nodes.append(helper.make_node(
-                        "Clip", [f"{p}_q", add_init(np.array(0, np.uint8), "quota_u4_lo"), add_init(np.array(15, np.uint8), "quota_u4_hi")],
-                        [f"{p}_q4"], name=f"{p}_q4",
-                    ))
-                nodes.append(helper.make_node("Reshape", [f"{p}_q4" if bits == 4 else f"{p}_q", f"{p}_shape"], [u8], name=f"{p}_codes"))
-            w8 = f"{w.name}_int8"
-            out_name = node.output[0]
+def _codes(packed, shape: tuple[int, int]) -> np.ndarray:
+    """Signed INT4 codes ``shape`` (int8) of a packed weight (two codes per byte, low nibble first:
+    the bytes of the INT4 initializer the portable graph stores)."""
+    raw = _array(packed, "the packed INT4 weight").reshape(-1).view(np.uint8)
+    nib = np.stack([raw & 0xF, raw >> 4], axis=-1).reshape(-1)[: shape[0] * shape[1]].astype(np.int8)
+    return np.where(nib >= 8, nib - 16, nib).astype(np.int8).reshape(shape)
+
+
+_A = onnx.defs.OpSchema.AttrType
+MATMUL_NBITS = custom_op(MS_DOMAIN, "MatMulNBits", ["A", "B", "scales"],
+                         attributes=[("K", _A.INT), ("N", _A.INT), ("bits", _A.INT), ("block_size", _A.INT), ("accuracy_level", _A.INT)])
+MATMUL_INTEGER_TO_FLOAT = custom_op(MS_DOMAIN, "MatMulIntegerToFloat", ["A", "B", "a_scale", "b_scale", "a_zero_point"])
+GATHER_BLOCK_QUANTIZED = custom_op(MS_DOMAIN, "GatherBlockQuantized", ["data", "indices", "scales"],
+                                   attributes=[("bits", _A.INT), ("block_size", _A.INT), ("gather_axis", _A.INT), ("quantize_axis", _A.INT)])
+
+
+def qdq_per_token(x, bits: int, clip_ratio: float):
+    """The per-token fake-quant as ``Mul(Clip(Round(Div(x, s)), qmin, qmax), s)``: the same
+    float operations as the portable QuantizeLinear/DequantizeLinear pair (ONNX Round is half
+    to even, like QuantizeLinear) with vectorised element-wise kernels."""
+    scale = portable.token_scale(x, bits, clip_ratio)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    codes = op.Clip(op.Round(op.Div(x, scale)), op.Constant(value_float=float(lo)), op.Constant(value_float=float(hi)))
+    return op.Mul(codes, scale)
+
+
+def _token_codes_u8(x, scale, bits: int, k: int):
+    """The per-token codes plus 2^(bits-1), uint8, in one per-row QuantizeLinear (zero point
+    2^(bits-1)) over the tokens and then the INT4 range: the integers of
+    ``Clip(Round(Div(x, s))) + 2^(bits-1)`` in one vectorised kernel instead of five
+    element-wise passes (docs/speed.md)."""
+    off = 2 ** (bits - 1)
+    rows = op.Reshape(x, op.Constant(value_ints=[-1, k]))
+    flat = op.Reshape(scale, op.Constant(value_ints=[-1]))
+    zero_point = op.Expand(_const(np.array(off, np.uint8)), op.Shape(flat))
+    q = op.QuantizeLinear(rows, flat, zero_point, axis=0)
+    if bits == 4:
+        q = op.Clip(q, _const(np.array(0, np.uint8)), _const(np.array(15, np.uint8)))
+    return op.Reshape(q, op.Shape(x))
+
+
+def _matmul_nbits(a, packed, scale, k: int, n: int, group_size: int, accuracy_level: int):
+    """``MatMulNBits(a, B, scales)`` with the INT4 weight's own codes (B ``uint8 [N, K/g, g/2]``,
+    code + 8 per nibble); per-channel scales are repeated over blocks of 128/64/32/16."""
+    w_scale = _array(scale, "the INT4 weight's scale")
+    block = group_size
+    if block == k:
+        block = next((b for b in (128, 64, 32, 16) if k % b == 0), 0)
+        w_scale = np.repeat(w_scale, k // block, axis=0) if block else w_scale
+    if block < 16 or block & (block - 1):
+        raise OrtLoweringError(f"{packed.name}: INT4 weight with block {block} has no MatMulNBits form (block must be a power of two >= 16)")
+    b, scales = matmulnbits_weights(_codes(packed, (k, n)), w_scale, block)
+    return MATMUL_NBITS(a, _const(b), _const(scales), K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)
+
+
+def rules(accuracy_level: int, integer: bool) -> dict:
+    """The onnxruntime flavour's rules (:func:`quota_compile.export.semantic.expand`) for one
+    graph: ``accuracy_level`` of its MatMulNBits, ``integer`` products for its per-channel W4A4
+    Linears. The operators without a rule here (the KV quantizers, the top-k selection) keep
+    their portable form."""
+
+    def quantized_matmul(x, packed, scale, bits: int, clip_ratio: float, k: int, n: int, group_size: int):
+        if integer and group_size == k:
+            # Per-channel weights: exact integer W4A4, y = (sum_k qx * qw) * s_x[m] * s_w[n], with
+            # uint8 activation codes (onnxruntime's fast u8 x s8 kernels) and the INT4 codes cast
+            # to int8 (the Cast of an initializer is folded when the session loads).
             # MatMulIntegerToFloat applies both scales in the kernel's output loop. onnxruntime's
             # optimizer fuses MatMulInteger -> Cast -> Mul into it in our graphs anyway (same
             # logits, bit for bit, on bench-llava), but not in every graph (an isolated
             # MatMulInteger -> Cast -> Mul -> Mul measured 3x slower), so the flavour says it.
-            nodes += [
-                helper.make_node("Cast", [w.name], [w8], name=f"{w.name}_cast_int8", to=TensorProto.INT8),
-                helper.make_node(
-                    "MatMulIntegerToFloat",
-                    [u8, w8, s_x, add_init(scale.reshape(n).astype(np.float32), f"{w.name}_channel_scale"), add_init(np.array(off, np.uint8), f"quota_zp{bits}")],
-                    [out_name], name=f"{node.name}_int", domain=MS_DOMAIN,
-                ),
-            ]
-            replaced[id(node)] = nodes
+            s_x = portable.token_scale(x, bits, clip_ratio)
+            w8 = op.Cast(portable.int4_codes(packed, k, n), to=ir.DataType.INT8)
+            w_scale = _array(scale, "the INT4 weight's scale").reshape(n).astype(np.float32)
+            return MATMUL_INTEGER_TO_FLOAT(_token_codes_u8(x, s_x, bits, k), w8, s_x, _const(w_scale),
+                                           _const(np.array(2 ** (bits - 1), np.uint8)))
+        return _matmul_nbits(qdq_per_token(x, bits, clip_ratio), packed, scale, k, n, group_size, accuracy_level)
+
+    def w4a4_linear(x, packed, scale, k: int, n: int, group_size: int, clip_ratio: float):
+        return quantized_matmul(x, packed, scale, 4, clip_ratio, k, n, group_size)
+
+    def int4_matmul(x, packed, scale, k: int, n: int, group_size: int):
+        return _matmul_nbits(x, packed, scale, k, n, group_size, accuracy_level)
+
+    def int4_gather(packed, indices, scale, v: int, d: int, group_size: int):
+        # only the gathered rows are dequantized, where onnxruntime would otherwise dequantize
+        # the whole table on every call
+        if group_size < 16 or group_size & (group_size - 1):
+            raise OrtLoweringError(f"{packed.name}: INT4 embedding block {group_size} has no GatherBlockQuantized form (a power of two >= 16)")
+        u = (_codes(packed, (v, d)).astype(np.int16) + 8).astype(np.uint8)
+        table = u[:, 0::2] | (u[:, 1::2] << 4)
+        scales = _array(scale, "the INT4 embedding's scale").astype(np.float32)
+        return GATHER_BLOCK_QUANTIZED(_const(table), indices, _const(scales), bits=4, block_size=group_size, gather_axis=0, quantize_axis=1)
+
+    return {**PORTABLE_RULES, "qdq_per_token": qdq_per_token, "w4a4_linear": w4a4_linear,
+            "quantized_matmul": quantized_matmul, "int4_matmul": int4_matmul, "int4_gather": int4_gather}
+
+
+def fuse_readers(model: ir.Model) -> int:
+    """Join the semantic nodes whose onnxruntime form spans their direct reader (in place):
+
+    - ``MatMul(x, dequantize_int4(...))`` becomes ``quota.quantized_matmul`` when ``x`` is a
+      ``qdq_per_token`` (a Linear with 8-bit activations: it can take the integer path), else
+      ``quota.int4_matmul`` (a weight-only Linear: MatMulNBits);
+    - ``Gather(dequantize_int4_rows(...), ids, axis=0)`` becomes ``quota.int4_gather``
+      (GatherBlockQuantized).
+
+    A dequantizer or quantizer that nothing reads any more goes. Returns the number of readers
+    joined. The joined node carries the quantizer's provenance stamps where there is one (its
+    codes are what the verification observes), else the reader's."""
+    graph = model.graph
+    joined = 0
+
+    def semantic(value, op_type):
+        p = value.producer() if value is not None else None
+        return p if p is not None and p.domain == SEMANTIC_DOMAIN and p.op_type == op_type else None
+
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {name: attr.value for name, attr in node.attributes.items()}
+        if node.op_type == "MatMul" and (deq := semantic(node.inputs[1], "dequantize_int4")) is not None:
+            weight = {name: attr.value for name, attr in deq.attributes.items()}
+            qdq = semantic(node.inputs[0], "qdq_per_token")
+            if qdq is not None:
+                act = {name: attr.value for name, attr in qdq.attributes.items()}
+                new = ir.Node(SEMANTIC_DOMAIN, "quantized_matmul", [qdq.inputs[0], *deq.inputs],
+                              ir.convenience.convert_attributes({"bits": act["bits"], "clip_ratio": act["clip_ratio"], **weight}))
+                stamps = qdq
+            else:
+                new = ir.Node(SEMANTIC_DOMAIN, "int4_matmul", [node.inputs[0], *deq.inputs], ir.convenience.convert_attributes(weight))
+                stamps = node
+            sources = [deq] + ([qdq] if qdq is not None else [])
+        elif node.op_type == "Gather" and attrs.get("axis", 0) == 0 and (deq := semantic(node.inputs[0], "dequantize_int4_rows")) is not None:
+            weight = {name: attr.value for name, attr in deq.attributes.items()}
+            new = ir.Node(SEMANTIC_DOMAIN, "int4_gather", [deq.inputs[0], node.inputs[1], deq.inputs[1]], ir.convenience.convert_attributes(weight))
+            stamps, sources = node, [deq]
         else:
-            if block == k:  # per-channel scales, float input: any block dividing K, scales repeated
-                block = next((b for b in (128, 64, 32, 16) if k % b == 0), 0)
-                scale = np.repeat(scale, k // block, axis=0) if block else scale
-            if block < 16 or block & (block - 1):
-                raise OrtLoweringError(f"{dq.name}: INT4 weight with block {block} has no MatMulNBits form (block must be a power of two >= 16)")
-            b, scales = matmulnbits_weights(_int4_codes(w), scale, block)
-            b_name = add_init(b, f"{w.name}_nbits_b{block}")
-            s_name = add_init(scales, f"{w.name}_nbits_b{block}_scales")
-            replaced[id(node)] = helper.make_node(
-                "MatMulNBits", [a, b_name, s_name], list(node.output), name=f"{node.name}_nbits", domain=MS_DOMAIN,
-                K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level,
-            )
-        rewritten += 1
-        if all(id(c) in replaced for c in consumers[dq.output[0]]):
-            dead.add(id(dq))
+            continue
+        new.metadata_props.update(stamps.metadata_props)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], list(node.outputs), list(new.outputs))
+        for source in sources:
+            if all(not out.uses() for out in source.outputs) and source.graph is graph:
+                graph.remove(source, safe=True)
+        joined += 1
+    return joined
 
-    # INT4 embedding tables: DequantizeLinear(axis 1) + Gather(axis 0) -> GatherBlockQuantized.
-    for node in graph.node:
-        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx"):
-            continue
-        dq = producers.get(node.input[0])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or len(dq.input) > 2:
-            continue
-        w = inits[dq.input[0]]
-        attrs = node_attrs(dq)
-        gattrs = node_attrs(node)
-        if w.data_type != TensorProto.INT4 or len(w.dims) != 2 or attrs.get("axis") != 1 or gattrs.get("axis", 0) != 0:
-            continue
-        block = int(attrs["block_size"])
-        if block < 16 or block & (block - 1):
-            raise OrtLoweringError(f"{dq.name}: INT4 embedding block {block} has no GatherBlockQuantized form (a power of two >= 16)")
-        codes = _int4_codes(w)
-        u = (codes.astype(np.int16) + 8).astype(np.uint8)
-        packed = np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
-        t_name = add_init(packed, f"{w.name}_gbq")
-        s_name = add_init(numpy_helper.to_array(inits[dq.input[1]]).astype(np.float32), f"{w.name}_gbq_scales")
-        replaced[id(node)] = helper.make_node(
-            "GatherBlockQuantized", [t_name, node.input[1], s_name], list(node.output), name=f"{node.name}_gbq", domain=MS_DOMAIN,
-            bits=4, block_size=block, gather_axis=0, quantize_axis=1,
-        )
-        if all(id(c) in replaced for c in consumers[dq.output[0]]):
-            dead.add(id(dq))
 
-    nodes = []
-    for n in graph.node:
-        if id(n) in dead:
-            continue
-        r = replaced.get(id(n), n)
-        nodes.extend(r if isinstance(r, list) else [r])
-    # dead-node elimination drops e.g. the float Mul of a Q/DQ whose readers all went integer
-    write_back(out, live_nodes(nodes, graph), new_inits)
-    names = {t.name for t in graph.initializer}
-    infos = [v for v in graph.value_info if v.name not in names]
-    del graph.value_info[:]
-    graph.value_info.extend(infos)
-    return out, rewritten
+def lower_graph(semantic: SemanticGraph, accuracy_level: int, integer: bool) -> onnx.ModelProto:
+    """The onnxruntime flavour of one graph from its semantic graph: :func:`fuse_readers`, then
+    the flavour's :func:`rules` (the portable ones for the operators it does not change)."""
+    return semantic.expand(rules(accuracy_level, integer), standard_only=False, prepare=fuse_readers)
 
 
 def uses_group_query_attention(cfg, quantized_kv: bool = True) -> bool:
@@ -278,12 +282,12 @@ def uses_group_query_attention(cfg, quantized_kv: bool = True) -> bool:
     return quantized_kv and cfg.export.onnxruntime.group_query_attention and kv.granularity == "per_channel" and kv.bits == 4
 
 
-def lower_flavour(models: dict[str, onnx.ModelProto], options, group_query: bool = False) -> dict[str, onnx.ModelProto]:
-    """The onnxruntime flavour of each graph (``vision``, ``prefill``, ``decode``) under the
-    ``export.onnxruntime`` options: their accuracy level, and integer products in the graphs
-    of ``integer_graphs``; with ``group_query``, the decode attention as GroupQueryAttention
-    (:func:`group_query_attention`)."""
-    out = {g: to_onnxruntime(m, options.accuracy_level, g in options.integer_graphs)[0] for g, m in models.items()}
+def lower_flavour(semantic: dict[str, SemanticGraph], options, group_query: bool = False) -> dict[str, onnx.ModelProto]:
+    """The onnxruntime flavour of each graph (``vision``, ``prefill``, ``decode``) from its
+    semantic graph under the ``export.onnxruntime`` options: their accuracy level, and integer
+    products in the graphs of ``integer_graphs``; with ``group_query``, the decode attention as
+    GroupQueryAttention (:func:`group_query_attention`)."""
+    out = {g: lower_graph(m, options.accuracy_level, g in options.integer_graphs) for g, m in semantic.items()}
     if group_query and "decode" in out:
         out["decode"] = group_query_attention(out["decode"])[0]
     return out

@@ -52,7 +52,7 @@ class TensorrtFlavour(Flavour):
                 f"only, not {g}; set group_size: 64 or 128 or embeddings.bits: null."
             )
 
-    def lower(self, cfg, models, quantized_kv: bool = True):
+    def lower(self, cfg, models, quantized_kv: bool = True, semantic=None):
         return to_tensorrt(models)
 
     def verify(self, build: FlavourBuild) -> dict:
