@@ -16,8 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 from quota_compile.cli import main
 from quota_compile.bundle.format import KV_APPEND, KV_REPLACE, kv_update_of
 from quota_compile.export.onnx import SemanticGraph, export_semantic
+from quota_compile.export.semantic import join_readers
 from quota_compile.flavours.onnxruntime.lower import (
-    OrtLoweringError, fuse_readers, group_query_attention, lower_graph, matmulnbits_weights, ort_counts,
+    ORT_JOINS, OrtLoweringError, group_query_attention, lower_graph, matmulnbits_weights, ort_counts,
 )
 from quota_compile.quant import ops
 
@@ -396,7 +397,7 @@ def test_linears_in_pieces_join_their_readers_for_onnxruntime(act_bits):
     module = _Linear(codes, w_scale, act_bits=act_bits)
     semantic = _semantic(module, x.shape)
     model = semantic.copy()
-    assert fuse_readers(model) == 1
+    assert join_readers(model, ORT_JOINS) == 1
     joined = [node.op_type for node in model.graph if node.domain == "quota"]
     assert joined == (["quantized_matmul"] if act_bits else ["int4_matmul"])  # the pieces went
     flavour = lower_graph(semantic, 0, integer=True)

@@ -191,3 +191,102 @@ def expand(model: ir.Model, rules: Mapping[str, Callable]) -> int:
     if not semantic_nodes(graph):
         model.opset_imports.pop(SEMANTIC_DOMAIN, None)
     return replaced
+
+
+# --------------------------------------------------------------------------------------------
+# Joins: a semantic node and its direct reader as one node, for a flavour whose form spans both.
+
+
+def _attrs(node: ir.Node) -> dict:
+    return {name: attr.value for name, attr in node.attributes.items()}
+
+
+def _semantic_producer(value, op_type: str) -> ir.Node | None:
+    p = value.producer() if value is not None else None
+    return p if p is not None and p.domain == SEMANTIC_DOMAIN and p.op_type == op_type else None
+
+
+def _constant_vector(value, n: int) -> bool:
+    return value is not None and value.const_value is not None and tuple(value.const_value.shape) == (n,)
+
+
+def join_readers(model: ir.Model, kinds: Sequence[str]) -> int:
+    """Join semantic nodes with their direct reader where a flavour translates the two as one
+    (in place), for the joins named in ``kinds``:
+
+    - ``quantized_matmul``: ``MatMul(qdq_per_token(x), dequantize_int4(...))``, a Linear with
+      8-bit activations (``fuse_w4a4_linear`` leaves those in pieces), inputs ``(x, packed,
+      scale)``, attributes ``bits``, ``clip_ratio``, ``k``, ``n``, ``group_size``;
+    - ``int4_matmul``: ``MatMul(x, dequantize_int4(...))``, a weight-only Linear;
+    - ``int4_gather``: ``Gather(dequantize_int4_rows(...), ids, axis=0)``, an INT4 embedding
+      lookup, inputs ``(packed, ids, scale)``;
+    - ``w4a4_linear_bias``: ``Add(w4a4_linear(...), bias)`` with a constant bias ``[n]`` that is
+      the Linear's only reader (and the Linear's output no graph output), inputs ``(x, packed,
+      scale, bias)``.
+
+    A producer that nothing reads any more goes. The joined node carries the activation
+    quantizer's provenance stamps where it joins one (its codes are what the verification
+    observes), else the reader's. :data:`JOINED_RULES` are the joins' portable forms. Returns
+    the number of joins."""
+    graph = model.graph
+    outputs = set(map(id, graph.outputs))
+    joined = 0
+    for node in list(graph):
+        new, sources, stamps = None, [], node
+        if node.domain in ("", "ai.onnx") and node.op_type == "MatMul" and (deq := _semantic_producer(node.inputs[1], "dequantize_int4")) is not None:
+            qdq = _semantic_producer(node.inputs[0], "qdq_per_token")
+            if qdq is not None and "quantized_matmul" in kinds:
+                act = _attrs(qdq)
+                new = ir.Node(SEMANTIC_DOMAIN, "quantized_matmul", [qdq.inputs[0], *deq.inputs],
+                              ir.convenience.convert_attributes({"bits": act["bits"], "clip_ratio": act["clip_ratio"], **_attrs(deq)}))
+                sources, stamps = [deq, qdq], qdq
+            elif qdq is None and "int4_matmul" in kinds:
+                new = ir.Node(SEMANTIC_DOMAIN, "int4_matmul", [node.inputs[0], *deq.inputs], ir.convenience.convert_attributes(_attrs(deq)))
+                sources = [deq]
+        elif (node.domain in ("", "ai.onnx") and node.op_type == "Gather" and "int4_gather" in kinds and _attrs(node).get("axis", 0) == 0
+              and (deq := _semantic_producer(node.inputs[0], "dequantize_int4_rows")) is not None):
+            new = ir.Node(SEMANTIC_DOMAIN, "int4_gather", [deq.inputs[0], node.inputs[1], deq.inputs[1]], ir.convenience.convert_attributes(_attrs(deq)))
+            sources = [deq]
+        elif node.domain in ("", "ai.onnx") and node.op_type == "Add" and "w4a4_linear_bias" in kinds:
+            for i, value in enumerate(node.inputs[:2]):
+                linear = _semantic_producer(value, "w4a4_linear")
+                bias = node.inputs[1 - i]
+                if (linear is not None and len(value.uses()) == 1 and id(value) not in outputs
+                        and _constant_vector(bias, _attrs(linear)["n"])):
+                    new = ir.Node(SEMANTIC_DOMAIN, "w4a4_linear_bias", [*linear.inputs, bias], ir.convenience.convert_attributes(_attrs(linear)))
+                    sources, stamps = [linear], linear
+                    break
+        if new is None:
+            continue
+        new.metadata_props.update(stamps.metadata_props)
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], list(node.outputs), list(new.outputs))
+        for source in sources:
+            if source.graph is graph and all(not out.uses() for out in source.outputs):
+                graph.remove(source, safe=True)
+        joined += 1
+    return joined
+
+
+def _quantized_matmul(x, packed, scale, bits: int, clip_ratio: float, k: int, n: int, group_size: int):
+    return portable.op.MatMul(portable.qdq_per_token(x, bits, clip_ratio), portable.dequantize_int4(packed, scale, k, n, group_size))
+
+
+def _int4_matmul(x, packed, scale, k: int, n: int, group_size: int):
+    return portable.op.MatMul(x, portable.dequantize_int4(packed, scale, k, n, group_size))
+
+
+def _int4_gather(packed, indices, scale, v: int, d: int, group_size: int):
+    return portable.op.Gather(portable.dequantize_int4_rows(packed, scale, v, d, group_size), indices, axis=0)
+
+
+def _w4a4_linear_bias(x, packed, scale, bias, k: int, n: int, group_size: int, clip_ratio: float):
+    return portable.op.Add(portable.w4a4_linear(x, packed, scale, k, n, group_size, clip_ratio), bias)
+
+
+# The portable form of each join of :func:`join_readers` (what the two nodes were).
+JOINED_RULES: dict[str, Callable] = {
+    "quantized_matmul": _quantized_matmul,
+    "int4_matmul": _int4_matmul,
+    "int4_gather": _int4_gather,
+    "w4a4_linear_bias": _w4a4_linear_bias,
+}

@@ -1,9 +1,9 @@
 """The ``onnxruntime`` flavour: the semantic graphs translated for onnxruntime's CPU provider.
 
 The flavour starts from each program's semantic graph (every ``quota::`` operator one node,
-:mod:`quota_compile.export.semantic`), not from the portable graph: :func:`fuse_readers` joins
-the operators whose onnxruntime form spans their direct reader, then :func:`rules` translates
-each operator. What differs from the portable graph (everything else is the same operations):
+:mod:`quota_compile.export.semantic`), not from the portable graph:
+:func:`~quota_compile.export.semantic.join_readers` joins the operators whose onnxruntime form
+spans their direct reader, then :func:`rules` translates each operator. What differs from the portable graph (everything else is the same operations):
 
 - a W4A4 Linear (``quota.w4a4_linear``; a Linear with 8-bit activations is its quantizer, the
   INT4 weight's dequantizer and a ``MatMul``, joined into ``quota.quantized_matmul``) becomes
@@ -65,7 +65,7 @@ from onnxscript import opset21 as op
 from quota_compile.bundle.schema import KV_REPLACE, KV_UPDATE_KEY, ORT_FOLDER, PAST, PRESENT, kv_name  # noqa: F401  (ORT_FOLDER: also this module's)
 from quota_compile.export import onnx_translation as portable
 from quota_compile.export.onnx import SemanticGraph
-from quota_compile.export.semantic import PORTABLE_RULES, SEMANTIC_DOMAIN, custom_op
+from quota_compile.export.semantic import JOINED_RULES, PORTABLE_RULES, custom_op, join_readers
 from quota_compile.export.graph_edit import MS_DOMAIN, downstream_node, follow_chain, indexed_copy, is_cache_concat, live_nodes, node_attrs, toposort_nodes, write_back
 
 ORT_ARITHMETIC = {
@@ -214,64 +214,19 @@ def rules(accuracy_level: int, integer: bool) -> dict:
         scales = _array(scale, "the INT4 embedding's scale").astype(np.float32)
         return GATHER_BLOCK_QUANTIZED(_const(table), indices, _const(scales), bits=4, block_size=group_size, gather_axis=0, quantize_axis=1)
 
-    return {**PORTABLE_RULES, "qdq_per_token": qdq_per_token, "w4a4_linear": w4a4_linear,
+    return {**PORTABLE_RULES, **JOINED_RULES, "qdq_per_token": qdq_per_token, "w4a4_linear": w4a4_linear,
             "quantized_matmul": quantized_matmul, "int4_matmul": int4_matmul, "int4_gather": int4_gather}
 
 
-def fuse_readers(model: ir.Model) -> int:
-    """Join the semantic nodes whose onnxruntime form spans their direct reader (in place):
-
-    - ``MatMul(x, dequantize_int4(...))`` becomes ``quota.quantized_matmul`` when ``x`` is a
-      ``qdq_per_token`` (a Linear with 8-bit activations: it can take the integer path), else
-      ``quota.int4_matmul`` (a weight-only Linear: MatMulNBits);
-    - ``Gather(dequantize_int4_rows(...), ids, axis=0)`` becomes ``quota.int4_gather``
-      (GatherBlockQuantized).
-
-    A dequantizer or quantizer that nothing reads any more goes. Returns the number of readers
-    joined. The joined node carries the quantizer's provenance stamps where there is one (its
-    codes are what the verification observes), else the reader's."""
-    graph = model.graph
-    joined = 0
-
-    def semantic(value, op_type):
-        p = value.producer() if value is not None else None
-        return p if p is not None and p.domain == SEMANTIC_DOMAIN and p.op_type == op_type else None
-
-    for node in list(graph):
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        attrs = {name: attr.value for name, attr in node.attributes.items()}
-        if node.op_type == "MatMul" and (deq := semantic(node.inputs[1], "dequantize_int4")) is not None:
-            weight = {name: attr.value for name, attr in deq.attributes.items()}
-            qdq = semantic(node.inputs[0], "qdq_per_token")
-            if qdq is not None:
-                act = {name: attr.value for name, attr in qdq.attributes.items()}
-                new = ir.Node(SEMANTIC_DOMAIN, "quantized_matmul", [qdq.inputs[0], *deq.inputs],
-                              ir.convenience.convert_attributes({"bits": act["bits"], "clip_ratio": act["clip_ratio"], **weight}))
-                stamps = qdq
-            else:
-                new = ir.Node(SEMANTIC_DOMAIN, "int4_matmul", [node.inputs[0], *deq.inputs], ir.convenience.convert_attributes(weight))
-                stamps = node
-            sources = [deq] + ([qdq] if qdq is not None else [])
-        elif node.op_type == "Gather" and attrs.get("axis", 0) == 0 and (deq := semantic(node.inputs[0], "dequantize_int4_rows")) is not None:
-            weight = {name: attr.value for name, attr in deq.attributes.items()}
-            new = ir.Node(SEMANTIC_DOMAIN, "int4_gather", [deq.inputs[0], node.inputs[1], deq.inputs[1]], ir.convenience.convert_attributes(weight))
-            stamps, sources = node, [deq]
-        else:
-            continue
-        new.metadata_props.update(stamps.metadata_props)
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], list(node.outputs), list(new.outputs))
-        for source in sources:
-            if all(not out.uses() for out in source.outputs) and source.graph is graph:
-                graph.remove(source, safe=True)
-        joined += 1
-    return joined
+# The joins (:func:`quota_compile.export.semantic.join_readers`) this flavour translates.
+ORT_JOINS = ("quantized_matmul", "int4_matmul", "int4_gather")
 
 
 def lower_graph(semantic: SemanticGraph, accuracy_level: int, integer: bool) -> onnx.ModelProto:
-    """The onnxruntime flavour of one graph from its semantic graph: :func:`fuse_readers`, then
-    the flavour's :func:`rules` (the portable ones for the operators it does not change)."""
-    return semantic.expand(rules(accuracy_level, integer), standard_only=False, prepare=fuse_readers)
+    """The onnxruntime flavour of one graph from its semantic graph: the joins of
+    :data:`ORT_JOINS`, then the flavour's :func:`rules` (the portable ones for the operators it
+    does not change)."""
+    return semantic.expand(rules(accuracy_level, integer), standard_only=False, prepare=lambda m: join_readers(m, ORT_JOINS))
 
 
 def uses_group_query_attention(cfg, quantized_kv: bool = True) -> bool:

@@ -52,8 +52,10 @@ class TensorrtFlavour(Flavour):
                 f"only, not {g}; set group_size: 64 or 128 or embeddings.bits: null."
             )
 
+    reads_semantic = True  # translated from the semantic graphs by its own rules
+
     def lower(self, cfg, models, quantized_kv: bool = True, semantic=None):
-        return to_tensorrt(models)
+        return to_tensorrt(semantic)
 
     def verify(self, build: FlavourBuild) -> dict:
         """The flavour (plugins run by their references through onnxruntime-extensions) against

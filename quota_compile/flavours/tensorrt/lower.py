@@ -76,6 +76,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+import onnx_ir as ir
+from onnxscript import opset21 as op
+
+from quota_compile.export.onnx import SemanticGraph
+from quota_compile.export.semantic import JOINED_RULES, PORTABLE_RULES, SEMANTIC_DOMAIN, custom_op, join_readers
 from quota_compile.export.graph_edit import downstream_node, follow_chain, indexed_copy, is_cache_concat, live_nodes, node_attrs, toposort_nodes, write_back
 from quota_compile.bundle.schema import KV_APPEND, KV_UPDATE_KEY, PAST, PRESENT, TRT_FOLDER, kv_name  # noqa: F401  (TRT_FOLDER: also this module's)
 
@@ -168,105 +173,124 @@ class _Rewrite:
 
 
 # --------------------------------------------------------------------------------------------
-# W4A4 Linear
+# Rules over the semantic graph: the W4A4 Linears and the prefill's KV quantizers
 
 
-def _per_token_quantizers(rw: _Rewrite) -> dict[str, tuple[str, int, str, str]]:
-    """DQ output -> ``(x, act_bits, s, name)`` of every per-token activation fake-quant
-    ``DequantizeLinear(QuantizeLinear(x, s, axis=-1), s)``."""
-    found = {}
-    for dq in rw.graph.node:
-        if dq.op_type != "DequantizeLinear" or len(dq.input) != 2:
+_A = onnx.defs.OpSchema.AttrType
+_PLUGIN_ATTRIBUTES = [("plugin_namespace", _A.STRING), ("plugin_version", _A.STRING), ("aot", _A.INT)]
+_W4A4_OP = custom_op(PLUGIN_DOMAIN, W4A4_LINEAR, ["x", "weight", "scale", "bias"],
+                     attributes=[("group_size", _A.INT), ("clip_ratio", _A.FLOAT), ("act_bits", _A.INT), *_PLUGIN_ATTRIBUTES])
+_KV_QUANTIZE_OP = custom_op(PLUGIN_DOMAIN, KV_QUANTIZE, ["x", "scale", "zero_point"], outputs=4,
+                            attributes=[("bits", _A.INT), ("granularity", _A.STRING), *_PLUGIN_ATTRIBUTES])
+
+
+def _const(value):
+    """An initializer-to-be (the simplification lifts Constants into initializers)."""
+    return op.Constant(value=ir.tensor(np.ascontiguousarray(value)))
+
+
+def _array(value, what: str) -> np.ndarray:
+    if value is None or value.const_value is None:
+        raise TrtLoweringError(f"TensorRT flavour: {what} {getattr(value, 'name', None)!r} is not a constant of the graph")
+    return value.const_value.numpy()
+
+
+def _linear(x, packed, scale, bias, k: int, n: int, group_size: int, clip_ratio: float, act_bits: int):
+    """One :data:`W4A4_LINEAR`: ``weight`` is the packed ``[K, N]`` codes as ``uint8 [K, N/2]``
+    (the INT4 initializer's own bytes), ``bias`` zeros where the Linear has none."""
+    if n % 2:
+        raise TrtLoweringError(f"TensorRT flavour: {packed.name}: N = {n} is odd; the packed layout holds columns in pairs")
+    weight = _array(packed, "the packed INT4 weight").reshape(-1).view(np.uint8)[: k * n // 2].reshape(k, n // 2)
+    w_scale = _array(scale, "the INT4 weight's scale").astype(np.float32)
+    return _W4A4_OP(x, _const(weight), _const(w_scale), bias if bias is not None else _const(np.zeros(n, np.float32)),
+                    group_size=group_size, clip_ratio=clip_ratio, act_bits=act_bits, **PLUGIN_ATTRS)
+
+
+def _w4a4_linear(x, packed, scale, k: int, n: int, group_size: int, clip_ratio: float):
+    return _linear(x, packed, scale, None, k, n, group_size, clip_ratio, 4)
+
+
+def _w4a4_linear_bias(x, packed, scale, bias, k: int, n: int, group_size: int, clip_ratio: float):
+    return _linear(x, packed, scale, bias, k, n, group_size, clip_ratio, 4)
+
+
+def _quantized_matmul(x, packed, scale, bits: int, clip_ratio: float, k: int, n: int, group_size: int):
+    return _linear(x, packed, scale, None, k, n, group_size, clip_ratio, bits)
+
+
+def _kv_quantize(x, bits: int):
+    """A per_token KV quantizer and its dequantizer: codes, scale, zero point, dequantized."""
+    none_scale, none_zero_point = _const(np.ones(1, np.float32)), _const(np.zeros(1, np.uint8))
+    return _KV_QUANTIZE_OP(x, none_scale, none_zero_point, bits=bits, granularity="per_token", **PLUGIN_ATTRS)
+
+
+def _kv_quantize_static(x, scale, bits: int):
+    """A per_channel KV quantizer (static scale, zero point 2^(bits-1)) and its dequantizer:
+    codes and dequantized (the plugin's scale and zero point outputs repeat its inputs, unused)."""
+    codes, _, _, dequantized = _KV_QUANTIZE_OP(x, scale, _const(np.full((1, 1, 1, 1), 2 ** (bits - 1), np.uint8)),
+                                              bits=bits, granularity="per_channel", **PLUGIN_ATTRS)
+    return codes, dequantized
+
+
+# the joins (join_readers) this flavour translates
+TRT_JOINS = ("quantized_matmul", "w4a4_linear_bias")
+
+
+def join_kv_quantizers(model: ir.Model) -> int:
+    """Join each KV quantizer with the dequantizer that reads exactly its outputs (in place):
+    ``quota.kv_quantize`` (per_token: outputs codes, scale, zero point, dequantized) and
+    ``quota.kv_quantize_static`` (per_channel: codes, dequantized), each translated into one
+    :data:`KV_QUANTIZE` node. Returns the number joined."""
+    graph = model.graph
+    joined = 0
+    pairs = {"quantize_kv": ("dequantize_kv", "kv_quantize"), "quantize_kv_static": ("dequantize_kv_static", "kv_quantize_static")}
+    for node in list(graph):
+        if node.domain != SEMANTIC_DOMAIN or node.op_type not in pairs:
             continue
-        q = rw.producers.get(dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear" or len(q.input) != 2 or q.input[1] != dq.input[1]:
+        reader_type, joined_type = pairs[node.op_type]
+        readers = {id(u): u for out in node.outputs[:1] for u, _ in out.uses()
+                   if u.domain == SEMANTIC_DOMAIN and u.op_type == reader_type}
+        reader = next((u for u in readers.values()
+                       if list(u.inputs[: len(node.outputs)]) == list(node.outputs) and u.inputs[len(node.outputs):] == node.inputs[1:]), None)
+        if reader is None:
             continue
-        qa, da = node_attrs(q), node_attrs(dq)
-        if qa.get("output_dtype") not in (TensorProto.INT4, TensorProto.INT8) or qa.get("axis") != -1 or da.get("axis") != -1:
-            continue
-        bits = 4 if qa["output_dtype"] == TensorProto.INT4 else 8
-        found[dq.output[0]] = (q.input[0], bits, q.input[1], q.name)
-    return found
+        new = ir.Node(SEMANTIC_DOMAIN, joined_type, list(node.inputs), ir.convenience.convert_attributes(
+            {name: a.value for name, a in node.attributes.items()}), num_outputs=len(node.outputs) + 1)
+        new.metadata_props.update(node.metadata_props)
+        ir.convenience.replace_nodes_and_values(graph, node, [node, reader], [new], [*node.outputs, reader.outputs[0]], list(new.outputs))
+        joined += 1
+    return joined
 
 
-def _clip_ratio(rw: _Rewrite, scale: str, x: str, bits: int, where: str) -> float:
-    """The ``clip_ratio`` of ``scale = max(clip * max|x| / qmax, eps)`` (checked node by node)."""
-    from quota_compile.quant.ops import SCALE_EPS
-
-    def step(tensor: str, op_type: str) -> tuple[onnx.NodeProto, str, float | None]:
-        n = rw.producers.get(tensor)
-        if n is None or n.op_type != op_type:
-            rw.fail(f"the per-token scale of {where} is not ops.per_token_scale's chain (expected {op_type} writing {tensor})")
-        const = next((v for v in (_scalar(rw.inits, i) for i in n.input) if v is not None), None)
-        rest = next((i for i in n.input if i not in rw.inits), None)
-        return n, rest, const
-
-    _, a, eps = step(scale, "Max")
-    _, b, qmax = step(a, "Div")
-    n = rw.producers.get(b)
-    clip = 1.0
-    if n is not None and n.op_type == "Mul":
-        _, b, clip = step(b, "Mul")
-    _, c, _ = step(b, "ReduceMax")
-    _, src, _ = step(c, "Abs")
-    if src != x or qmax != 2 ** (bits - 1) - 1 or eps is None or not np.isclose(eps, SCALE_EPS, rtol=1e-6, atol=0.0) or clip is None:
-        rw.fail(f"the per-token scale of {where} does not quantize {x} as ops.per_token_scale does (qmax {qmax}, eps {eps})")
-    return float(np.float32(clip))
+def rules(prefill: bool) -> dict:
+    """The flavour's rules (:func:`quota_compile.export.semantic.expand`): the W4A4 Linears
+    (with their bias, and the Linears with 8-bit activations) as :data:`W4A4_LINEAR`, in the
+    prefill the joined KV quantizers as :data:`KV_QUANTIZE`; the other operators keep their
+    portable rules (weight-only INT4 stays a blocked ``DequantizeLinear`` + ``MatMul``, which
+    TensorRT runs natively)."""
+    out = {**PORTABLE_RULES, **JOINED_RULES, "w4a4_linear": _w4a4_linear, "w4a4_linear_bias": _w4a4_linear_bias,
+           "quantized_matmul": _quantized_matmul}
+    if prefill:
+        out.update(kv_quantize=_kv_quantize, kv_quantize_static=_kv_quantize_static)
+    return out
 
 
-def _packed_int4(t: onnx.TensorProto) -> np.ndarray:
-    """``uint8 [K, N/2]``: the INT4 initializer's bytes (already ``ops.pack_int4``'s layout)."""
-    k, n = t.dims
-    if t.raw_data:
-        raw = np.frombuffer(t.raw_data, dtype=np.uint8)
-    else:
-        codes = numpy_helper.to_array(t).astype(np.int16).reshape(-1) & 0xF
-        raw = (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
-    return np.ascontiguousarray(raw[: k * n // 2].reshape(k, n // 2))
+def _prepare(prefill: bool):
+    def prepare(model: ir.Model) -> None:
+        join_readers(model, TRT_JOINS)
+        if prefill:
+            join_kv_quantizers(model)
+    return prepare
 
 
-def w4a4_linears(model: onnx.ModelProto, what: str = "graph") -> tuple[onnx.ModelProto, int]:
-    """A copy of ``model`` with every W4A4 Linear as one :data:`W4A4_LINEAR` node; returns it and
-    the number of Linears rewritten."""
-    rw = _Rewrite(model, what)
-    quantized = _per_token_quantizers(rw)
-    count = 0
-    for mm in rw.graph.node:
-        if mm.op_type != "MatMul" or mm.input[0] not in quantized:
-            continue
-        dq = rw.producers.get(mm.input[1])
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in rw.inits or len(dq.input) > 2:
-            continue
-        w = rw.inits[dq.input[0]]
-        if w.data_type != TensorProto.INT4 or len(w.dims) != 2:
-            continue
-        k, n = w.dims
-        da = node_attrs(dq)
-        if da.get("axis", 1) != 0 or dq.input[1] not in rw.inits:
-            rw.fail(f"{dq.name}: INT4 weight not blocked along axis 0 with a constant scale")
-        if n % 2:
-            rw.fail(f"{mm.name}: N = {n} is odd; the packed layout holds columns in pairs")
-        x, bits, s, where = quantized[mm.input[0]]
-        clip = _clip_ratio(rw, s, x, bits, where)
-        out = mm.output[0]
-        readers = rw.consumers.get(out, [])
-        bias = None
-        if len(readers) == 1 and readers[0].op_type == "Add" and out not in {o.name for o in rw.graph.output}:
-            other = [i for i in readers[0].input if i != out]
-            if len(other) == 1 and other[0] in rw.inits and tuple(rw.inits[other[0]].dims) == (n,):
-                bias, out = other[0], readers[0].output[0]
-                rw.removed.add(id(readers[0]))
-        if bias is None:
-            bias = rw.init(np.zeros(n, np.float32), f"quota_zero_bias_{n}")
-        packed = rw.init(_packed_int4(w), f"{w.name}_packed")
-        scale = rw.init(numpy_helper.to_array(rw.inits[dq.input[1]]).astype(np.float32), f"{w.name}_packed_scale")
-        rw.removed.add(id(mm))
-        rw.added.append(_plugin(
-            W4A4_LINEAR, [x, packed, scale, bias], [out], f"{mm.name}_w4a4",
-            group_size=int(da.get("block_size") or k), clip_ratio=clip, act_bits=bits,
-        ))
-        count += 1
-    return rw.finish(), count
+def lower_graph(semantic: SemanticGraph, graph: str) -> onnx.ModelProto:
+    """One graph of the flavour from its semantic graph (the decode's attention still a rewrite
+    of the translated graph, :func:`decode_attention`)."""
+    prefill = graph == "prefill"
+    model = semantic.expand(rules(prefill), standard_only=False, prepare=_prepare(prefill))
+    if graph == "decode":
+        model, _ = decode_attention(model)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,16 +323,6 @@ def _kv_quantizer(rw: _Rewrite, codes: str) -> tuple[str, str | None]:
     rw.fail(f"{codes} is not written by a KV quantizer")
 
 
-def _dequantized(rw: _Rewrite, codes: str, static: str | None) -> str:
-    """The float tensor the graph dequantizes ``codes`` into: the first ``DequantizeLinear``
-    (per_token) or ``Mul`` by the static scale (per_channel) reading them."""
-    def found(n: onnx.NodeProto) -> bool:
-        return (static is None and n.op_type == "DequantizeLinear") or (static is not None and n.op_type == "Mul" and static in n.input)
-
-    n = downstream_node(rw.consumers, codes, found)
-    return n.output[0] if n is not None else rw.fail(f"nothing dequantizes {codes}")
-
-
 def _chain_to(rw: _Rewrite, tensor: str, op_type: str) -> list[onnx.NodeProto]:
     return follow_chain(rw.consumers, tensor, op_type, rw.fail)
 
@@ -328,32 +342,6 @@ def _static_params(rw: _Rewrite, static: str | None, bits: int) -> tuple[str, st
 
 def _layers(prefix: str, names) -> list[int]:
     return sorted(int(n.split(".")[1]) for n in names if n.startswith(prefix) and n.endswith(".key"))
-
-
-def kv_quantizers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy of the prefill graph ``model`` with each layer's key and value quantizer as one
-    :data:`KV_QUANTIZE` node each; returns it and the number of nodes added."""
-    rw = _Rewrite(model, "prefill")
-    outputs = {o.name for o in rw.graph.output}
-    layers = _layers(PRESENT, outputs)
-    if not layers:
-        rw.fail("the graph has no present.<i>.key outputs")
-    for i in layers:
-        for kind in ("key", "value"):
-            codes = kv_name(PRESENT, i, kind)
-            x, static = _kv_quantizer(rw, codes)
-            bits, _ = _kv_layout(rw, codes, x)
-            granularity = "per_channel" if static is not None else "per_token"
-            deq = _dequantized(rw, codes, static)
-            tag = f"kv_quantize_{i}_{kind}"
-            scale, zero_point = _static_params(rw, static, bits)
-            outs = [codes, f"{codes}_scale", f"{codes}_zero_point", deq]
-            if static is not None:
-                outs[1:3] = [f"{tag}_scale", f"{tag}_zero_point"]  # the static ones, unused
-            for t in outs:
-                rw.take_over(t)
-            rw.added.append(_plugin(KV_QUANTIZE, [x, scale, zero_point], outs, tag, bits=bits, granularity=granularity))
-    return rw.finish(), 2 * len(layers)
 
 
 def decode_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
@@ -416,18 +404,15 @@ def decode_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 # The flavour
 
 
-def to_tensorrt(models: dict[str, onnx.ModelProto]) -> dict[str, onnx.ModelProto]:
-    """The TensorRT flavour of each portable graph (``vision``, ``prefill``, ``decode``):
-    W4A4 Linears as :data:`W4A4_LINEAR` everywhere, the prefill's KV quantizers as
-    :data:`KV_QUANTIZE`, the decode's attention as :data:`DECODE_ATTENTION`; the metadata says
-    ``quota_compile.flavour = tensorrt`` and (decode) that the runtime appends the cache."""
+def to_tensorrt(semantic: dict[str, SemanticGraph]) -> dict[str, onnx.ModelProto]:
+    """The TensorRT flavour of each graph (``vision``, ``prefill``, ``decode``) from its semantic
+    graph (:func:`lower_graph`): W4A4 Linears as :data:`W4A4_LINEAR` everywhere, the prefill's KV
+    quantizers as :data:`KV_QUANTIZE`, the decode's attention as :data:`DECODE_ATTENTION`; the
+    metadata says ``quota_compile.flavour = tensorrt`` and (decode) that the runtime appends
+    the cache."""
     out = {}
-    for g, model in models.items():
-        m, _ = w4a4_linears(model, g)
-        if g == "prefill":
-            m, _ = kv_quantizers(m)
-        elif g == "decode":
-            m, _ = decode_attention(m)
+    for g, graph in semantic.items():
+        m = lower_graph(graph, g)
         left = sorted({n.op_type for n in m.graph.node if n.op_type in TRT_UNSUPPORTED})
         if left:
             raise TrtLoweringError(f"TensorRT flavour, {g}: {', '.join(left)} left in the graph (TensorRT's ONNX parser cannot take them)")
