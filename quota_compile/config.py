@@ -275,7 +275,7 @@ class ExportSection(_Section):
     # Functions applied to the portable graphs after export, before the flavours and the
     # verification (quota_compile/export/user_passes.py): "module:function", the module importable
     # from sys.path or the YAML file's folder.
-    passes: list[str] = Field(default_factory=list, description="your own passes over the exported portable graphs, as `module:function`, in order, before verification: they reach the portable graphs and the flavours derived from them (tensorrt), not the onnxruntime flavour, which is translated from the semantic graphs; each function is called as `function(model, graph)` (an `onnx.ModelProto`, and `vision`, `prefill` or `decode`) and edits the model in place or returns a new one; the module is imported from `sys.path` or the YAML file's folder. `compile` only (eval and bench measure the compiler's own graphs). The gate holds their result to the same checks: a pass that changes what a graph computes gets exit code 1")
+    passes: list[str] = Field(default_factory=list, description="your own passes over the exported portable graphs, as `module:function`, in order, before verification: they edit the portable graphs only (the onnxruntime and tensorrt flavours are translated from the semantic graphs and do not see them); each function is called as `function(model, graph)` (an `onnx.ModelProto`, and `vision`, `prefill` or `decode`) and edits the model in place or returns a new one; the module is imported from `sys.path` or the YAML file's folder. `compile` only (eval and bench measure the compiler's own graphs). The gate holds their result to the same checks: a pass that changes what a graph computes gets exit code 1")
 
     @field_validator("passes")
     @classmethod

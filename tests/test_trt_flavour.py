@@ -25,8 +25,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from quota_compile.cli import main
+from quota_compile.export.onnx import SemanticGraph, export_semantic
 from quota_compile.flavours.tensorrt.lower import (
-    DECODE_ATTENTION, FLAVOUR_KEY, KV_QUANTIZE, PLUGIN_DOMAIN, W4A4_LINEAR, TrtLoweringError, plugin_counts, to_tensorrt, w4a4_linears,
+    DECODE_ATTENTION, FLAVOUR_KEY, KV_QUANTIZE, PLUGIN_DOMAIN, W4A4_LINEAR, TrtLoweringError, lower_graph, plugin_counts, to_tensorrt,
 )
 from quota_compile.bundle.format import KV_APPEND, kv_update_of
 from quota_compile.quant import ops
@@ -196,73 +197,73 @@ def test_compile_without_tensorrt_says_so_in_one_line(per_token):
 # ---------------------------------------------------------------- the rewrite on small graphs
 
 
-def _linear_graph(k: int, n: int, group: int, clip: float, quantized: bool, bias: bool, seed: int = 0):
-    """One Linear as the portable lowering writes it: optional per-token INT4 Q/DQ of x (scale
-    ``max(clip * max|x| / 7, eps)``), blocked INT4 DequantizeLinear of the [K, N] weight,
-    MatMul, optional bias Add. Returns the model, the codes, the scales and the bias."""
+class _Linear(torch.nn.Module):
+    """One Linear as the traced programs hold it: a W4A4 Linear (``quota::w4a4_linear``), or its
+    pieces with 8-bit activations (``act_bits`` 8: a per-token quantizer, the INT4 weight's
+    dequantizer, a matmul), or weight-only (``act_bits`` None); then an optional bias add."""
+
+    def __init__(self, codes, w_scale, b, clip: float, act_bits, bias: bool):
+        super().__init__()
+        self.k, self.n = codes.shape
+        self.group = self.k // w_scale.shape[0]
+        self.clip, self.act_bits, self.with_bias = clip, act_bits, bias
+        self.register_buffer("packed", ops.pack_int4(torch.from_numpy(codes)))
+        self.register_buffer("scale", torch.from_numpy(w_scale))
+        self.register_buffer("bias", torch.from_numpy(b))
+
+    def forward(self, x):
+        if self.act_bits == 4:
+            y = torch.ops.quota.w4a4_linear(x, self.packed, self.scale, self.k, self.n, self.group, self.clip)
+        else:
+            if self.act_bits is not None:
+                x = torch.ops.quota.qdq_per_token(x, self.act_bits, self.clip)
+            y = torch.matmul(x, torch.ops.quota.dequantize_int4(self.packed, self.scale, self.k, self.n, self.group))
+        return y + self.bias if self.with_bias else y
+
+
+def _linear_graph(k: int, n: int, group: int, clip: float, act_bits, bias: bool, seed: int = 0):
+    """The semantic graph of one :class:`_Linear` with random codes ``[K, N]``, scales and bias
+    (x ``[2, 3, K]``); returns it, the codes, the scales and the bias."""
     rng = np.random.default_rng(seed)
     codes = rng.integers(-8, 8, (k, n)).astype(np.int8)
     w_scale = (rng.random((k // group, n)) * 0.1 + 0.01).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
-    raw = ops.pack_int4(torch.from_numpy(codes)).numpy().tobytes()
-    inits = [
-        helper.make_tensor("W", TensorProto.INT4, [k, n], raw, raw=True),
-        numpy_helper.from_array(w_scale, "sw"),
-        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
-        numpy_helper.from_array(np.array(7.0, np.float32), "seven"),
-        numpy_helper.from_array(np.array(ops.SCALE_EPS, np.float32), "eps"),
-        numpy_helper.from_array(np.array(clip, np.float32), "clip"),
-        numpy_helper.from_array(b, "bias"),
-    ]
-    nodes = [helper.make_node("DequantizeLinear", ["W", "sw"], ["w"], axis=0, block_size=group)]
-    a = "x"
-    if quantized:
-        nodes += [
-            helper.make_node("Abs", ["x"], ["abs"]),
-            helper.make_node("ReduceMax", ["abs", "axes"], ["m0"], keepdims=1),
-            *([helper.make_node("Mul", ["m0", "clip"], ["m"])] if clip != 1.0 else []),
-            helper.make_node("Div", ["m" if clip != 1.0 else "m0", "seven"], ["s0"]),
-            helper.make_node("Max", ["s0", "eps"], ["s"]),
-            helper.make_node("QuantizeLinear", ["x", "s"], ["q"], axis=-1, block_size=k, output_dtype=TensorProto.INT4),
-            helper.make_node("DequantizeLinear", ["q", "s"], ["xq"], axis=-1, block_size=k),
-        ]
-        a = "xq"
-    nodes.append(helper.make_node("MatMul", [a, "w"], ["mm" if bias else "y"]))
-    if bias:
-        nodes.append(helper.make_node("Add", ["mm", "bias"], ["y"]))
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, n])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), codes, w_scale, b
+    module = _Linear(codes, w_scale, b, clip, act_bits, bias).eval()
+    semantic = SemanticGraph.of(export_semantic(module, (torch.zeros(2, 3, k),), ["x"], ["y"], None), 21)
+    return semantic, codes, w_scale, b
 
 
-@pytest.mark.parametrize("clip,bias,group", [(1.0, True, 16), (0.5, False, 48)])
-def test_w4a4_linear_becomes_one_plugin_that_computes_the_integer_w4a4(clip, bias, group):
+@pytest.mark.parametrize("clip,bias,group,act_bits", [(1.0, True, 16, 4), (0.5, False, 48, 4), (0.75, True, 16, 8)])
+def test_w4a4_linear_becomes_one_plugin_that_computes_the_integer_w4a4(clip, bias, group, act_bits):
+    """A W4A4 Linear (with its bias, if any), or a Linear with 8-bit activations, is one plugin
+    node that computes per-token codes x INT4 codes, scaled."""
     k, n = 48, 32
-    model, codes, w_scale, b = _linear_graph(k, n, group, clip, quantized=True, bias=bias)
-    flavour, count = w4a4_linears(model)
-    assert count == 1 and [x.op_type for x in flavour.graph.node] == [W4A4_LINEAR]
+    semantic, codes, w_scale, b = _linear_graph(k, n, group, clip, act_bits, bias)
+    flavour = lower_graph(semantic, "vision")
+    assert [x.op_type for x in flavour.graph.node] == [W4A4_LINEAR]
     node = flavour.graph.node[0]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    assert attrs["group_size"] == group and attrs["act_bits"] == 4 and math.isclose(attrs["clip_ratio"], clip)
+    assert attrs["group_size"] == group and attrs["act_bits"] == act_bits and math.isclose(attrs["clip_ratio"], clip, rel_tol=1e-7)
     inits = {t.name: numpy_helper.to_array(t) for t in flavour.graph.initializer}
     packed = inits[node.input[1]]
     assert packed.dtype == np.uint8 and packed.shape == (k, n // 2)
     assert np.array_equal(ops.unpack_int4(torch.from_numpy(packed.copy()), (k, n)).numpy(), codes)  # pack_int4 layout
     assert np.array_equal(inits[node.input[3]], b if bias else np.zeros(n, np.float32))
-    # run it: the W4A4 arithmetic in float64 (per-token codes x INT4 codes, scaled)
+    # run it: the arithmetic in float64 (per-token codes x INT4 codes, scaled)
     x = np.random.default_rng(1).standard_normal((2, 3, k)).astype(np.float32)
     got = trt_verify.session(flavour).run(None, {"x": x})[0]
-    s = np.maximum(np.float32(clip) * np.abs(x).max(-1, keepdims=True) / np.float32(7), np.float32(ops.SCALE_EPS)).astype(np.float32)
-    qx = np.clip(np.round(x / s), -8, 7).astype(np.float64)
+    qmax = 2 ** (act_bits - 1) - 1
+    s = np.maximum(np.float32(clip) * np.abs(x).max(-1, keepdims=True) / np.float32(qmax), np.float32(ops.SCALE_EPS)).astype(np.float32)
+    qx = np.clip(np.round(x / s), -qmax - 1, qmax).astype(np.float64)
     w = codes.astype(np.float64) * np.repeat(w_scale.astype(np.float64), group, axis=0)
     ref = (qx @ w) * s + (b if bias else 0.0)
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 def test_weight_only_int4_linear_stays_blocked_dequantize_and_matmul():
-    model, *_ = _linear_graph(64, 32, 16, 1.0, quantized=False, bias=True)
-    flavour, count = w4a4_linears(model)
-    assert count == 0 and [x.op_type for x in flavour.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
+    semantic, *_ = _linear_graph(64, 32, 16, 1.0, None, bias=True)
+    flavour = lower_graph(semantic, "vision")
+    assert [x.op_type for x in flavour.graph.node] == ["DequantizeLinear", "MatMul", "Add"]
     assert any(t.data_type == TensorProto.INT4 for t in flavour.graph.initializer)
 
 
@@ -270,22 +271,13 @@ def test_weight_only_int4_linear_stays_blocked_dequantize_and_matmul():
 def test_the_flavour_keeps_only_int4_blocks_tensorrt_accepts(group):
     """A weight-only INT4 DequantizeLinear left in the flavour must have a block TensorRT takes
     (64 or 128); a smaller one is refused when the flavour is made, not at engine build."""
-    model, *_ = _linear_graph(256, 32, group, 1.0, quantized=False, bias=False)
+    semantic, *_ = _linear_graph(256, 32, group, 1.0, None, bias=False)
     if group in (64, 128):
-        (flavour,) = to_tensorrt({"vision": model}).values()
+        (flavour,) = to_tensorrt({"vision": semantic}).values()
         assert [n.op_type for n in flavour.graph.node] == ["DequantizeLinear", "MatMul"]
     else:
         with pytest.raises(TrtLoweringError, match=f"block size \\[{group}\\]"):
-            to_tensorrt({"vision": model})
-
-
-def test_a_quantizer_that_is_not_ops_per_token_scale_is_refused():
-    model, *_ = _linear_graph(48, 32, 16, 1.0, quantized=True, bias=False)
-    for t in model.graph.initializer:
-        if t.name == "seven":
-            t.CopyFrom(numpy_helper.from_array(np.array(127.0, np.float32), "seven"))  # an INT8 scale on INT4 codes
-    with pytest.raises(TrtLoweringError, match="per-token scale"):
-        w4a4_linears(model)
+            to_tensorrt({"vision": semantic})
 
 
 def test_unknown_graph_form_is_refused_not_half_rewritten():
@@ -295,7 +287,7 @@ def test_unknown_graph_form_is_refused_not_half_rewritten():
         "g", [helper.make_tensor_value_info(n, TensorProto.UINT8, ["b", 2, "p", 4]) for n in ("past.0.key", "past.0.value")],
         [helper.make_tensor_value_info(n, TensorProto.UINT8, ["b", 2, "p", 4]) for n in ("present.0.key", "present.0.value")])
     with pytest.raises(TrtLoweringError, match="not written by a KV quantizer"):
-        to_tensorrt({"decode": helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])})
+        to_tensorrt({"decode": SemanticGraph(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), 21)})
 
 
 # ---------------------------------------------------------------- references and kernels

@@ -202,8 +202,8 @@ class Workbench:
             for flavour in flavours:
                 if flavour.derived:
                     progress.note(f"the {flavour.name} flavour ...")
-                    lowered[flavour.name] = flavour.lower(cfg, models, quantized_kv=quantized and not weight_only,
-                                                          semantic=semantic if flavour.reads_semantic else None)
+                    given = {"semantic": semantic} if flavour.reads_semantic else {}  # (a flavour of the portable graphs need not take it)
+                    lowered[flavour.name] = flavour.lower(cfg, models, quantized_kv=quantized and not weight_only, **given)
         built = Built(variant, decision, programs, traced, models, lowered, t_cal, time.perf_counter() - t0 - t_cal)
         if keep_semantic:
             built.semantic = semantic

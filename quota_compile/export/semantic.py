@@ -220,9 +220,10 @@ def join_readers(model: ir.Model, kinds: Sequence[str]) -> int:
     - ``int4_matmul``: ``MatMul(x, dequantize_int4(...))``, a weight-only Linear;
     - ``int4_gather``: ``Gather(dequantize_int4_rows(...), ids, axis=0)``, an INT4 embedding
       lookup, inputs ``(packed, ids, scale)``;
-    - ``w4a4_linear_bias``: ``Add(w4a4_linear(...), bias)`` with a constant bias ``[n]`` that is
-      the Linear's only reader (and the Linear's output no graph output), inputs ``(x, packed,
-      scale, bias)``.
+    - ``linear_bias``: ``Add(w4a4_linear(...), bias)`` with a constant bias ``[n]`` that is the
+      Linear's only reader (and the Linear's output no graph output) becomes
+      ``w4a4_linear_bias``, inputs ``(x, packed, scale, bias)``; the same after a
+      ``quantized_matmul`` join, ``quantized_matmul_bias``.
 
     A producer that nothing reads any more goes. The joined node carries the activation
     quantizer's provenance stamps where it joins one (its codes are what the verification
@@ -247,13 +248,13 @@ def join_readers(model: ir.Model, kinds: Sequence[str]) -> int:
               and (deq := _semantic_producer(node.inputs[0], "dequantize_int4_rows")) is not None):
             new = ir.Node(SEMANTIC_DOMAIN, "int4_gather", [deq.inputs[0], node.inputs[1], deq.inputs[1]], ir.convenience.convert_attributes(_attrs(deq)))
             sources = [deq]
-        elif node.domain in ("", "ai.onnx") and node.op_type == "Add" and "w4a4_linear_bias" in kinds:
+        elif node.domain in ("", "ai.onnx") and node.op_type == "Add" and "linear_bias" in kinds:
             for i, value in enumerate(node.inputs[:2]):
-                linear = _semantic_producer(value, "w4a4_linear")
+                linear = _semantic_producer(value, "w4a4_linear") or _semantic_producer(value, "quantized_matmul")
                 bias = node.inputs[1 - i]
                 if (linear is not None and len(value.uses()) == 1 and id(value) not in outputs
                         and _constant_vector(bias, _attrs(linear)["n"])):
-                    new = ir.Node(SEMANTIC_DOMAIN, "w4a4_linear_bias", [*linear.inputs, bias], ir.convenience.convert_attributes(_attrs(linear)))
+                    new = ir.Node(SEMANTIC_DOMAIN, f"{linear.op_type}_bias", [*linear.inputs, bias], ir.convenience.convert_attributes(_attrs(linear)))
                     sources, stamps = [linear], linear
                     break
         if new is None:
@@ -283,10 +284,15 @@ def _w4a4_linear_bias(x, packed, scale, bias, k: int, n: int, group_size: int, c
     return portable.op.Add(portable.w4a4_linear(x, packed, scale, k, n, group_size, clip_ratio), bias)
 
 
+def _quantized_matmul_bias(x, packed, scale, bias, bits: int, clip_ratio: float, k: int, n: int, group_size: int):
+    return portable.op.Add(_quantized_matmul(x, packed, scale, bits, clip_ratio, k, n, group_size), bias)
+
+
 # The portable form of each join of :func:`join_readers` (what the two nodes were).
 JOINED_RULES: dict[str, Callable] = {
     "quantized_matmul": _quantized_matmul,
     "int4_matmul": _int4_matmul,
     "int4_gather": _int4_gather,
     "w4a4_linear_bias": _w4a4_linear_bias,
+    "quantized_matmul_bias": _quantized_matmul_bias,
 }

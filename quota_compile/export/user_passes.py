@@ -3,8 +3,8 @@
 Each entry names a function as ``module:function``; the module is imported from ``sys.path``
 or from the YAML file's folder. The compile calls ``function(model, graph)`` for each
 portable graph (``graph`` is ``"vision"``, ``"prefill"`` or ``"decode"``) after torch.onnx
-export and before the graphs are verified (the flavours derived from the portable graphs see
-the result; a flavour translated from the semantic graphs, onnxruntime, does not); the function edits
+export and before the graphs are verified (the portable graphs only: the onnxruntime and
+tensorrt flavours are translated from the semantic graphs and do not see them); the function edits
 ``model`` in place and returns None, or returns the new ``onnx.ModelProto``. Whatever a pass
 does is then held to the same verification gate as the compiler's own graphs: a pass that
 changes what a graph computes gets exit code 1 and no bundle.

@@ -1,13 +1,16 @@
 """The flavour interface: one target of ``export.targets``, from its config checks to its
 manifest entry.
 
-A compile exports the portable graphs (standard ONNX ops) once; every other flavour is derived
-from them. For each flavour in ``export.targets`` the compile calls, in this order:
+A compile exports each program's semantic graph once (every ``quota::`` operator one node,
+:mod:`quota_compile.export.semantic`) and expands it into the portable graph (standard ONNX
+ops); every other flavour is translated from the semantic graphs by rules of its own
+(:attr:`Flavour.reads_semantic`) or derived from the portable graphs. For each flavour in
+``export.targets`` the compile calls, in this order:
 
 1. :meth:`Flavour.check_config` in the config stage (before anything is loaded);
 2. :meth:`Flavour.check_settled` once the model is loaded and the quantization settled;
-3. :meth:`Flavour.lower` in the lower stage (derived flavours): the portable graphs in, this
-   flavour's graphs out, saved under :attr:`Flavour.folder` of the bundle;
+3. :meth:`Flavour.lower` in the lower stage (derived flavours): the semantic or the portable
+   graphs in, this flavour's graphs out, saved under :attr:`Flavour.folder` of the bundle;
 4. :meth:`Flavour.verify` in the verify stage: verify.json's ``flavours.<name>`` (the portable
    flavour's result is the report itself);
 5. :meth:`Flavour.finish` in the bundle stage, after verification (e.g. engine builds); it may
@@ -63,7 +66,7 @@ class Flavour:
 
     name: str = ""
     folder: str = "."  # where its graphs go inside the bundle
-    derived: bool = True  # lowered from the portable graphs
+    derived: bool = True  # has graphs of its own (lowered from the semantic or the portable graphs)
     # ``eval``/``bench`` and the default runtime pick, among a config's targets, the flavour of
     # highest rank; None: never picked (e.g. graphs the onnxruntime runner cannot run as such).
     runtime_rank: int | None = None

@@ -1,29 +1,33 @@
-"""The ``tensorrt`` flavour: the portable graphs rewritten for TensorRT's ONNX parser.
+"""The ``tensorrt`` flavour: the semantic graphs translated for TensorRT's ONNX parser.
 
 TensorRT executes INT4 only as weight-only blocked ``DequantizeLinear`` and has no quantized
 KV cache; its ONNX parser knows no ``BitShift`` / ``BitwiseAnd`` / ``BitwiseOr`` and takes
 ``uint8`` only at the network's edges (TensorRT's support matrix; ``DataType.UINT8``:
 https://docs.nvidia.com/deeplearning/tensorrt/api/python_api/infer/FoundationalTypes/DataType.html;
 onnx-tensorrt ``docs/operators.md``: BitShift unsupported). So everything that computes on the
-INT4 activations or on the packed cache becomes a plugin node, and everything else stays the
-portable graph's, node for node:
+INT4 activations or on the packed cache becomes a plugin node, and everything else is the
+portable rules' translation, as in the portable graph. The flavour starts from each program's
+semantic graph (:mod:`quota_compile.export.semantic`): :func:`~quota_compile.export.semantic.join_readers`
+and :func:`join_kv_quantizers` join what one plugin replaces, then :func:`rules` translate:
 
-- every W4A4 Linear, i.e. ``MatMul(DequantizeLinear(QuantizeLinear(x, s, axis=-1,
-  block_size=K, INT4), s), DequantizeLinear(INT4 W [K, N], scale [K/g, N], axis=0,
-  block_size=g))`` with ``s = Max(Div([Mul(]ReduceMax(Abs(x), axes=-1)[, clip]), 7), eps)``
-  and optionally ``Add(·, bias [N])``, becomes one :data:`W4A4_LINEAR` node (schema below);
-  the per-token quantizer chain, the weight's DequantizeLinear and the bias Add go (the
-  plugin quantizes its input itself, as the Triton kernel does). Weight-only INT4 Linears (no
-  activation quantizer in front) stay blocked ``DequantizeLinear`` + ``MatMul``, which
-  TensorRT runs natively (it needs block size 64 or 128 there; see RESEARCH.md);
-- in the prefill, each layer's key and value quantizer (the codes, per-token scales and zero
-  points written to ``present.*``, and the dequantized values the layer's attention reads)
-  becomes one :data:`KV_QUANTIZE` node;
+- every W4A4 Linear (``quota.w4a4_linear``; a Linear with 8-bit activations joined into
+  ``quantized_matmul``), with the bias ``Add`` that is its only reader where there is one,
+  becomes one :data:`W4A4_LINEAR` node (schema below): the plugin quantizes its input itself,
+  as the Triton kernel does. Weight-only INT4 Linears stay blocked ``DequantizeLinear`` +
+  ``MatMul``, which TensorRT runs natively (it needs block size 64 or 128 there: TensorRT's
+  ONNX operator documentation for DequantizeLinear);
+- in the prefill, each layer's key and value quantizer with the dequantizer reading it (the
+  codes, per-token scales and zero points written to ``present.*``, and the dequantized
+  values the layer's attention reads) becomes one :data:`KV_QUANTIZE` node;
 - in the decode, each layer's attention over the quantized cache (quantizing the new token's
   key and value, dequantizing the past, the grouped-query products, the mask bias, the
   softmax and the product with the values) becomes one :data:`DECODE_ATTENTION` node. Its
   ``present_*`` outputs are the new token's entries only, like the portable graph's: the
   runtime's cache protocol stays "append" (:data:`quota_compile.flavours.onnxruntime.lower.KV_APPEND`).
+  The decode attention is not a semantic operator yet, so this one is a rewrite of the
+  translated graph (:func:`decode_attention`).
+
+``export.passes`` edit the portable graphs only; they do not reach this flavour.
 
 Plugin nodes are in domain :data:`PLUGIN_DOMAIN`; ``op_type`` is the plugin name, with the
 string attributes ``plugin_namespace`` (``"quota"``) and ``plugin_version`` (``"1"``) and the
@@ -103,7 +107,8 @@ PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_V
 
 
 class TrtLoweringError(RuntimeError):
-    """The portable graph does not have the form this rewrite expects (a bug)."""
+    """A graph this flavour cannot translate (an odd N, an INT4 block TensorRT does not take), or
+    a translated decode graph without the form the attention rewrite expects."""
 
 
 def _int4_dequantize_blocks(model: onnx.ModelProto) -> list[int]:
@@ -218,6 +223,10 @@ def _quantized_matmul(x, packed, scale, bits: int, clip_ratio: float, k: int, n:
     return _linear(x, packed, scale, None, k, n, group_size, clip_ratio, bits)
 
 
+def _quantized_matmul_bias(x, packed, scale, bias, bits: int, clip_ratio: float, k: int, n: int, group_size: int):
+    return _linear(x, packed, scale, bias, k, n, group_size, clip_ratio, bits)
+
+
 def _kv_quantize(x, bits: int):
     """A per_token KV quantizer and its dequantizer: codes, scale, zero point, dequantized."""
     none_scale, none_zero_point = _const(np.ones(1, np.float32)), _const(np.zeros(1, np.uint8))
@@ -233,7 +242,7 @@ def _kv_quantize_static(x, scale, bits: int):
 
 
 # the joins (join_readers) this flavour translates
-TRT_JOINS = ("quantized_matmul", "w4a4_linear_bias")
+TRT_JOINS = ("quantized_matmul", "linear_bias")
 
 
 def join_kv_quantizers(model: ir.Model) -> int:
@@ -269,7 +278,7 @@ def rules(prefill: bool) -> dict:
     portable rules (weight-only INT4 stays a blocked ``DequantizeLinear`` + ``MatMul``, which
     TensorRT runs natively)."""
     out = {**PORTABLE_RULES, **JOINED_RULES, "w4a4_linear": _w4a4_linear, "w4a4_linear_bias": _w4a4_linear_bias,
-           "quantized_matmul": _quantized_matmul}
+           "quantized_matmul": _quantized_matmul, "quantized_matmul_bias": _quantized_matmul_bias}
     if prefill:
         out.update(kv_quantize=_kv_quantize, kv_quantize_static=_kv_quantize_static)
     return out
