@@ -178,6 +178,41 @@ def test_aux_targets_shapes_and_centres(tok):
     assert t["centre"].sum() == len({(int(x.centre[0] // 8), int(x.centre[1] // 8)) for x in s.scene.shapes})
 
 
+def test_where_targets_are_the_named_objects_centre_cells(tok):
+    """The where heads' targets: grid (col, row) of the named object's centre (a relation's
+    second object in slots 2-3), -100 where no single present object is named."""
+    enc = T.Encoder(tok, T.ModelConfig.full())
+    seen = set()
+    for i in range(200):
+        s = make_sample("train", 0, i)
+        t = enc.where_targets(s)
+        mode, first, second = T.referred_objects(s)
+        if mode in ("count", "none") or len(first) != 1:
+            assert (t[:2] == -100).all()
+            continue
+        seen.add(s.question.family)
+        cell = lambda o: [int(o.centre[0] // 8), int(o.centre[1] // 8)]  # noqa: E731
+        assert t[:2].tolist() == cell(first[0])
+        assert t[2:].tolist() == cell(second[0])
+        if s.question.family == "position" and s.question.subtype == "side":
+            word = s.question.answer
+            col, row = t[:2]
+            assert {"left": col < 4, "right": col >= 4, "top": row < 4, "bottom": row >= 4}[word]
+    assert {"colour", "shape", "position"} <= seen
+
+
+def test_position_heads_leave_a_checkpoint_without_them_resumable(tmp_path):
+    """A run with the position heads resumes a checkpoint written without them (fresh heads)."""
+    out = tmp_path / "run"
+    _run(out, "--steps", "4", "--eval-every", "100", "--proj-pos-weight", "0", "--where-weight", "0")
+    assert "pos_heads" not in torch.load(out / "checkpoint.pt", weights_only=False)
+    records = _run(out, "--steps", "8", "--eval-every", "100", "--resume")
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 8 and {"pos_heads", "pos_optimizer"} <= set(state)
+    rows = [r for r in records if "aux_parts" in r and r["step"] > 4]
+    assert rows and all(np.isfinite(r["aux_parts"]["where"]) and np.isfinite(r["aux_parts"]["proj_pos"]) for r in rows)
+
+
 def test_attention_probe_matches_eager_attention(tok):
     cfg = T.ModelConfig.tiny()
     model = T.build_model(cfg, tok).eval()
