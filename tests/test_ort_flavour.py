@@ -356,6 +356,12 @@ def test_per_channel_w4a4_runs_as_exact_integer_products_or_matmulnbits(integer)
     assert all(helper.get_attribute_value(a) == 0 for n in flavour.graph.node if n.op_type == "QuantizeLinear"
                for a in n.attribute if a.name == "block_size")  # (0: per axis, not blocked)
     assert counts["MatMulIntegerToFloat" if integer else "MatMulNBits"] == 1
+    # ONNX wants scalar Clip bounds and a scalar zero point for one scale per row
+    inits = {t.name: numpy_helper.to_array(t) for t in flavour.graph.initializer}
+    for n in flavour.graph.node:
+        if n.op_type == "Clip" or n.op_type == "MatMulIntegerToFloat":
+            bounds = n.input[1:] if n.op_type == "Clip" else n.input[4:5]
+            assert all(inits[i].ndim == 0 for i in bounds if i in inits), n.op_type
     # the weights stay 4-bit on disk in both forms
     assert not any(t.data_type == TensorProto.INT8 for t in flavour.graph.initializer)
     got = _run(flavour, x)

@@ -111,7 +111,7 @@ def matmulnbits_weights(codes: np.ndarray, scale: np.ndarray, block: int) -> tup
 
 def _const(value):
     """An initializer-to-be (the simplification lifts Constants into initializers)."""
-    return op.Constant(value=ir.tensor(np.ascontiguousarray(value)))
+    return op.Constant(value=ir.tensor(np.array(value, order="C")))  # (ascontiguousarray would make a scalar 1-D)
 
 
 def _array(value, what: str) -> np.ndarray:

@@ -191,7 +191,7 @@ _KV_QUANTIZE_OP = custom_op(PLUGIN_DOMAIN, KV_QUANTIZE, ["x", "scale", "zero_poi
 
 def _const(value):
     """An initializer-to-be (the simplification lifts Constants into initializers)."""
-    return op.Constant(value=ir.tensor(np.ascontiguousarray(value)))
+    return op.Constant(value=ir.tensor(np.array(value, order="C")))  # (ascontiguousarray would make a scalar 1-D)
 
 
 def _array(value, what: str) -> np.ndarray:
