@@ -23,7 +23,7 @@ from torch.export import Dim
 
 from quota_compile.export import onnx_translation
 from quota_compile.export.onnx import expand_to_onnx, export_onnx, export_semantic
-from quota_compile.export.semantic import PORTABLE_RULES, SEMANTIC_DOMAIN, SemanticError, expand
+from quota_compile.export.semantic import JOINED_RULES, PORTABLE_RULES, SEMANTIC_DOMAIN, SemanticError, expand, join_readers
 from quota_compile.kernels import ops as kernel_ops  # noqa: F401  (registers quota::w4a4_linear)
 from quota_compile.pruning import score  # noqa: F401  (registers quota::select_topk)
 from quota_compile.quant import ops
@@ -127,3 +127,43 @@ def test_a_flavour_rule_replaces_its_operator_and_keeps_names_shapes_and_provena
 def test_rule_errors(rules, message):
     with pytest.raises(SemanticError, match=message):
         expand(_semantic(), rules)
+
+
+class _Pieces(torch.nn.Module):
+    """A W4A4 Linear with a bias, a Linear with 8-bit activations (its pieces: quantizer,
+    weight dequantizer, matmul) and a bias, a weight-only Linear, and an INT4 embedding lookup."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        for name in ("a", "b", "c"):
+            q, scale = ops.quantize_weight_rtn(torch.randn(K, K, generator=g) * 0.1, 4, GROUP)
+            self.register_buffer(f"packed_{name}", ops.pack_int4(q))
+            self.register_buffer(f"scale_{name}", scale)
+            self.register_buffer(f"bias_{name}", torch.randn(K, generator=g))
+        codes, scale = ops.quantize_rows_rtn(torch.randn(10, K, generator=g), 4, GROUP)
+        self.register_buffer("table", ops.pack_int4(codes))
+        self.register_buffer("table_scale", scale)
+
+    def forward(self, x, ids):
+        x = x + torch.nn.functional.embedding(ids, torch.ops.quota.dequantize_int4_rows(self.table, self.table_scale, 10, K, GROUP))
+        a = torch.ops.quota.w4a4_linear(x, self.packed_a, self.scale_a, K, K, GROUP, 1.0) + self.bias_a
+        w_b = torch.ops.quota.dequantize_int4(self.packed_b, self.scale_b, K, K, GROUP)
+        b = torch.matmul(torch.ops.quota.qdq_per_token(a, 8, 1.0), w_b) + self.bias_b
+        w_c = torch.ops.quota.dequantize_int4(self.packed_c, self.scale_c, K, K, GROUP)
+        return torch.matmul(b, w_c)
+
+
+def test_joins_replace_a_node_and_its_reader_and_their_portable_forms_compute_the_same():
+    args = (torch.randn(1, 5, K, generator=torch.Generator().manual_seed(8)), torch.tensor([[1, 4, 4, 9, 0]]))
+    names = (["x", "ids"], ["y"], None)
+    model = export_semantic(_Pieces().eval(), args, *names)
+    assert join_readers(model, ["quantized_matmul", "int4_matmul", "int4_gather", "linear_bias"]) == 5
+    found = sorted(n.op_type for n in model.graph if n.domain == SEMANTIC_DOMAIN)
+    assert found == ["int4_gather", "int4_matmul", "quantized_matmul_bias", "w4a4_linear_bias"]
+    assert not [n for n in model.graph if n.op_type in ("MatMul", "Gather")]  # the readers went into the joins
+    joined = expand_to_onnx(model, {**PORTABLE_RULES, **JOINED_RULES})
+    plain = export_onnx(_Pieces().eval(), args, *names)
+    feeds = {"x": args[0].numpy(), "ids": args[1].numpy()}
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0] for m in (joined, plain)]
+    assert np.array_equal(run[0], run[1])  # the same operations: the same bits
