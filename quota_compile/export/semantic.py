@@ -27,12 +27,14 @@ import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxscript
 from onnxscript import evaluator
 
 from quota_compile.export import onnx_translation as portable
+from quota_compile.export.onnx_translation import op as onnx_translation_op
 
 SEMANTIC_DOMAIN = "quota"
 SEMANTIC_VERSION = 1
@@ -81,6 +83,20 @@ def custom_op(domain: str, name: str, inputs: Sequence[str], outputs: int = 1,
         + [(f"U{i}", _TENSORS, "any tensor") for i in range(outputs)],
     )
     return onnxscript.values.Op(onnxscript.values.Opset(domain, 1), name, schema)
+
+
+def constant(array: np.ndarray):
+    """A rule's constant (an initializer once the graph is simplified: the simplification lifts
+    Constants into initializers), of exactly ``array``'s shape (a scalar stays a scalar)."""
+    return onnx_translation_op.Constant(value=ir.tensor(np.array(array, order="C")))
+
+
+def constant_data(value: ir.Value | None, what: str, error: type[Exception] = SemanticError) -> np.ndarray:
+    """The data of a semantic node's constant input (a packed weight, its scales), or ``error``
+    naming ``what`` where the input is not a constant of the graph."""
+    if value is None or value.const_value is None:
+        raise error(f"{what} {getattr(value, 'name', None)!r} is not a constant of the graph")
+    return value.const_value.numpy()
 
 
 # The portable translation of each quota:: operator, by the operator's name.

@@ -65,8 +65,8 @@ from onnxscript import opset21 as op
 from quota_compile.bundle.schema import KV_REPLACE, KV_UPDATE_KEY, ORT_FOLDER, PAST, PRESENT, kv_name  # noqa: F401  (ORT_FOLDER: also this module's)
 from quota_compile.export import onnx_translation as portable
 from quota_compile.export.onnx import SemanticGraph
-from quota_compile.export.semantic import JOINED_RULES, PORTABLE_RULES, custom_op, join_readers
-from quota_compile.export.graph_edit import MS_DOMAIN, downstream_node, follow_chain, indexed_copy, is_cache_concat, live_nodes, node_attrs, toposort_nodes, write_back
+from quota_compile.export.semantic import JOINED_RULES, PORTABLE_RULES, constant, constant_data, custom_op, join_readers
+from quota_compile.export.graph_edit import MS_DOMAIN, downstream_node, follow_chain, indexed_copy, is_cache_concat, live_nodes, toposort_nodes, write_back
 
 ORT_ARITHMETIC = {
     0: "MatMulNBits accuracy_level 0: float32 activations x dequantized INT4 weights (the deployed W4A4 up to summation order)",
@@ -109,16 +109,8 @@ def matmulnbits_weights(codes: np.ndarray, scale: np.ndarray, block: int) -> tup
     return np.ascontiguousarray(b), np.ascontiguousarray(scale.astype(np.float32).T)
 
 
-def _const(value):
-    """An initializer-to-be (the simplification lifts Constants into initializers)."""
-    return op.Constant(value=ir.tensor(np.array(value, order="C")))  # (ascontiguousarray would make a scalar 1-D)
-
-
 def _array(value, what: str) -> np.ndarray:
-    """The constant data of a semantic node's input (a packed weight, its scales)."""
-    if value is None or value.const_value is None:
-        raise OrtLoweringError(f"{what} {getattr(value, 'name', None)!r} is not a constant of the graph")
-    return value.const_value.numpy()
+    return constant_data(value, what, OrtLoweringError)
 
 
 def _codes(packed, shape: tuple[int, int]) -> np.ndarray:
@@ -155,10 +147,10 @@ def _token_codes_u8(x, scale, bits: int, k: int):
     off = 2 ** (bits - 1)
     rows = op.Reshape(x, op.Constant(value_ints=[-1, k]))
     flat = op.Reshape(scale, op.Constant(value_ints=[-1]))
-    zero_point = op.Expand(_const(np.array(off, np.uint8)), op.Shape(flat))
+    zero_point = op.Expand(constant(np.array(off, np.uint8)), op.Shape(flat))
     q = op.QuantizeLinear(rows, flat, zero_point, axis=0)
     if bits == 4:
-        q = op.Clip(q, _const(np.array(0, np.uint8)), _const(np.array(15, np.uint8)))
+        q = op.Clip(q, constant(np.array(0, np.uint8)), constant(np.array(15, np.uint8)))
     return op.Reshape(q, op.Shape(x))
 
 
@@ -173,7 +165,7 @@ def _matmul_nbits(a, packed, scale, k: int, n: int, group_size: int, accuracy_le
     if block < 16 or block & (block - 1):
         raise OrtLoweringError(f"{packed.name}: INT4 weight with block {block} has no MatMulNBits form (block must be a power of two >= 16)")
     b, scales = matmulnbits_weights(_codes(packed, (k, n)), w_scale, block)
-    return MATMUL_NBITS(a, _const(b), _const(scales), K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)
+    return MATMUL_NBITS(a, constant(b), constant(scales), K=k, N=n, bits=4, block_size=block, accuracy_level=accuracy_level)
 
 
 def rules(accuracy_level: int, integer: bool) -> dict:
@@ -194,8 +186,8 @@ def rules(accuracy_level: int, integer: bool) -> dict:
             s_x = portable.token_scale(x, bits, clip_ratio)
             w8 = op.Cast(portable.int4_codes(packed, k, n), to=ir.DataType.INT8)
             w_scale = _array(scale, "the INT4 weight's scale").reshape(n).astype(np.float32)
-            return MATMUL_INTEGER_TO_FLOAT(_token_codes_u8(x, s_x, bits, k), w8, s_x, _const(w_scale),
-                                           _const(np.array(2 ** (bits - 1), np.uint8)))
+            return MATMUL_INTEGER_TO_FLOAT(_token_codes_u8(x, s_x, bits, k), w8, s_x, constant(w_scale),
+                                           constant(np.array(2 ** (bits - 1), np.uint8)))
         return _matmul_nbits(qdq_per_token(x, bits, clip_ratio), packed, scale, k, n, group_size, accuracy_level)
 
     def w4a4_linear(x, packed, scale, k: int, n: int, group_size: int, clip_ratio: float):
@@ -212,7 +204,7 @@ def rules(accuracy_level: int, integer: bool) -> dict:
         u = (_codes(packed, (v, d)).astype(np.int16) + 8).astype(np.uint8)
         table = u[:, 0::2] | (u[:, 1::2] << 4)
         scales = _array(scale, "the INT4 embedding's scale").astype(np.float32)
-        return GATHER_BLOCK_QUANTIZED(_const(table), indices, _const(scales), bits=4, block_size=group_size, gather_axis=0, quantize_axis=1)
+        return GATHER_BLOCK_QUANTIZED(constant(table), indices, constant(scales), bits=4, block_size=group_size, gather_axis=0, quantize_axis=1)
 
     return {**PORTABLE_RULES, **JOINED_RULES, "qdq_per_token": qdq_per_token, "w4a4_linear": w4a4_linear,
             "quantized_matmul": quantized_matmul, "int4_matmul": int4_matmul, "int4_gather": int4_gather}

@@ -78,13 +78,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
 import onnx_ir as ir
-from onnxscript import opset21 as op
+from onnx import helper, numpy_helper
 
 from quota_compile.export.onnx import SemanticGraph
-from quota_compile.export.semantic import JOINED_RULES, PORTABLE_RULES, SEMANTIC_DOMAIN, custom_op, join_readers
+from quota_compile.export.semantic import JOINED_RULES, PORTABLE_RULES, SEMANTIC_DOMAIN, constant, constant_data, custom_op, join_readers
 from quota_compile.export.graph_edit import downstream_node, follow_chain, indexed_copy, is_cache_concat, live_nodes, node_attrs, toposort_nodes, write_back
 from quota_compile.bundle.schema import KV_APPEND, KV_UPDATE_KEY, PAST, PRESENT, TRT_FOLDER, kv_name  # noqa: F401  (TRT_FOLDER: also this module's)
 
@@ -189,15 +187,8 @@ _KV_QUANTIZE_OP = custom_op(PLUGIN_DOMAIN, KV_QUANTIZE, ["x", "scale", "zero_poi
                             attributes=[("bits", _A.INT), ("granularity", _A.STRING), *_PLUGIN_ATTRIBUTES])
 
 
-def _const(value):
-    """An initializer-to-be (the simplification lifts Constants into initializers)."""
-    return op.Constant(value=ir.tensor(np.array(value, order="C")))  # (ascontiguousarray would make a scalar 1-D)
-
-
 def _array(value, what: str) -> np.ndarray:
-    if value is None or value.const_value is None:
-        raise TrtLoweringError(f"TensorRT flavour: {what} {getattr(value, 'name', None)!r} is not a constant of the graph")
-    return value.const_value.numpy()
+    return constant_data(value, "TensorRT flavour: " + what, TrtLoweringError)
 
 
 def _linear(x, packed, scale, bias, k: int, n: int, group_size: int, clip_ratio: float, act_bits: int):
@@ -207,7 +198,7 @@ def _linear(x, packed, scale, bias, k: int, n: int, group_size: int, clip_ratio:
         raise TrtLoweringError(f"TensorRT flavour: {packed.name}: N = {n} is odd; the packed layout holds columns in pairs")
     weight = _array(packed, "the packed INT4 weight").reshape(-1).view(np.uint8)[: k * n // 2].reshape(k, n // 2)
     w_scale = _array(scale, "the INT4 weight's scale").astype(np.float32)
-    return _W4A4_OP(x, _const(weight), _const(w_scale), bias if bias is not None else _const(np.zeros(n, np.float32)),
+    return _W4A4_OP(x, constant(weight), constant(w_scale), bias if bias is not None else constant(np.zeros(n, np.float32)),
                     group_size=group_size, clip_ratio=clip_ratio, act_bits=act_bits, **PLUGIN_ATTRS)
 
 
@@ -229,14 +220,14 @@ def _quantized_matmul_bias(x, packed, scale, bias, bits: int, clip_ratio: float,
 
 def _kv_quantize(x, bits: int):
     """A per_token KV quantizer and its dequantizer: codes, scale, zero point, dequantized."""
-    none_scale, none_zero_point = _const(np.ones(1, np.float32)), _const(np.zeros(1, np.uint8))
+    none_scale, none_zero_point = constant(np.ones(1, np.float32)), constant(np.zeros(1, np.uint8))
     return _KV_QUANTIZE_OP(x, none_scale, none_zero_point, bits=bits, granularity="per_token", **PLUGIN_ATTRS)
 
 
 def _kv_quantize_static(x, scale, bits: int):
     """A per_channel KV quantizer (static scale, zero point 2^(bits-1)) and its dequantizer:
     codes and dequantized (the plugin's scale and zero point outputs repeat its inputs, unused)."""
-    codes, _, _, dequantized = _KV_QUANTIZE_OP(x, scale, _const(np.full((1, 1, 1, 1), 2 ** (bits - 1), np.uint8)),
+    codes, _, _, dequantized = _KV_QUANTIZE_OP(x, scale, constant(np.full((1, 1, 1, 1), 2 ** (bits - 1), np.uint8)),
                                               bits=bits, granularity="per_channel", **PLUGIN_ATTRS)
     return codes, dequantized
 
