@@ -59,11 +59,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnxscript import opset21 as op
 
 from quota_compile.bundle.schema import KV_REPLACE, KV_UPDATE_KEY, ORT_FOLDER, PAST, PRESENT, kv_name  # noqa: F401  (ORT_FOLDER: also this module's)
 from quota_compile.export import onnx_translation as portable
+from quota_compile.quant import ops
 from quota_compile.export.onnx import SemanticGraph
 from quota_compile.export.semantic import JOINED_RULES, PORTABLE_RULES, constant, constant_data, custom_op, join_readers
 from quota_compile.export.graph_edit import MS_DOMAIN, downstream_node, follow_chain, indexed_copy, is_cache_concat, live_nodes, toposort_nodes, write_back
@@ -117,8 +119,7 @@ def _codes(packed, shape: tuple[int, int]) -> np.ndarray:
     """Signed INT4 codes ``shape`` (int8) of a packed weight (two codes per byte, low nibble first:
     the bytes of the INT4 initializer the portable graph stores)."""
     raw = _array(packed, "the packed INT4 weight").reshape(-1).view(np.uint8)
-    nib = np.stack([raw & 0xF, raw >> 4], axis=-1).reshape(-1)[: shape[0] * shape[1]].astype(np.int8)
-    return np.where(nib >= 8, nib - 16, nib).astype(np.int8).reshape(shape)
+    return ops.unpack_int4(torch.from_numpy(raw.copy()), shape).numpy()
 
 
 _A = onnx.defs.OpSchema.AttrType
