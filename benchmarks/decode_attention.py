@@ -40,7 +40,7 @@ def main() -> int:
     from quota_compile.commands.bench import bench_variants, prepared
     from quota_compile.config import load_config
     from quota_compile.export.onnx import save_graphs
-    from quota_compile.flavours.onnxruntime.lower import group_query_attention, lower_flavour, lower_graph, uses_group_query_attention
+    from quota_compile.flavours.onnxruntime.lower import lower_flavour, lower_graph, uses_group_query_attention
     from quota_compile.runtime.ort import OrtBackend
 
     cfg = load_config(args.config)
@@ -55,11 +55,12 @@ def main() -> int:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quota-decode-")))
         bundle = bench_variants(cfg)[-1][0]
         built = workbench.build(bundle, keep_semantic=True)
-        plain = lower_flavour(built.semantic, options)
+        plain = lower_flavour(built.semantic, options)  # the graph's own attention
+        fused = lower_flavour(built.semantic, options, group_query=True)
         # two copies of the flavour that differ only in the decode graph; the runtime's backend
         # appends or replaces the cache as each decode graph's metadata says
         backends = {}
-        for name, decode in (("graph attention", plain["decode"]), ("GroupQueryAttention", group_query_attention(plain["decode"])[0])):
+        for name, decode in (("graph attention", plain["decode"]), ("GroupQueryAttention", fused["decode"])):
             folder = work / name.replace(" ", "_")
             folder.mkdir()
             save_graphs({**plain, "decode": decode}, folder)
@@ -92,8 +93,9 @@ def main() -> int:
         # layer's attention into different codes in the next layers of a random-weight model.
         # Level 0 isolates what the attention rewrite itself changes.
         exact = lower_graph(built.semantic["decode"], 0, "decode" in options.integer_graphs)
-        exact_fused = group_query_attention(exact)[0]
-        attn = [n.output[0] for n in exact_fused.graph.node if n.op_type == "GroupQueryAttention"]
+        exact_fused = lower_graph(built.semantic["decode"], 0, "decode" in options.integer_graphs, group_query=True)
+        # each layer's attention output [B, H, 1, D]: the semantic node's output, which both graphs keep by name
+        attn = [n.output[0] for n in built.semantic["decode"].model.graph.node if n.domain == "quota" and n.op_type == "decode_attention"]
 
         def exposed(model):
             m = onnx.ModelProto()

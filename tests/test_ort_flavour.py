@@ -18,7 +18,7 @@ from quota_compile.bundle.format import KV_APPEND, KV_REPLACE, kv_update_of
 from quota_compile.export.onnx import SemanticGraph, export_semantic
 from quota_compile.export.semantic import join_readers
 from quota_compile.flavours.onnxruntime.lower import (
-    ORT_JOINS, OrtLoweringError, group_query_attention, lower_graph, matmulnbits_weights, ort_counts,
+    ORT_JOINS, OrtLoweringError, lower_graph, matmulnbits_weights, ort_counts,
 )
 from quota_compile.quant import ops
 
@@ -216,17 +216,35 @@ def test_decode_attention_is_one_groupqueryattention_per_layer(ort_bundle: Path)
     assert not any(n.op_type == "GroupQueryAttention" for n in onnx.load(ort_bundle / "onnxruntime" / "prefill.onnx").graph.node)
 
 
-def test_groupqueryattention_decode_equals_the_graphs_own_attention(ort_bundle: Path):
+@pytest.fixture(scope="module")
+def ort_semantic(ort_bundle: Path):
+    """The semantic graphs of the ``ort_bundle`` config's bundle, built again (as ``quota-compile
+    bench`` and ``benchmarks/decode_attention.py`` build them)."""
+    import contextlib
+
+    from quota_compile.commands.bench import bench_variants, prepared
+    from quota_compile.config import load_config
+
+    config = ort_bundle.parent.parent / "pc.yaml"
+    cfg = load_config(config)
+    with contextlib.ExitStack() as stack:
+        workbench, _ = prepared(cfg, config, stack)
+        return workbench.build(bench_variants(cfg)[-1][0], keep_semantic=True).semantic
+
+
+def test_groupqueryattention_decode_equals_the_graphs_own_attention(ort_bundle: Path, ort_semantic):
     """Same prefill cache, padded batch of 2, pruned layers of different lengths: the decode
     with GroupQueryAttention writes the same INT4 codes and gives the same logits as the
-    flavour without it, step after step."""
+    flavour's decode graph without it (the portable attention), step after step."""
     from quota_compile.runtime.ort import OrtBackend, append_kv
 
     m = json.loads((ort_bundle / "manifest.json").read_text())
     assert len({e["visual_tokens"] for e in m["kv_cache"]}) > 1  # the layers' caches differ in length
-    plain = onnx.load(ort_bundle / "decode.onnx")  # the graph's own attention (the portable decode graph)
-    fused, layers = group_query_attention(plain)
-    assert layers == m["model"]["num_layers"]
+    plain = lower_graph(ort_semantic["decode"], 0, False)  # the graph's own attention
+    fused = lower_graph(ort_semantic["decode"], 0, False, group_query=True)
+    assert sum(n.op_type == "GroupQueryAttention" for n in fused.graph.node) == m["model"]["num_layers"]
+    assert not any(n.op_type == "GroupQueryAttention" for n in plain.graph.node)
+    assert kv_update_of(plain) == KV_APPEND and kv_update_of(fused) == KV_REPLACE
     sessions = [ort.InferenceSession(g.SerializeToString(), providers=["CPUExecutionProvider"]) for g in (plain, fused)]
     backend = OrtBackend(ort_bundle / "onnxruntime")
     rng = np.random.default_rng(0)
@@ -267,12 +285,29 @@ def test_groupqueryattention_needs_the_int4_per_channel_cache(tmp_path: Path, sm
     assert not uses_group_query_attention(cfg({"bits": 4, "granularity": "per_channel"}, gqa=False))
     assert not uses_group_query_attention(cfg({"bits": 8, "granularity": "per_channel"}))
     assert not uses_group_query_attention(cfg({"bits": 4, "granularity": "per_token"}))
-    # a decode graph with a float cache is refused, not half rewritten
-    float_cache = onnx.helper.make_model(onnx.helper.make_graph(
-        [], "g", [onnx.helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", 1]),
-                  onnx.helper.make_tensor_value_info("past.0.key", TensorProto.FLOAT, ["b", 2, "s", 8])], []))
-    with pytest.raises(OrtLoweringError, match="uint8"):
-        group_query_attention(float_cache)
+
+
+def test_groupqueryattention_is_refused_where_a_layer_is_not_its_form(ort_semantic):
+    """A decode graph where one layer's attention does not read the dequantized cache directly
+    (here through an Identity: nothing to join) is refused, not half rewritten; and the op
+    takes the INT4 cache only."""
+    from quota_compile.flavours.onnxruntime.lower import group_query_attention
+
+    semantic = ort_semantic["decode"]
+    model = onnx.ModelProto()
+    model.CopyFrom(semantic.model)
+    attention = [n for n in model.graph.node if n.domain == "quota" and n.op_type == "decode_attention"]
+    assert len(attention) == 2
+    model.graph.node.insert(list(model.graph.node).index(attention[0]),
+                            helper.make_node("Identity", [attention[0].input[1]], ["past_through_identity"]))
+    (info,) = [v for v in model.graph.value_info if v.name == attention[0].input[1]]
+    model.graph.value_info.append(onnx.ValueInfoProto(name="past_through_identity", type=info.type))
+    attention[0].input[1] = "past_through_identity"
+    with pytest.raises(OrtLoweringError, match="1 of 2 decode layers"):
+        lower_graph(SemanticGraph(model, semantic.opset, semantic.axis_names), 0, False, group_query=True)
+    assert sum(n.op_type == "GroupQueryAttention" for n in lower_graph(semantic, 0, False, group_query=True).graph.node) == 2
+    with pytest.raises(OrtLoweringError, match="INT4 cache only"):
+        group_query_attention(*[None] * 8, bits=8, sm_scale=1.0)
 
 
 def test_runner_uses_the_onnxruntime_flavour_and_answers_like_the_portable_graphs(ort_bundle: Path):
@@ -437,3 +472,23 @@ def test_per_channel_weights_compile_with_integer_prefill_and_matmulnbits_decode
     assert arithmetic["prefill"].startswith("MatMulIntegerToFloat") and arithmetic["decode"].startswith("MatMulNBits accuracy_level 4")
     m = json.loads((b / "manifest.json").read_text())
     assert set(m["flavours"]["onnxruntime"]["ops"]) == {"MatMulIntegerToFloat", "MatMulNBits"}
+
+
+def test_groupqueryattention_rule_returns_the_whole_cache_and_the_portable_attention():
+    """One decode layer over the per_channel INT4 cache (tests/test_semantic.CacheAttention):
+    the joined node becomes GroupQueryAttention, whose present outputs are the past with the
+    new entries appended (the portable graph's new entries) and whose attention is the
+    portable graph's, the masked position included."""
+    from .test_semantic import CacheAttention
+
+    module = CacheAttention("per_channel").eval()
+    args, names, outputs, dynamic, feeds = module.inputs()
+    semantic = SemanticGraph.of(export_semantic(module, args, names, outputs, dynamic), 21)
+    fused = lower_graph(semantic, 0, False, group_query=True)
+    plain = lower_graph(semantic, 0, False)
+    assert [n.op_type for n in fused.graph.node if n.domain == "com.microsoft"] == ["GroupQueryAttention"]
+    assert kv_update_of(fused) == KV_REPLACE and kv_update_of(plain) == KV_APPEND
+    a, b = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds) for m in (plain, fused))
+    assert np.abs(a[0] - b[0]).max() <= 1e-5 * np.abs(a[0]).max()
+    for i in (1, 2):  # key, value: the whole cache
+        assert np.array_equal(b[i], np.concatenate([feeds[names[3 + i]], a[i]], axis=2))

@@ -167,3 +167,82 @@ def test_joins_replace_a_node_and_its_reader_and_their_portable_forms_compute_th
     feeds = {"x": args[0].numpy(), "ids": args[1].numpy()}
     run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0] for m in (joined, plain)]
     assert np.array_equal(run[0], run[1])  # the same operations: the same bits
+
+
+class CacheAttention(torch.nn.Module):
+    """One decode layer's attention over an INT4 cache, as the decode program writes it: the
+    past dequantized, the new key and value quantized (the ``present`` outputs) and read back
+    dequantized, then ``quota::decode_attention``. ``per_channel``: static scales, the past's
+    and the new entries' equal but separate buffers (as the program has them). ``detour``: the
+    past key reaches the attention through a ``Mul`` by one, which no join takes."""
+
+    HEADS, KV_HEADS, D = 4, 2, 16
+
+    def __init__(self, granularity: str, detour: bool = False):
+        super().__init__()
+        self.static, self.detour = granularity == "per_channel", detour
+        if self.static:
+            g = torch.Generator().manual_seed(2)
+            for which in ("k", "v"):
+                scale = ops.kv_static_scale(torch.rand(self.KV_HEADS, 1, self.D, generator=g) + 0.5, 4)
+                self.register_buffer(f"{which}_scale_past", scale)
+                self.register_buffer(f"{which}_scale_new", scale.clone())
+
+    def forward(self, q, k, v, bias, *past):
+        if self.static:
+            k_past = torch.ops.quota.dequantize_kv_static(past[0], self.k_scale_past, 4)
+            v_past = torch.ops.quota.dequantize_kv_static(past[1], self.v_scale_past, 4)
+            kc, vc = torch.ops.quota.quantize_kv_static(k, self.k_scale_new, 4), torch.ops.quota.quantize_kv_static(v, self.v_scale_new, 4)
+            k_new, v_new = torch.ops.quota.dequantize_kv_static(kc, self.k_scale_new, 4), torch.ops.quota.dequantize_kv_static(vc, self.v_scale_new, 4)
+            stored = (kc, vc)
+        else:
+            k_past, v_past = torch.ops.quota.dequantize_kv(*past[:3], 4), torch.ops.quota.dequantize_kv(*past[3:], 4)
+            ks, vs = torch.ops.quota.quantize_kv(k, 4), torch.ops.quota.quantize_kv(v, 4)
+            k_new, v_new = torch.ops.quota.dequantize_kv(*ks, 4), torch.ops.quota.dequantize_kv(*vs, 4)
+            stored = (*ks, *vs)
+        if self.detour:
+            k_past = k_past * 1.0
+        return (torch.ops.quota.decode_attention(q, k_past, k_new, v_past, v_new, bias, 0.35), *stored)
+
+    def inputs(self, batch: int = 2, past: int = 5, seed: int = 0):
+        """``(args, names, output names, dynamic shapes, feeds)``; the second row's last past
+        position is masked."""
+        g = torch.Generator().manual_seed(seed)
+        h, hkv, d = self.HEADS, self.KV_HEADS, self.D
+        q, k, v = (torch.randn(batch, n, 1, d, generator=g) for n in (h, hkv, hkv))
+        bias = torch.zeros(batch, 1, 1, past + 1)
+        bias[1, ..., past - 1] = torch.finfo(torch.float32).min
+        floats = [torch.randn(batch, hkv, past, d, generator=g) for _ in range(2)]
+        if self.static:
+            stored = [torch.ops.quota.quantize_kv_static(x, s, 4) for x, s in zip(floats, (self.k_scale_past, self.v_scale_past))]
+            kinds = ("key", "value")
+        else:
+            stored = [t for x in floats for t in torch.ops.quota.quantize_kv(x, 4)]
+            kinds = ("key", "key_scale", "key_zero_point", "value", "value_scale", "value_zero_point")
+        names = ["q", "k", "v", "bias", *[f"past.0.{n}" for n in kinds]]
+        outputs = ["attention", *[f"present.0.{n}" for n in kinds]]
+        b, p = Dim("batch", min=1), Dim("past", min=2)
+        dynamic = ({0: b}, {0: b}, {0: b}, {0: b, 3: p + 1}, tuple({0: b, 2: p} for _ in stored))  # (*past: one input)
+        args = (q, k, v, bias, *stored)
+        return args, names, outputs, dynamic, {n: a.numpy() for n, a in zip(names, args)}
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_channel"])
+def test_cache_attention_join_takes_the_quantizers_and_its_portable_form_computes_the_same(granularity):
+    module = CacheAttention(granularity).eval()
+    args, names, outputs, dynamic, feeds = module.inputs()
+    model = export_semantic(module, args, names, outputs, dynamic)
+    assert join_readers(model, ["kv_decode_attention"]) == 1
+    found = [n.op_type for n in model.graph if n.domain == SEMANTIC_DOMAIN]
+    assert found == ["kv_decode_attention" if granularity == "per_token" else "kv_decode_attention_static"]
+    joined = expand_to_onnx(model, {**PORTABLE_RULES, **JOINED_RULES})
+    plain = export_onnx(module, args, names, outputs, dynamic)
+    run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds) for m in (joined, plain)]
+    assert all(np.array_equal(a, b) for a, b in zip(*run))
+    # and the portable graph computes the operator's PyTorch definition
+    expected = module(*args)
+    assert np.abs(run[1][0] - expected[0].numpy()).max() <= 1e-6
+    assert all(np.array_equal(a, b.numpy()) for a, b in zip(run[1][1:], expected[1:]))
+    # where the past reaches the attention through anything else, nothing is joined
+    detour = CacheAttention(granularity, detour=True).eval()
+    assert join_readers(export_semantic(detour, args, names, outputs, dynamic), ["kv_decode_attention"]) == 0

@@ -280,14 +280,44 @@ def test_the_flavour_keeps_only_int4_blocks_tensorrt_accepts(group):
             to_tensorrt({"vision": semantic})
 
 
-def test_unknown_graph_form_is_refused_not_half_rewritten():
-    """A decode graph whose cache is not written by a KV quantizer."""
-    g = helper.make_graph(
-        [helper.make_node("Identity", ["past.0.key"], ["present.0.key"]), helper.make_node("Identity", ["past.0.value"], ["present.0.value"])],
-        "g", [helper.make_tensor_value_info(n, TensorProto.UINT8, ["b", 2, "p", 4]) for n in ("past.0.key", "past.0.value")],
-        [helper.make_tensor_value_info(n, TensorProto.UINT8, ["b", 2, "p", 4]) for n in ("present.0.key", "present.0.value")])
-    with pytest.raises(TrtLoweringError, match="not written by a KV quantizer"):
-        to_tensorrt({"decode": SemanticGraph(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), 21)})
+@pytest.mark.parametrize("granularity", ["per_token", "per_channel"])
+def test_decode_attention_over_the_cache_becomes_one_plugin_that_computes_the_portable_graph(granularity):
+    """One decode layer (tests/test_semantic.CacheAttention): its attention with the new
+    entries' quantizers and the past's dequantizers is one :data:`DECODE_ATTENTION` node, which
+    (run on the plugins' references) gives the portable graph's attention and new entries."""
+    import onnxruntime as ort
+
+    from quota_compile.export.onnx import export_onnx
+
+    from .test_semantic import CacheAttention
+
+    module = CacheAttention(granularity).eval()
+    args, names, outputs, dynamic, feeds = module.inputs()
+    semantic = SemanticGraph.of(export_semantic(module, args, names, outputs, dynamic), 21)
+    flavour = to_tensorrt({"decode": semantic})["decode"]
+    (node,) = [n for n in flavour.graph.node if n.domain == PLUGIN_DOMAIN]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert node.op_type == DECODE_ATTENTION and attrs["granularity"] == granularity.encode() and attrs["bits"] == 4
+    assert (attrs["num_heads"], attrs["kv_num_heads"]) == (CacheAttention.HEADS, CacheAttention.KV_HEADS) and abs(attrs["scale"] - 0.35) < 1e-7
+    assert list(node.input[:6]) == ["q", "k", "v", "bias", "past.0.key", "past.0.value"] and kv_update_of(flavour) == KV_APPEND
+    assert not any(n.op_type in ("Softmax", "BitShift", "QuantizeLinear") for n in flavour.graph.node)
+    portable = export_onnx(module, args, names, outputs, dynamic)
+    want = ort.InferenceSession(portable.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = trt_verify.session(flavour).run(None, feeds)
+    assert np.abs(got[0] - want[0]).max() <= 1e-5 * np.abs(want[0]).max()
+    assert all(np.array_equal(a, b) for a, b in zip(got[1:], want[1:]))
+
+
+def test_a_decode_attention_not_over_the_cache_form_is_refused_not_half_rewritten():
+    """The past key reaches the attention through a Mul: nothing to join, and the portable
+    cache arithmetic left in the graph is what TensorRT's parser cannot take."""
+    from .test_semantic import CacheAttention
+
+    module = CacheAttention("per_token", detour=True).eval()
+    args, names, outputs, dynamic, _ = module.inputs()
+    semantic = SemanticGraph.of(export_semantic(module, args, names, outputs, dynamic), 21)
+    with pytest.raises(TrtLoweringError, match="left in the graph"):
+        to_tensorrt({"decode": semantic})
 
 
 # ---------------------------------------------------------------- references and kernels

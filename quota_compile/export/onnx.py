@@ -1,9 +1,7 @@
 """Lower a traced, pass-processed program to ONNX (portable flavour).
 
 ``torch.onnx.export`` (the dynamo exporter) translates the graph into its semantic form: each
-``quota::`` operator one ``quota.<op>`` node (:mod:`quota_compile.export.semantic`;
-``quota::decode_attention`` is first decomposed into its PyTorch definition's operations:
-:data:`DECOMPOSED`). The portable rules then write each as standard ONNX
+``quota::`` operator one ``quota.<op>`` node (:mod:`quota_compile.export.semantic`). The portable rules then write each as standard ONNX
 (:mod:`quota_compile.export.onnx_translation`); INT4 weight markers become INT4 initializers,
 the graph is checked with ``onnx.checker`` (full check) and it must use standard ONNX ops only.
 """
@@ -28,7 +26,6 @@ from onnx import TensorProto, numpy_helper
 from quota_compile.bundle.schema import WEIGHTS
 from quota_compile.export.onnx_translation import MARKER_DOMAIN
 from quota_compile.export.semantic import PORTABLE_RULES, expand, translation_table
-from quota_compile.quant.attention import decode_attention_reference
 
 OPSET = 21
 # Every graph's initializers of at least this size are written to the folder's one weights
@@ -44,18 +41,13 @@ LARGE_ALIGNMENT = 1 << 16
 SMALL_ALIGNMENT = 64
 
 
-# Semantic operators that every ONNX flavour receives as their decomposition (the operations
-# of their PyTorch definition), not as a translation of their own.
-DECOMPOSED = {torch.ops.quota.decode_attention.default: decode_attention_reference}
+class LoweringError(RuntimeError):
+    """The graph could not be lowered to a valid portable ONNX model (a bug, not bad input)."""
 
 
 def _calls(module: torch.nn.Module, op) -> bool:
     graph = getattr(module, "graph", None)
     return graph is not None and any(n.op == "call_function" and n.target == op for n in graph.nodes)
-
-
-class LoweringError(RuntimeError):
-    """The graph could not be lowered to a valid portable ONNX model (a bug, not bad input)."""
 
 
 def export_semantic(
@@ -68,8 +60,7 @@ def export_semantic(
 ) -> ir.Model:
     """The semantic graph of ``module`` (a ``torch.fx.GraphModule`` after the passes): the
     exporter's ONNX IR with every ``quota::`` operator as one ``quota.<op>`` node
-    (:mod:`quota_compile.export.semantic`), the operators of :data:`DECOMPOSED` as their
-    definition's operations, nothing simplified yet."""
+    (:mod:`quota_compile.export.semantic`), nothing simplified yet."""
     # The programs were traced in eval mode; the unlifted module refuses .eval(), so set the flag.
     for m in module.modules():
         m.training = False
@@ -80,15 +71,13 @@ def export_semantic(
         warnings.simplefilter("ignore")
         common = dict(dynamo=True, opset_version=opset, input_names=list(input_names), output_names=list(output_names),
                       custom_translation_table=translation_table(), optimize=False, verbose=False)
-        decompose = {op: fn for op, fn in DECOMPOSED.items() if _calls(module, op)}
-        if decompose:
-            # Operators written as their PyTorch definition: exported, decomposed, then
-            # translated like any other program (the same ONNX as the definition traced inline).
-            ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
-            # (args and dynamic_shapes again: the exporter names the graph's dimensions after them)
-            program = torch.onnx.export(ep.run_decompositions(decompose), args, dynamic_shapes=dynamic_shapes, **common)
-        else:
-            program = torch.onnx.export(module, args, dynamic_shapes=dynamic_shapes, **common)
+        if _calls(module, torch.ops.quota.decode_attention.default):
+            # Exported by torch.export first, whose guards (the shape checks of the operator's
+            # fake implementation) tie each layer's past length to the attention mask's, so the
+            # graph's inputs say how they relate ("past_5 + 63"); the ONNX exporter's own
+            # export defers such checks to runtime and would leave every length unrelated.
+            module = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
+        program = torch.onnx.export(module, args, dynamic_shapes=dynamic_shapes, **common)
     return program.model
 
 

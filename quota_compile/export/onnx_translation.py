@@ -18,6 +18,11 @@ export; no marker survives into a written graph.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
+import warnings
+
 import onnx
 import onnxscript
 from onnxscript import ir
@@ -155,3 +160,112 @@ def select_topk(score, k: int):
     _, keep = op.TopK(score, kk, axis=-1, largest=1, sorted=1)
     ordered, _ = op.TopK(keep, kk, axis=-1, largest=0, sorted=1)
     return ordered
+
+
+# --------------------------------------------------------------------------------------------
+# quota::decode_attention: the exporter's translation of its PyTorch definition, replayed.
+
+_TORCH_DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+
+
+def _static(values, axis: int, what: str) -> int:
+    """The static size of ``axis`` of the first of ``values`` whose shape says it."""
+    for value in values:
+        dim = value.shape[axis] if value.shape is not None and len(value.shape) == 4 else None
+        if isinstance(dim, int):
+            return dim
+    raise ValueError(f"decode_attention: {what} (axis {axis} of {[v.name for v in values]}) must have a static size in the traced graph")
+
+
+def _dtype(value) -> str:
+    dtype = value.type.dtype if value.type is not None else None
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(f"decode_attention: {value.name!r} has dtype {dtype}, not a float type")
+    return _TORCH_DTYPES[dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def reference_graph(heads: int, kv_heads: int, head_dim: int, sm_scale: float, dtypes: tuple[str, ...],
+                    bias_batch: int | None, opset: int) -> ir.Graph:
+    """The ONNX graph ``torch.onnx.export`` writes for
+    :func:`~quota_compile.quant.attention.decode_attention_reference` with these head counts,
+    head size, scale and input dtypes (``q, k_past, k_new, v_past, v_new, bias``), the batch
+    and the past length dynamic (``bias_batch``: the bias's static batch, or None: the
+    batch); the graph's inputs are its six tensors. Exported once per distinct signature per
+    process (read it, do not edit it)."""
+    import torch
+    from torch.export import Dim
+
+    from quota_compile.quant.attention import decode_attention_reference
+
+    class Reference(torch.nn.Module):
+        def forward(self, q, k_past, k_new, v_past, v_new, bias):
+            return decode_attention_reference(q, k_past, k_new, v_past, v_new, bias, sm_scale)
+
+    batch, past = 2, 3
+    q_t, kp_t, kn_t, vp_t, vn_t, bias_t = (getattr(torch, d) for d in dtypes)
+    args = (torch.zeros(batch, heads, 1, head_dim, dtype=q_t), torch.zeros(batch, kv_heads, past, head_dim, dtype=kp_t),
+            torch.zeros(batch, kv_heads, 1, head_dim, dtype=kn_t), torch.zeros(batch, kv_heads, past, head_dim, dtype=vp_t),
+            torch.zeros(batch, kv_heads, 1, head_dim, dtype=vn_t),
+            torch.zeros(bias_batch or batch, 1, 1, past + 1, dtype=bias_t))
+    b, s = Dim("batch", min=1), Dim("past", min=1)
+    dynamic = ({0: b}, {0: b, 2: s}, {0: b}, {0: b, 2: s}, {0: b}, {3: s + 1} if bias_batch else {0: b, 3: s + 1})
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(Reference(), args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
+                                    input_names=["q", "k_past", "k_new", "v_past", "v_new", "bias"], output_names=["out"],
+                                    optimize=False, verbose=False)
+    graph = program.model.graph
+    if graph.initializers or any(n.domain not in ("", "ai.onnx") for n in graph):
+        raise RuntimeError("decode_attention: the exported reference is not plain standard ONNX nodes")
+    return graph
+
+
+def _replay(graph: ir.Graph, inputs, opset: int) -> list:
+    """Write ``graph``'s nodes again through the current evaluator (a rule's recorder), on
+    ``inputs`` instead of the graph's inputs; the values of its outputs. Attributes are passed
+    as they are; the caller's dimensions replace the exported graph's symbolic ones
+    (``batch``, ``past``) in the copied value types and shapes."""
+    values = {id(g): v for g, v in zip(graph.inputs, inputs)}
+    symbols: dict[str, object] = {}
+    for g, v in zip(graph.inputs, inputs):
+        for gd, vd in zip(g.shape or (), v.shape or ()):
+            if isinstance(gd, ir.SymbolicDim) and gd.value is not None:
+                symbols.setdefault(gd.value, vd)
+
+    def shape_of(g):
+        if g.shape is None:
+            return None
+        dims = []
+        for d in g.shape:
+            if isinstance(d, ir.SymbolicDim):
+                mapped = symbols.get(d.value)
+                dims.append(mapped if mapped is not None else None)
+            else:
+                dims.append(d)
+        return ir.Shape(dims)
+
+    ops = onnxscript.values.Opset("", opset)
+    for node in graph:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+        result = onnxscript.values.Op(ops, node.op_type, schema)(*[values[id(i)] if i is not None else None for i in node.inputs],
+                                                                   **{name: ir.Attr(name, a.type, a.value) for name, a in node.attributes.items()})
+        made = [result] if len(node.outputs) == 1 else list(result)
+        for g, v in zip(node.outputs, made):
+            values[id(g)] = v
+            v.type = g.type
+            v.shape = shape_of(g)
+    return [values[id(o)] for o in graph.outputs]
+
+
+def decode_attention(q, k_past, k_new, v_past, v_new, bias, sm_scale: float):
+    """``quota::decode_attention`` as the exporter's own translation of its PyTorch definition
+    (:func:`reference_graph`), replayed on the node's inputs: the attention's arithmetic is
+    written once, in :mod:`quota_compile.quant.attention`."""
+    from quota_compile.export.semantic import model_opset
+
+    inputs = (q, k_past, k_new, v_past, v_new, bias)
+    bias_batch = bias.shape[0] if bias.shape is not None and bias.shape[0] == 1 else None
+    graph = reference_graph(_static([q], 1, "the query heads"), _static([k_past, k_new, v_past, v_new], 1, "the KV heads"), _static([q], 3, "the head size"),
+                            float(sm_scale), tuple(_dtype(v) for v in inputs), bias_batch, model_opset())
+    return _replay(graph, inputs, model_opset())[0]

@@ -23,6 +23,7 @@ A rule returns as many values as the operator has outputs, each made by a node o
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +43,16 @@ SEMANTIC_VERSION = 1
 # operator -> number of outputs (the others write one)
 _OUTPUTS = {"quantize_kv": 3}
 _TENSORS = [f"tensor({t})" for t in ("float", "float16", "bfloat16", "uint8", "int8", "int32", "int64")]
+
+
+# the default-domain opset of the model :func:`expand` is translating (for a rule that exports)
+_MODEL_OPSET: contextvars.ContextVar[int] = contextvars.ContextVar("quota_model_opset", default=21)
+
+
+def model_opset() -> int:
+    """The standard-domain opset of the model whose semantic nodes are being translated (a rule
+    that has something exported writes it at that opset)."""
+    return _MODEL_OPSET.get()
 
 
 class SemanticError(RuntimeError):
@@ -110,6 +121,7 @@ PORTABLE_RULES: dict[str, Callable] = {
     "dequantize_kv": portable.dequantize_kv,
     "quantize_kv_static": portable.quantize_kv_static,
     "dequantize_kv_static": portable.dequantize_kv_static,
+    "decode_attention": portable.decode_attention,
 }
 
 _opset = onnxscript.values.Opset(SEMANTIC_DOMAIN, SEMANTIC_VERSION)
@@ -140,6 +152,7 @@ def translation_table() -> dict:
 
     from quota_compile.kernels import ops as kernel_ops  # noqa: F401  (registers torch.ops.quota.w4a4_linear)
     from quota_compile.pruning import score  # noqa: F401  (registers torch.ops.quota.select_topk)
+    from quota_compile.quant import attention  # noqa: F401  (registers torch.ops.quota.decode_attention)
     from quota_compile.quant import ops  # noqa: F401  (registers the torch.ops.quota namespace)
 
     return {getattr(torch.ops.quota, name).default: _semantic_translation(name, fn) for name, fn in PORTABLE_RULES.items()}
@@ -179,6 +192,19 @@ def expand(model: ir.Model, rules: Mapping[str, Callable]) -> int:
     does not import them yet; the semantic domain's import goes."""
     graph = model.graph
     replaced = 0
+    token = _MODEL_OPSET.set(model.opset_imports.get("", _MODEL_OPSET.get()))
+    try:
+        replaced = _expand(model, rules)
+    finally:
+        _MODEL_OPSET.reset(token)
+    if not semantic_nodes(graph):
+        model.opset_imports.pop(SEMANTIC_DOMAIN, None)
+    return replaced
+
+
+def _expand(model: ir.Model, rules: Mapping[str, Callable]) -> int:
+    graph = model.graph
+    replaced = 0
     for node in semantic_nodes(graph):
         rule = rules.get(node.op_type)
         if rule is None:
@@ -204,8 +230,6 @@ def expand(model: ir.Model, rules: Mapping[str, Callable]) -> int:
             if new.domain and new.domain not in model.opset_imports:
                 model.opset_imports[new.domain] = 1
         replaced += 1
-    if not semantic_nodes(graph):
-        model.opset_imports.pop(SEMANTIC_DOMAIN, None)
     return replaced
 
 
@@ -241,6 +265,18 @@ def join_readers(model: ir.Model, kinds: Sequence[str]) -> int:
       ``w4a4_linear_bias``, inputs ``(x, packed, scale, bias)``; the same after a
       ``quantized_matmul`` join, ``quantized_matmul_bias``.
 
+    - ``kv_decode_attention``: ``decode_attention`` over a quantized cache: its past keys and
+      values each ``dequantize_kv`` of stored codes, its new key and value each the
+      ``dequantize_kv`` of a ``quantize_kv`` whose outputs nothing else reads (the graph's
+      ``present`` outputs aside). It becomes ``kv_decode_attention``, inputs ``(q, k, v, bias,
+      past_key, past_key_scale, past_key_zero_point, past_value, past_value_scale,
+      past_value_zero_point)``, outputs ``(attention, key, key_scale, key_zero_point, value,
+      value_scale, value_zero_point)``; with the static quantizers (``per_channel``; the past's
+      and the new entries' scales equal), ``kv_decode_attention_static``, inputs ``(q, k, v,
+      bias, past_key, past_value, key_scale, value_scale)``, outputs ``(attention, key,
+      value)``. Attributes ``bits``, ``sm_scale``. ``k`` / ``v`` are the new token's float key
+      and value, the outputs the new cache entries.
+
     A producer that nothing reads any more goes. The joined node carries the activation
     quantizer's provenance stamps where it joins one (its codes are what the verification
     observes), else the reader's. :data:`JOINED_RULES` are the joins' portable forms. Returns
@@ -273,6 +309,10 @@ def join_readers(model: ir.Model, kinds: Sequence[str]) -> int:
                     new = ir.Node(SEMANTIC_DOMAIN, f"{linear.op_type}_bias", [*linear.inputs, bias], ir.convenience.convert_attributes(_attrs(linear)))
                     sources, stamps = [linear], linear
                     break
+        elif node.domain == SEMANTIC_DOMAIN and node.op_type == "decode_attention" and "kv_decode_attention" in kinds:
+            if _join_cache_attention(graph, node):
+                joined += 1
+            continue
         if new is None:
             continue
         new.metadata_props.update(stamps.metadata_props)
@@ -282,6 +322,104 @@ def join_readers(model: ir.Model, kinds: Sequence[str]) -> int:
                 graph.remove(source, safe=True)
         joined += 1
     return joined
+
+
+_CACHE_OPS = {"dequantize_kv": "quantize_kv", "dequantize_kv_static": "quantize_kv_static"}
+
+
+def _only_reader(value, reader: ir.Node) -> bool:
+    return not value.is_graph_output() and all(user is reader for user, _ in value.uses())
+
+
+def _same_constant(a, b) -> bool:
+    if a is b:
+        return True
+    if a is None or b is None or a.const_value is None or b.const_value is None:
+        return False
+    x, y = a.const_value.numpy(), b.const_value.numpy()
+    return x.dtype == y.dtype and x.shape == y.shape and bool(np.array_equal(x, y))
+
+
+def _join_cache_attention(graph: ir.Graph, attention: ir.Node) -> bool:
+    """The ``kv_decode_attention`` join of :func:`join_readers` for one ``decode_attention``
+    node; False (nothing changed) where its inputs are not the quantized cache's form."""
+    q, k_past, k_read, v_past, v_read, bias = attention.inputs
+    readers = [p.producer() if p is not None else None for p in (k_past, k_read, v_past, v_read)]
+    if any(r is None or r.domain != SEMANTIC_DOMAIN or r.op_type not in _CACHE_OPS for r in readers):
+        return False
+    if len({r.op_type for r in readers}) != 1 or any(not _only_reader(r.outputs[0], attention) for r in readers):
+        return False
+    dequantize = readers[0].op_type
+    static = dequantize == "dequantize_kv_static"
+    stored = 1 if static else 3  # codes (, scale, zero point)
+    bits = _attrs(readers[0]).get("bits")
+    quantizers = []
+    for r in (readers[1], readers[3]):
+        qz = r.inputs[0].producer() if r.inputs[0] is not None else None
+        if (qz is None or qz.domain != SEMANTIC_DOMAIN or qz.op_type != _CACHE_OPS[dequantize]
+                or list(r.inputs[:stored]) != list(qz.outputs) or any(u is not r for o in qz.outputs for u, _ in o.uses())):
+            return False
+        if static and not _same_constant(r.inputs[1], qz.inputs[1]):
+            return False
+        quantizers.append(qz)
+    if any(_attrs(n).get("bits") != bits for n in (*readers, *quantizers)):
+        return False
+    k_quant, v_quant = quantizers
+    if static:
+        if not (_same_constant(readers[0].inputs[1], k_quant.inputs[1]) and _same_constant(readers[2].inputs[1], v_quant.inputs[1])):
+            return False
+        inputs = [q, k_quant.inputs[0], v_quant.inputs[0], bias, readers[0].inputs[0], readers[2].inputs[0], k_quant.inputs[1], v_quant.inputs[1]]
+        op_type = "kv_decode_attention_static"
+    else:
+        inputs = [q, k_quant.inputs[0], v_quant.inputs[0], bias, *readers[0].inputs[:3], *readers[2].inputs[:3]]
+        op_type = "kv_decode_attention"
+    old_values = [attention.outputs[0], *k_quant.outputs, *v_quant.outputs]
+    new = ir.Node(SEMANTIC_DOMAIN, op_type, inputs, ir.convenience.convert_attributes({"bits": bits, **_attrs(attention)}),
+                  num_outputs=len(old_values))
+    new.metadata_props.update(attention.metadata_props)
+    ir.convenience.replace_nodes_and_values(graph, attention, [attention], [new], old_values, list(new.outputs))
+    graph.remove(readers, safe=True)
+    graph.remove(quantizers, safe=True)
+    return True
+
+
+def _shaped_like(codes, x, bits: int):
+    """``codes`` (a rule's new value) with the shape of the cache entries of ``x``: the last axis
+    halved for INT4 (the portable dequantizers read the static size of that axis)."""
+    if x.shape is not None and isinstance(x.shape[-1], int):
+        codes.shape = ir.Shape([*x.shape[:-1], x.shape[-1] // 2 if bits == 4 else x.shape[-1]])
+    return codes
+
+
+def _dequantized(value, past_or_new, x):
+    """A dequantized cache value of the joined forms below, given the float type and shape
+    :func:`~quota_compile.export.onnx_translation.decode_attention` reads: ``past_or_new``'s
+    shape (the stored codes, or the new entry) with ``x``'s last axis (the head size)."""
+    value.type = x.type
+    if past_or_new.shape is not None and x.shape is not None:
+        value.shape = ir.Shape([*past_or_new.shape[:-1], x.shape[-1]])
+    return value
+
+
+def _kv_decode_attention(q, k, v, bias, past_key, past_key_scale, past_key_zero_point, past_value, past_value_scale,
+                         past_value_zero_point, bits: int, sm_scale: float):
+    kc, ks, kz = portable.quantize_kv(k, bits)
+    vc, vs, vz = portable.quantize_kv(v, bits)
+    kc, vc = _shaped_like(kc, k, bits), _shaped_like(vc, v, bits)
+    out = portable.decode_attention(q, _dequantized(portable.dequantize_kv(past_key, past_key_scale, past_key_zero_point, bits), past_key, k),
+                                    _dequantized(portable.dequantize_kv(kc, ks, kz, bits), k, k),
+                                    _dequantized(portable.dequantize_kv(past_value, past_value_scale, past_value_zero_point, bits), past_value, v),
+                                    _dequantized(portable.dequantize_kv(vc, vs, vz, bits), v, v), bias, sm_scale)
+    return out, kc, ks, kz, vc, vs, vz
+
+
+def _kv_decode_attention_static(q, k, v, bias, past_key, past_value, key_scale, value_scale, bits: int, sm_scale: float):
+    kc, vc = _shaped_like(portable.quantize_kv_static(k, key_scale, bits), k, bits), _shaped_like(portable.quantize_kv_static(v, value_scale, bits), v, bits)
+    out = portable.decode_attention(q, _dequantized(portable.dequantize_kv_static(past_key, key_scale, bits), past_key, k),
+                                    _dequantized(portable.dequantize_kv_static(kc, key_scale, bits), k, k),
+                                    _dequantized(portable.dequantize_kv_static(past_value, value_scale, bits), past_value, v),
+                                    _dequantized(portable.dequantize_kv_static(vc, value_scale, bits), v, v), bias, sm_scale)
+    return out, kc, vc
 
 
 def _quantized_matmul(x, packed, scale, bits: int, clip_ratio: float, k: int, n: int, group_size: int):
@@ -311,4 +449,6 @@ JOINED_RULES: dict[str, Callable] = {
     "int4_gather": _int4_gather,
     "w4a4_linear_bias": _w4a4_linear_bias,
     "quantized_matmul_bias": _quantized_matmul_bias,
+    "kv_decode_attention": _kv_decode_attention,
+    "kv_decode_attention_static": _kv_decode_attention_static,
 }

@@ -72,4 +72,10 @@ def decode_attention(q: torch.Tensor, k_past: torch.Tensor, k_new: torch.Tensor,
 
 @decode_attention.register_fake
 def _(q, k_past, k_new, v_past, v_new, bias, sm_scale):
+    # The lengths the definition's arithmetic ties together, stated for torch.export (which
+    # does not see inside the operator): the past and new entries add up to the mask bias's
+    # last axis, and keys and values agree. The exported graphs' input shapes then say so.
+    torch._check(bias.shape[-1] == k_past.shape[2] + k_new.shape[2])
+    torch._check(v_past.shape[2] == k_past.shape[2])
+    torch._check(v_new.shape[2] == k_new.shape[2])
     return q.new_empty(q.shape)

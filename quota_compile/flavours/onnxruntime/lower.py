@@ -38,16 +38,15 @@ spans their direct reader, then :func:`rules` translates each operator. What dif
   int8, scaled by the token and weight scales;
 
 - with an INT4 ``per_channel`` KV cache (``export.onnxruntime.group_query_attention``, on by
-  default), each decode layer's attention over the cache becomes one
-  ``com.microsoft.GroupQueryAttention`` with ``kv_cache_bit_width=4`` and the static
-  per-channel scales (:func:`group_query_attention`): the cache's codes are already that op's
-  layout, and it replaces the in-graph unpacking, dequantization, ``Expand``, ``Concat``,
-  products and softmax. Its ``present.*`` outputs are the whole updated cache, which the
-  graph's metadata records for the runtime. The prefill keeps the graph's attention:
+  default), each decode layer's ``quota.decode_attention`` over the cache, joined with the
+  past's dequantizers and the new entries' quantizers (``quota.kv_decode_attention_static``),
+  becomes one ``com.microsoft.GroupQueryAttention`` with ``kv_cache_bit_width=4`` and the
+  static per-channel scales (:func:`group_query_attention`): the cache's codes are already
+  that op's layout, and it replaces the in-graph unpacking, dequantization, ``Expand``,
+  ``Concat``, products and softmax. Its ``present.*`` outputs are the whole updated cache,
+  which the graph's metadata records for the runtime. The prefill keeps the graph's attention:
   GroupQueryAttention's prefill with a quantized cache measured 3-5.5x slower than fp32
-  (onnxruntime 1.32, CPU provider). See docs/speed.md for the measurements. The decode
-  attention is not a semantic operator yet (it reaches the ONNX graph as its PyTorch
-  definition's operations), so this one is still a rewrite of the translated graph.
+  (onnxruntime 1.32, CPU provider). See docs/speed.md for the measurements.
 
 Every node a rule writes keeps the provenance stamps of the semantic node it replaces (the
 traced program's FX node), which is how the verification finds the flavour's activation codes.
@@ -60,15 +59,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
-from onnx import TensorProto, helper, numpy_helper
 from onnxscript import opset21 as op
 
-from quota_compile.bundle.schema import KV_REPLACE, KV_UPDATE_KEY, ORT_FOLDER, PAST, PRESENT, kv_name  # noqa: F401  (ORT_FOLDER: also this module's)
+from quota_compile.bundle.schema import KV_REPLACE, KV_UPDATE_KEY, PAST, PRESENT
 from quota_compile.export import onnx_translation as portable
 from quota_compile.quant import ops
 from quota_compile.export.onnx import SemanticGraph
 from quota_compile.export.semantic import JOINED_RULES, PORTABLE_RULES, constant, constant_data, custom_op, join_readers
-from quota_compile.export.graph_edit import MS_DOMAIN, downstream_node, follow_chain, indexed_copy, is_cache_concat, live_nodes, toposort_nodes, write_back
+
+MS_DOMAIN = "com.microsoft"  # onnxruntime's own operators
 
 ORT_ARITHMETIC = {
     0: "MatMulNBits accuracy_level 0: float32 activations x dequantized INT4 weights (the deployed W4A4 up to summation order)",
@@ -99,7 +98,7 @@ def describe_arithmetic(cfg) -> dict[str, str]:
 
 class OrtLoweringError(RuntimeError):
     """A graph this flavour cannot translate (an INT4 block size its operators do not take), or a
-    translated graph without the form the GroupQueryAttention rewrite expects."""
+    decode graph whose attention is not over the cache in the form GroupQueryAttention replaces."""
 
 
 def matmulnbits_weights(codes: np.ndarray, scale: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,18 +207,24 @@ def rules(accuracy_level: int, integer: bool) -> dict:
         return GATHER_BLOCK_QUANTIZED(constant(table), indices, constant(scales), bits=4, block_size=group_size, gather_axis=0, quantize_axis=1)
 
     return {**PORTABLE_RULES, **JOINED_RULES, "qdq_per_token": qdq_per_token, "w4a4_linear": w4a4_linear,
-            "quantized_matmul": quantized_matmul, "int4_matmul": int4_matmul, "int4_gather": int4_gather}
+            "quantized_matmul": quantized_matmul, "int4_matmul": int4_matmul, "int4_gather": int4_gather,
+            "kv_decode_attention_static": group_query_attention}
 
 
 # The joins (:func:`quota_compile.export.semantic.join_readers`) this flavour translates.
 ORT_JOINS = ("quantized_matmul", "int4_matmul", "int4_gather")
 
 
-def lower_graph(semantic: SemanticGraph, accuracy_level: int, integer: bool) -> onnx.ModelProto:
+def lower_graph(semantic: SemanticGraph, accuracy_level: int, integer: bool, group_query: bool = False) -> onnx.ModelProto:
     """The onnxruntime flavour of one graph from its semantic graph: the joins of
-    :data:`ORT_JOINS`, then the flavour's :func:`rules` (the portable ones for the operators it
-    does not change)."""
-    return semantic.expand(rules(accuracy_level, integer), standard_only=False, prepare=lambda m: join_readers(m, ORT_JOINS))
+    :data:`ORT_JOINS` (with ``group_query``, also each decode attention over the cache with
+    its quantizers, :func:`group_query_attention`), then the flavour's :func:`rules` (the
+    portable ones for the operators it does not change)."""
+    joins = ORT_JOINS + (("kv_decode_attention",) if group_query else ())
+    model = semantic.expand(rules(accuracy_level, integer), standard_only=False, prepare=lambda m: join_readers(m, joins))
+    if group_query:
+        _whole_cache_outputs(model)
+    return model
 
 
 def uses_group_query_attention(cfg, quantized_kv: bool = True) -> bool:
@@ -235,10 +240,8 @@ def lower_flavour(semantic: dict[str, SemanticGraph], options, group_query: bool
     semantic graph under the ``export.onnxruntime`` options: their accuracy level, and integer
     products in the graphs of ``integer_graphs``; with ``group_query``, the decode attention as
     GroupQueryAttention (:func:`group_query_attention`)."""
-    out = {g: lower_graph(m, options.accuracy_level, g in options.integer_graphs) for g, m in semantic.items()}
-    if group_query and "decode" in out:
-        out["decode"] = group_query_attention(out["decode"])[0]
-    return out
+    return {g: lower_graph(m, options.accuracy_level, g in options.integer_graphs, group_query and g == "decode")
+            for g, m in semantic.items()}
 
 
 def ort_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -250,138 +253,71 @@ def ort_counts(model: onnx.ModelProto) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------
 # Decode attention as com.microsoft.GroupQueryAttention over the quantized cache.
 
+GROUP_QUERY_ATTENTION = custom_op(
+    MS_DOMAIN, "GroupQueryAttention",
+    ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache",
+     "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale"], outputs=3,
+    attributes=[("num_heads", _A.INT), ("kv_num_heads", _A.INT), ("scale", _A.FLOAT), ("kv_cache_bit_width", _A.INT),
+                ("k_quant_type", _A.STRING), ("v_quant_type", _A.STRING)])
 
-def group_query_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy of the decode graph ``model`` with each layer's attention, the part between the
-    rotated query / key, the value, the mask bias and the per-channel INT4 cache, as one
-    ``com.microsoft.GroupQueryAttention``; returns it and the number of layers rewritten.
 
-    What the op takes over, per layer (everything else, the projections, RoPE and the mask
-    bias, stays the portable graph's):
+def _static_dim(value, axis: int, what: str) -> int:
+    dim = value.shape[axis] if value.shape is not None and len(value.shape) == 4 else None
+    if not isinstance(dim, int):
+        raise OrtLoweringError(f"GroupQueryAttention: {what} ({value.name}, axis {axis}) has no static size in the graph")
+    return dim
+
+
+def group_query_attention(q, k, v, bias, past_key, past_value, key_scale, value_scale, bits: int, sm_scale: float):
+    """One decode layer's attention over the ``per_channel`` INT4 cache (the joined
+    ``quota.kv_decode_attention_static``) as one ``com.microsoft.GroupQueryAttention`` with
+    ``kv_cache_bit_width=4`` and the static scales. The op takes over:
+
     - quantizing the new key and value with the static per-channel scales (nibble = q + 8,
       even channel low: the layout the cache already has);
     - dequantizing the past, appending the new entries, the grouped-query score products, the
       mask bias, the float32 softmax and the product with the values.
-    ``seqlens_k`` is every row's cache length (the row's padding is masked by the bias, as in
-    the portable graph) and ``total_sequence_length`` the bias's last axis, so each layer's
-    own (pruned) length comes from its own bias. Its outputs ``present.<i>.key|value`` are
-    therefore the whole updated cache, not the new entries; the graph says so in its metadata
-    (:data:`KV_UPDATE_KEY` = :data:`KV_REPLACE`) and :class:`quota_compile.runtime.ort.OrtBackend`
-    replaces its cache instead of appending.
-    """
-    out, graph, inits, producers, consumers = indexed_copy(model)
-    inputs = {i.name: i for i in graph.input}
-    shapes = {v.name: v for v in graph.value_info}
 
-    def fail(msg: str):
-        raise OrtLoweringError(f"GroupQueryAttention rewrite: {msg}")
+    Query, key and value go in as ``[B, 1, heads * D]``; the attention comes back as
+    ``[B, heads, 1, D]`` like the semantic node's. ``seqlens_k`` is every row's cache length
+    (a row's padding is masked by the bias, as in the portable graph) and
+    ``total_sequence_length`` the bias's last axis, so each layer's own (pruned) length comes
+    from its own bias. The ``present`` outputs are therefore the whole updated cache, not the
+    new entries (:func:`lower_graph` says so in the graph)."""
+    if bits != 4:
+        raise OrtLoweringError(f"GroupQueryAttention takes an INT4 cache only, not INT{bits}")
+    heads, head_dim = _static_dim(q, 1, "the query heads"), _static_dim(q, 3, "the head size")
+    kv_heads = _static_dim(past_key, 1, "the KV heads")
+    flat = op.Constant(value_ints=[0, 0, -1])
 
-    def chain_to(tensor: str, op_type: str) -> list[onnx.NodeProto]:
-        return follow_chain(consumers, tensor, op_type, fail)
+    def merged(x):  # [B, heads, 1, D] -> [B, 1, heads * D]
+        return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), flat)
 
-    def cache_concat(past: str) -> onnx.NodeProto:
-        """The Concat (axis 2) that appends the new entry to the dequantized ``past``."""
-        return downstream_node(consumers, past, is_cache_concat) or fail(f"no Concat appends to {past}")
+    total = op.Cast(op.Shape(bias, start=3, end=4), to=ir.DataType.INT32)
+    seqlens = op.Expand(op.Sub(total, constant(np.array([1], np.int32))), op.Shape(q, start=0, end=1))
+    scales = [constant(_array(s, "the cache's static scale").astype(np.float32).reshape(1, kv_heads, 1, head_dim)) for s in (key_scale, value_scale)]
+    out, present_key, present_value = GROUP_QUERY_ATTENTION(
+        merged(q), merged(k), merged(v), past_key, past_value, seqlens, op.Squeeze(total), None, None, None, bias, None, *scales,
+        num_heads=heads, kv_num_heads=kv_heads, scale=sm_scale, kv_cache_bit_width=4, k_quant_type="PER_CHANNEL",
+        v_quant_type="PER_CHANNEL")
+    attention = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, head_dim])), perm=[0, 2, 1, 3])
+    return attention, present_key, present_value
 
-    def static_quantizer(present: str) -> onnx.NodeProto:
-        """The Div(x, static scale) that starts the quantizer writing ``present``."""
-        n = producers.get(present)
-        while n is not None and not (n.op_type == "Div" and n.input[1] in inits):
-            n = producers.get(n.input[0])
-        if n is None:
-            fail(f"{present} is not written by a static quantizer")
-        return n
 
-    layers = sorted(int(n.split(".")[1]) for n in inputs if n.startswith(PAST) and n.endswith(".key"))
-    if not layers:
-        fail("the graph has no past.<i>.key inputs")
-    first = inputs[kv_name(PAST, layers[0], "key")].type.tensor_type
-    if first.elem_type != TensorProto.UINT8:
-        fail("the cache is not uint8 codes (only the per_channel INT4 cache has GroupQueryAttention's layout)")
-    kv_heads = first.shape.dim[1].dim_value
-    head_dim = 2 * first.shape.dim[3].dim_value
-    batch_of = graph.input[0].name  # input_ids [B, 1]
-
-    replaced: dict[int, list[onnx.NodeProto]] = {}
-    new_inits: list[onnx.TensorProto] = []
-    added = [
-        helper.make_node("Shape", [batch_of], ["gqa_batch"], start=0, end=1, name="gqa_batch"),
-    ]
-    new_inits += [
-        numpy_helper.from_array(np.array([0, 0, -1], np.int64), "gqa_flat"),
-        numpy_helper.from_array(np.array([1], np.int32), "gqa_one"),
-    ]
-    lengths: dict[str, tuple[str, str]] = {}  # bias -> (seqlens_k, total_sequence_length)
-    scales: set[str] = set()
-    for i in layers:
-        past_k, past_v, present_k, present_v = (kv_name(PAST, i, "key"), kv_name(PAST, i, "value"), kv_name(PRESENT, i, "key"), kv_name(PRESENT, i, "value"))
-        scores = chain_to(cache_concat(past_k).output[0], "MatMul")[-1]
-        to_softmax = chain_to(scores.output[0], "Softmax")
-        muls = [n for n in to_softmax if n.op_type == "Mul"]
-        adds = [n for n in to_softmax if n.op_type == "Add"]
-        if len(muls) != 1 or len(adds) != 1:
-            fail(f"layer {i}: expected one scaling Mul and one bias Add before the softmax")
-        const = [x for x in muls[0].input if x in inits]
-        if not const:
-            fail(f"layer {i}: the score scaling is not a constant")
-        scaling = float(numpy_helper.to_array(inits[const[0]]).reshape(()))
-        bias = next(x for x in adds[0].input if x != muls[0].output[0] and producers.get(x) is not muls[0])
-        weighted = chain_to(to_softmax[-1].output[0], "MatMul")[-1]
-        merge = chain_to(weighted.output[0], "Reshape")[-1]  # [B, H, 1, D] -> [B, 1, H*D]
-        k_quant, v_quant = static_quantizer(present_k), static_quantizer(present_v)
-        query, key, value = scores.input[0], k_quant.input[0], v_quant.input[0]
-        cache_concat(past_v)  # the value cache must be appended the same way (fails otherwise)
-
-        tag = f"gqa{i}"
-        flat = []
-        for name, x in (("q", query), ("k", key), ("v", value)):  # [B, heads, 1, D] -> [B, 1, heads*D]
-            added += [
-                helper.make_node("Transpose", [x], [f"{tag}_{name}_t"], perm=[0, 2, 1, 3], name=f"{tag}_{name}_t"),
-                helper.make_node("Reshape", [f"{tag}_{name}_t", "gqa_flat"], [f"{tag}_{name}"], name=f"{tag}_{name}"),
-            ]
-            flat.append(f"{tag}_{name}")
-        if bias not in lengths:
-            b = f"gqa_len{len(lengths)}"
-            added += [
-                helper.make_node("Shape", [bias], [f"{b}_total1"], start=3, end=4, name=f"{b}_shape"),
-                helper.make_node("Cast", [f"{b}_total1"], [f"{b}_total_i32"], to=TensorProto.INT32, name=f"{b}_cast"),
-                helper.make_node("Squeeze", [f"{b}_total_i32"], [f"{b}_total"], name=f"{b}_total"),
-                helper.make_node("Sub", [f"{b}_total_i32", "gqa_one"], [f"{b}_last"], name=f"{b}_last"),
-                helper.make_node("Expand", [f"{b}_last", "gqa_batch"], [f"{b}_seqlens"], name=f"{b}_seqlens"),
-            ]
-            lengths[bias] = (f"{b}_seqlens", f"{b}_total")
-        seqlens, total = lengths[bias]
-        scale_names = []
-        for q in (k_quant, v_quant):
-            name = f"{q.input[1]}_gqa"
-            if name not in scales:
-                scales.add(name)
-                s = numpy_helper.to_array(inits[q.input[1]]).astype(np.float32)
-                new_inits.append(numpy_helper.from_array(s.reshape(1, kv_heads, 1, head_dim), name))
-            scale_names.append(name)
-        q_dims = [d.dim_value for d in shapes[query].type.tensor_type.shape.dim] if query in shapes else []
-        if len(q_dims) != 4 or not q_dims[1] or q_dims[3] != head_dim:
-            fail(f"layer {i}: the query {query} has no [batch, heads, 1, {head_dim}] shape in the graph")
-        num_heads = q_dims[1]
-        added.append(helper.make_node(
-            "GroupQueryAttention",
-            [*flat, past_k, past_v, seqlens, total, "", "", "", bias, "", *scale_names],
-            [merge.output[0], present_k, present_v], name=tag, domain=MS_DOMAIN,
-            num_heads=num_heads, kv_num_heads=kv_heads, scale=scaling, kv_cache_bit_width=4,
-            k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL",
-        ))
-        for n in (producers[present_k], producers[present_v], merge):
-            replaced[id(n)] = []
-
-    nodes = live_nodes([n for n in graph.node if id(n) not in replaced] + added, graph)  # drops the old attention
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {t.name for t in new_inits}
-    # topological order (the new nodes read tensors from all over the graph)
-    write_back(out, toposort_nodes(nodes, available, fail), new_inits)
-    del graph.value_info[:]  # shapes of removed tensors; onnxruntime infers what it needs
-    for o in graph.output:
+def _whole_cache_outputs(model: onnx.ModelProto) -> None:
+    """A decode graph whose layers all attend through GroupQueryAttention returns the whole
+    updated cache in ``present.*`` (length ``total``); its metadata says so for the runtime
+    (:data:`KV_UPDATE_KEY` = :data:`KV_REPLACE`: :class:`quota_compile.runtime.ort.OrtBackend`
+    replaces its cache instead of appending). Fails where a layer's attention is not
+    GroupQueryAttention (its cache would be appended to)."""
+    layers = [i.name for i in model.graph.input if i.name.startswith(PAST) and i.name.endswith(".key")]
+    done = sum(1 for n in model.graph.node if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN)
+    if not layers or done != len(layers):
+        raise OrtLoweringError(f"GroupQueryAttention: {done} of {len(layers)} decode layers attend over the per_channel INT4 cache "
+                               "in the form it replaces (dequantized past, quantized new entries)")
+    for o in model.graph.output:
         if o.name.startswith(PRESENT):
             o.type.tensor_type.shape.dim[2].Clear()
             o.type.tensor_type.shape.dim[2].dim_param = "total"
-    entry = out.metadata_props.add()
+    entry = model.metadata_props.add()
     entry.key, entry.value = KV_UPDATE_KEY, KV_REPLACE
-    return out, len(layers)

@@ -19,13 +19,12 @@ and :func:`join_kv_quantizers` join what one plugin replaces, then :func:`rules`
 - in the prefill, each layer's key and value quantizer with the dequantizer reading it (the
   codes, per-token scales and zero points written to ``present.*``, and the dequantized
   values the layer's attention reads) becomes one :data:`KV_QUANTIZE` node;
-- in the decode, each layer's attention over the quantized cache (quantizing the new token's
-  key and value, dequantizing the past, the grouped-query products, the mask bias, the
-  softmax and the product with the values) becomes one :data:`DECODE_ATTENTION` node. Its
-  ``present_*`` outputs are the new token's entries only, like the portable graph's: the
-  runtime's cache protocol stays "append" (:data:`quota_compile.flavours.onnxruntime.lower.KV_APPEND`).
-  The decode attention is not a semantic operator yet, so this one is a rewrite of the
-  translated graph (:func:`decode_attention`).
+- in the decode, each layer's ``quota.decode_attention`` over the quantized cache, joined with
+  the new token's key and value quantizers and the past's dequantizers
+  (``quota.kv_decode_attention`` / ``_static``, :func:`~quota_compile.export.semantic.join_readers`),
+  becomes one :data:`DECODE_ATTENTION` node. Its ``present_*`` outputs are the new token's
+  entries only, like the portable graph's: the runtime's cache protocol stays "append"
+  (:data:`~quota_compile.bundle.schema.KV_APPEND`).
 
 ``export.passes`` edit the portable graphs only; they do not reach this flavour.
 
@@ -79,12 +78,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from quota_compile.export.onnx import SemanticGraph
 from quota_compile.export.semantic import JOINED_RULES, PORTABLE_RULES, SEMANTIC_DOMAIN, constant, constant_data, custom_op, join_readers
-from quota_compile.export.graph_edit import downstream_node, follow_chain, indexed_copy, is_cache_concat, live_nodes, node_attrs, toposort_nodes, write_back
-from quota_compile.bundle.schema import KV_APPEND, KV_UPDATE_KEY, PAST, PRESENT, TRT_FOLDER, kv_name  # noqa: F401  (TRT_FOLDER: also this module's)
+from quota_compile.bundle.schema import KV_APPEND, KV_UPDATE_KEY
 
 PLUGIN_DOMAIN = "quota"
 PLUGIN_NAMESPACE = "quota"
@@ -105,74 +103,16 @@ PLUGIN_ATTRS = {"plugin_namespace": PLUGIN_NAMESPACE, "plugin_version": PLUGIN_V
 
 
 class TrtLoweringError(RuntimeError):
-    """A graph this flavour cannot translate (an odd N, an INT4 block TensorRT does not take), or
-    a translated decode graph without the form the attention rewrite expects."""
+    """A graph this flavour cannot translate: an odd N, an INT4 block TensorRT does not take,
+    operations its ONNX parser cannot take left in the graph (e.g. a decode attention whose cache
+    arithmetic was not in the form the plugin replaces)."""
 
 
 def _int4_dequantize_blocks(model: onnx.ModelProto) -> list[int]:
     """``block_size`` of every DequantizeLinear of an INT4 / UINT4 initializer (0: not blocked)."""
     int4 = {t.name for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)}
-    return [int(node_attrs(n).get("block_size", 0)) for n in model.graph.node
+    return [int(next((helper.get_attribute_value(a) for a in n.attribute if a.name == "block_size"), 0)) for n in model.graph.node
             if n.op_type == "DequantizeLinear" and n.input[0] in int4]
-
-
-def _scalar(inits: dict, name: str) -> float | None:
-    t = inits.get(name)
-    if t is None:
-        return None
-    a = numpy_helper.to_array(t)
-    return float(a.reshape(-1)[0]) if a.size == 1 else None
-
-
-def _plugin(op_type: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> onnx.NodeProto:
-    return helper.make_node(op_type, inputs, outputs, name=name, domain=PLUGIN_DOMAIN, **attrs, **PLUGIN_ATTRS)
-
-
-class _Rewrite:
-    """One graph being rewritten: lookups, new initializers, replaced producers."""
-
-    def __init__(self, model: onnx.ModelProto, what: str):
-        self.out, self.graph, self.inits, self.producers, self.consumers = indexed_copy(model)
-        self.what = what
-        self.new_inits: list[onnx.TensorProto] = []
-        self.have: set[str] = set()
-        self.added: list[onnx.NodeProto] = []
-        self.removed: set[int] = set()  # id() of nodes whose outputs a plugin now writes
-        self.shapes = {v.name: v for v in list(self.graph.value_info) + list(self.graph.input) + list(self.graph.output)}
-
-    def fail(self, msg: str):
-        raise TrtLoweringError(f"TensorRT flavour, {self.what}: {msg}")
-
-    def init(self, array: np.ndarray, name: str) -> str:
-        if name not in self.have and name not in self.inits:
-            self.have.add(name)
-            self.new_inits.append(numpy_helper.from_array(array, name))
-        return name
-
-    def take_over(self, tensor: str) -> None:
-        """A plugin writes ``tensor`` from now on: drop its old producer."""
-        n = self.producers.get(tensor)
-        if n is not None:
-            self.removed.add(id(n))
-
-    def dims(self, tensor: str) -> list:
-        v = self.shapes.get(tensor)
-        if v is None:
-            self.fail(f"no shape recorded for {tensor}")
-        return [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim]
-
-    def finish(self) -> onnx.ModelProto:
-        nodes = live_nodes([n for n in self.graph.node if id(n) not in self.removed] + self.added, self.graph)
-        given = {i.name for i in self.graph.input} | set(self.inits) | self.have
-        ordered = toposort_nodes(nodes, given, self.fail) if self.added else nodes
-        write_back(self.out, ordered, self.new_inits)
-        produced = {o for n in self.graph.node for o in n.output}
-        infos = [v for v in self.graph.value_info if v.name in produced]
-        del self.graph.value_info[:]
-        self.graph.value_info.extend(infos)
-        if self.added and not any(o.domain == PLUGIN_DOMAIN for o in self.out.opset_import):
-            self.out.opset_import.append(helper.make_opsetid(PLUGIN_DOMAIN, 1))
-        return self.out
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,8 +172,46 @@ def _kv_quantize_static(x, scale, bits: int):
     return codes, dequantized
 
 
+_DECODE_ATTENTION_OP = custom_op(
+    PLUGIN_DOMAIN, DECODE_ATTENTION,
+    ["query", "key", "value", "bias", "past_key", "past_value", "key_scale", "value_scale", "key_zero_point", "value_zero_point"], outputs=7,
+    attributes=[("bits", _A.INT), ("granularity", _A.STRING), ("num_heads", _A.INT), ("kv_num_heads", _A.INT), ("scale", _A.FLOAT),
+                *_PLUGIN_ATTRIBUTES])
+
+
+def _heads(q, past_key) -> tuple[int, int]:
+    dims = (q.shape[1] if q.shape is not None and len(q.shape) == 4 else None,
+            past_key.shape[1] if past_key.shape is not None and len(past_key.shape) == 4 else None)
+    if not all(isinstance(d, int) for d in dims):
+        raise TrtLoweringError(f"TensorRT flavour: the decode attention's query {q.name} / cache {past_key.name} have no static head counts")
+    return dims
+
+
+def _kv_decode_attention(q, k, v, bias, past_key, past_key_scale, past_key_zero_point, past_value, past_value_scale,
+                         past_value_zero_point, bits: int, sm_scale: float):
+    """A decode layer's attention over the ``per_token`` cache with its new entries' quantizers
+    (the joined ``quota.kv_decode_attention``) as one :data:`DECODE_ATTENTION`."""
+    heads, kv_heads = _heads(q, past_key)
+    attention, key, value, key_scale, value_scale, key_zero_point, value_zero_point = _DECODE_ATTENTION_OP(
+        q, k, v, bias, past_key, past_value, past_key_scale, past_value_scale, past_key_zero_point, past_value_zero_point,
+        bits=bits, granularity="per_token", num_heads=heads, kv_num_heads=kv_heads, scale=sm_scale, **PLUGIN_ATTRS)
+    return attention, key, key_scale, key_zero_point, value, value_scale, value_zero_point
+
+
+def _kv_decode_attention_static(q, k, v, bias, past_key, past_value, key_scale, value_scale, bits: int, sm_scale: float):
+    """The same over the ``per_channel`` cache (``quota.kv_decode_attention_static``): the
+    static scales and the constant zero point ``2**(bits-1)``; the plugin's scale and zero
+    point outputs are unused."""
+    heads, kv_heads = _heads(q, past_key)
+    zero_point = constant(np.full((1, 1, 1, 1), 2 ** (bits - 1), np.uint8))
+    attention, key, value, *_ = _DECODE_ATTENTION_OP(
+        q, k, v, bias, past_key, past_value, key_scale, value_scale, zero_point, zero_point,
+        bits=bits, granularity="per_channel", num_heads=heads, kv_num_heads=kv_heads, scale=sm_scale, **PLUGIN_ATTRS)
+    return attention, key, value
+
+
 # the joins (join_readers) this flavour translates
-TRT_JOINS = ("quantized_matmul", "linear_bias")
+TRT_JOINS = ("quantized_matmul", "linear_bias", "kv_decode_attention")
 
 
 def join_kv_quantizers(model: ir.Model) -> int:
@@ -269,7 +247,8 @@ def rules(prefill: bool) -> dict:
     portable rules (weight-only INT4 stays a blocked ``DequantizeLinear`` + ``MatMul``, which
     TensorRT runs natively)."""
     out = {**PORTABLE_RULES, **JOINED_RULES, "w4a4_linear": _w4a4_linear, "w4a4_linear_bias": _w4a4_linear_bias,
-           "quantized_matmul": _quantized_matmul, "quantized_matmul_bias": _quantized_matmul_bias}
+           "quantized_matmul": _quantized_matmul, "quantized_matmul_bias": _quantized_matmul_bias,
+           "kv_decode_attention": _kv_decode_attention, "kv_decode_attention_static": _kv_decode_attention_static}
     if prefill:
         out.update(kv_quantize=_kv_quantize, kv_quantize_static=_kv_quantize_static)
     return out
@@ -284,120 +263,9 @@ def _prepare(prefill: bool):
 
 
 def lower_graph(semantic: SemanticGraph, graph: str) -> onnx.ModelProto:
-    """One graph of the flavour from its semantic graph (the decode's attention still a rewrite
-    of the translated graph, :func:`decode_attention`)."""
+    """One graph of the flavour from its semantic graph: the joins, then :func:`rules`."""
     prefill = graph == "prefill"
-    model = semantic.expand(rules(prefill), standard_only=False, prepare=_prepare(prefill))
-    if graph == "decode":
-        model, _ = decode_attention(model)
-    return model
-
-
-# --------------------------------------------------------------------------------------------
-# KV cache: the prefill's quantizers and the decode's attention
-
-
-def _kv_layout(rw: _Rewrite, codes: str, x: str) -> tuple[int, int]:
-    """``(bits, head_dim)`` from the stored codes' and the float source's last dimensions."""
-    stored, d = rw.dims(codes)[-1], rw.dims(x)[-1]
-    if not isinstance(stored, int) or not isinstance(d, int):
-        rw.fail(f"the last dimensions of {codes} and {x} are not static")
-    if d == 2 * stored:
-        return 4, d
-    if d == stored:
-        return 8, d
-    rw.fail(f"{codes} stores {stored} bytes per head of {d} channels: neither INT4 nor INT8")
-
-
-def _kv_quantizer(rw: _Rewrite, codes: str) -> tuple[str, str | None]:
-    """``(x, static scale or None)``: the float tensor the quantizer writing ``codes`` starts
-    from (per_token: the ``QuantizeLinear(x, scale, zero_point)`` of the codes; per_channel:
-    the ``Div(x, static scale)``), found along the first inputs of the writers of ``codes``."""
-    n = rw.producers.get(codes)
-    while n is not None:
-        if n.op_type == "QuantizeLinear" and len(n.input) == 3:
-            return n.input[0], None
-        if n.op_type == "Div" and n.input[1] in rw.inits:
-            return n.input[0], n.input[1]
-        n = rw.producers.get(n.input[0])
-    rw.fail(f"{codes} is not written by a KV quantizer")
-
-
-def _chain_to(rw: _Rewrite, tensor: str, op_type: str) -> list[onnx.NodeProto]:
-    return follow_chain(rw.consumers, tensor, op_type, rw.fail)
-
-
-def _cache_concat(rw: _Rewrite, past: str) -> onnx.NodeProto:
-    """The Concat (axis 2) that appends the new entry to the dequantized ``past``."""
-    return downstream_node(rw.consumers, past, is_cache_concat) or rw.fail(f"no Concat appends to {past}")
-
-
-def _static_params(rw: _Rewrite, static: str | None, bits: int) -> tuple[str, str]:
-    """``(scale, zero_point)`` inputs of a plugin: per_channel the static scale and the
-    constant zero point ``2**(bits-1)``; per_token unused placeholders."""
-    if static is None:
-        return (rw.init(np.ones(1, np.float32), "quota_kv_no_scale"), rw.init(np.zeros(1, np.uint8), "quota_kv_no_zero_point"))
-    return static, rw.init(np.full((1, 1, 1, 1), 2 ** (bits - 1), np.uint8), f"quota_kv_zero_point{bits}")
-
-
-def _layers(prefix: str, names) -> list[int]:
-    return sorted(int(n.split(".")[1]) for n in names if n.startswith(prefix) and n.endswith(".key"))
-
-
-def decode_attention(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy of the decode graph ``model`` with each layer's attention over the quantized
-    cache as one :data:`DECODE_ATTENTION` node; returns it and the number of layers."""
-    rw = _Rewrite(model, "decode")
-    layers = _layers(PAST, {i.name for i in rw.graph.input})
-    if not layers:
-        rw.fail("the graph has no past.<i>.key inputs")
-    inputs = {i.name for i in rw.graph.input}
-    for i in layers:
-        past = {kind: kv_name(PAST, i, kind) for kind in ("key", "value")}
-        present = {kind: kv_name(PRESENT, i, kind) for kind in ("key", "value")}
-        (xk, static_k), (xv, static_v) = (_kv_quantizer(rw, present[k]) for k in ("key", "value"))
-        if (static_k is None) != (static_v is None):
-            rw.fail(f"layer {i}: the key and value caches have different granularities")
-        bits, head_dim = _kv_layout(rw, present["key"], xk)
-        granularity = "per_channel" if static_k is not None else "per_token"
-
-        scores = _chain_to(rw, _cache_concat(rw, past["key"]).output[0], "MatMul")[-1]
-        to_softmax = _chain_to(rw, scores.output[0], "Softmax")
-        muls = [n for n in to_softmax if n.op_type == "Mul"]
-        adds = [n for n in to_softmax if n.op_type == "Add"]
-        if len(muls) != 1 or len(adds) != 1:
-            rw.fail(f"layer {i}: expected one scaling Mul and one bias Add between the scores and the softmax")
-        scaling = next((v for v in (_scalar(rw.inits, x) for x in muls[0].input) if v is not None), None)
-        if scaling is None:
-            rw.fail(f"layer {i}: the score scaling is not a constant")
-        bias = next(x for x in adds[0].input if x not in muls[0].output)
-        weighted = _chain_to(rw, to_softmax[-1].output[0], "MatMul")[-1]
-        if _chain_to(rw, _cache_concat(rw, past["value"]).output[0], "MatMul")[-1] is not weighted:
-            rw.fail(f"layer {i}: the value cache does not feed the product with the attention weights")
-        query = scores.input[0]
-        q_dims = rw.dims(query)
-        if len(q_dims) != 4 or not isinstance(q_dims[1], int) or q_dims[3] != head_dim:
-            rw.fail(f"layer {i}: the query {query} has no [batch, heads, 1, {head_dim}] shape")
-        kv_heads = rw.dims(past["key"])[1]
-
-        tag = f"decode_attention_{i}"
-        if granularity == "per_token":
-            stats_in = [kv_name(PAST, i, t) for t in ("key_scale", "value_scale", "key_zero_point", "value_zero_point")]
-            if not set(stats_in) <= inputs:
-                rw.fail(f"layer {i}: the per_token cache has no {stats_in} inputs")
-            stats_out = [kv_name(PRESENT, i, t) for t in ("key_scale", "value_scale", "key_zero_point", "value_zero_point")]
-        else:
-            _, zp = _static_params(rw, static_k, bits)
-            stats_in = [static_k, static_v, zp, zp]
-            stats_out = [f"{tag}_{n}" for n in ("key_scale", "value_scale", "key_zero_point", "value_zero_point")]  # unused
-        outs = [weighted.output[0], present["key"], present["value"], *stats_out]
-        for t in outs:
-            rw.take_over(t)
-        rw.added.append(_plugin(
-            DECODE_ATTENTION, [query, xk, xv, bias, past["key"], past["value"], *stats_in], outs, tag,
-            bits=bits, granularity=granularity, num_heads=int(q_dims[1]), kv_num_heads=int(kv_heads), scale=scaling,
-        ))
-    return rw.finish(), len(layers)
+    return semantic.expand(rules(prefill), standard_only=False, prepare=_prepare(prefill))
 
 
 # --------------------------------------------------------------------------------------------
