@@ -7,8 +7,8 @@ The decode program traces each layer's attention as one ``quota.decode_attention
 through its dequantizers; this pass swaps each for the operator that reads the stored codes
 themselves, node for node, with no pattern to recognise.
 
-Not used for the ONNX export (which decomposes ``quota.decode_attention`` into its definition's
-operations: :mod:`quota_compile.export.onnx`): it builds the PyTorch execution path
+Not used for the ONNX export (where ``quota.decode_attention`` is one semantic node that each
+flavour translates by its own rule: :mod:`quota_compile.export.semantic`): it builds the PyTorch execution path
 (:mod:`quota_compile.flavours.torch_path`). The W4A4 Linears need no pass of their own there:
 every traced graph already holds them as ``quota.w4a4_linear`` (``fuse_w4a4_linear``).
 """

@@ -54,7 +54,8 @@ def decode_attention_reference(q: torch.Tensor, k_past: torch.Tensor, k_new: tor
                                v_new: torch.Tensor, bias: torch.Tensor, sm_scale: float) -> torch.Tensor:
     """One decode step's attention: the past keys and values ``[B, Hkv, S, D]`` with the new
     token's ``[B, Hkv, 1, D]`` appended, then :func:`attend`; ``[B, H, 1, D]``. The definition
-    of ``quota::decode_attention``, and what the ONNX export decomposes that operator into."""
+    of ``quota::decode_attention``; the portable ONNX form of that operator is the exporter's
+    translation of this function (:func:`quota_compile.export.onnx_translation.decode_attention`)."""
     k = torch.cat([k_past, k_new], dim=2)
     v = torch.cat([v_past, v_new], dim=2)
     return attend(q, k, v, bias, sm_scale)[0]
@@ -65,8 +66,9 @@ def decode_attention(q: torch.Tensor, k_past: torch.Tensor, k_new: torch.Tensor,
                      v_new: torch.Tensor, bias: torch.Tensor, sm_scale: float) -> torch.Tensor:
     """The decode attention as one operator in the traced decode program (the semantic form):
     the PyTorch path turns it into ``quota::kv_decode_attention`` over the stored cache
-    (``passes/use_kv_decode_attention.py``); the ONNX export decomposes it into
-    :func:`decode_attention_reference`'s operations."""
+    (``passes/use_kv_decode_attention.py``); the ONNX export writes it as one semantic node,
+    which each flavour translates (the portable graph: :func:`decode_attention_reference`'s
+    operations)."""
     return decode_attention_reference(q, k_past, k_new, v_past, v_new, bias, sm_scale)
 
 
