@@ -56,11 +56,11 @@ def main() -> int:
         bundle = bench_variants(cfg)[-1][0]
         built = workbench.build(bundle, keep_semantic=True)
         plain = lower_flavour(built.semantic, options)  # the graph's own attention
-        fused = lower_flavour(built.semantic, options, group_query=True)
+        fused = lower_graph(built.semantic["decode"], options.accuracy_level, "decode" in options.integer_graphs, group_query=True)
         # two copies of the flavour that differ only in the decode graph; the runtime's backend
         # appends or replaces the cache as each decode graph's metadata says
         backends = {}
-        for name, decode in (("graph attention", plain["decode"]), ("GroupQueryAttention", fused["decode"])):
+        for name, decode in (("graph attention", plain["decode"]), ("GroupQueryAttention", fused)):
             folder = work / name.replace(" ", "_")
             folder.mkdir()
             save_graphs({**plain, "decode": decode}, folder)

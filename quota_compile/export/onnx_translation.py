@@ -168,13 +168,15 @@ def select_topk(score, k: int):
 _TORCH_DTYPES = {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
 
 
-def _static(values, axis: int, what: str) -> int:
-    """The static size of ``axis`` of the first of ``values`` whose shape says it."""
+def static_dim(values, axis: int, what: str, error: type[Exception] = ValueError) -> int:
+    """The static size of ``axis`` of the first of ``values`` (4-D tensors of a semantic node)
+    whose shape says it, or ``error`` naming ``what`` (a rule that needs head counts or the head
+    size as attributes)."""
     for value in values:
         dim = value.shape[axis] if value.shape is not None and len(value.shape) == 4 else None
         if isinstance(dim, int):
             return dim
-    raise ValueError(f"decode_attention: {what} (axis {axis} of {[v.name for v in values]}) must have a static size in the traced graph")
+    raise error(f"{what} (axis {axis} of {[v.name for v in values]}) has no static size in the graph")
 
 
 def _dtype(value) -> str:
@@ -266,6 +268,9 @@ def decode_attention(q, k_past, k_new, v_past, v_new, bias, sm_scale: float):
 
     inputs = (q, k_past, k_new, v_past, v_new, bias)
     bias_batch = bias.shape[0] if bias.shape is not None and bias.shape[0] == 1 else None
-    graph = reference_graph(_static([q], 1, "the query heads"), _static([k_past, k_new, v_past, v_new], 1, "the KV heads"), _static([q], 3, "the head size"),
-                            float(sm_scale), tuple(_dtype(v) for v in inputs), bias_batch, model_opset())
-    return _replay(graph, inputs, model_opset())[0]
+    opset = model_opset()
+    graph = reference_graph(static_dim([q], 1, "decode_attention: the query heads"),
+                            static_dim([k_past, k_new, v_past, v_new], 1, "decode_attention: the KV heads"),
+                            static_dim([q], 3, "decode_attention: the head size"),
+                            float(sm_scale), tuple(_dtype(v) for v in inputs), bias_batch, opset)
+    return _replay(graph, inputs, opset)[0]

@@ -190,14 +190,12 @@ def expand(model: ir.Model, rules: Mapping[str, Callable]) -> int:
     """Replace every semantic node of ``model`` (in place) by what its rule builds; returns the
     number of nodes replaced. Domains the rules use are imported at version 1 where the model
     does not import them yet; the semantic domain's import goes."""
-    graph = model.graph
-    replaced = 0
     token = _MODEL_OPSET.set(model.opset_imports.get("", _MODEL_OPSET.get()))
     try:
         replaced = _expand(model, rules)
     finally:
         _MODEL_OPSET.reset(token)
-    if not semantic_nodes(graph):
+    if not semantic_nodes(model.graph):
         model.opset_imports.pop(SEMANTIC_DOMAIN, None)
     return replaced
 

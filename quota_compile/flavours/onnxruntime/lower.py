@@ -261,13 +261,6 @@ GROUP_QUERY_ATTENTION = custom_op(
                 ("k_quant_type", _A.STRING), ("v_quant_type", _A.STRING)])
 
 
-def _static_dim(value, axis: int, what: str) -> int:
-    dim = value.shape[axis] if value.shape is not None and len(value.shape) == 4 else None
-    if not isinstance(dim, int):
-        raise OrtLoweringError(f"GroupQueryAttention: {what} ({value.name}, axis {axis}) has no static size in the graph")
-    return dim
-
-
 def group_query_attention(q, k, v, bias, past_key, past_value, key_scale, value_scale, bits: int, sm_scale: float):
     """One decode layer's attention over the ``per_channel`` INT4 cache (the joined
     ``quota.kv_decode_attention_static``) as one ``com.microsoft.GroupQueryAttention`` with
@@ -286,8 +279,9 @@ def group_query_attention(q, k, v, bias, past_key, past_value, key_scale, value_
     new entries (:func:`lower_graph` says so in the graph)."""
     if bits != 4:
         raise OrtLoweringError(f"GroupQueryAttention takes an INT4 cache only, not INT{bits}")
-    heads, head_dim = _static_dim(q, 1, "the query heads"), _static_dim(q, 3, "the head size")
-    kv_heads = _static_dim(past_key, 1, "the KV heads")
+    heads = portable.static_dim([q], 1, "GroupQueryAttention: the query heads", OrtLoweringError)
+    head_dim = portable.static_dim([q], 3, "GroupQueryAttention: the head size", OrtLoweringError)
+    kv_heads = portable.static_dim([past_key], 1, "GroupQueryAttention: the KV heads", OrtLoweringError)
     flat = op.Constant(value_ints=[0, 0, -1])
 
     def merged(x):  # [B, heads, 1, D] -> [B, 1, heads * D]

@@ -81,6 +81,7 @@ import onnx_ir as ir
 from onnx import helper
 
 from quota_compile.export.onnx import SemanticGraph
+from quota_compile.export.onnx_translation import static_dim
 from quota_compile.export.semantic import JOINED_RULES, PORTABLE_RULES, SEMANTIC_DOMAIN, constant, constant_data, custom_op, join_readers
 from quota_compile.bundle.schema import KV_APPEND, KV_UPDATE_KEY
 
@@ -180,11 +181,9 @@ _DECODE_ATTENTION_OP = custom_op(
 
 
 def _heads(q, past_key) -> tuple[int, int]:
-    dims = (q.shape[1] if q.shape is not None and len(q.shape) == 4 else None,
-            past_key.shape[1] if past_key.shape is not None and len(past_key.shape) == 4 else None)
-    if not all(isinstance(d, int) for d in dims):
-        raise TrtLoweringError(f"TensorRT flavour: the decode attention's query {q.name} / cache {past_key.name} have no static head counts")
-    return dims
+    """``(query heads, KV heads)`` of a decode attention, the plugin's attributes."""
+    return (static_dim([q], 1, "TensorRT flavour: the decode attention's query heads", TrtLoweringError),
+            static_dim([past_key], 1, "TensorRT flavour: the decode attention's KV heads", TrtLoweringError))
 
 
 def _kv_decode_attention(q, k, v, bias, past_key, past_key_scale, past_key_zero_point, past_value, past_value_scale,
