@@ -317,7 +317,8 @@ def test_attention_cued_pruning_beats_random_at_the_same_budget():
     """keep_ratio 0.3 on `builtin:shapes-llava`, W4A4 + KV4 simulation (the arithmetic the
     bundles are verified against): FastV's attention-cued selection answers clearly more of
     200 held-out questions than a random selection with the same per-layer budget.
-    docs/benchmark.md: 71.0 vs 53.0 % on 1,000 questions. The test asks for a one-sided
+    docs/benchmark.md: 80.8 vs 68.7 % on 1,000 questions (rotated weights; version 1 of the
+    model: 71.0 vs 53.0 %). The test asks for a one-sided
     exact sign test over the questions where they differ at p < 0.001 (with ~60 discordant
     questions, about 12 points of accuracy)."""
     from quota_compile.calibration.calibrate import quantize_model, settle_quantization
