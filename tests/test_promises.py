@@ -394,7 +394,7 @@ def test_w4a4_bundle_retains_the_fp_accuracy_through_its_onnx_graphs(shapes_w4a4
     89.3 %, retention 97.1 % (version 1 of the model, 1,000 test questions: 93.4 %). The
     bound is 85 % retention: on 300 questions the two models disagree on roughly one in ten,
     so the retention's standard error is about 2 points and 85 % lies more than 3 of them
-    below 93.4 %, while a broken quantizer or KV cache answers far worse (the model then
+    below both figures, while a broken quantizer or KV cache answers far worse (the model then
     falls to guessing). The FP reference must itself be the trained model (>= 75 %)."""
     from quota_compile.commands.evaluate import is_correct
     from quota_compile.runtime.ort import BundleRunner
